@@ -1,0 +1,557 @@
+//! ACME on instant-acme: account load-or-create (with EAB), one order end to end, and
+//! revocation.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ExternalAccountKey, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
+};
+use tokio::time::Instant;
+
+use crate::cert::{CertBundle, KeyType};
+use crate::challenge::{ChallengeData, Solver};
+use crate::domain::DomainName;
+use crate::error::{Error, Result};
+use crate::store::Store;
+
+/// Let's Encrypt's production directory.
+pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Let's Encrypt's staging directory, for trying things out without rate limits.
+pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+/// The default whole-order deadline.
+pub const DEFAULT_ORDER_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Turns `letsencrypt` / `letsencrypt-staging` into URLs; checks that anything else is one.
+pub fn resolve_directory(name_or_url: &str) -> Result<String> {
+    match name_or_url {
+        "letsencrypt" | "le" => Ok(LETSENCRYPT.to_owned()),
+        "letsencrypt-staging" | "le-staging" => Ok(LETSENCRYPT_STAGING.to_owned()),
+        url if url.starts_with("https://") || url.starts_with("http://") => Ok(url.to_owned()),
+        other => Err(Error::Config(format!(
+            "invalid --directory {other:?}: give an https:// URL, letsencrypt or letsencrypt-staging"
+        ))),
+    }
+}
+
+/// External Account Binding credentials, as some CAs (ZeroSSL, Google, private CAs) require.
+#[derive(Clone)]
+pub struct Eab {
+    /// The key identifier the CA gave.
+    pub kid: String,
+    /// The HMAC key, base64url as the CA gave it.
+    pub hmac_key_b64: String,
+}
+
+impl fmt::Debug for Eab {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Eab")
+            .field("kid", &self.kid)
+            .field("hmac_key_b64", &"<redacted>")
+            .finish()
+    }
+}
+
+/// How to reach the CA and which account to use.
+#[derive(Debug, Clone)]
+pub struct AcmeConfig {
+    /// The directory URL (see [`resolve_directory`]).
+    pub directory: String,
+    /// An extra trust root for the CA's own HTTPS.
+    pub directory_ca: Option<PathBuf>,
+    /// The account's contact address.
+    pub email: Option<String>,
+    /// External Account Binding, when the CA requires it.
+    pub eab: Option<Eab>,
+    /// The deadline for one whole order.
+    pub order_timeout: Duration,
+}
+
+impl AcmeConfig {
+    /// Settings for `directory` with everything else at its default.
+    pub fn new(directory: impl Into<String>) -> Self {
+        AcmeConfig {
+            directory: directory.into(),
+            directory_ca: None,
+            email: None,
+            eab: None,
+            order_timeout: DEFAULT_ORDER_TIMEOUT,
+        }
+    }
+
+    /// The store key of the account for this directory and email.
+    fn account_key(&self) -> String {
+        let clean = |s: &str| -> String {
+            s.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
+        };
+        let dir = self
+            .directory
+            .trim_start_matches("https://")
+            .trim_start_matches("http://");
+        let mut key = format!(
+            "{}@{}",
+            clean(self.email.as_deref().unwrap_or("default")),
+            clean(dir)
+        );
+        key.truncate(200);
+        key
+    }
+}
+
+/// What to order.
+#[derive(Debug, Clone)]
+pub struct OrderRequest {
+    /// The names, the first of which is the certificate's main name.
+    pub domains: Vec<DomainName>,
+    /// The key type for the new certificate; a fresh key is generated every time.
+    pub key_type: KeyType,
+    /// The ARI identifier of the certificate this one replaces, if the CA offers ARI.
+    pub replaces: Option<String>,
+}
+
+/// A progress report, for a terminal that wants to show what an order is waiting on.
+pub type ProgressFn = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// A connected ACME account.
+#[derive(Clone)]
+pub struct AcmeClient {
+    account: Account,
+    config: AcmeConfig,
+}
+
+impl fmt::Debug for AcmeClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AcmeClient")
+            .field("directory", &self.config.directory)
+            .field("account", &self.account.id())
+            .finish()
+    }
+}
+
+impl AcmeClient {
+    /// Loads the account for this directory and email from `store`, or registers a new
+    /// one and stores it.
+    pub async fn connect(config: &AcmeConfig, store: &dyn Store) -> Result<Self> {
+        let roots = crate::net::root_store(config.directory_ca.as_deref())?;
+        let http = crate::net::http_client(roots)?;
+        let key = config.account_key();
+        let unreachable = |e: instant_acme::Error| {
+            Error::Acme(format!(
+                "cannot reach the ACME directory {}: {}; check --directory, --directory-ca and that the CA is up",
+                config.directory,
+                error_chain(&e)
+            ))
+        };
+        if let Some(saved) = store.load_account(&key).await? {
+            let credentials: AccountCredentials = serde_json::from_slice(&saved).map_err(|e| {
+                Error::Store(format!(
+                    "account {key} is unreadable ({e}); move it aside to register anew"
+                ))
+            })?;
+            let account = Account::builder_with_http(Box::new(http))
+                .from_credentials(credentials)
+                .await
+                .map_err(unreachable)?;
+            return Ok(AcmeClient {
+                account,
+                config: config.clone(),
+            });
+        }
+
+        let contact = config.email.as_ref().map(|e| format!("mailto:{e}"));
+        let contacts: Vec<&str> = contact.iter().map(String::as_str).collect();
+        let eab = match &config.eab {
+            Some(eab) => {
+                let hmac = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(eab.hmac_key_b64.trim_end_matches('='))
+                    .map_err(|e| Error::Config(format!("--eab-hmac-key is not base64url: {e}")))?;
+                Some(ExternalAccountKey::new(eab.kid.clone(), &hmac))
+            }
+            None => None,
+        };
+        let (account, credentials) = Account::builder_with_http(Box::new(http))
+            .create(
+                &NewAccount {
+                    contact: &contacts,
+                    terms_of_service_agreed: true,
+                    only_return_existing: false,
+                },
+                config.directory.clone(),
+                eab.as_ref(),
+            )
+            .await
+            .map_err(|e| match &e {
+                instant_acme::Error::Api(problem) => account_problem(problem),
+                _ => unreachable(e),
+            })?;
+        let saved = serde_json::to_vec(&credentials)
+            .map_err(|e| Error::Store(format!("cannot encode account: {e}")))?;
+        store.save_account(&key, &saved).await?;
+        tracing::info!(directory = %config.directory, "registered a new ACME account");
+        Ok(AcmeClient {
+            account,
+            config: config.clone(),
+        })
+    }
+
+    /// The instant-acme account, for ARI queries and the like.
+    pub fn account(&self) -> &Account {
+        &self.account
+    }
+
+    /// The configuration this client was connected with.
+    pub fn config(&self) -> &AcmeConfig {
+        &self.config
+    }
+
+    /// Orders a certificate for `request`, answering challenges with `solver`, within the
+    /// whole-order deadline. Every presented challenge is cleaned up, whatever happens.
+    pub async fn issue(
+        &self,
+        request: &OrderRequest,
+        solver: &dyn Solver,
+        progress: Option<ProgressFn>,
+    ) -> Result<CertBundle> {
+        let say = |msg: &str| {
+            tracing::debug!("{msg}");
+            if let Some(p) = &progress {
+                p(msg);
+            }
+        };
+        for domain in &request.domains {
+            if domain.is_wildcard() && solver.kind() != crate::challenge::ChallengeKind::Dns01 {
+                return Err(
+                    crate::domain::DomainError::WildcardNeedsDns(domain.to_string()).into(),
+                );
+            }
+        }
+        let mut presented = Vec::new();
+        let deadline = self.config.order_timeout;
+        let outcome = tokio::time::timeout(
+            deadline,
+            self.run_order(request, solver, &mut presented, &say),
+        )
+        .await;
+        for challenge in &presented {
+            if let Err(e) = solver.cleanup(challenge).await {
+                tracing::warn!(domain = %challenge.domain, error = %e, "challenge cleanup failed");
+            }
+        }
+        match outcome {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout(format!(
+                "the order for {} did not finish within {}s",
+                names(&request.domains),
+                deadline.as_secs()
+            ))),
+        }
+    }
+
+    async fn run_order(
+        &self,
+        request: &OrderRequest,
+        solver: &dyn Solver,
+        presented: &mut Vec<ChallengeData>,
+        say: &(dyn Fn(&str) + Sync),
+    ) -> Result<CertBundle> {
+        let started = Instant::now();
+        let identifiers: Vec<Identifier> = request
+            .domains
+            .iter()
+            .map(|d| Identifier::Dns(d.as_str().to_owned()))
+            .collect();
+        let mut new_order = NewOrder::new(&identifiers);
+        let replaces = match &request.replaces {
+            Some(id) => Some(
+                serde_json::from_str::<instant_acme::CertificateIdentifier<'_>>(
+                    &serde_json::Value::String(id.clone()).to_string(),
+                )
+                .map(|id| id.into_owned())
+                .map_err(|e| Error::Certificate(format!("bad ARI certificate id {id:?}: {e}")))?,
+            ),
+            None => None,
+        };
+        if let Some(replaces) = replaces {
+            new_order = new_order.replaces(replaces);
+        }
+        say(&format!(
+            "ordering a certificate for {}",
+            names(&request.domains)
+        ));
+        let mut order = self
+            .account
+            .new_order(&new_order)
+            .await
+            .map_err(|e| acme_error("the CA refused the order", &e))?;
+
+        // Present every pending challenge first, then wait for all of them to be visible,
+        // then answer: a CA may validate as soon as one is answered.
+        let kind = solver.kind();
+        let mut authorizations = order.authorizations();
+        while let Some(authz) = authorizations.next().await {
+            let mut authz = authz.map_err(|e| acme_error("cannot fetch an authorization", &e))?;
+            if !matches!(authz.identifier().identifier, Identifier::Dns(_)) {
+                return Err(Error::Acme(format!(
+                    "the CA sent an unexpected identifier {}",
+                    authz.identifier()
+                )));
+            }
+            let domain = DomainName::parse(&authz.identifier().to_string())?;
+            match authz.status {
+                AuthorizationStatus::Valid => {
+                    say(&format!("{domain}: already authorized"));
+                    continue;
+                }
+                AuthorizationStatus::Pending => {}
+                status => {
+                    return Err(Error::Challenge(format!(
+                        "the authorization for {domain} is {status:?}; start a new order"
+                    )));
+                }
+            }
+            let challenge = authz.challenge(kind.acme_type()).ok_or_else(|| {
+                Error::Challenge(format!(
+                    "the CA offers no {kind} challenge for {domain}; try another --challenge"
+                ))
+            })?;
+            let key_auth = challenge.key_authorization();
+            let mut digest = [0u8; 32];
+            digest.copy_from_slice(key_auth.digest().as_ref());
+            let data = ChallengeData {
+                domain,
+                token: challenge.token.clone(),
+                key_authorization: key_auth.as_str().to_owned(),
+                dns_value: key_auth.dns_value(),
+                digest,
+            };
+            say(&format!("{}: presenting the {kind} challenge", data.domain));
+            solver.present(&data).await?;
+            presented.push(data);
+        }
+
+        for challenge in presented.iter() {
+            say(&format!(
+                "{}: waiting until the challenge is visible",
+                challenge.domain
+            ));
+            solver.wait_visible(challenge).await?;
+        }
+
+        let mut authorizations = order.authorizations();
+        while let Some(authz) = authorizations.next().await {
+            let mut authz = authz.map_err(|e| acme_error("cannot fetch an authorization", &e))?;
+            if authz.status != AuthorizationStatus::Pending {
+                continue;
+            }
+            if let Some(mut challenge) = authz.challenge(kind.acme_type()) {
+                challenge
+                    .set_ready()
+                    .await
+                    .map_err(|e| acme_error("the CA refused the challenge answer", &e))?;
+            }
+        }
+
+        if !presented.is_empty() {
+            say("waiting for the CA to validate");
+        }
+        let remaining = self.config.order_timeout.saturating_sub(started.elapsed());
+        let status = order
+            .poll_ready(&poll_policy(remaining))
+            .await
+            .map_err(|e| acme_error("the order failed", &e))?;
+        if status == OrderStatus::Invalid {
+            return Err(self.explain_invalid(&mut order).await);
+        }
+
+        say("finalizing");
+        let key = request.key_type.generate()?;
+        let mut params = rcgen::CertificateParams::new(
+            request
+                .domains
+                .iter()
+                .map(|d| d.as_str().to_owned())
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|e| Error::Certificate(format!("cannot build the CSR: {e}")))?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let csr = params
+            .serialize_request(&key)
+            .map_err(|e| Error::Certificate(format!("cannot sign the CSR: {e}")))?;
+        order
+            .finalize_csr(csr.der())
+            .await
+            .map_err(|e| acme_error("the CA refused to finalize the order", &e))?;
+        let remaining = self.config.order_timeout.saturating_sub(started.elapsed());
+        let chain = order
+            .poll_certificate(&poll_policy(remaining))
+            .await
+            .map_err(|e| acme_error("cannot download the certificate", &e))?;
+        let bundle = CertBundle::from_pem(chain, key.serialize_pem())?;
+        bundle.validate_for(&request.domains)?;
+        say(&format!(
+            "issued a certificate for {} in {:.2}s",
+            names(&request.domains),
+            started.elapsed().as_secs_f64()
+        ));
+        Ok(bundle)
+    }
+
+    /// Builds the error for an invalid order from the failed challenges' problem details.
+    async fn explain_invalid(&self, order: &mut instant_acme::Order) -> Error {
+        let mut reasons = Vec::new();
+        let mut authorizations = order.authorizations();
+        while let Some(Ok(mut authz)) = authorizations.next().await {
+            let Ok(state) = authz.refresh().await else {
+                continue;
+            };
+            for challenge in &state.challenges {
+                if let Some(problem) = &challenge.error {
+                    let name = state.identifier().to_string();
+                    reasons.push(format!("{name}: {}", problem_text(problem)));
+                }
+            }
+        }
+        if reasons.is_empty() {
+            Error::Challenge("the CA marked the order invalid without saying why".into())
+        } else {
+            Error::Challenge(format!("validation failed: {}", reasons.join("; ")))
+        }
+    }
+
+    /// Revokes `bundle`'s certificate.
+    pub async fn revoke(
+        &self,
+        bundle: &CertBundle,
+        reason: instant_acme::RevocationReason,
+    ) -> Result<()> {
+        let chain = bundle.chain_der()?;
+        self.account
+            .revoke(&instant_acme::RevocationRequest {
+                certificate: &chain[0],
+                reason: Some(reason),
+            })
+            .await
+            .map_err(|e| acme_error("the CA refused to revoke", &e))
+    }
+}
+
+/// Poll soon, then back off: fast CAs stay fast and slow ones are not hammered.
+fn poll_policy(timeout: Duration) -> RetryPolicy {
+    RetryPolicy::new()
+        .initial_delay(Duration::from_millis(50))
+        .backoff(1.5)
+        .timeout(timeout)
+}
+
+fn names(domains: &[DomainName]) -> String {
+    domains
+        .iter()
+        .map(DomainName::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn problem_text(problem: &instant_acme::Problem) -> String {
+    let mut text = problem.detail.clone().unwrap_or_else(|| "no detail".into());
+    if let Some(kind) = &problem.r#type {
+        text.push_str(&format!(
+            " ({})",
+            kind.trim_start_matches("urn:ietf:params:acme:error:")
+        ));
+    }
+    for sub in &problem.subproblems {
+        text.push_str(&format!("; {sub}"));
+    }
+    text.replace('\n', " ")
+}
+
+fn account_problem(problem: &instant_acme::Problem) -> Error {
+    let kind = problem.r#type.as_deref().unwrap_or_default();
+    if kind.ends_with("externalAccountRequired") {
+        return Error::Acme(
+            "the CA requires External Account Binding: pass --eab-kid and --eab-hmac-key".into(),
+        );
+    }
+    if kind.ends_with("unauthorized") || kind.ends_with("malformed") {
+        return Error::Acme(format!(
+            "the CA refused to register the account: {}; check --eab-kid and --eab-hmac-key",
+            problem_text(problem)
+        ));
+    }
+    Error::Acme(format!(
+        "the CA refused to register the account: {}",
+        problem_text(problem)
+    ))
+}
+
+/// Maps an instant-acme error to one line: the CA's problem detail, or the transport error.
+fn acme_error(context: &str, error: &instant_acme::Error) -> Error {
+    match error {
+        instant_acme::Error::Api(problem) => {
+            Error::Acme(format!("{context}: {}", problem_text(problem)))
+        }
+        instant_acme::Error::Timeout(_) => {
+            Error::Timeout(format!("{context}: the CA did not answer in time"))
+        }
+        other => Error::Acme(format!("{context}: {}", error_chain(other))),
+    }
+}
+
+/// Joins an error and its sources into one line, skipping repeats.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if parts.last().is_none_or(|last| !last.contains(&text)) {
+            parts.push(text);
+        }
+        source = e.source();
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_directories_resolve() {
+        assert_eq!(resolve_directory("letsencrypt").unwrap(), LETSENCRYPT);
+        assert_eq!(
+            resolve_directory("letsencrypt-staging").unwrap(),
+            LETSENCRYPT_STAGING
+        );
+        assert!(resolve_directory("ftp://x").is_err());
+    }
+
+    #[test]
+    fn account_keys_are_safe_file_names() {
+        let mut config = AcmeConfig::new("https://127.0.0.1:14000/dir");
+        config.email = Some("ops+tls@example.com".into());
+        let key = config.account_key();
+        assert_eq!(key, "ops_tls_example.com@127.0.0.1_14000_dir");
+    }
+
+    #[test]
+    fn eab_debug_hides_the_key() {
+        let eab = Eab {
+            kid: "kid-1".into(),
+            hmac_key_b64: "c2VjcmV0".into(),
+        };
+        assert!(!format!("{eab:?}").contains("c2VjcmV0"));
+    }
+}

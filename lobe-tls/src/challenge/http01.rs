@@ -1,0 +1,373 @@
+//! HTTP-01: one token registry, answered by a standalone listener or by a tower service
+//! mounted in an application's own router.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use super::{ChallengeData, ChallengeKind, Solver};
+use crate::error::{Error, Result};
+use crate::store::DynStore;
+
+/// The path prefix ACME validation requests use.
+pub const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
+
+/// How long a token published to a shared store lives if cleanup never runs.
+const SHARED_TOKEN_TTL: Duration = Duration::from_secs(600);
+
+/// The tokens currently being validated and their key authorizations.
+///
+/// Cheap to clone; every clone sees the same tokens. With a shared store attached,
+/// tokens are published there too, so any instance of a cluster can answer.
+#[derive(Clone, Default)]
+pub struct Http01Registry {
+    tokens: Arc<RwLock<HashMap<String, String>>>,
+    shared: Option<DynStore>,
+}
+
+impl std::fmt::Debug for Http01Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let count = self.tokens.read().map(|t| t.len()).unwrap_or(0);
+        f.debug_struct("Http01Registry")
+            .field("tokens", &count)
+            .field("shared", &self.shared.is_some())
+            .finish()
+    }
+}
+
+impl Http01Registry {
+    /// A registry local to this process.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A registry that also publishes tokens to, and looks them up in, a shared store.
+    pub fn with_shared_store(store: DynStore) -> Self {
+        Http01Registry {
+            tokens: Arc::default(),
+            shared: Some(store),
+        }
+    }
+
+    fn store_key(token: &str) -> String {
+        format!("http-01/{token}")
+    }
+
+    /// Adds a token.
+    pub async fn insert(&self, token: &str, key_authorization: &str) -> Result<()> {
+        if let Ok(mut tokens) = self.tokens.write() {
+            tokens.insert(token.to_owned(), key_authorization.to_owned());
+        }
+        if let Some(store) = &self.shared {
+            store
+                .put_challenge(&Self::store_key(token), key_authorization, SHARED_TOKEN_TTL)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Removes a token.
+    pub async fn remove(&self, token: &str) -> Result<()> {
+        if let Ok(mut tokens) = self.tokens.write() {
+            tokens.remove(token);
+        }
+        if let Some(store) = &self.shared {
+            store.delete_challenge(&Self::store_key(token)).await?;
+        }
+        Ok(())
+    }
+
+    /// The key authorization for `token`: local memory first, then the shared store.
+    pub async fn lookup(&self, token: &str) -> Option<String> {
+        if let Some(found) = self.tokens.read().ok().and_then(|t| t.get(token).cloned()) {
+            return Some(found);
+        }
+        let store = self.shared.as_ref()?;
+        match store.get_challenge(&Self::store_key(token)).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look up HTTP-01 token in the shared store");
+                None
+            }
+        }
+    }
+
+    /// The number of tokens held in local memory.
+    pub fn len(&self) -> usize {
+        self.tokens.read().map(|t| t.len()).unwrap_or(0)
+    }
+
+    /// Whether local memory holds no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Answers one request: the key authorization for a current token, 404 otherwise.
+    pub async fn respond(&self, path: &str) -> Response<Full<Bytes>> {
+        let token = path.strip_prefix(CHALLENGE_PATH).unwrap_or_default();
+        let valid_token = !token.is_empty()
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        let body = if valid_token {
+            self.lookup(token).await
+        } else {
+            None
+        };
+        match body {
+            Some(key_authorization) => text_response(StatusCode::OK, key_authorization),
+            None => text_response(StatusCode::NOT_FOUND, "not found\n".into()),
+        }
+    }
+
+    /// A tower service that answers challenge requests and 404s everything else.
+    pub fn service(&self) -> Http01Service {
+        Http01Service {
+            registry: self.clone(),
+            redirect_to_https: false,
+        }
+    }
+}
+
+fn text_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
+    *rsp.status_mut() = status;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    rsp
+}
+
+/// A tower (and hyper) service over an [`Http01Registry`].
+#[derive(Clone, Debug)]
+pub struct Http01Service {
+    registry: Http01Registry,
+    redirect_to_https: bool,
+}
+
+impl Http01Service {
+    /// Redirects every request that is not a challenge to the same URL on `https://`.
+    pub fn redirect_others_to_https(mut self) -> Self {
+        self.redirect_to_https = true;
+        self
+    }
+
+    async fn call_inner<B>(self, req: Request<B>) -> Response<Full<Bytes>> {
+        let path = req.uri().path();
+        if path.starts_with(CHALLENGE_PATH) || !self.redirect_to_https {
+            return self.registry.respond(path).await;
+        }
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(|h| h.rsplit_once(':').map_or(h, |(host, _port)| host))
+            .unwrap_or_default();
+        if host.is_empty() {
+            return text_response(StatusCode::BAD_REQUEST, "missing Host header\n".into());
+        }
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let location = format!("https://{host}{path_and_query}");
+        let mut rsp = text_response(StatusCode::MOVED_PERMANENTLY, String::new());
+        if let Ok(value) = header::HeaderValue::from_str(&location) {
+            rsp.headers_mut().insert(header::LOCATION, value);
+        }
+        rsp
+    }
+}
+
+impl<B: Send + 'static> tower::Service<Request<B>> for Http01Service {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.call_inner(req).await) })
+    }
+}
+
+/// A standalone HTTP listener that serves an [`Http01Service`]. Stops when dropped.
+#[derive(Debug)]
+pub struct Http01Listener {
+    local_addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Http01Listener {
+    /// Binds `addr` and starts answering challenges from `registry`.
+    pub async fn bind(addr: &str, service: Http01Service) -> Result<Self> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| Error::Listen {
+            addr: addr.to_owned(),
+            source,
+        })?;
+        let task = tokio::spawn(serve(listener, service));
+        Ok(Http01Listener { local_addr, task })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+impl Drop for Http01Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Serves `service` on every connection `listener` accepts, until the task is dropped.
+pub async fn serve(listener: TcpListener, service: Http01Service) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::warn!(error = %e, "HTTP-01 listener cannot accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        tokio::spawn(async move {
+            let hyper_service = hyper::service::service_fn(move |req| {
+                let service = service.clone();
+                async move { Ok::<_, Infallible>(service.call_inner(req).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), hyper_service)
+                .await;
+        });
+    }
+}
+
+/// The HTTP-01 solver: puts tokens into a registry that a listener or service answers from.
+#[derive(Debug, Clone)]
+pub struct Http01Solver {
+    registry: Http01Registry,
+}
+
+impl Http01Solver {
+    /// A solver over `registry`.
+    pub fn new(registry: Http01Registry) -> Self {
+        Http01Solver { registry }
+    }
+
+    /// The registry this solver fills.
+    pub fn registry(&self) -> &Http01Registry {
+        &self.registry
+    }
+}
+
+#[async_trait]
+impl Solver for Http01Solver {
+    fn kind(&self) -> ChallengeKind {
+        ChallengeKind::Http01
+    }
+
+    async fn present(&self, challenge: &ChallengeData) -> Result<()> {
+        self.registry
+            .insert(&challenge.token, &challenge.key_authorization)
+            .await
+    }
+
+    async fn cleanup(&self, challenge: &ChallengeData) -> Result<()> {
+        self.registry.remove(&challenge.token).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn body_of(rsp: Response<Full<Bytes>>) -> String {
+        let bytes = rsp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn answers_current_tokens_only() {
+        let registry = Http01Registry::new();
+        registry.insert("tok_1", "tok_1.thumb").await.unwrap();
+        let ok = registry.respond("/.well-known/acme-challenge/tok_1").await;
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert_eq!(body_of(ok).await, "tok_1.thumb");
+        for path in [
+            "/.well-known/acme-challenge/other",
+            "/.well-known/acme-challenge/",
+            "/.well-known/acme-challenge/../tok_1",
+            "/index.html",
+        ] {
+            assert_eq!(
+                registry.respond(path).await.status(),
+                StatusCode::NOT_FOUND,
+                "{path}"
+            );
+        }
+        registry.remove("tok_1").await.unwrap();
+        let gone = registry.respond("/.well-known/acme-challenge/tok_1").await;
+        assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+        assert!(registry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn redirects_other_requests_to_https_when_asked() {
+        use tower::ServiceExt;
+        let service = Http01Registry::new().service().redirect_others_to_https();
+        let req = Request::builder()
+            .uri("/chat?room=1")
+            .header("host", "chat.example.com:80")
+            .body(())
+            .unwrap();
+        let rsp = service.oneshot(req).await.unwrap();
+        assert_eq!(rsp.status(), StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(
+            rsp.headers()[header::LOCATION],
+            "https://chat.example.com/chat?room=1"
+        );
+    }
+
+    #[tokio::test]
+    async fn busy_port_is_a_clear_error() {
+        let first = Http01Listener::bind("127.0.0.1:0", Http01Registry::new().service())
+            .await
+            .unwrap();
+        let addr = first.local_addr().to_string();
+        let err = Http01Listener::bind(&addr, Http01Registry::new().service())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("cannot listen on"), "{err}");
+    }
+}

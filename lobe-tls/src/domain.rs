@@ -1,0 +1,302 @@
+//! Validated domain names: IDN to punycode, wildcard rules, and the errors for bad names.
+//!
+//! Every name is checked here before anything is sent to a CA, so a typo costs a
+//! clear message instead of a failed order counted against rate limits.
+
+use std::fmt;
+
+/// The longest name DNS allows, without the trailing dot (RFC 1035).
+const MAX_NAME_LEN: usize = 253;
+/// The longest label DNS allows (RFC 1035).
+const MAX_LABEL_LEN: usize = 63;
+
+/// Why a domain name was rejected. Each message names the input and says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DomainError {
+    /// The name was empty.
+    #[error("empty domain name: give a name such as example.com")]
+    Empty,
+    /// The name contained whitespace.
+    #[error("invalid domain name {0:?}: it contains whitespace")]
+    Whitespace(String),
+    /// Two dots in a row, or a leading dot.
+    #[error(
+        "invalid domain name {0:?}: it has an empty label (two dots in a row or a leading dot)"
+    )]
+    EmptyLabel(String),
+    /// A `*` somewhere other than as the whole leftmost label.
+    #[error(
+        "invalid domain name {0:?}: a wildcard is only allowed as the whole leftmost label, as in *.example.com"
+    )]
+    BadWildcard(String),
+    /// The name is longer than 253 characters.
+    #[error("invalid domain name {0:?}: it is longer than {MAX_NAME_LEN} characters")]
+    TooLong(String),
+    /// One label is longer than 63 characters.
+    #[error(
+        "invalid domain name {name:?}: label {label:?} is longer than {MAX_LABEL_LEN} characters"
+    )]
+    LabelTooLong {
+        /// The name as given.
+        name: String,
+        /// The offending label.
+        label: String,
+    },
+    /// A single label such as `localhost`, which no public CA issues for.
+    #[error("invalid domain name {0:?}: it needs at least two labels, as in example.com")]
+    SingleLabel(String),
+    /// An IP address, which this tool does not order certificates for.
+    #[error("{0:?} is an IP address: lobe-tls issues certificates for domain names only")]
+    IpAddress(String),
+    /// Characters that are not allowed in a host name, after IDN mapping.
+    #[error("invalid domain name {name:?}: {reason}")]
+    Invalid {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A wildcard together with HTTP-01 or TLS-ALPN-01.
+    #[error("{0:?} is a wildcard: wildcard certificates need --challenge dns-01")]
+    WildcardNeedsDns(String),
+}
+
+/// A domain name that passed validation: lower-case ASCII (punycode), no trailing dot,
+/// optionally with a `*.` wildcard as its leftmost label.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DomainName(String);
+
+impl DomainName {
+    /// Validates `input` and converts an internationalised name to punycode.
+    ///
+    /// ```
+    /// use lobe_tls::DomainName;
+    /// let name = DomainName::parse("Bücher.Example.").unwrap();
+    /// assert_eq!(name.as_str(), "xn--bcher-kva.example");
+    /// assert!(DomainName::parse("a..example.com").is_err());
+    /// ```
+    pub fn parse(input: &str) -> Result<Self, DomainError> {
+        let trimmed = input.trim();
+        if trimmed.is_empty() {
+            return Err(DomainError::Empty);
+        }
+        if trimmed.chars().any(char::is_whitespace) {
+            return Err(DomainError::Whitespace(input.to_owned()));
+        }
+        if trimmed.parse::<std::net::IpAddr>().is_ok() {
+            return Err(DomainError::IpAddress(input.to_owned()));
+        }
+        let without_dot = trimmed.strip_suffix('.').unwrap_or(trimmed);
+        let (wildcard, base) = match without_dot.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, without_dot),
+        };
+        if base.contains('*') {
+            return Err(DomainError::BadWildcard(input.to_owned()));
+        }
+        if base.is_empty() || base.split('.').any(str::is_empty) {
+            return Err(DomainError::EmptyLabel(input.to_owned()));
+        }
+        // Length limits first, so an over-long name gets its own message rather than the
+        // IDN mapper's generic refusal.
+        if let Some(label) = base.split('.').find(|l| l.len() > MAX_LABEL_LEN) {
+            return Err(DomainError::LabelTooLong {
+                name: input.to_owned(),
+                label: label.to_owned(),
+            });
+        }
+        if base.len() > MAX_NAME_LEN {
+            return Err(DomainError::TooLong(input.to_owned()));
+        }
+        let ascii = idna::domain_to_ascii_strict(base).map_err(|_| DomainError::Invalid {
+            name: input.to_owned(),
+            reason: "it contains characters not allowed in a host name (letters, digits and hyphens only; no leading or trailing hyphen)".into(),
+        })?;
+        if let Some(label) = ascii.split('.').find(|l| l.len() > MAX_LABEL_LEN) {
+            return Err(DomainError::LabelTooLong {
+                name: input.to_owned(),
+                label: label.to_owned(),
+            });
+        }
+        let full = if wildcard {
+            format!("*.{ascii}")
+        } else {
+            ascii
+        };
+        if full.len() > MAX_NAME_LEN {
+            return Err(DomainError::TooLong(input.to_owned()));
+        }
+        if !full.contains('.') {
+            return Err(DomainError::SingleLabel(input.to_owned()));
+        }
+        Ok(DomainName(full))
+    }
+
+    /// The name as lower-case ASCII, with `*.` in front for a wildcard.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether this is a `*.` wildcard.
+    pub fn is_wildcard(&self) -> bool {
+        self.0.starts_with("*.")
+    }
+
+    /// The name without its wildcard label: the name DNS-01 validates.
+    pub fn base(&self) -> &str {
+        self.0.strip_prefix("*.").unwrap_or(&self.0)
+    }
+
+    /// The DNS-01 record name with a trailing dot: `_acme-challenge.<base>.`.
+    pub fn acme_challenge_fqdn(&self) -> String {
+        format!("_acme-challenge.{}.", self.base())
+    }
+}
+
+impl fmt::Display for DomainName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for DomainName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl TryFrom<String> for DomainName {
+    type Error = DomainError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        DomainName::parse(&value)
+    }
+}
+
+impl From<DomainName> for String {
+    fn from(value: DomainName) -> Self {
+        value.0
+    }
+}
+
+impl std::str::FromStr for DomainName {
+    type Err = DomainError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        DomainName::parse(s)
+    }
+}
+
+/// Parses and deduplicates a list of names, keeping the order given.
+pub fn parse_all<S: AsRef<str>>(inputs: &[S]) -> Result<Vec<DomainName>, DomainError> {
+    let mut out: Vec<DomainName> = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let name = DomainName::parse(input.as_ref())?;
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    if out.is_empty() {
+        return Err(DomainError::Empty);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idn_becomes_punycode_and_case_folds() {
+        assert_eq!(
+            DomainName::parse("MÜNCHEN.de").unwrap().as_str(),
+            "xn--mnchen-3ya.de"
+        );
+    }
+
+    #[test]
+    fn trailing_dot_is_tolerated() {
+        assert_eq!(
+            DomainName::parse("example.com.").unwrap().as_str(),
+            "example.com"
+        );
+    }
+
+    #[test]
+    fn wildcard_only_as_whole_leftmost_label() {
+        assert!(DomainName::parse("*.example.com").unwrap().is_wildcard());
+        for bad in [
+            "a.*.example.com",
+            "*a.example.com",
+            "**.example.com",
+            "*.*.example.com",
+        ] {
+            assert!(
+                matches!(
+                    DomainName::parse(bad),
+                    Err(DomainError::BadWildcard(_) | DomainError::Invalid { .. })
+                ),
+                "{bad} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_empty_labels_spaces_and_lengths() {
+        assert_eq!(DomainName::parse(""), Err(DomainError::Empty));
+        assert!(matches!(
+            DomainName::parse("a..b.com"),
+            Err(DomainError::EmptyLabel(_))
+        ));
+        assert!(matches!(
+            DomainName::parse(".a.com"),
+            Err(DomainError::EmptyLabel(_))
+        ));
+        assert!(matches!(
+            DomainName::parse("ex ample.com"),
+            Err(DomainError::Whitespace(_))
+        ));
+        let long_label = format!("{}.com", "a".repeat(64));
+        assert!(matches!(
+            DomainName::parse(&long_label),
+            Err(DomainError::LabelTooLong { .. })
+        ));
+        let long_name = format!("{}com", "abcdefghi.".repeat(26));
+        assert!(matches!(
+            DomainName::parse(&long_name),
+            Err(DomainError::TooLong(_))
+        ));
+        assert!(matches!(
+            DomainName::parse("localhost"),
+            Err(DomainError::SingleLabel(_))
+        ));
+        assert!(matches!(
+            DomainName::parse("127.0.0.1"),
+            Err(DomainError::IpAddress(_))
+        ));
+        assert!(matches!(
+            DomainName::parse("exa_mple.com"),
+            Err(DomainError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn error_messages_are_one_line() {
+        let err = DomainName::parse("a..b").unwrap_err().to_string();
+        assert!(!err.contains('\n'));
+        assert!(err.contains("a..b"));
+    }
+
+    #[test]
+    fn parse_all_dedupes_in_order() {
+        let names = parse_all(&["b.example", "A.example", "b.example."]).unwrap();
+        let strs: Vec<_> = names.iter().map(DomainName::as_str).collect();
+        assert_eq!(strs, ["b.example", "a.example"]);
+    }
+
+    #[test]
+    fn challenge_fqdn_strips_wildcard() {
+        let name = DomainName::parse("*.example.com").unwrap();
+        assert_eq!(name.acme_challenge_fqdn(), "_acme-challenge.example.com.");
+    }
+}

@@ -1,0 +1,74 @@
+//! The one error type of the crate, with nested kinds for each concern.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in lobe-tls.
+///
+/// Each variant's `Display` is one line that says what failed and, where there is one,
+/// what to do about it. The CLI prints it as it is.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A domain name was rejected before anything was sent to the CA.
+    #[error(transparent)]
+    Domain(#[from] crate::domain::DomainError),
+
+    /// The configuration asks for something that cannot work.
+    #[error("{0}")]
+    Config(String),
+
+    /// The ACME CA could not be reached or answered with an error.
+    #[error("{0}")]
+    Acme(String),
+
+    /// A challenge failed; the message carries the CA's problem detail.
+    #[error("{0}")]
+    Challenge(String),
+
+    /// A DNS provider or propagation check failed.
+    #[error("{0}")]
+    Dns(String),
+
+    /// A certificate or key could not be parsed or does not fit together.
+    #[error("{0}")]
+    Certificate(String),
+
+    /// Reading or writing the store failed.
+    #[error("store: {0}")]
+    Store(String),
+
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory concerned.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// A socket could not be bound.
+    #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
+    Listen {
+        /// The address that was asked for.
+        addr: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// The operation did not finish in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+impl Error {
+    /// Wraps an I/O error together with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

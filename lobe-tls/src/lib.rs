@@ -1,0 +1,60 @@
+//! lobe-tls: ACME certificates that issue and renew themselves, hot-swapped into rustls.
+//!
+//! Order a certificate through HTTP-01 and keep it in a certbot-compatible file store:
+//!
+//! ```no_run
+//! use lobe_tls::{AcmeClient, AcmeConfig, FileStore, Http01Listener, Http01Registry, Http01Solver};
+//! use lobe_tls::{CertMeta, KeyType, OrderRequest, Store, StoredCert, domain};
+//!
+//! # async fn run() -> lobe_tls::Result<()> {
+//! let store = FileStore::open("/var/lib/lobe-tls")?;
+//! let mut config = AcmeConfig::new(lobe_tls::acme::LETSENCRYPT_STAGING);
+//! config.email = Some("ops@example.com".into());
+//! let client = AcmeClient::connect(&config, &store).await?;
+//!
+//! // Port 80 must reach this listener while the order runs.
+//! let registry = Http01Registry::new();
+//! let _listener = Http01Listener::bind("0.0.0.0:80", registry.service()).await?;
+//!
+//! let request = OrderRequest {
+//!     domains: domain::parse_all(&["example.com", "www.example.com"])?,
+//!     key_type: KeyType::EcdsaP256,
+//!     replaces: None,
+//! };
+//! let bundle = client.issue(&request, &Http01Solver::new(registry), None).await?;
+//! let info = bundle.info()?;
+//! println!("serial {} valid until {}", info.serial, info.not_after);
+//!
+//! store
+//!     .save_cert(&StoredCert {
+//!         bundle,
+//!         meta: CertMeta {
+//!             name: "example.com".into(),
+//!             domains: request.domains.clone(),
+//!             key_type: request.key_type,
+//!             challenge: Default::default(),
+//!             directory: config.directory.clone(),
+//!             issued_at: time::OffsetDateTime::now_utc(),
+//!         },
+//!     })
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod acme;
+pub mod cert;
+pub mod challenge;
+pub mod domain;
+pub mod error;
+pub mod net;
+pub mod renewal;
+pub mod store;
+
+pub use acme::{AcmeClient, AcmeConfig, Eab, OrderRequest};
+pub use cert::{CertBundle, CertInfo, KeyType};
+pub use challenge::http01::{Http01Listener, Http01Registry, Http01Service, Http01Solver};
+pub use challenge::{ChallengeConfig, ChallengeKind, Solver};
+pub use domain::{DomainError, DomainName};
+pub use error::{Error, Result};
+pub use store::{CertMeta, FileStore, RenewalState, Store, StoredCert};

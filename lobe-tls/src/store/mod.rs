@@ -1,0 +1,135 @@
+//! Where certificates, accounts and renewal state live.
+//!
+//! The [`Store`] trait is small on purpose. Its locking and challenge-sharing powers have
+//! working defaults for a single machine, so a store only overrides what it can do better
+//! (the Redis store shares challenges across a cluster; the file store does not need to).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use crate::cert::{CertBundle, KeyType};
+use crate::challenge::ChallengeConfig;
+use crate::domain::DomainName;
+use crate::error::Result;
+
+pub mod fs;
+
+pub use fs::FileStore;
+
+/// What lobe-tls remembers about a certificate besides the PEM files, so that a later
+/// `renew` can repeat the order exactly.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CertMeta {
+    /// The certificate's name in the store (`live/<name>/`).
+    pub name: String,
+    /// The names the certificate was ordered for.
+    pub domains: Vec<DomainName>,
+    /// The key type used for the order.
+    pub key_type: KeyType,
+    /// How the order was validated, without secrets.
+    pub challenge: ChallengeConfig,
+    /// The ACME directory URL the certificate came from.
+    pub directory: String,
+    /// When lobe-tls stored this certificate.
+    #[serde(with = "time::serde::rfc3339")]
+    pub issued_at: OffsetDateTime,
+}
+
+/// A certificate with its metadata, as one unit of the store.
+#[derive(Debug, Clone)]
+pub struct StoredCert {
+    /// The PEM chain and key.
+    pub bundle: CertBundle,
+    /// What is needed to repeat the order.
+    pub meta: CertMeta,
+}
+
+/// Renewal bookkeeping that outlives a process: failures, backoff, and ARI answers.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RenewalState {
+    /// Consecutive failed renewal attempts since the last success.
+    pub failures: u32,
+    /// The last failure's message.
+    pub last_error: Option<String>,
+    /// Do not try again before this time.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub next_attempt: Option<OffsetDateTime>,
+    /// The renewal time picked inside the CA's ARI window, if the CA offers ARI.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub ari_renew_at: Option<OffsetDateTime>,
+    /// When to ask the CA's renewalInfo endpoint again.
+    #[serde(with = "time::serde::rfc3339::option", default)]
+    pub ari_next_poll: Option<OffsetDateTime>,
+}
+
+/// A held lock on one certificate name. Dropping it releases the lock, best effort;
+/// call [`StoreLock::release`] to release it and learn whether that worked.
+#[async_trait]
+pub trait StoreLock: Send + Sync {
+    /// Releases the lock.
+    async fn release(self: Box<Self>) -> Result<()>;
+}
+
+/// A place to keep certificates, accounts and renewal state.
+///
+/// Implementations must write each certificate atomically: a reader sees the old
+/// certificate and key, or the new ones, never a mix.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Loads a certificate by name. `Ok(None)` when there is none.
+    async fn load_cert(&self, name: &str) -> Result<Option<StoredCert>>;
+
+    /// Stores a certificate, replacing any previous one atomically.
+    async fn save_cert(&self, cert: &StoredCert) -> Result<()>;
+
+    /// The names of all stored certificates, sorted.
+    async fn list_certs(&self) -> Result<Vec<String>>;
+
+    /// Loads an account blob by its key (derived from the directory URL and email).
+    async fn load_account(&self, key: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Stores an account blob. It holds a private key: keep it private.
+    async fn save_account(&self, key: &str, data: &[u8]) -> Result<()>;
+
+    /// Loads the renewal state of a certificate; the default state when there is none.
+    async fn load_renewal_state(&self, name: &str) -> Result<RenewalState>;
+
+    /// Stores the renewal state of a certificate.
+    async fn save_renewal_state(&self, name: &str, state: &RenewalState) -> Result<()>;
+
+    /// Takes the lock on `name`, waiting up to `wait` for another holder. While held,
+    /// no other process using this store orders the same certificate. `lease` bounds
+    /// how long a crashed holder can block others, where the store supports leases.
+    ///
+    /// Returns `Ok(None)` when the lock could not be had within `wait`.
+    async fn lock(
+        &self,
+        name: &str,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Option<Box<dyn StoreLock>>>;
+
+    /// Publishes a challenge response (an HTTP-01 key authorization, or TLS-ALPN-01
+    /// material) so that other instances sharing this store can answer it.
+    /// Single-machine stores need not do anything.
+    async fn put_challenge(&self, _key: &str, _value: &str, _ttl: Duration) -> Result<()> {
+        Ok(())
+    }
+
+    /// Looks up a challenge response published by any instance.
+    async fn get_challenge(&self, _key: &str) -> Result<Option<String>> {
+        Ok(None)
+    }
+
+    /// Removes a published challenge response.
+    async fn delete_challenge(&self, _key: &str) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// A shared handle to any store.
+pub type DynStore = Arc<dyn Store>;
