@@ -49,6 +49,7 @@ pub mod domain;
 pub mod error;
 pub mod net;
 pub mod renewal;
+pub mod resolver;
 pub mod store;
 
 pub use acme::{AcmeClient, AcmeConfig, Eab, OrderRequest};
@@ -57,4 +58,5 @@ pub use challenge::http01::{Http01Listener, Http01Registry, Http01Service, Http0
 pub use challenge::{ChallengeConfig, ChallengeKind, Solver};
 pub use domain::{DomainError, DomainName};
 pub use error::{Error, Result};
+pub use resolver::CertResolver;
 pub use store::{CertMeta, FileStore, RenewalState, Store, StoredCert};
