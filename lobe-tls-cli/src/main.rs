@@ -1,1 +1,64 @@
-fn main() {}
+//! The `lobe-tls` command: a thin shell over the `lobe_tls` library.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+mod global;
+
+use global::Global;
+
+/// ACME certificates that issue and renew themselves, and a TLS terminator that serves them.
+#[derive(Parser, Debug)]
+#[command(name = "lobe-tls", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Order a certificate and store it.
+    Issue(cmd::issue::Args),
+    /// List stored certificates.
+    List(cmd::list::Args),
+    /// Check stored certificates; exit 0 when fine, 1 inside the warning window, 2 when broken.
+    Check(cmd::check::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    global::init_logging(&cli.global);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("lobe-tls: error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let result = match &cli.command {
+            Command::Issue(args) => cmd::issue::run(&cli.global, args).await,
+            Command::List(args) => cmd::list::run(&cli.global, args).await,
+            Command::Check(args) => cmd::check::run(&cli.global, args).await,
+        };
+        match result {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("lobe-tls: error: {}", one_line(&e.to_string()));
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+/// Errors are printed on one line, whatever a lower layer put in them.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}

@@ -65,7 +65,10 @@ impl CertResolver {
     /// Serves `key` for each of `names` (exact names and `*.` wildcards), replacing
     /// whatever those names had.
     pub fn set<S: AsRef<str>>(&self, names: &[S], key: Arc<CertifiedKey>) {
-        let names: Vec<String> = names.iter().map(|n| normalize(n.as_ref()).into_owned()).collect();
+        let names: Vec<String> = names
+            .iter()
+            .map(|n| normalize(n.as_ref()).into_owned())
+            .collect();
         self.update(|snap| {
             for name in &names {
                 match name.strip_prefix("*.") {
@@ -78,7 +81,10 @@ impl CertResolver {
 
     /// Stops serving `names`.
     pub fn remove<S: AsRef<str>>(&self, names: &[S]) {
-        let names: Vec<String> = names.iter().map(|n| normalize(n.as_ref()).into_owned()).collect();
+        let names: Vec<String> = names
+            .iter()
+            .map(|n| normalize(n.as_ref()).into_owned())
+            .collect();
         self.update(|snap| {
             for name in &names {
                 match name.strip_prefix("*.") {
@@ -190,8 +196,14 @@ mod tests {
         let wild = key_for("*.example.com");
         resolver.set(&["a.example.com"], exact.clone());
         resolver.set(&["*.example.com"], wild.clone());
-        assert!(Arc::ptr_eq(&resolver.lookup(Some("a.example.com")).unwrap(), &exact));
-        assert!(Arc::ptr_eq(&resolver.lookup(Some("b.example.com")).unwrap(), &wild));
+        assert!(Arc::ptr_eq(
+            &resolver.lookup(Some("a.example.com")).unwrap(),
+            &exact
+        ));
+        assert!(Arc::ptr_eq(
+            &resolver.lookup(Some("b.example.com")).unwrap(),
+            &wild
+        ));
         assert!(resolver.lookup(Some("x.b.example.com")).is_none());
         assert!(resolver.lookup(Some("example.com")).is_none());
     }
@@ -201,7 +213,10 @@ mod tests {
         let resolver = CertResolver::new();
         let key = key_for("a.example.com");
         resolver.set(&["A.Example.com."], key.clone());
-        assert!(Arc::ptr_eq(&resolver.lookup(Some("A.EXAMPLE.COM.")).unwrap(), &key));
+        assert!(Arc::ptr_eq(
+            &resolver.lookup(Some("A.EXAMPLE.COM.")).unwrap(),
+            &key
+        ));
     }
 
     #[test]
@@ -212,7 +227,10 @@ mod tests {
         let fallback = key_for("fallback.example");
         resolver.set_default(Some(fallback.clone()));
         assert!(Arc::ptr_eq(&resolver.lookup(None).unwrap(), &fallback));
-        assert!(Arc::ptr_eq(&resolver.lookup(Some("unknown.example")).unwrap(), &fallback));
+        assert!(Arc::ptr_eq(
+            &resolver.lookup(Some("unknown.example")).unwrap(),
+            &fallback
+        ));
     }
 
     #[test]
@@ -222,7 +240,10 @@ mod tests {
         let new = key_for("a.example.com");
         resolver.set(&["a.example.com"], old);
         resolver.set(&["a.example.com"], new.clone());
-        assert!(Arc::ptr_eq(&resolver.lookup(Some("a.example.com")).unwrap(), &new));
+        assert!(Arc::ptr_eq(
+            &resolver.lookup(Some("a.example.com")).unwrap(),
+            &new
+        ));
         assert_eq!(resolver.len(), 1);
         resolver.remove(&["a.example.com"]);
         assert!(resolver.is_empty());

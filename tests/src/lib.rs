@@ -127,7 +127,9 @@ pub fn make_listener_certs() -> (String, String, String) {
     leaf_params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "localhost");
-    let leaf = leaf_params.signed_by(&leaf_key, &issuer).expect("leaf cert");
+    let leaf = leaf_params
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf cert");
     (ca_cert.pem(), leaf.pem(), leaf_key.serialize_pem())
 }
 
@@ -140,7 +142,10 @@ fn wait_for_tcp(addr: SocketAddr, child: &mut Child, what: &str) {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("{what} exited early with {status}");
         }
-        assert!(Instant::now() < deadline, "{what} did not start listening on {addr}");
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start listening on {addr}"
+        );
         std::thread::sleep(Duration::from_millis(25));
     }
 }
@@ -234,7 +239,11 @@ impl Pebble {
             pebble.env("PEBBLE_AUTHZREUSE", pct.to_string());
         }
         let mut pebble = pebble.spawn().expect("start pebble");
-        wait_for_tcp(SocketAddr::from(([127, 0, 0, 1], acme_port)), &mut pebble, "pebble");
+        wait_for_tcp(
+            SocketAddr::from(([127, 0, 0, 1], acme_port)),
+            &mut pebble,
+            "pebble",
+        );
         children.push(pebble);
 
         Pebble {
@@ -284,7 +293,11 @@ impl Pebble {
             .parse()
             .expect("uri");
         let rsp = client.get(uri).await.expect("management API unreachable");
-        assert!(rsp.status().is_success(), "management API: {}", rsp.status());
+        assert!(
+            rsp.status().is_success(),
+            "management API: {}",
+            rsp.status()
+        );
         let body = rsp.into_body().collect().await.expect("body").to_bytes();
         String::from_utf8(body.to_vec()).expect("utf-8")
     }
@@ -309,12 +322,15 @@ pub fn verify_chain(fullchain_pem: &str, root_pem: &str, server_name: &str) -> R
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(fullchain_pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(fullchain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| e.to_string())?;
     let mut roots = rustls::RootCertStore::empty();
     for root in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
-        roots.add(root.map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        roots
+            .add(root.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
     }
     let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
         std::sync::Arc::new(roots),

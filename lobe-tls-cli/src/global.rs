@@ -1,0 +1,97 @@
+//! Options every command takes, each also readable from its environment variable.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use lobe_tls::store::DynStore;
+use lobe_tls::{AcmeConfig, Eab, Error, FileStore, Result};
+
+/// Global options.
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Where certificates live: a directory, or redis://host:port/ for a cluster.
+    #[arg(
+        long,
+        global = true,
+        env = "LOBE_TLS_STORE",
+        default_value = "/var/lib/lobe-tls"
+    )]
+    pub store: String,
+
+    /// ACME directory: a URL, letsencrypt or letsencrypt-staging.
+    #[arg(
+        long,
+        global = true,
+        env = "LOBE_TLS_DIRECTORY",
+        default_value = "letsencrypt"
+    )]
+    pub directory: String,
+
+    /// Extra trust root (PEM) for the ACME server's own HTTPS, e.g. Pebble's.
+    #[arg(long, global = true, env = "LOBE_TLS_DIRECTORY_CA")]
+    pub directory_ca: Option<PathBuf>,
+
+    /// Contact email for the ACME account.
+    #[arg(long, global = true, env = "LOBE_TLS_EMAIL")]
+    pub email: Option<String>,
+
+    /// External Account Binding key id.
+    #[arg(long, global = true, env = "LOBE_TLS_EAB_KID")]
+    pub eab_kid: Option<String>,
+
+    /// External Account Binding HMAC key (base64url). Prefer the env var: the command line shows in ps.
+    #[arg(
+        long,
+        global = true,
+        env = "LOBE_TLS_EAB_HMAC_KEY",
+        hide_env_values = true
+    )]
+    pub eab_hmac_key: Option<String>,
+
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, global = true, env = "LOBE_TLS_LOG", default_value = "warn")]
+    pub log: String,
+}
+
+impl Global {
+    /// The ACME settings these options describe.
+    pub fn acme_config(&self) -> Result<AcmeConfig> {
+        let mut config = AcmeConfig::new(lobe_tls::acme::resolve_directory(&self.directory)?);
+        config.directory_ca = self.directory_ca.clone();
+        config.email = self.email.clone();
+        config.eab = match (&self.eab_kid, &self.eab_hmac_key) {
+            (Some(kid), Some(hmac)) => Some(Eab {
+                kid: kid.clone(),
+                hmac_key_b64: hmac.clone(),
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Config(
+                    "--eab-kid and --eab-hmac-key go together: give both or neither".into(),
+                ));
+            }
+        };
+        Ok(config)
+    }
+
+    /// Opens the store named by `--store`.
+    pub async fn open_store(&self) -> Result<DynStore> {
+        if self.store.starts_with("redis://") || self.store.starts_with("rediss://") {
+            return Err(Error::Config(
+                "this build has no Redis store yet; use a directory for --store".into(),
+            ));
+        }
+        Ok(Arc::new(FileStore::open(&self.store)?))
+    }
+}
+
+/// Logs go to stderr, filtered by `--log`.
+pub fn init_logging(global: &Global) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&global.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
