@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod challenge_args;
 mod cmd;
 mod global;
 
