@@ -47,10 +47,13 @@ pub mod cert;
 pub mod challenge;
 pub mod domain;
 pub mod error;
+pub mod metrics;
 pub mod net;
 pub mod renewal;
 pub mod resolver;
 pub mod store;
+pub mod terminator;
+pub mod watch;
 
 pub use acme::{AcmeClient, AcmeConfig, Eab, OrderRequest};
 pub use cert::{CertBundle, CertInfo, KeyType};
@@ -58,5 +61,8 @@ pub use challenge::http01::{Http01Listener, Http01Registry, Http01Service, Http0
 pub use challenge::{ChallengeConfig, ChallengeKind, Solver};
 pub use domain::{DomainError, DomainName};
 pub use error::{Error, Result};
+pub use metrics::{Metrics, MetricsListener};
 pub use resolver::CertResolver;
 pub use store::{CertMeta, FileStore, RenewalState, Store, StoredCert};
+pub use terminator::{Terminator, TerminatorConfig};
+pub use watch::{CertDirWatcher, WatchEvent, WatchOptions};
