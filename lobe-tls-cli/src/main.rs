@@ -28,6 +28,8 @@ enum Command {
     List(cmd::list::Args),
     /// Check stored certificates; exit 0 when fine, 1 inside the warning window, 2 when broken.
     Check(cmd::check::Args),
+    /// Terminate TLS in front of a plain-TCP upstream, with certificates from a directory.
+    Serve(Box<cmd::serve::Args>),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
             Command::Issue(args) => cmd::issue::run(&cli.global, args).await,
             Command::List(args) => cmd::list::run(&cli.global, args).await,
             Command::Check(args) => cmd::check::run(&cli.global, args).await,
+            Command::Serve(args) => cmd::serve::run(&cli.global, args).await,
         };
         match result {
             Ok(code) => code,
