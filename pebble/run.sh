@@ -4,14 +4,21 @@
 #   bash pebble/run.sh [start]   install Pebble if missing, start both, print how to use them
 #   bash pebble/run.sh stop      stop what `start` started
 #
-# Ports (fixed, see pebble-config.json): ACME 14000, Pebble management 15000, HTTP-01
-# validation 5002, TLS-ALPN-01 validation 5001, challtestsrv DNS 8053, challtestsrv API 8055.
-# challtestsrv's own HTTP-01/TLS-ALPN-01 listeners are off, so lobe-tls can bind 5002/5001.
+# Ports (defaults as in pebble-config.json; each can be changed by its env var):
+#   PEBBLE_ACME_PORT=14000  PEBBLE_MGMT_PORT=15000  PEBBLE_HTTP_PORT=5002 (HTTP-01 validation)
+#   PEBBLE_TLS_PORT=5001 (TLS-ALPN-01 validation)  PEBBLE_DNS_PORT=8053  PEBBLE_CTS_PORT=8055
+# challtestsrv's own HTTP-01/TLS-ALPN-01 listeners are off, so lobe-tls can bind those ports.
 # State (certificates, logs, pids) lives in $PEBBLE_STATE (default /tmp/lobe-tls-pebble).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 state="${PEBBLE_STATE:-/tmp/lobe-tls-pebble}"
+acme_port="${PEBBLE_ACME_PORT:-14000}"
+mgmt_port="${PEBBLE_MGMT_PORT:-15000}"
+http_port="${PEBBLE_HTTP_PORT:-5002}"
+tls_port="${PEBBLE_TLS_PORT:-5001}"
+dns_port="${PEBBLE_DNS_PORT:-8053}"
+cts_port="${PEBBLE_CTS_PORT:-8055}"
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -70,37 +77,39 @@ start() {
     install_if_missing
     mkdir -p "$state"
     stop
-    for port in 14000 15000 5001 5002 8053 8055; do
+    for port in "$acme_port" "$mgmt_port" "$http_port" "$tls_port" "$dns_port" "$cts_port"; do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             echo "error: port $port on 127.0.0.1 is already in use; stop whatever holds it" >&2
             exit 1
         fi
     done
     make_certs
-    cp "$here/pebble-config.json" "$state/pebble-config.json"
+    sed -e "s/:14000/:$acme_port/; s/:15000/:$mgmt_port/" \
+        -e "s/\"httpPort\": 5002/\"httpPort\": $http_port/; s/\"tlsPort\": 5001/\"tlsPort\": $tls_port/" \
+        "$here/pebble-config.json" >"$state/pebble-config.json"
 
     (cd "$state" && exec pebble-challtestsrv -http01 "" -https01 "" -tlsalpn01 "" \
-        -dns01 127.0.0.1:8053 -management 127.0.0.1:8055 \
+        -dns01 "127.0.0.1:$dns_port" -management "127.0.0.1:$cts_port" \
         -defaultIPv4 127.0.0.1 -defaultIPv6 "" \
         >"$state/challtestsrv.log" 2>&1 </dev/null) &
     echo $! >"$state/challtestsrv.pid"
-    wait_for_port 8055 pebble-challtestsrv "$state/challtestsrv.log"
+    wait_for_port "$cts_port" pebble-challtestsrv "$state/challtestsrv.log"
 
     (cd "$state" && PEBBLE_VA_NOSLEEP=1 exec pebble -config pebble-config.json \
-        -dnsserver 127.0.0.1:8053 >"$state/pebble.log" 2>&1 </dev/null) &
+        -dnsserver "127.0.0.1:$dns_port" >"$state/pebble.log" 2>&1 </dev/null) &
     echo $! >"$state/pebble.pid"
-    wait_for_port 14000 pebble "$state/pebble.log"
+    wait_for_port "$acme_port" pebble "$state/pebble.log"
 
     cat <<INFO
 Pebble is running (stop it with: bash pebble/run.sh stop)
-  directory URL:        https://127.0.0.1:14000/dir
-  CA file (--directory-ca): $state/ca.pem
-  HTTP-01 port:         127.0.0.1:5002   (lobe-tls issue --http-listen 127.0.0.1:5002)
-  TLS-ALPN-01 port:     127.0.0.1:5001
-  challtestsrv API:     http://127.0.0.1:8055   (--dns-provider challtestsrv --challtestsrv ...)
-  challtestsrv DNS:     127.0.0.1:8053           (--dns-resolver 127.0.0.1:8053)
-  issuing root:         curl --cacert $state/ca.pem https://127.0.0.1:15000/roots/0
-  logs:                 $state/pebble.log, $state/challtestsrv.log
+  directory URL:     https://127.0.0.1:$acme_port/dir         (--directory)
+  CA file:           $state/ca.pem   (--directory-ca)
+  HTTP-01 port:      127.0.0.1:$http_port                        (--http-listen)
+  TLS-ALPN-01 port:  127.0.0.1:$tls_port
+  challtestsrv API:  http://127.0.0.1:$cts_port                  (--dns-provider challtestsrv --challtestsrv)
+  challtestsrv DNS:  127.0.0.1:$dns_port                        (--dns-resolver)
+  issuing root:      curl --cacert $state/ca.pem https://127.0.0.1:$mgmt_port/roots/0
+  logs:              $state/pebble.log, $state/challtestsrv.log
 INFO
 }
 
