@@ -1,4 +1,6 @@
 //! `lobe-tls serve` as a user runs it: the real binary, real sockets, real signals.
+// Test helpers: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
 
 use std::net::TcpListener as StdListener;
 use std::path::Path;

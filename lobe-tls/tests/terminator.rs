@@ -1,4 +1,6 @@
 //! The terminator with a real TLS client in front and a plain TCP upstream behind.
+// Test helpers: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

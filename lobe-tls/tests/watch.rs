@@ -1,4 +1,6 @@
 //! The directory watcher against real files, for each way another process writes them.
+// Test helpers: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::symlink;
 use std::path::Path;
