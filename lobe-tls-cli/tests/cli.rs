@@ -336,6 +336,12 @@ async fn issue_failures_exit_1_with_one_line_and_write_no_certificate() {
         &["issue", "-d", "x.cli.example.com", "--challenge", "dns-01"],
     );
     assert_one_line_error(&out, "--dns-provider");
+    let out = lobe(
+        &store,
+        Some(&pebble),
+        &["issue", "--name", "../etc", "-d", "x.cli.example.com"],
+    );
+    assert_one_line_error(&out, "invalid certificate name");
     assert!(!store.exists(), "nothing may be written for local errors");
     assert_eq!(pebble.orders_created(), 0);
 
