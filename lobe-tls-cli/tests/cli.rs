@@ -218,7 +218,7 @@ async fn issue_json_prints_the_stored_facts_of_a_dns01_wildcard() {
 #[tokio::test]
 async fn check_exits_2_once_a_certificate_is_past_its_renewal_time() {
     let pebble = Pebble::start(PebbleOptions {
-        validity_secs: Some(12),
+        validity_secs: Some(16),
         ..PebbleOptions::default()
     });
     let dir = tempfile::tempdir().unwrap();
