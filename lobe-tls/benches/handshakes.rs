@@ -151,7 +151,9 @@ fn main() {
     let pki = pki();
     let resolver = CertResolver::new();
     let filler = leaf(&pki, "filler.example.com");
-    let names: Vec<String> = (0..FILLER).map(|i| format!("site-{i}.example.com")).collect();
+    let names: Vec<String> = (0..FILLER)
+        .map(|i| format!("site-{i}.example.com"))
+        .collect();
     resolver.set(&names, filler);
     let keys = [leaf(&pki, NAME), leaf(&pki, NAME)];
     resolver.set(&[NAME], keys[0].clone());
@@ -189,7 +191,10 @@ fn main() {
         let swapping = run_round(&client, &server, &resolver, Some(keys.clone()), swap_every);
         println!(
             "round {round}: static {:.0}/s, swapping {:.0}/s ({} swaps, {} failed)",
-            still.rate, swapping.rate, swapping.swaps, swapping.failed + still.failed
+            still.rate,
+            swapping.rate,
+            swapping.swaps,
+            swapping.failed + still.failed
         );
         failed += still.failed + swapping.failed;
         swaps += swapping.swaps;

@@ -47,7 +47,10 @@ fn main() {
             .unwrap();
         assert!(output.status.success(), "{output:?}");
         let line = String::from_utf8(output.stdout).unwrap();
-        let fields: Vec<f64> = line.split_whitespace().map(|f| f.parse().unwrap()).collect();
+        let fields: Vec<f64> = line
+            .split_whitespace()
+            .map(|f| f.parse().unwrap())
+            .collect();
         let (secs, before, after, loaded) = (fields[0], fields[1], fields[2], fields[3]);
         assert_eq!(loaded as usize, CERTS, "every certificate is served");
         println!(
@@ -97,7 +100,11 @@ async fn fill(root: &Path) {
         };
         store.save_cert(&StoredCert { bundle, meta }).await.unwrap();
     }
-    eprintln!("wrote {} certificates in {:?}", CERTS - have, started.elapsed());
+    eprintln!(
+        "wrote {} certificates in {:?}",
+        CERTS - have,
+        started.elapsed()
+    );
 }
 
 /// The measured part, in a fresh process: prints `seconds rss_before rss_after served`.
