@@ -28,7 +28,7 @@ enum Command {
     List(cmd::list::Args),
     /// Check stored certificates; exit 0 when fine, 1 inside the warning window, 2 when broken.
     Check(cmd::check::Args),
-    /// Terminate TLS in front of a plain-TCP upstream, with certificates from a directory.
+    /// Terminate TLS in front of a plain-TCP upstream, with managed certificates and/or a watched directory.
     Serve(Box<cmd::serve::Args>),
 }
 

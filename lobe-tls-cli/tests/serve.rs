@@ -239,3 +239,147 @@ async fn nothing_to_serve_is_a_clear_error() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("--cert-dir"), "{stderr}");
 }
+
+/// A connector trusting `root_pem` only.
+fn connector_for(root_pem: &str) -> TlsConnector {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// Runs `serve` for one managed name against Pebble with `challenge`, and checks that the
+/// issued certificate is served, verified by Pebble's root, and reported in the metrics.
+async fn managed_name_is_issued_and_served(challenge: &str) {
+    use lobe_tls_tests::{Pebble, PebbleOptions};
+    let pebble = Pebble::start(PebbleOptions::default());
+    let store = tempfile::tempdir().unwrap();
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let _ = stream.write_all(b"upstream says hi\n").await;
+            });
+        }
+    });
+    // TLS-ALPN-01 is validated on the terminator's own port; HTTP-01 on the HTTP listener.
+    let listen = if challenge == "tls-alpn-01" {
+        pebble.tls_listen()
+    } else {
+        format!("127.0.0.1:{}", free_port())
+    };
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut cmd = lobe_tls(&[
+        "serve",
+        "--listen",
+        &listen,
+        "--upstream",
+        &upstream_addr,
+        "-d",
+        NAME,
+        "--challenge",
+        challenge,
+        "--http-listen",
+        &pebble.http_listen(),
+        "--metrics-listen",
+        &metrics,
+    ]);
+    cmd.env("LOBE_TLS_STORE", store.path())
+        .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
+        .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file);
+    let mut serve = Serve(cmd.spawn().unwrap());
+
+    let connector = connector_for(&pebble.issuing_root_pem().await);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tls = loop {
+        match tls_connect(&connector, &listen).await {
+            Ok(stream) => break stream,
+            Err(e) => {
+                if let Some(status) = serve.0.try_wait().unwrap() {
+                    let mut err = String::new();
+                    use std::io::Read;
+                    serve
+                        .0
+                        .stderr
+                        .take()
+                        .unwrap()
+                        .read_to_string(&mut err)
+                        .unwrap();
+                    panic!("serve exited with {status}: {err}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "never served a verified certificate: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let mut greeting = String::new();
+    tokio::time::timeout(STEP, tls.read_to_string(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(greeting, "upstream says hi\n");
+    drop(tls);
+    assert!(
+        store
+            .path()
+            .join("live")
+            .join(NAME)
+            .join("privkey.pem")
+            .exists()
+    );
+
+    let scraped = http_get(&metrics, "/metrics").await;
+    assert!(
+        scraped.contains(&format!(
+            "lobe_tls_certificate_expiry_timestamp_seconds{{name=\"{NAME}\",source=\"managed\"}} "
+        )),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains(&format!(
+            "lobe_tls_renewal_failures_total{{name=\"{NAME}\"}} 0"
+        )),
+        "{scraped}"
+    );
+
+    let pid = serve.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + STEP;
+    let status = loop {
+        if let Some(status) = serve.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn managed_name_is_issued_through_http01_on_the_http_listener_and_served() {
+    managed_name_is_issued_and_served("http-01").await;
+}
+
+#[tokio::test]
+async fn managed_name_is_issued_through_tls_alpn01_on_the_terminator_and_served() {
+    managed_name_is_issued_and_served("tls-alpn-01").await;
+}
