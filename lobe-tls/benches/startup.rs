@@ -1,5 +1,5 @@
-//! Start-up: load 10,000 certificates from the file store into the resolver, with the
-//! resident memory each one costs.
+//! Start-up: `Manager::start` loads 10,000 certificates from the file store into the
+//! resolver; the resident memory each one costs is reported too.
 //!
 //! The store is written once (distinct ECDSA P-256 keys, one CA). Each measurement runs in
 //! a fresh child process, so the memory figure is the load alone: resident set size
@@ -17,7 +17,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use lobe_tls::store::DynStore;
-use lobe_tls::{CertBundle, CertMeta, CertResolver, FileStore, KeyType, Store, StoredCert, domain};
+use lobe_tls::{
+    AcmeConfig, CertBundle, CertMeta, CertResolver, FileStore, KeyType, Manager, Store, StoredCert,
+    domain,
+};
 
 const CERTS: usize = 10_000;
 const RUNS: usize = 5;
@@ -118,35 +121,17 @@ fn load(root: &Path) {
     println!("{secs} {before} {after} {}", resolver.len() / 2);
 }
 
+/// What a proxy does at start: `Manager::start` reads, checks and serves every stored
+/// certificate (no managed names, so nothing is ordered and the CA is never contacted).
 async fn load_into_resolver(root: &Path) -> CertResolver {
     let store: DynStore = Arc::new(FileStore::open(root).unwrap());
     let resolver = CertResolver::new();
-    let names = store.list_certs().await.unwrap();
-    let mut loads = tokio::task::JoinSet::new();
-    for chunk in names.chunks(names.len().div_ceil(8).max(1)) {
-        let store = store.clone();
-        let chunk = chunk.to_vec();
-        loads.spawn(async move {
-            let mut out = Vec::with_capacity(chunk.len());
-            for name in chunk {
-                let stored = store.load_cert(&name).await.unwrap().unwrap();
-                let key = stored.bundle.certified_key().unwrap();
-                let domains: Vec<String> = stored
-                    .meta
-                    .domains
-                    .iter()
-                    .map(|d| d.as_str().to_owned())
-                    .collect();
-                out.push((domains, key));
-            }
-            out
-        });
-    }
-    while let Some(loaded) = loads.join_next().await {
-        for (domains, key) in loaded.unwrap() {
-            resolver.set(&domains, key);
-        }
-    }
+    let manager = Manager::builder(AcmeConfig::new("https://acme.invalid/directory"), store)
+        .resolver(resolver.clone())
+        .build()
+        .unwrap();
+    let report = manager.start().await.unwrap();
+    assert!(report.unusable.is_empty(), "{:?}", report.unusable);
     resolver
 }
 
