@@ -25,8 +25,10 @@ use base64::Engine;
 pub const ZONE: &str = "lobe.test";
 /// The zone that `_acme-challenge.alias.lobe.test` delegates to.
 pub const DELEGATE_ZONE: &str = "delegate.test";
-/// The name of the TSIG key allowed to update both zones.
+/// The name of the hmac-sha256 TSIG key allowed to update both zones.
 pub const TSIG_KEY: &str = "acme-update";
+/// The name of the hmac-sha512 TSIG key allowed to update both zones.
+pub const TSIG_KEY_512: &str = "acme-update-512";
 
 /// Knot plus unbound, with the zones described in the module docs.
 pub struct DnsTestbed {
@@ -36,8 +38,10 @@ pub struct DnsTestbed {
     pub knot_addr: SocketAddr,
     /// unbound's address.
     pub resolver_addr: SocketAddr,
-    /// The TSIG key's secret, base64, for hmac-sha256.
+    /// The secret of [`TSIG_KEY`] (hmac-sha256), base64.
     pub tsig_secret: String,
+    /// The secret of [`TSIG_KEY_512`] (hmac-sha512), base64.
+    pub tsig_secret_512: String,
 }
 
 impl std::fmt::Debug for DnsTestbed {
@@ -154,6 +158,8 @@ impl DnsTestbed {
         let knot_addr = free_loopback_dns_addr();
         let secret_bytes: [u8; 32] = rand::random();
         let tsig_secret = base64::engine::general_purpose::STANDARD.encode(secret_bytes);
+        let secret_bytes: [u8; 64] = std::array::from_fn(|_| rand::random());
+        let tsig_secret_512 = base64::engine::general_purpose::STANDARD.encode(secret_bytes);
 
         for (zone, text) in zone_files(knot_addr.ip()) {
             std::fs::write(dir.path().join(format!("{zone}.zone")), text).expect("zone file");
@@ -173,9 +179,12 @@ key:
   - id: {TSIG_KEY}
     algorithm: hmac-sha256
     secret: {tsig_secret}
+  - id: {TSIG_KEY_512}
+    algorithm: hmac-sha512
+    secret: {tsig_secret_512}
 acl:
   - id: acme-update
-    key: {TSIG_KEY}
+    key: [{TSIG_KEY}, {TSIG_KEY_512}]
     action: update
 template:
   - id: default
@@ -263,6 +272,7 @@ stub-zone:
             knot_addr,
             resolver_addr,
             tsig_secret,
+            tsig_secret_512,
         }
     }
 

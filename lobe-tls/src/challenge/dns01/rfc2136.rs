@@ -399,7 +399,7 @@ impl Rfc2136Provider {
         task.abort();
         match result {
             Ok(response) => self.check_rcode(server, &zone, response.into_message()),
-            Err(e) => Err(self.explain_failure(server, &e.to_string())),
+            Err(e) => Err(self.explain_failure(server, &e)),
         }
     }
 
@@ -427,19 +427,26 @@ impl Rfc2136Provider {
         }
     }
 
-    /// hickory reports an unsigned or badly signed answer (what a server sends back for
-    /// a key it does not know) as a TSIG verification failure.
-    fn explain_failure(&self, server: SocketAddr, error: &str) -> String {
-        let lower = error.to_ascii_lowercase();
-        if self.key.is_some()
-            && (lower.contains("tsig") || lower.contains("mac") || lower.contains("sig"))
-        {
-            format!(
-                "nameserver {server} rejected TSIG key {} ({error}): check the key name, algorithm and secret",
+    /// A server that does not know the key, or computes another MAC, answers NOTAUTH
+    /// without a valid signature; hickory reports that as a failed verification.
+    fn explain_failure(&self, server: SocketAddr, error: &hickory_client::ClientError) -> String {
+        use hickory_client::ClientErrorKind;
+        use hickory_proto::ProtoErrorKind;
+        let proto_kind = match error.kind() {
+            ClientErrorKind::Proto(e) => Some(e.kind()),
+            _ => None,
+        };
+        match (error.kind(), proto_kind) {
+            (_, Some(ProtoErrorKind::Timeout)) => {
+                format!("nameserver {server} did not answer within {UPDATE_TIMEOUT:?}")
+            }
+            (ClientErrorKind::Io(e), _) => format!("nameserver {server} unreachable: {e}"),
+            (_, Some(ProtoErrorKind::Io(e))) => format!("nameserver {server} unreachable: {e}"),
+            _ if self.key.is_some() => format!(
+                "nameserver {server} rejected TSIG key {} (its answer has no valid signature): check the key name, algorithm and secret",
                 self.key_label()
-            )
-        } else {
-            format!("update to nameserver {server} failed: {error}")
+            ),
+            _ => format!("update to nameserver {server} failed: {error}"),
         }
     }
 
