@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use lobe_tls::AcmeConfig;
 
+pub mod cloudflare_api;
 pub mod dns;
+pub mod http_server;
 
 /// Pebble's example EAB key id and its HMAC key (base64url).
 pub const EAB_KID: &str = "kid-1";

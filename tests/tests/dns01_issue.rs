@@ -70,10 +70,18 @@ async fn rfc2136_issues_through_cname_delegation_to_another_zone() {
     let (dns, _) = issue_wildcard_and_apex(&format!("alias.{ZONE}")).await;
     // The CNAME stays; the TXT records were written, and deleted, in the delegated zone.
     assert_eq!(
-        dns.dig(dns.knot_addr, &format!("_acme-challenge.alias.{ZONE}."), "CNAME", true),
+        dns.dig(
+            dns.knot_addr,
+            &format!("_acme-challenge.alias.{ZONE}."),
+            "CNAME",
+            true
+        ),
         vec![format!("alias.{DELEGATE_ZONE}.")]
     );
-    assert!(dns.authoritative_txt(&format!("alias.{DELEGATE_ZONE}.")).is_empty());
+    assert!(
+        dns.authoritative_txt(&format!("alias.{DELEGATE_ZONE}."))
+            .is_empty()
+    );
 }
 
 #[tokio::test]
