@@ -92,13 +92,17 @@ impl RecursiveResolvers {
         let mut current = name.clone();
         let mut seen = HashSet::from([current.to_lowercase()]);
         for _ in 0..=MAX_CNAME_CHAIN {
-            let response = self.query(&current, RecordType::CNAME).await.map_err(
-                |(server, e)| {
-                    Error::Dns(format!(
-                        "cannot look up the CNAME of {current}: resolver {server} {e}; pass --dns-recursive IP:PORT"
-                    ))
-                },
-            )?;
+            let response = match self.query(&current, RecordType::CNAME).await {
+                Ok(response) => response,
+                Err((server, e)) => {
+                    // Without an answer the record goes where it would without a CNAME;
+                    // if that is wrong, the propagation check says so.
+                    tracing::warn!(
+                        "cannot look up the CNAME of {current}: resolver {server} {e}; writing the record at {current} (pass --dns-recursive IP:PORT)"
+                    );
+                    return Ok(current);
+                }
+            };
             let target =
                 answers(&response, &current, RecordType::CNAME).find_map(|r| match r.data() {
                     RData::CNAME(cname) => Some(cname.0.clone()),
