@@ -38,7 +38,7 @@ fn start() -> (DnsTestbed, Pebble, tempfile::TempDir) {
         dns_server: Some(dns.resolver_addr),
         ..PebbleOptions::default()
     });
-    (dns, pebble, tempfile::tempdir().unwrap())
+    (dns, pebble, tempfile::tempdir().expect("tempdir"))
 }
 
 #[tokio::test]
