@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use lobe_tls::AcmeConfig;
 
+pub mod ari_shim;
+pub mod tls_probe;
+
 /// Pebble's example EAB key id and its HMAC key (base64url).
 pub const EAB_KID: &str = "kid-1";
 /// The HMAC key for [`EAB_KID`].
