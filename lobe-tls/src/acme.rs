@@ -19,6 +19,8 @@ use crate::domain::DomainName;
 use crate::error::{Error, Result};
 use crate::store::Store;
 
+pub use instant_acme::RevocationReason;
+
 /// Let's Encrypt's production directory.
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 /// Let's Encrypt's staging directory, for trying things out without rate limits.

@@ -41,7 +41,7 @@ use time::OffsetDateTime;
 use tokio::sync::{OnceCell, Semaphore, broadcast};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::acme::{AcmeClient, AcmeConfig, OrderRequest};
+use crate::acme::{AcmeClient, AcmeConfig};
 use crate::cert::{CertInfo, KeyType, rfc3339};
 use crate::challenge::dns01::Dns01Solver;
 use crate::challenge::http01::{Http01Listener, Http01Registry, Http01Solver};
@@ -49,9 +49,10 @@ use crate::challenge::tls_alpn01::{TlsAlpn01Listener, TlsAlpn01Solver};
 use crate::challenge::{ChallengeConfig, ChallengeKind, Solver};
 use crate::domain::DomainName;
 use crate::error::{Error, Result};
+use crate::issue::{Issuance, IssueRequest};
 use crate::renewal::RenewalPolicy;
 use crate::resolver::CertResolver;
-use crate::store::{CertMeta, DynStore, RenewalState, StoredCert};
+use crate::store::{CertMeta, DynStore, RenewalState};
 
 /// How many stored certificates are read at once at start-up.
 const LOAD_CONCURRENCY: usize = 32;
@@ -880,31 +881,22 @@ impl Manager {
             .await
             .map_err(|_| Error::Config("the manager is shutting down".into()))?;
         let client = self.client().await?;
-        let solver = self.solver_for(&managed.challenge).await?;
-        let request = OrderRequest {
-            domains: managed.domains.clone(),
-            key_type: managed.key_type,
-            replaces,
-        };
-        let bundle = client.issue(&request, solver.solver.as_ref(), None).await?;
-        drop(solver);
-        // Checked before it is stored or served.
-        let (key, info) = bundle.validated_key_for(&managed.domains)?;
-        let meta = CertMeta {
+        let SolverHandle { solver, keep } = self.solver_for(&managed.challenge).await?;
+        let request = IssueRequest {
             name: name.to_owned(),
             domains: managed.domains.clone(),
             key_type: managed.key_type,
             challenge: managed.challenge.clone(),
-            directory: self.inner.acme.directory.clone(),
-            issued_at: OffsetDateTime::now_utc(),
+            replaces,
         };
-        self.inner
-            .store
-            .save_cert(&StoredCert {
-                bundle,
-                meta: meta.clone(),
-            })
+        // Orders, validates (key matches, covers the names, not expired) and stores
+        // atomically; nothing is written or served unless every step succeeded.
+        let stored = Issuance::with_solver(request, solver)?
+            .run(client, self.inner.store.as_ref(), None)
             .await?;
+        drop(keep);
+        let (key, info) = stored.bundle.validated_key_for(&managed.domains)?;
+        let meta = stored.meta;
         let state = RenewalState::default();
         if let Err(e) = self.inner.store.save_renewal_state(name, &state).await {
             tracing::warn!(cert = %name, error = %e, "cannot reset renewal state");
@@ -1238,7 +1230,7 @@ fn addr_in_use(error: &Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{FileStore, Store};
+    use crate::store::{FileStore, Store, StoredCert};
 
     fn self_signed(domains: &[&str], not_after: OffsetDateTime) -> crate::cert::CertBundle {
         let key = KeyType::EcdsaP256.generate().unwrap();
