@@ -60,6 +60,9 @@ const LOAD_CONCURRENCY: usize = 32;
 const DEFAULT_MAX_ORDERS: usize = 4;
 /// The default interval of the maintenance loop.
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// How many renewalInfo queries run at once, so that thousands of certificates do not
+/// all ask the CA in the same second.
+const ARI_CONCURRENCY: usize = 8;
 /// The default capacity of the event channel; slower subscribers see `Lagged`.
 const DEFAULT_EVENT_CAPACITY: usize = 1024;
 
@@ -342,6 +345,7 @@ impl ManagerBuilder {
                 slots: Mutex::new(slots),
                 name_locks: Mutex::default(),
                 orders: Semaphore::new(self.max_orders),
+                ari_polls: Semaphore::new(ARI_CONCURRENCY),
                 standalone: Standalone::default(),
             }),
         })
@@ -378,6 +382,7 @@ struct Inner {
     /// One async lock per name, so that one process never runs two orders for a name.
     name_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     orders: Semaphore,
+    ari_polls: Semaphore,
     standalone: Standalone,
 }
 
@@ -1062,6 +1067,9 @@ impl Manager {
             )
         };
         let policy = &self.inner.policy;
+        let Ok(_permit) = self.inner.ari_polls.acquire().await else {
+            return;
+        };
         match self.client().await {
             Ok(client) => match instant_acme::CertificateIdentifier::try_from(&der) {
                 Ok(id) => match client.account().renewal_info(&id).await {
