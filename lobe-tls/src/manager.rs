@@ -1363,6 +1363,47 @@ mod tests {
         assert!(!manager.reload("missing").await.unwrap());
     }
 
+    #[tokio::test]
+    async fn expiring_soon_is_announced_once_per_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::open(dir.path()).unwrap());
+        // Lifetime about a day, one hour left: inside the warning window (a sixth).
+        let soon = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        store
+            .save_cert(&stored("soon", &["soon.example.com"], soon))
+            .await
+            .unwrap();
+        let later = OffsetDateTime::now_utc() + time::Duration::days(30);
+        store
+            .save_cert(&stored("later", &["later.example.com"], later))
+            .await
+            .unwrap();
+        let manager = Manager::builder(unreachable_ca(), store)
+            .check_interval(Duration::from_millis(20))
+            .build()
+            .unwrap();
+        manager.start().await.unwrap();
+        let mut events = manager.subscribe();
+        let maintenance = manager.spawn();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(maintenance);
+        let mut warned = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            if let Event::ExpiringSoon {
+                name, not_after, ..
+            } = event
+            {
+                assert_eq!(not_after.unix_timestamp(), soon.unix_timestamp());
+                warned.push(name);
+            }
+        }
+        assert_eq!(
+            warned,
+            ["soon"],
+            "one warning, for the expiring certificate only"
+        );
+    }
+
     #[test]
     fn building_refuses_duplicate_and_empty_certificates() {
         let dir = tempfile::tempdir().unwrap();
