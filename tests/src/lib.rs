@@ -13,6 +13,9 @@ use lobe_tls::AcmeConfig;
 
 pub mod ari_shim;
 pub mod tls_probe;
+pub mod cloudflare_api;
+pub mod dns;
+pub mod http_server;
 
 /// Pebble's example EAB key id and its HMAC key (base64url).
 pub const EAB_KID: &str = "kid-1";
