@@ -97,15 +97,19 @@ async fn run() -> BenchResult<()> {
     }
 
     // (b) concurrent HTTP-01, distinct names.
+    let pebble_pid = pebble_pid(&pebble);
+    let cpu_before = (cpu_time("self"), pebble_pid.as_deref().and_then(cpu_time));
+    let concurrent_phases = Arc::new(Mutex::new(PhaseTotals::default()));
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..concurrent {
         let client = client.clone();
         let solver = solver.clone();
         let name = format!("par-{i}-{tag}.bench.example.com");
+        let phases = concurrent_phases.clone();
         tasks.spawn(async move {
             let started = Instant::now();
-            issue_http01(&client, &solver, &name, None)
+            issue_http01(&client, &solver, &name, Some(phases))
                 .await
                 .map(|()| started.elapsed())
         });
@@ -121,6 +125,22 @@ async fn run() -> BenchResult<()> {
         total.as_secs_f64(),
         Summary::of(&each)
     );
+    if let Ok(phases) = concurrent_phases.lock() {
+        phases.print(concurrent);
+    }
+    if let ((Some(ours0), Some(pebble0)), Some(ours1), Some(pebble1)) = (
+        cpu_before,
+        cpu_time("self"),
+        pebble_pid.as_deref().and_then(cpu_time),
+    ) {
+        println!(
+            "    CPU time during (b): Pebble {:.2} s, lobe-tls {:.2} s, over {:.2} s wall on {} cores",
+            pebble1 - pebble0,
+            ours1 - ours0,
+            total.as_secs_f64(),
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        );
+    }
     drop(listener);
 
     // (c) lego on the same Pebble and the same HTTP-01 port.
@@ -194,9 +214,7 @@ async fn issue_http01(
 fn phase_of(msg: &str) -> &'static str {
     if msg.starts_with("ordering") {
         "new order + fetch authorization"
-    } else if msg.contains("presenting") {
-        "present + answer challenge"
-    } else if msg.contains("waiting until") {
+    } else if msg.contains("presenting") || msg.contains("waiting until") {
         "present + answer challenge"
     } else if msg.starts_with("waiting for the CA") {
         "poll until order ready"
@@ -307,4 +325,33 @@ fn run_lego(pebble: &Pebble, path: &Path, name: &str) -> BenchResult<()> {
         return Err(format!("lego failed for {name}: {last}").into());
     }
     Ok(())
+}
+
+/// The process id of this Pebble (not challtestsrv), found by its config path.
+fn pebble_pid(pebble: &Pebble) -> Option<String> {
+    let config = pebble.dir().join("pebble-config.json");
+    let config = config.to_str()?;
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            let mut args = cmdline.split('\0');
+            let program = args.next()?;
+            (program.ends_with("pebble") && args.any(|a| a == config))
+                .then(|| entry.file_name().to_string_lossy().into_owned())
+        })
+}
+
+/// User plus system CPU seconds of a process (`self` or a pid), from `/proc/<pid>/stat`.
+fn cpu_time(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // Linux reports in clock ticks; USER_HZ is 100 on every mainstream architecture.
+    Some((utime + stime) / 100.0)
 }
