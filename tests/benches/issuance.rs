@@ -55,7 +55,7 @@ fn run_tag() -> String {
 async fn run() -> BenchResult<()> {
     let seq = count("BENCH_SEQ", 20);
     let concurrent = count("BENCH_CONCURRENT", 50);
-    let lego_runs = count("BENCH_LEGO", 5);
+    let lego_runs = count("BENCH_LEGO", 9);
     let dns_runs = count("BENCH_DNS", 5);
     let tag = run_tag();
 
@@ -146,9 +146,14 @@ async fn run() -> BenchResult<()> {
     // (c) lego on the same Pebble and the same HTTP-01 port.
     if lego_runs > 0 {
         match lego_bench(&pebble, lego_runs, &tag) {
-            Ok(lego) => {
+            Ok((lego, each)) => {
                 println!();
                 println!("(c) lego, sequential HTTP-01, n={lego_runs}: {lego}");
+                let each: Vec<String> = each
+                    .iter()
+                    .map(|t| format!("{:.2}", t.as_secs_f64()))
+                    .collect();
+                println!("    each run (s): {}", each.join(" "));
                 println!(
                     "    ratio of medians lego / lobe-tls: {:.1}x",
                     lego.median.as_secs_f64() / lib.median.as_secs_f64()
@@ -286,7 +291,11 @@ impl std::fmt::Display for Summary {
 }
 
 /// Runs lego once for a warm-up (account registration) and then `runs` times, timed.
-fn lego_bench(pebble: &Pebble, runs: usize, tag: &str) -> BenchResult<Summary> {
+///
+/// lego's time is bimodal: when the challenge is already valid in the CA's answer to
+/// lego's POST it goes on at once, otherwise it sleeps 5 s (its default when the CA sends
+/// no Retry-After) before looking again. Each run's time is returned too.
+fn lego_bench(pebble: &Pebble, runs: usize, tag: &str) -> BenchResult<(Summary, Vec<Duration>)> {
     let lego_dir = tempfile::tempdir()?;
     run_lego(
         pebble,
@@ -303,7 +312,7 @@ fn lego_bench(pebble: &Pebble, runs: usize, tag: &str) -> BenchResult<Summary> {
         )?;
         times.push(started.elapsed());
     }
-    Ok(Summary::of(&times))
+    Ok((Summary::of(&times), times))
 }
 
 fn run_lego(pebble: &Pebble, path: &Path, name: &str) -> BenchResult<()> {
