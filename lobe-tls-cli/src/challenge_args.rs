@@ -26,6 +26,11 @@ pub struct ChallengeArgs {
     #[arg(long, env = "LOBE_TLS_HTTP_LISTEN", default_value = "0.0.0.0:80")]
     pub http_listen: String,
 
+    /// Address of the standalone TLS-ALPN-01 listener (port 443 must reach it), for
+    /// --challenge tls-alpn-01.
+    #[arg(long, env = "LOBE_TLS_TLS_LISTEN")]
+    pub tls_listen: Option<String>,
+
     /// DNS provider for dns-01.
     #[arg(long, env = "LOBE_TLS_DNS_PROVIDER")]
     pub dns_provider: Option<DnsProviderName>,
@@ -65,6 +70,7 @@ impl ChallengeArgs {
         match self.challenge {
             ChallengeKind::Http01 => config.http_listen = Some(self.http_listen.clone()),
             ChallengeKind::Dns01 => config.dns = Some(self.dns_config()?),
+            ChallengeKind::TlsAlpn01 => config.tls_listen = self.tls_listen.clone(),
             _ => {}
         }
         Ok(config)

@@ -19,6 +19,8 @@ use crate::domain::DomainName;
 use crate::error::{Error, Result};
 use crate::store::Store;
 
+pub use instant_acme::RevocationReason;
+
 /// Let's Encrypt's production directory.
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 /// Let's Encrypt's staging directory, for trying things out without rate limits.
@@ -412,7 +414,13 @@ impl AcmeClient {
         let status = retry_bad_nonce!(poll_order!(deadline, |policy| order
             .poll_ready(&policy)
             .await))
-        .map_err(|e| acme_error("the order failed", &e))?;
+        .map_err(|e| match &e {
+            // The order's own problem document: a challenge failed validation.
+            instant_acme::Error::Api(problem) => {
+                Error::Challenge(format!("validation failed: {}", problem_text(problem)))
+            }
+            _ => acme_error("the order failed", &e),
+        })?;
         if status == OrderStatus::Invalid {
             return Err(self.explain_invalid(&mut order).await);
         }

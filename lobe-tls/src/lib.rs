@@ -3,8 +3,8 @@
 //! Order a certificate through HTTP-01 and keep it in a certbot-compatible file store:
 //!
 //! ```no_run
-//! use lobe_tls::{AcmeClient, AcmeConfig, FileStore, Http01Listener, Http01Registry, Http01Solver};
-//! use lobe_tls::{CertMeta, KeyType, OrderRequest, Store, StoredCert, domain};
+//! use lobe_tls::challenge::ChallengeConfig;
+//! use lobe_tls::{AcmeClient, AcmeConfig, FileStore, IssueRequest, KeyType, domain};
 //!
 //! # async fn run() -> lobe_tls::Result<()> {
 //! let store = FileStore::open("/var/lib/lobe-tls")?;
@@ -12,32 +12,21 @@
 //! config.email = Some("ops@example.com".into());
 //! let client = AcmeClient::connect(&config, &store).await?;
 //!
-//! // Port 80 must reach this listener while the order runs.
-//! let registry = Http01Registry::new();
-//! let _listener = Http01Listener::bind("0.0.0.0:80", registry.service()).await?;
-//!
-//! let request = OrderRequest {
-//!     domains: domain::parse_all(&["example.com", "www.example.com"])?,
-//!     key_type: KeyType::EcdsaP256,
-//!     replaces: None,
+//! // Port 80 must reach the standalone listener, which is bound before the order starts.
+//! let challenge = ChallengeConfig {
+//!     http_listen: Some("0.0.0.0:80".into()),
+//!     ..ChallengeConfig::default()
 //! };
-//! let bundle = client.issue(&request, &Http01Solver::new(registry), None).await?;
-//! let info = bundle.info()?;
+//! let request = IssueRequest::new(
+//!     domain::parse_all(&["example.com", "www.example.com"])?,
+//!     KeyType::EcdsaP256,
+//!     challenge,
+//! );
+//! // Orders, checks the result and writes live/example.com/ atomically, with the
+//! // metadata a later renewal repeats.
+//! let stored = lobe_tls::issue_and_store(&client, &store, request, None, None).await?;
+//! let info = stored.bundle.info()?;
 //! println!("serial {} valid until {}", info.serial, info.not_after);
-//!
-//! store
-//!     .save_cert(&StoredCert {
-//!         bundle,
-//!         meta: CertMeta {
-//!             name: "example.com".into(),
-//!             domains: request.domains.clone(),
-//!             key_type: request.key_type,
-//!             challenge: Default::default(),
-//!             directory: config.directory.clone(),
-//!             issued_at: time::OffsetDateTime::now_utc(),
-//!         },
-//!     })
-//!     .await?;
 //! # Ok(())
 //! # }
 //! ```
@@ -49,6 +38,7 @@ pub mod domain;
 pub mod error;
 pub mod inventory;
 pub mod issue;
+pub mod manager;
 pub mod net;
 pub mod renewal;
 pub mod resolver;
@@ -57,10 +47,13 @@ pub mod store;
 pub use acme::{AcmeClient, AcmeConfig, Eab, OrderRequest};
 pub use cert::{CertBundle, CertInfo, KeyType};
 pub use challenge::http01::{Http01Listener, Http01Registry, Http01Service, Http01Solver};
+pub use challenge::tls_alpn01::{TlsAlpn01Listener, TlsAlpn01Solver};
 pub use challenge::{ChallengeConfig, ChallengeKind, Solver};
 pub use domain::{DomainError, DomainName};
 pub use error::{Error, Result};
 pub use inventory::CertReport;
 pub use issue::{Issuance, IssueRequest, issue_and_store};
+pub use manager::{Event, ManagedCert, Manager};
+pub use renewal::RenewalPolicy;
 pub use resolver::CertResolver;
 pub use store::{CertMeta, FileStore, RenewalState, Store, StoredCert};

@@ -3,3 +3,5 @@
 pub mod check;
 pub mod issue;
 pub mod list;
+pub mod renew;
+pub mod revoke;

@@ -261,7 +261,7 @@ impl StoreLock for FileLock {
 }
 
 /// Refuses names that could escape the store or hide as dot files.
-fn check_name(name: &str) -> Result<()> {
+pub(crate) fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && !name.starts_with('.')
         && name.len() <= 255
