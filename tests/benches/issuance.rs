@@ -2,7 +2,8 @@
 //!
 //! - (a) sequential HTTP-01 certificates through the library: median, p90, min, and where
 //!   the time goes (phases from the order's progress reports);
-//! - (b) 50 certificates for distinct names issued concurrently: total wall time;
+//! - (b) 50 certificates for distinct names issued concurrently, on a Pebble of their own:
+//!   total wall time (retried on a fresh Pebble if Pebble deadlocks, see BENCHMARKS.md);
 //! - (c) the same as (a) with `lego` against the same Pebble, and the ratio of medians;
 //! - (d) DNS-01 (wildcard plus apex) through challtestsrv, for reference.
 //!
@@ -96,54 +97,21 @@ async fn run() -> BenchResult<()> {
         phases.print(seq);
     }
 
-    // (b) concurrent HTTP-01, distinct names.
-    let pebble_pid = pebble_pid(&pebble);
-    let cpu_before = (cpu_time("self"), pebble_pid.as_deref().and_then(cpu_time));
-    let concurrent_phases = Arc::new(Mutex::new(PhaseTotals::default()));
-    let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..concurrent {
-        let client = client.clone();
-        let solver = solver.clone();
-        let name = format!("par-{i}-{tag}.bench.example.com");
-        let phases = concurrent_phases.clone();
-        tasks.spawn(async move {
-            let started = Instant::now();
-            issue_http01(&client, &solver, &name, Some(phases))
-                .await
-                .map(|()| started.elapsed())
-        });
-    }
-    let mut each = Vec::with_capacity(concurrent);
-    while let Some(joined) = tasks.join_next().await {
-        each.push(joined??);
-    }
-    let total = started.elapsed();
-    println!();
-    println!(
-        "(b) lobe-tls, {concurrent} concurrent HTTP-01: total {:.2} s (target <= 10 s); per order {}",
-        total.as_secs_f64(),
-        Summary::of(&each)
-    );
-    if let Ok(phases) = concurrent_phases.lock() {
-        phases.print(concurrent);
-    }
-    if let ((Some(ours0), Some(pebble0)), Some(ours1), Some(pebble1)) = (
-        cpu_before,
-        cpu_time("self"),
-        pebble_pid.as_deref().and_then(cpu_time),
-    ) {
-        println!(
-            "    CPU time during (b): Pebble {:.2} s, lobe-tls {:.2} s, over {:.2} s wall on {} cores",
-            pebble1 - pebble0,
-            ours1 - ours0,
-            total.as_secs_f64(),
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        );
-    }
     drop(listener);
 
-    // (c) lego on the same Pebble and the same HTTP-01 port.
+    // (b) concurrent HTTP-01, distinct names, each attempt on a Pebble of its own.
+    for attempt in 1..=CONCURRENT_ATTEMPTS {
+        match concurrent_bench(concurrent, &format!("{tag}-{attempt}")).await {
+            Ok(()) => break,
+            Err(e) => println!(
+                "(b) attempt {attempt} of {CONCURRENT_ATTEMPTS} failed: {e}\n    \
+                 (Pebble 2.4.0's in-memory store can deadlock under concurrent new-orders: \
+                 every request touching it then hangs; see BENCHMARKS.md)"
+            ),
+        }
+    }
+
+    // (c) lego on the Pebble of (a) and the same HTTP-01 port.
     if lego_runs > 0 {
         match lego_bench(&pebble, lego_runs, &tag) {
             Ok((lego, each)) => {
@@ -184,6 +152,70 @@ async fn run() -> BenchResult<()> {
         println!(
             "(d) lobe-tls, sequential DNS-01 wildcard+apex (2 authorizations), n={dns_runs}: {}",
             Summary::of(&times)
+        );
+    }
+    Ok(())
+}
+
+/// How often (b) is tried on a fresh Pebble before giving up.
+const CONCURRENT_ATTEMPTS: u32 = 3;
+/// The order deadline in (b): far above the target, well below the bench's time budget.
+const CONCURRENT_ORDER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// (b): `count` orders for distinct names at once on a fresh Pebble; prints the total.
+async fn concurrent_bench(count: usize, tag: &str) -> BenchResult<()> {
+    let pebble = Pebble::start(PebbleOptions::default());
+    let store_dir = tempfile::tempdir()?;
+    let store = FileStore::open(store_dir.path())?;
+    let mut config = pebble.acme_config();
+    config.order_timeout = CONCURRENT_ORDER_TIMEOUT;
+    let client = AcmeClient::connect(&config, &store).await?;
+    let registry = Http01Registry::new();
+    let solver = Http01Solver::new(registry.clone());
+    let _listener = Http01Listener::bind(&pebble.http_listen(), registry.service()).await?;
+
+    let pebble_pid = pebble_pid(&pebble);
+    let cpu_before = (cpu_time("self"), pebble_pid.as_deref().and_then(cpu_time));
+    let phases = Arc::new(Mutex::new(PhaseTotals::default()));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        let client = client.clone();
+        let solver = solver.clone();
+        let name = format!("par-{i}-{tag}.bench.example.com");
+        let phases = phases.clone();
+        tasks.spawn(async move {
+            let started = Instant::now();
+            issue_http01(&client, &solver, &name, Some(phases))
+                .await
+                .map(|()| started.elapsed())
+        });
+    }
+    let mut each = Vec::with_capacity(count);
+    while let Some(joined) = tasks.join_next().await {
+        each.push(joined??);
+    }
+    let total = started.elapsed();
+    println!();
+    println!(
+        "(b) lobe-tls, {count} concurrent HTTP-01: total {:.2} s (target <= 10 s); per order {}",
+        total.as_secs_f64(),
+        Summary::of(&each)
+    );
+    if let Ok(phases) = phases.lock() {
+        phases.print(count);
+    }
+    if let ((Some(ours0), Some(pebble0)), Some(ours1), Some(pebble1)) = (
+        cpu_before,
+        cpu_time("self"),
+        pebble_pid.as_deref().and_then(cpu_time),
+    ) {
+        println!(
+            "    CPU time during (b): Pebble {:.2} s, lobe-tls {:.2} s, over {:.2} s wall on {} cores",
+            pebble1 - pebble0,
+            ours1 - ours0,
+            total.as_secs_f64(),
+            std::thread::available_parallelism().map_or(1, |n| n.get())
         );
     }
     Ok(())
