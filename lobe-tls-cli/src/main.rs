@@ -32,6 +32,8 @@ enum Command {
     Renew(cmd::renew::Args),
     /// Revoke a stored certificate at its CA.
     Revoke(cmd::revoke::Args),
+    /// Terminate TLS in front of a plain-TCP upstream, with managed certificates and/or a watched directory.
+    Serve(Box<cmd::serve::Args>),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
             Command::Check(args) => cmd::check::run(&cli.global, args).await,
             Command::Renew(args) => cmd::renew::run(&cli.global, args).await,
             Command::Revoke(args) => cmd::revoke::run(&cli.global, args).await,
+            Command::Serve(args) => cmd::serve::run(&cli.global, args).await,
         };
         match result {
             Ok(code) => code,
