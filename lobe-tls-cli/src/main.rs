@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Order a certificate and store it.
-    Issue(cmd::issue::Args),
+    Issue(Box<cmd::issue::Args>),
     /// List stored certificates.
     List(cmd::list::Args),
     /// Check stored certificates; exit 0 when fine, 1 inside the warning window, 2 when broken.

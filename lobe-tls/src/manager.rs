@@ -60,6 +60,9 @@ const LOAD_CONCURRENCY: usize = 32;
 const DEFAULT_MAX_ORDERS: usize = 4;
 /// The default interval of the maintenance loop.
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// How many renewalInfo queries run at once, so that thousands of certificates do not
+/// all ask the CA in the same second.
+const ARI_CONCURRENCY: usize = 8;
 /// The default capacity of the event channel; slower subscribers see `Lagged`.
 const DEFAULT_EVENT_CAPACITY: usize = 1024;
 
@@ -342,6 +345,7 @@ impl ManagerBuilder {
                 slots: Mutex::new(slots),
                 name_locks: Mutex::default(),
                 orders: Semaphore::new(self.max_orders),
+                ari_polls: Semaphore::new(ARI_CONCURRENCY),
                 standalone: Standalone::default(),
             }),
         })
@@ -378,6 +382,7 @@ struct Inner {
     /// One async lock per name, so that one process never runs two orders for a name.
     name_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     orders: Semaphore,
+    ari_polls: Semaphore,
     standalone: Standalone,
 }
 
@@ -1062,6 +1067,9 @@ impl Manager {
             )
         };
         let policy = &self.inner.policy;
+        let Ok(_permit) = self.inner.ari_polls.acquire().await else {
+            return;
+        };
         match self.client().await {
             Ok(client) => match instant_acme::CertificateIdentifier::try_from(&der) {
                 Ok(id) => match client.account().renewal_info(&id).await {
@@ -1353,6 +1361,47 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &second));
         assert!(manager.resolver().lookup(Some("b.example.com")).is_some());
         assert!(!manager.reload("missing").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn expiring_soon_is_announced_once_per_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::open(dir.path()).unwrap());
+        // Lifetime about a day, one hour left: inside the warning window (a sixth).
+        let soon = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        store
+            .save_cert(&stored("soon", &["soon.example.com"], soon))
+            .await
+            .unwrap();
+        let later = OffsetDateTime::now_utc() + time::Duration::days(30);
+        store
+            .save_cert(&stored("later", &["later.example.com"], later))
+            .await
+            .unwrap();
+        let manager = Manager::builder(unreachable_ca(), store)
+            .check_interval(Duration::from_millis(20))
+            .build()
+            .unwrap();
+        manager.start().await.unwrap();
+        let mut events = manager.subscribe();
+        let maintenance = manager.spawn();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(maintenance);
+        let mut warned = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            if let Event::ExpiringSoon {
+                name, not_after, ..
+            } = event
+            {
+                assert_eq!(not_after.unix_timestamp(), soon.unix_timestamp());
+                warned.push(name);
+            }
+        }
+        assert_eq!(
+            warned,
+            ["soon"],
+            "one warning, for the expiring certificate only"
+        );
     }
 
     #[test]

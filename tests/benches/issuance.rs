@@ -134,7 +134,7 @@ async fn run() -> BenchResult<()> {
     // (d) DNS-01, wildcard plus apex, through challtestsrv with the propagation check.
     if dns_runs > 0 {
         let provider = ChalltestsrvProvider::new(&pebble.challtestsrv_url)?;
-        let check = PropagationCheck::new(vec![pebble.dns_addr], Duration::from_secs(10))?;
+        let check = PropagationCheck::at_servers(vec![pebble.dns_addr], Duration::from_secs(10));
         let dns_solver = Dns01Solver::new(Arc::new(provider), Some(check));
         let mut times = Vec::with_capacity(dns_runs);
         for i in 0..dns_runs {

@@ -169,8 +169,8 @@ async fn handle(
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-    let replaces = if parts.method == hyper::Method::POST {
-        record_new_order(&body, state)
+    let new_order = if parts.method == hyper::Method::POST {
+        new_order_replaces(&body)
     } else {
         None
     };
@@ -197,6 +197,18 @@ async fn handle(
         }
     };
     let (parts, body) = rsp.into_parts();
+    // Only orders the CA accepted count: a request refused for a stale nonce is retried.
+    let mut replaces = None;
+    if let Some(sent) = new_order
+        && parts.status.is_success()
+    {
+        state
+            .lock()
+            .expect("shim state")
+            .new_orders
+            .push(sent.clone());
+        replaces = sent;
+    }
     let mut body = body
         .collect()
         .await
@@ -255,8 +267,8 @@ fn renewal_info(id: &str, state: &Mutex<ShimState>) -> hyper::Response<Full<Byte
         .expect("response")
 }
 
-/// Records `replaces` if `body` is a JWS whose payload is a newOrder, and returns it.
-fn record_new_order(body: &[u8], state: &Mutex<ShimState>) -> Option<String> {
+/// If `body` is a JWS whose payload is a newOrder: `Some(replaces)`.
+fn new_order_replaces(body: &[u8]) -> Option<Option<String>> {
     let jws = serde_json::from_slice::<serde_json::Value>(body).ok()?;
     let payload = jws["payload"].as_str()?;
     let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -264,11 +276,5 @@ fn record_new_order(body: &[u8], state: &Mutex<ShimState>) -> Option<String> {
         .ok()?;
     let payload = serde_json::from_slice::<serde_json::Value>(&payload).ok()?;
     payload.get("identifiers")?;
-    let replaces = payload["replaces"].as_str().map(str::to_owned);
-    state
-        .lock()
-        .expect("shim state")
-        .new_orders
-        .push(replaces.clone());
-    replaces
+    Some(payload["replaces"].as_str().map(str::to_owned))
 }

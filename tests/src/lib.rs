@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use lobe_tls::AcmeConfig;
 
 pub mod ari_shim;
+pub mod cloudflare_api;
+pub mod dns;
+pub mod http_server;
 pub mod tls_probe;
 
 /// Pebble's example EAB key id and its HMAC key (base64url).
