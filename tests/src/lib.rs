@@ -11,6 +11,12 @@ use std::time::{Duration, Instant};
 
 use lobe_tls::AcmeConfig;
 
+pub mod ari_shim;
+pub mod cloudflare_api;
+pub mod dns;
+pub mod http_server;
+pub mod tls_probe;
+
 /// Pebble's example EAB key id and its HMAC key (base64url).
 pub const EAB_KID: &str = "kid-1";
 /// The HMAC key for [`EAB_KID`].
