@@ -59,4 +59,4 @@ pub use challenge::{ChallengeConfig, ChallengeKind, Solver};
 pub use domain::{DomainError, DomainName};
 pub use error::{Error, Result};
 pub use resolver::CertResolver;
-pub use store::{CertMeta, FileStore, RenewalState, Store, StoredCert};
+pub use store::{CertMeta, FileStore, RedisStore, RenewalState, Store, StoredCert};
