@@ -75,9 +75,30 @@ impl Global {
         Ok(config)
     }
 
-    /// Opens the store named by `--store`.
+    fn is_redis(&self) -> bool {
+        self.store.starts_with("redis://") || self.store.starts_with("rediss://")
+    }
+
+    /// The directory a web server reads for certificate `name`, for a file store.
+    pub fn live_dir(&self, name: &str) -> Option<PathBuf> {
+        (!self.is_redis()).then(|| PathBuf::from(&self.store).join("live").join(name))
+    }
+
+    /// Opens the store named by `--store` for reading: a directory must exist already, so
+    /// a mistyped path is an error rather than a new empty store.
+    pub async fn open_existing_store(&self) -> Result<DynStore> {
+        if !self.is_redis() && !std::path::Path::new(&self.store).is_dir() {
+            return Err(Error::Config(format!(
+                "store {} does not exist or is not a directory; check --store (env LOBE_TLS_STORE)",
+                self.store
+            )));
+        }
+        self.open_store().await
+    }
+
+    /// Opens the store named by `--store`, creating a directory store if needed.
     pub async fn open_store(&self) -> Result<DynStore> {
-        if self.store.starts_with("redis://") || self.store.starts_with("rediss://") {
+        if self.is_redis() {
             return Err(Error::Config(
                 "this build has no Redis store yet; use a directory for --store".into(),
             ));

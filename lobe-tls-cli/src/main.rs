@@ -60,6 +60,6 @@ fn main() -> ExitCode {
 }
 
 /// Errors are printed on one line, whatever a lower layer put in them.
-fn one_line(message: &str) -> String {
+pub(crate) fn one_line(message: &str) -> String {
     message.split_whitespace().collect::<Vec<_>>().join(" ")
 }

@@ -47,6 +47,8 @@ pub mod cert;
 pub mod challenge;
 pub mod domain;
 pub mod error;
+pub mod inventory;
+pub mod issue;
 pub mod net;
 pub mod renewal;
 pub mod resolver;
@@ -58,5 +60,7 @@ pub use challenge::http01::{Http01Listener, Http01Registry, Http01Service, Http0
 pub use challenge::{ChallengeConfig, ChallengeKind, Solver};
 pub use domain::{DomainError, DomainName};
 pub use error::{Error, Result};
+pub use inventory::CertReport;
+pub use issue::{Issuance, IssueRequest, issue_and_store};
 pub use resolver::CertResolver;
 pub use store::{CertMeta, FileStore, RedisStore, RenewalState, Store, StoredCert};

@@ -1,14 +1,89 @@
-//! `lobe-tls issue`.
+//! `lobe-tls issue`: order one certificate and store it.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
+use lobe_tls::acme::ProgressFn;
+use lobe_tls::inventory::CertReport;
+use lobe_tls::issue::{Issuance, IssueRequest};
+use lobe_tls::{AcmeClient, KeyType, Result, domain};
+
+use crate::challenge_args::ChallengeArgs;
 use crate::global::Global;
 
 /// Options of `lobe-tls issue`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// The certificate's name in the store. Default: the first domain, with `*` as `_`.
+    #[arg(long)]
+    pub name: Option<String>,
 
-/// Runs the command.
-pub async fn run(_global: &Global, _args: &Args) -> lobe_tls::Result<ExitCode> {
-    Err(lobe_tls::Error::Config("not built yet".into()))
+    /// A name for the certificate; repeat for more. The first is the main name.
+    #[arg(short = 'd', long = "domain", required = true, value_name = "DOMAIN")]
+    pub domains: Vec<String>,
+
+    /// Key type: ecdsa-p256, ecdsa-p384, rsa2048, rsa3072 or rsa4096.
+    #[arg(long, env = "LOBE_TLS_KEY_TYPE", default_value = "ecdsa-p256")]
+    pub key_type: KeyType,
+
+    /// Print the stored certificate's facts as JSON instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub challenge: ChallengeArgs,
+}
+
+/// How long to wait for another process that is issuing the same name.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs the command. Everything that can fail locally (names, flags, the listen port)
+/// fails before the CA is contacted; the store is written only after success.
+pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
+    let domains = domain::parse_all(&args.domains)?;
+    let mut request = IssueRequest::new(domains, args.key_type, args.challenge.to_config()?);
+    if let Some(name) = &args.name {
+        request.name = name.clone();
+    }
+    let acme = global.acme_config()?;
+    let issuance = Issuance::prepare(request, None).await?;
+    let store = global.open_store().await?;
+    let name = issuance.request().name.clone();
+    let _lock = lobe_tls::issue::lock_name(store.as_ref(), &name, LOCK_WAIT).await?;
+
+    let progress = progress_printer(args.json);
+    if let Some(say) = &progress {
+        say(&format!("connecting to {}", acme.directory));
+    }
+    let client = AcmeClient::connect(&acme, store.as_ref()).await?;
+    let stored = issuance.run(&client, store.as_ref(), progress).await?;
+
+    let state = store.load_renewal_state(&name).await.unwrap_or_default();
+    let report = CertReport::of(&stored, &state, None, time::OffsetDateTime::now_utc());
+    if args.json {
+        let text = serde_json::to_string_pretty(&report)
+            .map_err(|e| lobe_tls::Error::Config(format!("cannot encode JSON: {e}")))?;
+        println!("{text}");
+    } else {
+        println!(
+            "issued {name}: {} (valid until {}, serial {})",
+            report.domains.join(", "),
+            report.not_after.as_deref().unwrap_or("?"),
+            report.serial.as_deref().unwrap_or("?"),
+        );
+        if let Some(dir) = global.live_dir(&name) {
+            println!("files: {}", dir.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Progress lines on stderr, only for a person watching a terminal.
+fn progress_printer(json: bool) -> Option<ProgressFn> {
+    if json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    Some(Arc::new(|message: &str| eprintln!("lobe-tls: {message}")))
 }

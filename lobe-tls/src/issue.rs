@@ -1,0 +1,275 @@
+//! Issue one certificate and store it: the path that `lobe-tls issue`, `lobe-tls renew`
+//! and the renewal manager share.
+//!
+//! [`Issuance::prepare`] does everything that can fail before the CA is contacted: it
+//! checks the names against the challenge type and binds the standalone HTTP-01
+//! listener. [`Issuance::run`] then orders, validates the result and stores it in one
+//! atomic write, so a failure leaves the store exactly as it was.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::acme::{AcmeClient, OrderRequest, ProgressFn};
+use crate::cert::KeyType;
+use crate::challenge::http01::Http01Listener;
+use crate::challenge::{
+    ChallengeConfig, ChallengeKind, Dns01Solver, Http01Registry, Http01Solver, Solver,
+};
+use crate::domain::{DomainError, DomainName};
+use crate::error::{Error, Result};
+use crate::store::{CertMeta, Store, StoreLock, StoredCert};
+
+/// What to issue and how to validate it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IssueRequest {
+    /// The certificate's name in the store (`live/<name>/`).
+    pub name: String,
+    /// The names on the certificate, the first being the main one.
+    pub domains: Vec<DomainName>,
+    /// The key type; a fresh key is generated for every issuance.
+    pub key_type: KeyType,
+    /// How to answer the CA's challenges.
+    pub challenge: ChallengeConfig,
+    /// The ARI identifier of the certificate this one replaces, if any.
+    pub replaces: Option<String>,
+}
+
+impl IssueRequest {
+    /// A request for `domains` under the default name (see [`default_name`]).
+    pub fn new(domains: Vec<DomainName>, key_type: KeyType, challenge: ChallengeConfig) -> Self {
+        IssueRequest {
+            name: default_name(&domains),
+            domains,
+            key_type,
+            challenge,
+            replaces: None,
+        }
+    }
+
+    /// A request that repeats the order a stored certificate came from.
+    pub fn from_meta(meta: &CertMeta) -> Self {
+        IssueRequest {
+            name: meta.name.clone(),
+            domains: meta.domains.clone(),
+            key_type: meta.key_type,
+            challenge: meta.challenge.clone(),
+            replaces: None,
+        }
+    }
+
+    /// Checks what can be checked before anything is sent: there is a name, and no
+    /// wildcard is asked for with a challenge that cannot validate it.
+    pub fn validate(&self) -> Result<()> {
+        if self.domains.is_empty() {
+            return Err(DomainError::Empty.into());
+        }
+        if self.challenge.kind != ChallengeKind::Dns01 {
+            if let Some(wildcard) = self.domains.iter().find(|d| d.is_wildcard()) {
+                return Err(DomainError::WildcardNeedsDns(wildcard.to_string()).into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The store name derived from the first domain: `*.example.com` becomes `_.example.com`.
+pub fn default_name(domains: &[DomainName]) -> String {
+    domains
+        .first()
+        .map(|d| d.as_str().replace('*', "_"))
+        .unwrap_or_default()
+}
+
+/// An issuance that passed every local check and holds its challenge solver (and the
+/// standalone HTTP-01 listener, if it bound one) until dropped.
+pub struct Issuance {
+    request: IssueRequest,
+    solver: Box<dyn Solver>,
+    listener: Option<Http01Listener>,
+}
+
+impl std::fmt::Debug for Issuance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issuance")
+            .field("request", &self.request)
+            .field("listener", &self.listener)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Issuance {
+    /// Validates `request` and builds its solver from its [`ChallengeConfig`].
+    ///
+    /// For HTTP-01, pass the registry of an HTTP server that already answers challenges
+    /// (an embedding proxy, `lobe-tls serve`); without one the standalone listener is
+    /// bound on `challenge.http_listen` now, so a busy port fails before anything is
+    /// ordered.
+    pub async fn prepare(request: IssueRequest, http01: Option<Http01Registry>) -> Result<Self> {
+        request.validate()?;
+        let config = &request.challenge;
+        let (solver, listener): (Box<dyn Solver>, _) = match config.kind {
+            ChallengeKind::Http01 => match http01 {
+                Some(registry) => (Box::new(Http01Solver::new(registry)), None),
+                None => {
+                    let addr = config.http_listen.as_deref().ok_or_else(|| {
+                        Error::Config("http-01 needs a listen address (--http-listen)".into())
+                    })?;
+                    let registry = Http01Registry::new();
+                    let listener = Http01Listener::bind(addr, registry.service()).await?;
+                    (Box::new(Http01Solver::new(registry)), Some(listener))
+                }
+            },
+            ChallengeKind::Dns01 => {
+                let dns = config.dns.as_ref().ok_or_else(|| {
+                    Error::Config("dns-01 needs a DNS provider (--dns-provider)".into())
+                })?;
+                (Box::new(Dns01Solver::from_config(dns)?), None)
+            }
+            other => {
+                return Err(Error::Config(format!(
+                    "{other} needs a TLS listener that lobe-tls serves on port 443; use http-01 or dns-01 here"
+                )));
+            }
+        };
+        Ok(Issuance {
+            request,
+            solver,
+            listener,
+        })
+    }
+
+    /// Validates `request` and uses `solver` for its challenges, for embedders with a
+    /// solver of their own (TLS-ALPN-01 in a proxy's resolver, a custom DNS provider).
+    pub fn with_solver(request: IssueRequest, solver: Box<dyn Solver>) -> Result<Self> {
+        request.validate()?;
+        if solver.kind() != request.challenge.kind {
+            return Err(Error::Config(format!(
+                "the solver answers {} but the request asks for {}",
+                solver.kind(),
+                request.challenge.kind
+            )));
+        }
+        Ok(Issuance {
+            request,
+            solver,
+            listener: None,
+        })
+    }
+
+    /// The request this issuance carries out.
+    pub fn request(&self) -> &IssueRequest {
+        &self.request
+    }
+
+    /// The address the standalone HTTP-01 listener bound, if there is one.
+    pub fn http_listen_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().map(Http01Listener::local_addr)
+    }
+
+    /// Orders the certificate, checks it, and stores it atomically together with the
+    /// metadata a later renewal needs. Nothing is written unless every step succeeded.
+    pub async fn run(
+        &self,
+        client: &AcmeClient,
+        store: &dyn Store,
+        progress: Option<ProgressFn>,
+    ) -> Result<StoredCert> {
+        let order = OrderRequest {
+            domains: self.request.domains.clone(),
+            key_type: self.request.key_type,
+            replaces: self.request.replaces.clone(),
+        };
+        let bundle = client.issue(&order, self.solver.as_ref(), progress).await?;
+        bundle.validate_for(&self.request.domains)?;
+        let stored = StoredCert {
+            bundle,
+            meta: CertMeta {
+                name: self.request.name.clone(),
+                domains: self.request.domains.clone(),
+                key_type: self.request.key_type,
+                challenge: self.request.challenge.clone(),
+                directory: client.config().directory.clone(),
+                issued_at: OffsetDateTime::now_utc(),
+            },
+        };
+        store.save_cert(&stored).await?;
+        Ok(stored)
+    }
+}
+
+/// Prepares and runs one issuance: validate, build the solver, order, store.
+pub async fn issue_and_store(
+    client: &AcmeClient,
+    store: &dyn Store,
+    request: IssueRequest,
+    http01: Option<Http01Registry>,
+    progress: Option<ProgressFn>,
+) -> Result<StoredCert> {
+    Issuance::prepare(request, http01)
+        .await?
+        .run(client, store, progress)
+        .await
+}
+
+/// How long a lock on a certificate name may be held by a process that died.
+pub const ISSUE_LOCK_LEASE: Duration = Duration::from_secs(600);
+
+/// Takes the store's lock on `name`, waiting up to `wait`, with an error that says who
+/// to wait for when another process holds it.
+pub async fn lock_name(
+    store: &dyn Store,
+    name: &str,
+    wait: Duration,
+) -> Result<Box<dyn StoreLock>> {
+    store
+        .lock(name, ISSUE_LOCK_LEASE, wait)
+        .await?
+        .ok_or_else(|| {
+            Error::Store(format!(
+                "another lobe-tls process is issuing {name:?}; wait for it to finish and try again"
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::parse_all;
+
+    #[test]
+    fn default_name_replaces_the_wildcard_star() {
+        let domains = parse_all(&["*.example.com", "example.com"]).unwrap();
+        assert_eq!(default_name(&domains), "_.example.com");
+        let domains = parse_all(&["www.example.com"]).unwrap();
+        assert_eq!(default_name(&domains), "www.example.com");
+    }
+
+    #[test]
+    fn wildcard_with_http01_is_refused_naming_dns01() {
+        let domains = parse_all(&["*.example.com"]).unwrap();
+        let request = IssueRequest::new(domains, KeyType::default(), ChallengeConfig::default());
+        let err = request.validate().unwrap_err().to_string();
+        assert!(err.contains("dns-01"), "{err}");
+        assert!(err.contains("*.example.com"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn busy_listen_port_fails_in_prepare() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let challenge = ChallengeConfig {
+            http_listen: Some(addr.clone()),
+            ..ChallengeConfig::default()
+        };
+        let request = IssueRequest::new(
+            parse_all(&["a.example.com"]).unwrap(),
+            KeyType::default(),
+            challenge,
+        );
+        let err = Issuance::prepare(request, None).await.unwrap_err();
+        assert!(matches!(err, Error::Listen { .. }), "{err}");
+        assert!(err.to_string().contains(&addr), "{err}");
+    }
+}
