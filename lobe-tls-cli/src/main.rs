@@ -28,6 +28,8 @@ enum Command {
     List(cmd::list::Args),
     /// Check stored certificates; exit 0 when fine, 1 inside the warning window, 2 when broken.
     Check(cmd::check::Args),
+    /// Work on a whole store: copy between a directory and Redis.
+    Store(cmd::store::Args),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
             Command::Issue(args) => cmd::issue::run(&cli.global, args).await,
             Command::List(args) => cmd::list::run(&cli.global, args).await,
             Command::Check(args) => cmd::check::run(&cli.global, args).await,
+            Command::Store(args) => cmd::store::run(&cli.global, args).await,
         };
         match result {
             Ok(code) => code,

@@ -3,3 +3,4 @@
 pub mod check;
 pub mod issue;
 pub mod list;
+pub mod store;
