@@ -45,6 +45,7 @@
 pub mod acme;
 pub mod cert;
 pub mod challenge;
+pub mod cluster;
 pub mod domain;
 pub mod error;
 pub mod inventory;
