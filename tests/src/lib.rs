@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use lobe_tls::AcmeConfig;
 
 pub mod redis;
+pub mod tls;
 
 pub use redis::RedisServer;
 
