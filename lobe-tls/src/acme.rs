@@ -393,7 +393,13 @@ impl AcmeClient {
                 ))
                 .await
         )
-        .map_err(|e| acme_error("the order failed", &e))?;
+        .map_err(|e| match &e {
+            // The order's own problem document: a challenge failed validation.
+            instant_acme::Error::Api(problem) => {
+                Error::Challenge(format!("validation failed: {}", problem_text(problem)))
+            }
+            _ => acme_error("the order failed", &e),
+        })?;
         if status == OrderStatus::Invalid {
             return Err(self.explain_invalid(&mut order).await);
         }

@@ -65,10 +65,10 @@ impl IssueRequest {
         if self.domains.is_empty() {
             return Err(DomainError::Empty.into());
         }
-        if self.challenge.kind != ChallengeKind::Dns01 {
-            if let Some(wildcard) = self.domains.iter().find(|d| d.is_wildcard()) {
-                return Err(DomainError::WildcardNeedsDns(wildcard.to_string()).into());
-            }
+        if self.challenge.kind != ChallengeKind::Dns01
+            && let Some(wildcard) = self.domains.iter().find(|d| d.is_wildcard())
+        {
+            return Err(DomainError::WildcardNeedsDns(wildcard.to_string()).into());
         }
         Ok(())
     }

@@ -129,10 +129,10 @@ impl CertResolver {
         }
         // One label only: `*.example.com` covers `a.example.com`, not `a.b.example.com`
         // and not `example.com`.
-        if let Some((_, parent)) = name.split_once('.') {
-            if let Some(key) = snap.wildcard.get(parent) {
-                return Some(key.clone());
-            }
+        if let Some((_, parent)) = name.split_once('.')
+            && let Some(key) = snap.wildcard.get(parent)
+        {
+            return Some(key.clone());
         }
         snap.default.clone()
     }

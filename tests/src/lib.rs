@@ -311,7 +311,8 @@ impl Pebble {
     pub fn orders_created(&self) -> usize {
         std::fs::read_to_string(&self.log_file)
             .unwrap_or_default()
-            .matches("There are now")
+            .lines()
+            .filter(|l| l.contains("There are now") && l.ends_with("orders in the db"))
             .count()
     }
 
@@ -359,4 +360,57 @@ pub fn init_tracing() {
         )
         .with_test_writer()
         .try_init();
+}
+
+/// The TXT values a DNS server at `server` returns for `fqdn`, asked without a cache.
+/// Empty when the name has none.
+pub async fn txt_values(server: SocketAddr, fqdn: &str) -> Vec<String> {
+    use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+    use hickory_resolver::name_server::TokioConnectionProvider;
+    use hickory_resolver::proto::xfer::Protocol;
+
+    let mut config = ResolverConfig::new();
+    config.add_name_server(NameServerConfig::new(server, Protocol::Udp));
+    let mut opts = ResolverOpts::default();
+    opts.cache_size = 0;
+    let resolver = hickory_resolver::TokioResolver::builder_with_config(
+        config,
+        TokioConnectionProvider::default(),
+    )
+    .with_options(opts)
+    .build();
+    let mut values: Vec<String> = match resolver.txt_lookup(fqdn).await {
+        Ok(lookup) => lookup
+            .iter()
+            .map(|txt| {
+                txt.txt_data()
+                    .iter()
+                    .map(|d| String::from_utf8_lossy(d).into_owned())
+                    .collect()
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    values.sort();
+    values
+}
+
+/// Asks challtestsrv (at `challtestsrv_url`) to add a TXT value, as another client would.
+pub async fn challtestsrv_set_txt(challtestsrv_url: &str, fqdn: &str, value: &str) {
+    use lobe_tls::challenge::DnsProvider;
+    lobe_tls::challenge::dns01::ChalltestsrvProvider::new(challtestsrv_url)
+        .expect("provider")
+        .present(fqdn, value)
+        .await
+        .expect("set-txt");
+}
+
+/// The Unix permission bits of `path`.
+pub fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
 }
