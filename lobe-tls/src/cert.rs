@@ -201,8 +201,17 @@ impl CertBundle {
     /// Checks what must hold before a certificate is stored or served: the key matches,
     /// it covers every name in `domains`, and it has not expired.
     pub fn validate_for(&self, domains: &[DomainName]) -> Result<CertInfo> {
-        self.certified_key()?;
-        let info = self.info()?;
+        self.validated_key_for(domains).map(|(_, info)| info)
+    }
+
+    /// [`CertBundle::validate_for`], also returning the `CertifiedKey` to serve, so that a
+    /// caller that swaps the certificate in parses it only once.
+    pub fn validated_key_for(
+        &self,
+        domains: &[DomainName],
+    ) -> Result<(Arc<CertifiedKey>, CertInfo)> {
+        let key = self.certified_key()?;
+        let info = CertInfo::from_der(&key.cert[0])?;
         let missing: Vec<&str> = domains
             .iter()
             .filter(|d| !info.domains.iter().any(|n| n == d.as_str()))
@@ -220,7 +229,7 @@ impl CertBundle {
                 rfc3339(info.not_after)
             )));
         }
-        Ok(info)
+        Ok((key, info))
     }
 }
 

@@ -1,8 +1,11 @@
-//! When to renew: the lifetime-ratio policy, and a certificate's status.
+//! When to renew: the ARI window when the CA offers one, the lifetime ratio otherwise,
+//! the retry backoff after failures, and a certificate's status.
 
+use rand::Rng;
 use time::{Duration, OffsetDateTime};
 
 use crate::cert::CertInfo;
+use crate::store::RenewalState;
 
 /// Certificates shorter-lived than this renew at half their lifetime instead of a third
 /// remaining, so a 6-day certificate still has days of slack when renewal starts.
@@ -18,6 +21,156 @@ pub fn renew_after(not_before: OffsetDateTime, not_after: OffsetDateTime) -> Off
         lifetime / 3
     };
     not_after - remaining
+}
+
+/// How long to wait after consecutive failures: the n-th failure waits the n-th entry,
+/// the last entry repeats. Retries go on for days, settling at one every six hours.
+const BACKOFF: [Duration; 10] = [
+    Duration::minutes(1),
+    Duration::minutes(2),
+    Duration::minutes(5),
+    Duration::minutes(10),
+    Duration::minutes(20),
+    Duration::minutes(30),
+    Duration::hours(1),
+    Duration::hours(2),
+    Duration::hours(3),
+    Duration::hours(6),
+];
+
+/// The tunables of when to renew and how to retry. The defaults suit public CAs; tests
+/// shorten them.
+#[derive(Debug, Clone)]
+pub struct RenewalPolicy {
+    /// Delays after the 1st, 2nd, ... consecutive failure; the last one repeats.
+    pub backoff: Vec<Duration>,
+    /// The shortest delay between attempts, even close to expiry.
+    pub min_retry: Duration,
+    /// How often to ask the CA's renewalInfo when it gives no usable `Retry-After`,
+    /// and how often to check again whether a CA without ARI has started offering it.
+    pub ari_poll: Duration,
+    /// `Retry-After` from renewalInfo is honoured but kept inside these bounds.
+    pub ari_min_poll: Duration,
+    /// See [`RenewalPolicy::ari_min_poll`].
+    pub ari_max_poll: Duration,
+    /// Warn ([`CertStatus::Expiring`], the manager's ExpiringSoon event) when this
+    /// little of the lifetime is left, capped at [`RenewalPolicy::expiring_cap`].
+    pub expiring_fraction: u32,
+    /// The longest warning window.
+    pub expiring_cap: Duration,
+}
+
+impl Default for RenewalPolicy {
+    fn default() -> Self {
+        RenewalPolicy {
+            backoff: BACKOFF.to_vec(),
+            min_retry: Duration::seconds(1),
+            ari_poll: Duration::hours(12),
+            ari_min_poll: Duration::minutes(1),
+            ari_max_poll: Duration::days(1),
+            expiring_fraction: 6,
+            expiring_cap: Duration::days(7),
+        }
+    }
+}
+
+impl RenewalPolicy {
+    /// When the certificate `info` is due, given its renewal bookkeeping: the time picked
+    /// inside the CA's ARI window if there is one for this very certificate, otherwise the
+    /// lifetime ratio of [`renew_after`]; never before a pending retry after a failure.
+    pub fn due_at(&self, info: &CertInfo, state: &RenewalState) -> OffsetDateTime {
+        let planned = match state.ari_renew_at {
+            Some(at) if info.ari_id.is_some() && state.ari_cert_id == info.ari_id => at,
+            _ => renew_after(info.not_before, info.not_after),
+        };
+        match state.next_attempt {
+            Some(retry) if state.failures > 0 => planned.max(retry),
+            _ => planned,
+        }
+    }
+
+    /// When to try again after `failures` consecutive failures (1 for the first).
+    ///
+    /// The backoff grows to hours, but a retry never waits more than a quarter of the time
+    /// left before `not_after`: near expiry the attempts come closer together instead of
+    /// sleeping past it.
+    pub fn next_retry(
+        &self,
+        failures: u32,
+        now: OffsetDateTime,
+        not_after: Option<OffsetDateTime>,
+    ) -> OffsetDateTime {
+        let step = failures.saturating_sub(1) as usize;
+        let mut delay = self
+            .backoff
+            .get(step)
+            .or(self.backoff.last())
+            .copied()
+            .unwrap_or(self.min_retry);
+        if let Some(not_after) = not_after {
+            delay = delay.min((not_after - now) / 4);
+        }
+        now + delay.max(self.min_retry)
+    }
+
+    /// When to ask renewalInfo again, honouring the CA's `Retry-After` within bounds.
+    pub fn next_ari_poll(
+        &self,
+        retry_after: std::time::Duration,
+        now: OffsetDateTime,
+    ) -> OffsetDateTime {
+        let asked = Duration::try_from(retry_after).unwrap_or(self.ari_max_poll);
+        now + asked.clamp(self.ari_min_poll, self.ari_max_poll)
+    }
+
+    /// Whether `info` is close enough to expiry to warn about it.
+    pub fn expiring_soon(&self, info: &CertInfo, now: OffsetDateTime) -> bool {
+        info.not_after - now <= self.warning_window(info)
+    }
+
+    /// How long before expiry a certificate counts as expiring.
+    pub fn warning_window(&self, info: &CertInfo) -> Duration {
+        (info.lifetime() / self.expiring_fraction.max(1)).min(self.expiring_cap)
+    }
+
+    /// Records a CA's ARI answer for `info` in `state`: keeps the time already picked if
+    /// it still lies inside the window, otherwise picks a new random time inside it.
+    pub fn apply_ari_window(
+        &self,
+        info: &CertInfo,
+        state: &mut RenewalState,
+        window: (OffsetDateTime, OffsetDateTime),
+        retry_after: std::time::Duration,
+        now: OffsetDateTime,
+    ) {
+        let (start, end) = window;
+        let same_cert = state.ari_cert_id.is_some() && state.ari_cert_id == info.ari_id;
+        let keep = same_cert
+            && state
+                .ari_renew_at
+                .is_some_and(|at| at >= start && at <= end && (at >= now || end <= now));
+        if !keep {
+            state.ari_renew_at = Some(pick_in_window(start, end, now));
+        }
+        state.ari_cert_id = info.ari_id.clone();
+        state.ari_next_poll = Some(self.next_ari_poll(retry_after, now));
+    }
+}
+
+/// A uniformly random time inside the ARI window that is not in the past. A window that
+/// has already ended means "now" (RFC 9773 §4.2).
+pub fn pick_in_window(
+    start: OffsetDateTime,
+    end: OffsetDateTime,
+    now: OffsetDateTime,
+) -> OffsetDateTime {
+    let from = start.max(now);
+    if end <= from {
+        return from.min(end.max(now));
+    }
+    let span = (end - from).whole_milliseconds();
+    let offset = rand::rng().random_range(0..=span.clamp(0, i64::MAX as i128) as i64);
+    from + Duration::milliseconds(offset)
 }
 
 /// A certificate's state, as `list` and `check` report it.
@@ -83,6 +236,127 @@ mod tests {
     #[test]
     fn six_day_certificates_renew_at_half_life() {
         assert_eq!(renew_after(at(0), at(6)), at(3));
+    }
+
+    fn info(not_before: OffsetDateTime, not_after: OffsetDateTime) -> CertInfo {
+        CertInfo {
+            domains: vec![],
+            not_before,
+            not_after,
+            serial: "01".into(),
+            issuer: String::new(),
+            key_type: None,
+            ari_id: Some("aki.serial".into()),
+        }
+    }
+
+    #[test]
+    fn backoff_grows_for_days_and_settles_at_six_hours() {
+        let policy = RenewalPolicy::default();
+        let now = at(0);
+        let far = Some(at(60));
+        let delays: Vec<Duration> = (1..=20)
+            .map(|n| policy.next_retry(n, now, far) - now)
+            .collect();
+        assert_eq!(delays[0], Duration::minutes(1));
+        assert!(delays.windows(2).all(|w| w[0] <= w[1]), "{delays:?}");
+        assert_eq!(delays[19], Duration::hours(6));
+        let total: Duration = delays.iter().sum();
+        assert!(total > Duration::days(3), "twenty retries span {total}");
+    }
+
+    #[test]
+    fn backoff_never_sleeps_past_expiry() {
+        let policy = RenewalPolicy::default();
+        let now = at(0);
+        // Two hours left: a sixth failure would wait 30 min by the schedule, the
+        // twentieth six hours; both are capped at a quarter of what is left.
+        let not_after = now + Duration::hours(2);
+        for failures in [6, 20] {
+            let next = policy.next_retry(failures, now, Some(not_after));
+            assert!(next - now <= Duration::minutes(30), "{failures}: {next}");
+            assert!(next < not_after);
+        }
+        // Thirty-second certificates (as in tests) retry within seconds.
+        let not_after = now + Duration::seconds(12);
+        assert_eq!(
+            policy.next_retry(3, now, Some(not_after)) - now,
+            Duration::seconds(3)
+        );
+        // Already expired: retry at the minimum pace, not never.
+        assert_eq!(
+            policy.next_retry(9, now, Some(now - Duration::hours(1))) - now,
+            policy.min_retry
+        );
+    }
+
+    #[test]
+    fn due_time_follows_ari_for_the_same_certificate_only() {
+        let policy = RenewalPolicy::default();
+        let cert = info(at(0), at(90));
+        let mut state = RenewalState::default();
+        assert_eq!(policy.due_at(&cert, &state), at(60));
+        state.ari_renew_at = Some(at(45));
+        state.ari_cert_id = Some("other.cert".into());
+        assert_eq!(policy.due_at(&cert, &state), at(60), "stale ARI answer");
+        state.ari_cert_id = cert.ari_id.clone();
+        assert_eq!(policy.due_at(&cert, &state), at(45));
+        state.failures = 2;
+        state.next_attempt = Some(at(46));
+        assert_eq!(policy.due_at(&cert, &state), at(46));
+    }
+
+    #[test]
+    fn ari_window_pick_is_inside_the_window_and_kept_while_valid() {
+        let policy = RenewalPolicy::default();
+        let cert = info(at(0), at(90));
+        let now = at(10);
+        let retry = std::time::Duration::from_secs(6 * 3600);
+        for _ in 0..200 {
+            let mut state = RenewalState::default();
+            policy.apply_ari_window(&cert, &mut state, (at(50), at(52)), retry, now);
+            let picked = state.ari_renew_at.unwrap();
+            assert!(picked >= at(50) && picked <= at(52), "{picked}");
+            assert_eq!(state.ari_next_poll, Some(now + Duration::hours(6)));
+            // The same window again keeps the pick; a moved window replaces it.
+            policy.apply_ari_window(&cert, &mut state, (at(50), at(52)), retry, now);
+            assert_eq!(state.ari_renew_at, Some(picked));
+            policy.apply_ari_window(&cert, &mut state, (at(20), at(21)), retry, now);
+            let moved = state.ari_renew_at.unwrap();
+            assert!(moved >= at(20) && moved <= at(21), "{moved}");
+        }
+    }
+
+    #[test]
+    fn ari_window_in_the_past_means_now_and_retry_after_is_bounded() {
+        let policy = RenewalPolicy::default();
+        let now = at(10);
+        assert_eq!(pick_in_window(at(1), at(2), now), now);
+        let started = pick_in_window(at(5), at(11), now);
+        assert!(started >= now && started <= at(11));
+        assert_eq!(
+            policy.next_ari_poll(std::time::Duration::from_secs(0), now) - now,
+            Duration::minutes(1)
+        );
+        assert_eq!(
+            policy.next_ari_poll(std::time::Duration::from_secs(30 * 86400), now) - now,
+            Duration::days(1)
+        );
+    }
+
+    #[test]
+    fn warning_window_scales_with_lifetime() {
+        let policy = RenewalPolicy::default();
+        assert_eq!(
+            policy.warning_window(&info(at(0), at(90))),
+            Duration::days(7)
+        );
+        assert_eq!(
+            policy.warning_window(&info(at(0), at(6))),
+            Duration::days(1)
+        );
+        assert!(policy.expiring_soon(&info(at(0), at(6)), at(5)));
+        assert!(!policy.expiring_soon(&info(at(0), at(6)), at(3)));
     }
 
     #[test]

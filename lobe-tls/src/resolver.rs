@@ -79,6 +79,32 @@ impl CertResolver {
         });
     }
 
+    /// Serves many certificates with one swap: each entry is a set of names and the key
+    /// served for them. Loading thousands of certificates this way costs one snapshot
+    /// copy instead of one per certificate.
+    pub fn set_many<S: AsRef<str>>(&self, entries: &[(Vec<S>, Arc<CertifiedKey>)]) {
+        let entries: Vec<(Vec<String>, &Arc<CertifiedKey>)> = entries
+            .iter()
+            .map(|(names, key)| {
+                let names = names
+                    .iter()
+                    .map(|n| normalize(n.as_ref()).into_owned())
+                    .collect();
+                (names, key)
+            })
+            .collect();
+        self.update(|snap| {
+            for (names, key) in &entries {
+                for name in names {
+                    match name.strip_prefix("*.") {
+                        Some(base) => snap.wildcard.insert(base.to_owned(), (*key).clone()),
+                        None => snap.exact.insert(name.clone(), (*key).clone()),
+                    };
+                }
+            }
+        });
+    }
+
     /// Stops serving `names`.
     pub fn remove<S: AsRef<str>>(&self, names: &[S]) {
         let names: Vec<String> = names
@@ -135,6 +161,14 @@ impl CertResolver {
             return Some(key.clone());
         }
         snap.default.clone()
+    }
+
+    /// Whether a TLS-ALPN-01 challenge certificate is installed for `name`.
+    pub fn has_challenge(&self, name: &str) -> bool {
+        self.snapshot
+            .load()
+            .challenges
+            .contains_key(normalize(name).as_ref())
     }
 
     /// The number of exact and wildcard names served.
@@ -230,6 +264,26 @@ mod tests {
         assert!(Arc::ptr_eq(
             &resolver.lookup(Some("unknown.example")).unwrap(),
             &fallback
+        ));
+    }
+
+    #[test]
+    fn set_many_serves_every_entry() {
+        let resolver = CertResolver::new();
+        let a = key_for("a.example.com");
+        let wild = key_for("*.b.example.com");
+        resolver.set_many(&[
+            (vec!["a.example.com"], a.clone()),
+            (vec!["*.b.example.com", "b.example.com"], wild.clone()),
+        ]);
+        assert_eq!(resolver.len(), 3);
+        assert!(Arc::ptr_eq(
+            &resolver.lookup(Some("a.example.com")).unwrap(),
+            &a
+        ));
+        assert!(Arc::ptr_eq(
+            &resolver.lookup(Some("x.b.example.com")).unwrap(),
+            &wild
         ));
     }
 

@@ -11,9 +11,11 @@ use crate::error::Result;
 
 pub mod dns01;
 pub mod http01;
+pub mod tls_alpn01;
 
 pub use dns01::{Dns01Solver, DnsConfig, DnsProvider, DnsProviderConfig};
 pub use http01::{Http01Registry, Http01Solver};
+pub use tls_alpn01::{TlsAlpn01Listener, TlsAlpn01Solver};
 
 /// The ACME challenge types lobe-tls can answer.
 #[derive(

@@ -69,6 +69,10 @@ pub struct RenewalState {
     /// When to ask the CA's renewalInfo endpoint again.
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub ari_next_poll: Option<OffsetDateTime>,
+    /// The ARI identifier of the certificate the ARI fields above are about; they are
+    /// stale once the certificate has been replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ari_cert_id: Option<String>,
 }
 
 /// A held lock on one certificate name. Dropping it releases the lock, best effort;

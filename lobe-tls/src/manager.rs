@@ -1,0 +1,1383 @@
+//! The manager: what a proxy embeds. It keeps a set of certificates issued, loaded into a
+//! [`CertResolver`] and renewed, and tells subscribers what happened.
+//!
+//! ```no_run
+//! use lobe_tls::manager::{Event, ManagedCert, Manager};
+//! use lobe_tls::{AcmeConfig, FileStore, Http01Registry, domain};
+//! use std::sync::Arc;
+//!
+//! # async fn run() -> lobe_tls::Result<()> {
+//! let store = Arc::new(FileStore::open("/var/lib/lobe-tls")?);
+//! let http01 = Http01Registry::new(); // mount http01.service() on port 80
+//! let manager = Manager::builder(AcmeConfig::new(lobe_tls::acme::LETSENCRYPT), store)
+//!     .http01(http01.clone())
+//!     .cert(ManagedCert::new("chat", domain::parse_all(&["chat.example.com"])?))
+//!     .build()?;
+//! let mut events = manager.subscribe();
+//! manager.start().await?;            // load what is stored, issue what is missing
+//! let _maintenance = manager.spawn(); // renew in the background
+//! // Hand `manager.resolver()` to rustls: ServerConfig::with_cert_resolver(Arc::new(..)).
+//! while let Ok(event) = events.recv().await {
+//!     if let Event::RenewalFailed { name, error, .. } = event {
+//!         eprintln!("{name}: {error}");
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Every order runs under the store's lock for the certificate and re-reads the store
+//! after taking it: when another process (a cron `renew`, a cluster peer) renewed the
+//! certificate meanwhile, the manager loads that one instead of ordering again. A new
+//! certificate is validated (key matches, covers its names, not expired) before it is
+//! stored and swapped in; a failed renewal leaves the old certificate served.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use rustls::sign::CertifiedKey;
+use time::OffsetDateTime;
+use tokio::sync::{OnceCell, Semaphore, broadcast};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::acme::{AcmeClient, AcmeConfig, OrderRequest};
+use crate::cert::{CertInfo, KeyType, rfc3339};
+use crate::challenge::dns01::Dns01Solver;
+use crate::challenge::http01::{Http01Listener, Http01Registry, Http01Solver};
+use crate::challenge::tls_alpn01::{TlsAlpn01Listener, TlsAlpn01Solver};
+use crate::challenge::{ChallengeConfig, ChallengeKind, Solver};
+use crate::domain::DomainName;
+use crate::error::{Error, Result};
+use crate::renewal::RenewalPolicy;
+use crate::resolver::CertResolver;
+use crate::store::{CertMeta, DynStore, RenewalState, StoredCert};
+
+/// How many stored certificates are read at once at start-up.
+const LOAD_CONCURRENCY: usize = 32;
+/// The default bound on orders running at once.
+const DEFAULT_MAX_ORDERS: usize = 4;
+/// The default interval of the maintenance loop.
+const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// The default capacity of the event channel; slower subscribers see `Lagged`.
+const DEFAULT_EVENT_CAPACITY: usize = 1024;
+
+/// A certificate the manager keeps issued and renewed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManagedCert {
+    /// The name in the store (`live/<name>/`).
+    pub name: String,
+    /// The names the certificate covers; the first is its main name.
+    pub domains: Vec<DomainName>,
+    /// The key type of new certificates.
+    pub key_type: KeyType,
+    /// How to validate the names.
+    pub challenge: ChallengeConfig,
+}
+
+impl ManagedCert {
+    /// A certificate for `domains` stored as `name`, with an ECDSA P-256 key, validated
+    /// through HTTP-01.
+    pub fn new(name: impl Into<String>, domains: Vec<DomainName>) -> Self {
+        ManagedCert {
+            name: name.into(),
+            domains,
+            key_type: KeyType::default(),
+            challenge: ChallengeConfig::default(),
+        }
+    }
+
+    /// Uses `key_type` for new keys.
+    pub fn with_key_type(mut self, key_type: KeyType) -> Self {
+        self.key_type = key_type;
+        self
+    }
+
+    /// Validates through `challenge`.
+    pub fn with_challenge(mut self, challenge: ChallengeConfig) -> Self {
+        self.challenge = challenge;
+        self
+    }
+
+    /// Repeats the order a stored certificate came from.
+    pub fn from_meta(meta: &CertMeta) -> Self {
+        ManagedCert {
+            name: meta.name.clone(),
+            domains: meta.domains.clone(),
+            key_type: meta.key_type,
+            challenge: meta.challenge.clone(),
+        }
+    }
+
+    fn same_order_as(&self, meta: &CertMeta) -> bool {
+        let mut want: Vec<&str> = self.domains.iter().map(DomainName::as_str).collect();
+        let mut have: Vec<&str> = meta.domains.iter().map(DomainName::as_str).collect();
+        want.sort_unstable();
+        have.sort_unstable();
+        want == have && self.key_type == meta.key_type
+    }
+}
+
+/// What happened to a certificate, for subscribers (see [`Manager::subscribe`]).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A certificate was read from the store and is now served.
+    Loaded {
+        /// The certificate's name.
+        name: String,
+        /// Its serial number (hex).
+        serial: String,
+        /// Its expiry.
+        not_after: OffsetDateTime,
+    },
+    /// A certificate that was missing has been issued and is now served.
+    Obtained {
+        /// The certificate's name.
+        name: String,
+        /// Its serial number (hex).
+        serial: String,
+        /// Its expiry.
+        not_after: OffsetDateTime,
+    },
+    /// A certificate has been replaced by a fresh one, now served.
+    Renewed {
+        /// The certificate's name.
+        name: String,
+        /// The new serial number (hex).
+        serial: String,
+        /// The new expiry.
+        not_after: OffsetDateTime,
+        /// The serial of the certificate it replaced.
+        replaced_serial: String,
+    },
+    /// Issuing or renewing failed; whatever was served before still is.
+    RenewalFailed {
+        /// The certificate's name.
+        name: String,
+        /// What went wrong, one line.
+        error: String,
+        /// Consecutive failures so far.
+        failures: u32,
+        /// When the manager tries again.
+        next_attempt: OffsetDateTime,
+    },
+    /// A served certificate is close to expiry and has not been renewed yet.
+    ExpiringSoon {
+        /// The certificate's name.
+        name: String,
+        /// Its serial number (hex).
+        serial: String,
+        /// Its expiry.
+        not_after: OffsetDateTime,
+    },
+}
+
+impl Event {
+    /// The name of the certificate the event is about.
+    pub fn name(&self) -> &str {
+        match self {
+            Event::Loaded { name, .. }
+            | Event::Obtained { name, .. }
+            | Event::Renewed { name, .. }
+            | Event::RenewalFailed { name, .. }
+            | Event::ExpiringSoon { name, .. } => name,
+        }
+    }
+}
+
+/// What [`Manager::renew_now`] did.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum RenewOutcome {
+    /// A new certificate was ordered, stored and swapped in.
+    Ordered {
+        /// The new certificate.
+        info: CertInfo,
+        /// The serial of the certificate it replaced, if there was one.
+        replaced_serial: Option<String>,
+    },
+    /// Another process renewed it while this one waited for the lock; that certificate
+    /// was loaded instead of ordering again.
+    RenewedElsewhere {
+        /// The certificate found in the store.
+        info: CertInfo,
+    },
+}
+
+/// What [`Manager::start`] did.
+#[derive(Debug, Clone, Default)]
+pub struct StartReport {
+    /// How many certificates were loaded from the store.
+    pub loaded: usize,
+    /// Stored certificates that could not be served, with the reason.
+    pub unusable: Vec<(String, String)>,
+    /// Certificates that were missing and have been issued.
+    pub obtained: Vec<String>,
+    /// Certificates that were missing and could not be issued, with the error. The
+    /// maintenance loop keeps trying.
+    pub failed: Vec<(String, String)>,
+}
+
+/// One certificate's state, as [`Manager::certificates`] reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertState {
+    /// The certificate's name.
+    pub name: String,
+    /// The served certificate, if any.
+    pub info: Option<CertInfo>,
+    /// When it is due for renewal, if the manager renews it.
+    pub due_at: Option<OffsetDateTime>,
+    /// Consecutive failed attempts.
+    pub failures: u32,
+    /// The last failure's message.
+    pub last_error: Option<String>,
+}
+
+/// Builds a [`Manager`].
+#[derive(Debug)]
+pub struct ManagerBuilder {
+    acme: AcmeConfig,
+    store: DynStore,
+    resolver: CertResolver,
+    http01: Option<Http01Registry>,
+    certs: Vec<ManagedCert>,
+    policy: RenewalPolicy,
+    manage_stored: bool,
+    check_interval: Duration,
+    max_orders: usize,
+    event_capacity: usize,
+}
+
+impl ManagerBuilder {
+    /// Serves certificates through `resolver` (by default a new one).
+    pub fn resolver(mut self, resolver: CertResolver) -> Self {
+        self.resolver = resolver;
+        self
+    }
+
+    /// Answers HTTP-01 through `registry`, which the application mounts on port 80.
+    /// Without it, HTTP-01 orders bind a standalone listener on the certificate's
+    /// `http_listen` address (default `0.0.0.0:80`) while they run.
+    pub fn http01(mut self, registry: Http01Registry) -> Self {
+        self.http01 = Some(registry);
+        self
+    }
+
+    /// Keeps `cert` issued and renewed. Repeatable.
+    pub fn cert(mut self, cert: ManagedCert) -> Self {
+        self.certs.push(cert);
+        self
+    }
+
+    /// Also renews stored certificates that were not configured with
+    /// [`ManagerBuilder::cert`], repeating the order each came from. Off by default:
+    /// such certificates are served but left alone.
+    pub fn manage_stored(mut self, yes: bool) -> Self {
+        self.manage_stored = yes;
+        self
+    }
+
+    /// When to renew and how to retry.
+    pub fn policy(mut self, policy: RenewalPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How often the maintenance loop looks at every certificate (default 60 s).
+    pub fn check_interval(mut self, interval: Duration) -> Self {
+        self.check_interval = interval;
+        self
+    }
+
+    /// How many orders may run at once (default 4).
+    pub fn max_concurrent_orders(mut self, n: usize) -> Self {
+        self.max_orders = n.max(1);
+        self
+    }
+
+    /// The event channel's capacity (default 1024).
+    pub fn event_capacity(mut self, n: usize) -> Self {
+        self.event_capacity = n.max(1);
+        self
+    }
+
+    /// Checks the configuration and builds the manager. Nothing is loaded or ordered
+    /// until [`Manager::start`].
+    pub fn build(self) -> Result<Manager> {
+        let mut slots = HashMap::new();
+        for cert in self.certs {
+            if cert.domains.is_empty() {
+                return Err(Error::Config(format!(
+                    "certificate {:?} has no domains",
+                    cert.name
+                )));
+            }
+            if cert.challenge.kind == ChallengeKind::Dns01 && cert.challenge.dns.is_none() {
+                return Err(Error::Config(format!(
+                    "certificate {:?} uses dns-01 but names no DNS provider",
+                    cert.name
+                )));
+            }
+            let name = cert.name.clone();
+            if slots.insert(name.clone(), Slot::managed(cert)).is_some() {
+                return Err(Error::Config(format!(
+                    "certificate {name:?} is configured twice"
+                )));
+            }
+        }
+        let (events, _) = broadcast::channel(self.event_capacity);
+        Ok(Manager {
+            inner: Arc::new(Inner {
+                acme: self.acme,
+                store: self.store,
+                resolver: self.resolver,
+                http01: self.http01,
+                policy: self.policy,
+                manage_stored: self.manage_stored,
+                check_interval: self.check_interval,
+                events,
+                client: OnceCell::new(),
+                slots: Mutex::new(slots),
+                name_locks: Mutex::default(),
+                orders: Semaphore::new(self.max_orders),
+                standalone: Standalone::default(),
+            }),
+        })
+    }
+}
+
+/// Keeps certificates issued, served and renewed. Cheap to clone: clones share everything.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("directory", &self.inner.acme.directory)
+            .field("store", &self.inner.store)
+            .field("certificates", &self.inner.slots().len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    acme: AcmeConfig,
+    store: DynStore,
+    resolver: CertResolver,
+    http01: Option<Http01Registry>,
+    policy: RenewalPolicy,
+    manage_stored: bool,
+    check_interval: Duration,
+    events: broadcast::Sender<Event>,
+    client: OnceCell<AcmeClient>,
+    slots: Mutex<HashMap<String, Slot>>,
+    /// One async lock per name, so that one process never runs two orders for a name.
+    name_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    orders: Semaphore,
+    standalone: Standalone,
+}
+
+impl Inner {
+    fn slots(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
+        // The map stays consistent even if a holder panicked: every update is one insert.
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What the manager knows about one name.
+struct Slot {
+    /// How to order it; `None` for a stored certificate that is served but not renewed.
+    managed: Option<ManagedCert>,
+    current: Option<Current>,
+    state: RenewalState,
+    /// The configuration asks for other names or another key type than the stored order.
+    reissue: bool,
+    /// The serial an ExpiringSoon event was last sent for.
+    warned_serial: Option<String>,
+}
+
+impl Slot {
+    fn managed(cert: ManagedCert) -> Self {
+        Slot {
+            managed: Some(cert),
+            current: None,
+            state: RenewalState::default(),
+            reissue: false,
+            warned_serial: None,
+        }
+    }
+}
+
+struct Current {
+    info: CertInfo,
+    key: Arc<CertifiedKey>,
+    /// The names it is served for.
+    names: Vec<String>,
+}
+
+/// A stored certificate read and checked at start-up or on reload.
+struct Loaded {
+    meta: CertMeta,
+    info: CertInfo,
+    key: Arc<CertifiedKey>,
+    state: RenewalState,
+}
+
+/// Stops the maintenance loop when dropped.
+#[derive(Debug)]
+pub struct MaintenanceHandle {
+    task: JoinHandle<()>,
+}
+
+impl MaintenanceHandle {
+    /// Stops the loop now.
+    pub fn stop(self) {}
+}
+
+impl Drop for MaintenanceHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Manager {
+    /// Starts configuring a manager that orders from `acme` and keeps certificates in `store`.
+    pub fn builder(acme: AcmeConfig, store: DynStore) -> ManagerBuilder {
+        ManagerBuilder {
+            acme,
+            store,
+            resolver: CertResolver::new(),
+            http01: None,
+            certs: Vec::new(),
+            policy: RenewalPolicy::default(),
+            manage_stored: false,
+            check_interval: DEFAULT_CHECK_INTERVAL,
+            max_orders: DEFAULT_MAX_ORDERS,
+            event_capacity: DEFAULT_EVENT_CAPACITY,
+        }
+    }
+
+    /// The resolver the certificates are served from; hand it to rustls.
+    pub fn resolver(&self) -> &CertResolver {
+        &self.inner.resolver
+    }
+
+    /// The store the manager reads and writes.
+    pub fn store(&self) -> &DynStore {
+        &self.inner.store
+    }
+
+    /// Subscribes to events. Subscribe before [`Manager::start`] to see the Loaded events.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// The state of every certificate the manager knows, sorted by name.
+    pub fn certificates(&self) -> Vec<CertState> {
+        let slots = self.inner.slots();
+        let mut out: Vec<CertState> = slots
+            .iter()
+            .map(|(name, slot)| CertState {
+                name: name.clone(),
+                info: slot.current.as_ref().map(|c| c.info.clone()),
+                due_at: match (&slot.managed, &slot.current) {
+                    (Some(_), Some(c)) => Some(self.inner.policy.due_at(&c.info, &slot.state)),
+                    _ => None,
+                },
+                failures: slot.state.failures,
+                last_error: slot.state.last_error.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    fn emit(&self, event: Event) {
+        // No subscribers is fine.
+        let _ = self.inner.events.send(event);
+    }
+
+    /// Loads every stored certificate into the resolver, then issues the configured
+    /// certificates that are missing (or whose stored order no longer matches the
+    /// configuration: those are served meanwhile and re-issued by the maintenance loop).
+    ///
+    /// Errors only when the store cannot be listed; individual failures are in the report,
+    /// in events and in the log.
+    pub async fn start(&self) -> Result<StartReport> {
+        let mut report = StartReport::default();
+        let names = self.inner.store.list_certs().await?;
+        let loads = self.load_many(names).await;
+        let mut serve = Vec::with_capacity(loads.len());
+        let mut events = Vec::with_capacity(loads.len());
+        {
+            let mut slots = self.inner.slots();
+            for (name, result) in loads {
+                let loaded = match result {
+                    Ok(loaded) => loaded,
+                    Err(e) => {
+                        tracing::error!(cert = %name, error = %e, "stored certificate is unusable; not serving it");
+                        report.unusable.push((name, e.to_string()));
+                        continue;
+                    }
+                };
+                let names: Vec<String> = loaded
+                    .meta
+                    .domains
+                    .iter()
+                    .map(|d| d.as_str().to_owned())
+                    .collect();
+                serve.push((names.clone(), loaded.key.clone()));
+                events.push(Event::Loaded {
+                    name: name.clone(),
+                    serial: loaded.info.serial.clone(),
+                    not_after: loaded.info.not_after,
+                });
+                let manage_stored = self.inner.manage_stored;
+                let slot = slots.entry(name).or_insert_with(|| Slot {
+                    managed: manage_stored.then(|| ManagedCert::from_meta(&loaded.meta)),
+                    current: None,
+                    state: RenewalState::default(),
+                    reissue: false,
+                    warned_serial: None,
+                });
+                slot.reissue = slot
+                    .managed
+                    .as_ref()
+                    .is_some_and(|m| !m.same_order_as(&loaded.meta));
+                slot.state = loaded.state;
+                slot.current = Some(Current {
+                    info: loaded.info,
+                    key: loaded.key,
+                    names,
+                });
+            }
+        }
+        self.inner.resolver.set_many(&serve);
+        report.loaded = serve.len();
+        tracing::info!(count = report.loaded, "loaded certificates from the store");
+        for event in events {
+            self.emit(event);
+        }
+
+        let missing: Vec<String> = self
+            .inner
+            .slots()
+            .iter()
+            .filter(|(_, s)| s.managed.is_some() && s.current.is_none())
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut orders = JoinSet::new();
+        for name in missing {
+            let this = self.clone();
+            orders.spawn(async move {
+                let result = this.renew_reported(&name).await;
+                (name, result)
+            });
+        }
+        while let Some(joined) = orders.join_next().await {
+            match joined {
+                Ok((name, Ok(_))) => report.obtained.push(name),
+                Ok((name, Err(e))) => report.failed.push((name, e.to_string())),
+                Err(e) => tracing::error!(error = %e, "an order task failed"),
+            }
+        }
+        report.obtained.sort();
+        report.failed.sort();
+        Ok(report)
+    }
+
+    /// Reads and checks many stored certificates at once.
+    async fn load_many(&self, names: Vec<String>) -> Vec<(String, Result<Loaded>)> {
+        let limit = Arc::new(Semaphore::new(LOAD_CONCURRENCY));
+        let mut tasks = JoinSet::new();
+        for name in names {
+            let store = self.inner.store.clone();
+            let limit = limit.clone();
+            tasks.spawn(async move {
+                let _permit = limit.acquire().await;
+                let result = load_checked(&store, &name).await;
+                (name, result)
+            });
+        }
+        let mut out = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((name, Ok(Some(loaded)))) => out.push((name, Ok(loaded))),
+                Ok((_, Ok(None))) => {} // removed since it was listed
+                Ok((name, Err(e))) => out.push((name, Err(e))),
+                Err(e) => tracing::error!(error = %e, "a load task failed"),
+            }
+        }
+        out
+    }
+
+    /// Re-reads `name` from the store, checks it, and swaps it in. Call this when another
+    /// process has written it (a cluster peer's notification, a cron `renew`).
+    ///
+    /// Returns `Ok(true)` when a certificate other than the one served was swapped in,
+    /// `Ok(false)` when the store holds nothing for `name` or the same certificate. An
+    /// unusable stored certificate is an error, and the served one stays.
+    pub async fn reload(&self, name: &str) -> Result<bool> {
+        let Some(loaded) = load_checked(&self.inner.store, name).await? else {
+            return Ok(false);
+        };
+        let same = self
+            .inner
+            .slots()
+            .get(name)
+            .and_then(|s| s.current.as_ref())
+            .is_some_and(|c| c.info.serial == loaded.info.serial);
+        if same {
+            return Ok(false);
+        }
+        let (serial, not_after) = (loaded.info.serial.clone(), loaded.info.not_after);
+        self.install(name, loaded);
+        tracing::info!(cert = %name, %serial, "reloaded certificate from the store");
+        self.emit(Event::Loaded {
+            name: name.to_owned(),
+            serial,
+            not_after,
+        });
+        Ok(true)
+    }
+
+    /// Serves `loaded` for `name`, replacing what was served, and forgets names the
+    /// new certificate no longer covers.
+    fn install(&self, name: &str, loaded: Loaded) {
+        let names: Vec<String> = loaded
+            .meta
+            .domains
+            .iter()
+            .map(|d| d.as_str().to_owned())
+            .collect();
+        let mut slots = self.inner.slots();
+        let manage_stored = self.inner.manage_stored;
+        let slot = slots.entry(name.to_owned()).or_insert_with(|| Slot {
+            managed: manage_stored.then(|| ManagedCert::from_meta(&loaded.meta)),
+            current: None,
+            state: RenewalState::default(),
+            reissue: false,
+            warned_serial: None,
+        });
+        // Swap first, then drop stale names: a handshake never finds a gap.
+        self.inner.resolver.set(&names, loaded.key.clone());
+        if let Some(old) = &slot.current {
+            let stale: Vec<&String> = old.names.iter().filter(|n| !names.contains(n)).collect();
+            if !stale.is_empty() {
+                self.inner.resolver.remove(&stale);
+            }
+        }
+        slot.reissue = slot
+            .managed
+            .as_ref()
+            .is_some_and(|m| !m.same_order_as(&loaded.meta));
+        slot.state = loaded.state;
+        slot.current = Some(Current {
+            info: loaded.info,
+            key: loaded.key,
+            names,
+        });
+    }
+
+    /// Renews `name` now, whatever the policy says, under the store lock. Emits the same
+    /// events as the maintenance loop, and counts a failure toward the backoff.
+    pub async fn renew_now(&self, name: &str) -> Result<RenewOutcome> {
+        if self
+            .inner
+            .slots()
+            .get(name)
+            .is_none_or(|s| s.managed.is_none())
+        {
+            return Err(Error::Config(format!(
+                "no managed certificate named {name:?}"
+            )));
+        }
+        self.renew_reported(name).await
+    }
+
+    /// When `name` is due for renewal under the policy, asking the CA's renewalInfo
+    /// first when it is time to. `None` when the manager does not renew `name`;
+    /// a time in the past (or now) when it is due, or when it is missing.
+    pub async fn due_at(&self, name: &str) -> Option<OffsetDateTime> {
+        self.poll_ari_if_due(name).await;
+        let slots = self.inner.slots();
+        let slot = slots.get(name)?;
+        slot.managed.as_ref()?;
+        match &slot.current {
+            None => Some(
+                slot.state
+                    .next_attempt
+                    .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            ),
+            Some(_) if slot.reissue => Some(OffsetDateTime::UNIX_EPOCH),
+            Some(c) => Some(self.inner.policy.due_at(&c.info, &slot.state)),
+        }
+    }
+
+    fn name_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .inner
+            .name_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        locks.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Renews under the local and store locks; reports success or failure in events,
+    /// the log and the persisted renewal state.
+    async fn renew_reported(&self, name: &str) -> Result<RenewOutcome> {
+        let lock = self.name_lock(name);
+        let _local = lock.lock().await;
+        self.renew_reported_locked(name).await
+    }
+
+    /// [`Manager::renew_reported`] for a caller that holds the name's local lock.
+    async fn renew_reported_locked(&self, name: &str) -> Result<RenewOutcome> {
+        let result = self.renew_locked(name).await;
+        match &result {
+            Ok(RenewOutcome::Ordered {
+                info,
+                replaced_serial,
+            }) => {
+                let event = match replaced_serial {
+                    Some(old) => Event::Renewed {
+                        name: name.to_owned(),
+                        serial: info.serial.clone(),
+                        not_after: info.not_after,
+                        replaced_serial: old.clone(),
+                    },
+                    None => Event::Obtained {
+                        name: name.to_owned(),
+                        serial: info.serial.clone(),
+                        not_after: info.not_after,
+                    },
+                };
+                tracing::info!(cert = %name, serial = %info.serial, not_after = %rfc3339(info.not_after), "certificate issued");
+                self.emit(event);
+            }
+            Ok(RenewOutcome::RenewedElsewhere { info }) => {
+                tracing::info!(cert = %name, serial = %info.serial, "another process renewed the certificate; loaded it");
+                self.emit(Event::Loaded {
+                    name: name.to_owned(),
+                    serial: info.serial.clone(),
+                    not_after: info.not_after,
+                });
+            }
+            Err(e) => self.record_failure(name, e).await,
+        }
+        result
+    }
+
+    async fn record_failure(&self, name: &str, error: &Error) {
+        let now = OffsetDateTime::now_utc();
+        let state = {
+            let mut slots = self.inner.slots();
+            let Some(slot) = slots.get_mut(name) else {
+                return;
+            };
+            let not_after = slot.current.as_ref().map(|c| c.info.not_after);
+            slot.state.failures = slot.state.failures.saturating_add(1);
+            slot.state.last_error = Some(error.to_string());
+            slot.state.next_attempt = Some(self.inner.policy.next_retry(
+                slot.state.failures,
+                now,
+                not_after,
+            ));
+            slot.state.clone()
+        };
+        let next_attempt = state.next_attempt.unwrap_or(now);
+        tracing::error!(
+            cert = %name,
+            failures = state.failures,
+            next_attempt = %rfc3339(next_attempt),
+            error = %error,
+            "certificate renewal failed; still serving the previous certificate, if any"
+        );
+        if let Err(e) = self.inner.store.save_renewal_state(name, &state).await {
+            tracing::warn!(cert = %name, error = %e, "cannot save renewal state");
+        }
+        self.emit(Event::RenewalFailed {
+            name: name.to_owned(),
+            error: error.to_string(),
+            failures: state.failures,
+            next_attempt,
+        });
+    }
+
+    async fn renew_locked(&self, name: &str) -> Result<RenewOutcome> {
+        let (managed, seen, replaces) = {
+            let slots = self.inner.slots();
+            let slot = slots
+                .get(name)
+                .ok_or_else(|| Error::Config(format!("no managed certificate named {name:?}")))?;
+            let managed = slot
+                .managed
+                .clone()
+                .ok_or_else(|| Error::Config(format!("no managed certificate named {name:?}")))?;
+            let seen = slot.current.as_ref().map(|c| c.info.serial.clone());
+            // `replaces` only when the CA answered renewalInfo for this very certificate.
+            let replaces = slot.current.as_ref().and_then(|c| {
+                let answered = slot.state.ari_renew_at.is_some()
+                    && c.info.ari_id.is_some()
+                    && slot.state.ari_cert_id == c.info.ari_id;
+                answered.then(|| c.info.ari_id.clone()).flatten()
+            });
+            (managed, seen, replaces)
+        };
+
+        let order_timeout = self.inner.acme.order_timeout;
+        let lock = self
+            .inner
+            .store
+            .lock(
+                name,
+                order_timeout * 2,
+                order_timeout + Duration::from_secs(30),
+            )
+            .await?
+            .ok_or_else(|| {
+                Error::Timeout(format!(
+                    "another process holds the lock on {name}; try again later"
+                ))
+            })?;
+        let result = self.order_under_lock(&managed, seen, replaces).await;
+        if let Err(e) = lock.release().await {
+            tracing::warn!(cert = %name, error = %e, "cannot release the store lock");
+        }
+        result
+    }
+
+    async fn order_under_lock(
+        &self,
+        managed: &ManagedCert,
+        seen: Option<String>,
+        replaces: Option<String>,
+    ) -> Result<RenewOutcome> {
+        let name = managed.name.as_str();
+        // Re-check after taking the lock: another process may have renewed already.
+        match load_checked(&self.inner.store, name).await {
+            Ok(Some(loaded))
+                if seen.as_deref() != Some(loaded.info.serial.as_str())
+                    && managed.same_order_as(&loaded.meta) =>
+            {
+                let info = loaded.info.clone();
+                self.install(name, loaded);
+                return Ok(RenewOutcome::RenewedElsewhere { info });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(cert = %name, error = %e, "stored certificate is unusable; ordering a new one")
+            }
+        }
+
+        let _permit = self
+            .inner
+            .orders
+            .acquire()
+            .await
+            .map_err(|_| Error::Config("the manager is shutting down".into()))?;
+        let client = self.client().await?;
+        let solver = self.solver_for(&managed.challenge).await?;
+        let request = OrderRequest {
+            domains: managed.domains.clone(),
+            key_type: managed.key_type,
+            replaces,
+        };
+        let bundle = client.issue(&request, solver.solver.as_ref(), None).await?;
+        drop(solver);
+        // Checked before it is stored or served.
+        let (key, info) = bundle.validated_key_for(&managed.domains)?;
+        let meta = CertMeta {
+            name: name.to_owned(),
+            domains: managed.domains.clone(),
+            key_type: managed.key_type,
+            challenge: managed.challenge.clone(),
+            directory: self.inner.acme.directory.clone(),
+            issued_at: OffsetDateTime::now_utc(),
+        };
+        self.inner
+            .store
+            .save_cert(&StoredCert {
+                bundle,
+                meta: meta.clone(),
+            })
+            .await?;
+        let state = RenewalState::default();
+        if let Err(e) = self.inner.store.save_renewal_state(name, &state).await {
+            tracing::warn!(cert = %name, error = %e, "cannot reset renewal state");
+        }
+        self.install(
+            name,
+            Loaded {
+                meta,
+                info: info.clone(),
+                key,
+                state,
+            },
+        );
+        Ok(RenewOutcome::Ordered {
+            info,
+            replaced_serial: seen,
+        })
+    }
+
+    /// The ACME client, connected on first use.
+    async fn client(&self) -> Result<&AcmeClient> {
+        self.inner
+            .client
+            .get_or_try_init(|| AcmeClient::connect(&self.inner.acme, self.inner.store.as_ref()))
+            .await
+    }
+
+    async fn solver_for(&self, challenge: &ChallengeConfig) -> Result<SolverHandle> {
+        let handle = match challenge.kind {
+            ChallengeKind::Http01 => match &self.inner.http01 {
+                Some(registry) => SolverHandle::new(Http01Solver::new(registry.clone())),
+                None => {
+                    let addr = challenge.http_listen.as_deref().unwrap_or("0.0.0.0:80");
+                    let (listener, registry) = self.inner.standalone.http(addr).await?;
+                    let mut handle = SolverHandle::new(Http01Solver::new(registry));
+                    handle.keep.push(listener);
+                    handle
+                }
+            },
+            ChallengeKind::TlsAlpn01 => match &challenge.tls_listen {
+                Some(addr) => {
+                    let (listener, resolver) = self.inner.standalone.tls(addr).await?;
+                    let mut handle = SolverHandle::new(TlsAlpn01Solver::new(resolver));
+                    handle.keep.push(listener);
+                    handle
+                }
+                None => SolverHandle::new(TlsAlpn01Solver::with_shared_store(
+                    self.inner.resolver.clone(),
+                    self.inner.store.clone(),
+                )),
+            },
+            ChallengeKind::Dns01 => {
+                let dns = challenge.dns.as_ref().ok_or_else(|| {
+                    Error::Config(
+                        "dns-01 needs a DNS provider in the certificate's settings".into(),
+                    )
+                })?;
+                SolverHandle::new(Dns01Solver::from_config(dns)?)
+            }
+        };
+        Ok(handle)
+    }
+
+    /// Runs the maintenance loop forever: every check interval, asks renewalInfo where it
+    /// is time to, renews what is due, retries failures on the backoff schedule, and warns
+    /// about certificates close to expiry. Call [`Manager::start`] first.
+    pub async fn run(&self) {
+        let mut tasks = JoinSet::new();
+        loop {
+            while tasks.try_join_next().is_some() {}
+            self.tick(&mut tasks);
+            tokio::time::sleep(self.inner.check_interval).await;
+        }
+    }
+
+    /// Runs [`Manager::run`] on a task; the loop and its renewals stop when the handle drops.
+    pub fn spawn(&self) -> MaintenanceHandle {
+        let this = self.clone();
+        MaintenanceHandle {
+            task: tokio::spawn(async move { this.run().await }),
+        }
+    }
+
+    fn tick(&self, tasks: &mut JoinSet<()>) {
+        let now = OffsetDateTime::now_utc();
+        let policy = &self.inner.policy;
+        let mut work = Vec::new();
+        let mut warnings = Vec::new();
+        {
+            let mut slots = self.inner.slots();
+            for (name, slot) in slots.iter_mut() {
+                let Some(current) = &slot.current else {
+                    let retry_due = slot.state.next_attempt.is_none_or(|t| t <= now);
+                    if slot.managed.is_some() && retry_due {
+                        work.push(name.clone());
+                    }
+                    continue;
+                };
+                if policy.expiring_soon(&current.info, now)
+                    && slot.warned_serial.as_deref() != Some(current.info.serial.as_str())
+                {
+                    slot.warned_serial = Some(current.info.serial.clone());
+                    warnings.push(Event::ExpiringSoon {
+                        name: name.clone(),
+                        serial: current.info.serial.clone(),
+                        not_after: current.info.not_after,
+                    });
+                }
+                if slot.managed.is_none() {
+                    continue;
+                }
+                let due = slot.reissue || policy.due_at(&current.info, &slot.state) <= now;
+                if due || ari_poll_due(&current.info, &slot.state, now) {
+                    work.push(name.clone());
+                }
+            }
+        }
+        for event in warnings {
+            if let Event::ExpiringSoon {
+                name, not_after, ..
+            } = &event
+            {
+                tracing::warn!(cert = %name, not_after = %rfc3339(*not_after), "certificate expires soon and has not been renewed");
+            }
+            self.emit(event);
+        }
+        for name in work {
+            let this = self.clone();
+            tasks.spawn(async move { this.maintain(&name).await });
+        }
+    }
+
+    /// One certificate's turn in the maintenance loop.
+    async fn maintain(&self, name: &str) {
+        // Skip when an order for it is already running.
+        let lock = self.name_lock(name);
+        let Ok(_local) = lock.try_lock_owned() else {
+            return;
+        };
+        let Some(due) = self.due_at(name).await else {
+            return;
+        };
+        if due <= OffsetDateTime::now_utc() {
+            // Errors are reported (log, event, state) inside.
+            let _ = self.renew_reported_locked(name).await;
+        }
+    }
+
+    /// Asks renewalInfo for `name` if the CA offers ARI and it is time to ask.
+    async fn poll_ari_if_due(&self, name: &str) {
+        let now = OffsetDateTime::now_utc();
+        let (info, der, mut state) = {
+            let slots = self.inner.slots();
+            let Some(slot) = slots.get(name) else { return };
+            let Some(current) = &slot.current else { return };
+            if slot.managed.is_none() || !ari_poll_due(&current.info, &slot.state, now) {
+                return;
+            }
+            (
+                current.info.clone(),
+                current.key.cert[0].clone(),
+                slot.state.clone(),
+            )
+        };
+        let policy = &self.inner.policy;
+        match self.client().await {
+            Ok(client) => match instant_acme::CertificateIdentifier::try_from(&der) {
+                Ok(id) => match client.account().renewal_info(&id).await {
+                    Ok((answer, retry_after)) => {
+                        let window = (answer.suggested_window.start, answer.suggested_window.end);
+                        policy.apply_ari_window(&info, &mut state, window, retry_after, now);
+                        tracing::debug!(cert = %name, renew_at = ?state.ari_renew_at.map(rfc3339), "ARI window");
+                    }
+                    Err(instant_acme::Error::Unsupported(_)) => {
+                        state.ari_cert_id = None;
+                        state.ari_renew_at = None;
+                        state.ari_next_poll = Some(now + policy.ari_poll);
+                    }
+                    Err(e) => {
+                        tracing::warn!(cert = %name, error = %crate::acme::error_chain(&e), "renewalInfo query failed");
+                        state.ari_next_poll =
+                            Some(now + (policy.ari_poll / 12_i32).max(policy.ari_min_poll));
+                    }
+                },
+                Err(_) => {
+                    // No authority key identifier: ARI cannot name this certificate.
+                    state.ari_next_poll = Some(now + policy.ari_poll);
+                }
+            },
+            Err(e) => {
+                tracing::warn!(cert = %name, error = %e, "cannot reach the CA for renewalInfo");
+                state.ari_next_poll =
+                    Some(now + (policy.ari_poll / 12_i32).max(policy.ari_min_poll));
+            }
+        }
+        {
+            let mut slots = self.inner.slots();
+            match slots.get_mut(name) {
+                // Only if the certificate was not replaced meanwhile.
+                Some(slot)
+                    if slot
+                        .current
+                        .as_ref()
+                        .is_some_and(|c| c.info.serial == info.serial) =>
+                {
+                    slot.state = state.clone();
+                }
+                _ => return,
+            }
+        }
+        if let Err(e) = self.inner.store.save_renewal_state(name, &state).await {
+            tracing::warn!(cert = %name, error = %e, "cannot save renewal state");
+        }
+    }
+}
+
+/// Whether it is time to ask renewalInfo about `info`.
+fn ari_poll_due(info: &CertInfo, state: &RenewalState, now: OffsetDateTime) -> bool {
+    if info.ari_id.is_none() {
+        return false;
+    }
+    let answer_is_stale = state.ari_cert_id.is_some() && state.ari_cert_id != info.ari_id;
+    answer_is_stale || state.ari_next_poll.is_none_or(|t| t <= now)
+}
+
+/// Reads `name` from the store and checks it can be served: key matches, covers the
+/// names it was ordered for, not expired.
+async fn load_checked(store: &DynStore, name: &str) -> Result<Option<Loaded>> {
+    let Some(stored) = store.load_cert(name).await? else {
+        return Ok(None);
+    };
+    let (key, info) = stored
+        .bundle
+        .validated_key_for(&stored.meta.domains)
+        .map_err(|e| Error::Store(format!("{name}: {e}")))?;
+    let state = match store.load_renewal_state(name).await {
+        Ok(state) => state,
+        Err(e) => {
+            tracing::warn!(cert = %name, error = %e, "unreadable renewal state; starting afresh");
+            RenewalState::default()
+        }
+    };
+    Ok(Some(Loaded {
+        meta: stored.meta,
+        info,
+        key,
+        state,
+    }))
+}
+
+/// A solver plus whatever must live while it is used (standalone listeners).
+struct SolverHandle {
+    solver: Box<dyn Solver>,
+    keep: Vec<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl SolverHandle {
+    fn new(solver: impl Solver + 'static) -> Self {
+        SolverHandle {
+            solver: Box::new(solver),
+            keep: Vec::new(),
+        }
+    }
+}
+
+/// Standalone challenge listeners, shared by the orders running at the same time and
+/// closed when the last of them ends.
+#[derive(Default)]
+struct Standalone {
+    http: tokio::sync::Mutex<HashMap<String, (Weak<Http01Listener>, Http01Registry)>>,
+    tls: tokio::sync::Mutex<HashMap<String, (Weak<TlsAlpn01Listener>, CertResolver)>>,
+}
+
+/// How long to retry binding a port that a just-closed listener may still hold.
+const REBIND_ATTEMPTS: u32 = 40;
+
+impl Standalone {
+    async fn http(&self, addr: &str) -> Result<(Arc<Http01Listener>, Http01Registry)> {
+        let mut map = self.http.lock().await;
+        if let Some((weak, registry)) = map.get(addr)
+            && let Some(listener) = weak.upgrade()
+        {
+            return Ok((listener, registry.clone()));
+        }
+        let registry = Http01Registry::new();
+        let mut attempt = 0;
+        let listener = loop {
+            match Http01Listener::bind(addr, registry.service()).await {
+                Ok(listener) => break Arc::new(listener),
+                Err(e) if attempt < REBIND_ATTEMPTS && addr_in_use(&e) => attempt += 1,
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        map.insert(
+            addr.to_owned(),
+            (Arc::downgrade(&listener), registry.clone()),
+        );
+        Ok((listener, registry))
+    }
+
+    async fn tls(&self, addr: &str) -> Result<(Arc<TlsAlpn01Listener>, CertResolver)> {
+        let mut map = self.tls.lock().await;
+        if let Some((weak, resolver)) = map.get(addr)
+            && let Some(listener) = weak.upgrade()
+        {
+            return Ok((listener, resolver.clone()));
+        }
+        let resolver = CertResolver::new();
+        let mut attempt = 0;
+        let listener = loop {
+            match TlsAlpn01Listener::bind(addr, resolver.clone()).await {
+                Ok(listener) => break Arc::new(listener),
+                Err(e) if attempt < REBIND_ATTEMPTS && addr_in_use(&e) => attempt += 1,
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        map.insert(
+            addr.to_owned(),
+            (Arc::downgrade(&listener), resolver.clone()),
+        );
+        Ok((listener, resolver))
+    }
+}
+
+fn addr_in_use(error: &Error) -> bool {
+    matches!(error, Error::Listen { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{FileStore, Store};
+
+    fn self_signed(domains: &[&str], not_after: OffsetDateTime) -> crate::cert::CertBundle {
+        let key = KeyType::EcdsaP256.generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(
+            domains.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        params.not_before = OffsetDateTime::now_utc() - time::Duration::days(1);
+        params.not_after = not_after;
+        let cert = params.self_signed(&key).unwrap();
+        crate::cert::CertBundle::from_pem(cert.pem(), key.serialize_pem()).unwrap()
+    }
+
+    fn stored(name: &str, domains: &[&str], not_after: OffsetDateTime) -> StoredCert {
+        StoredCert {
+            bundle: self_signed(domains, not_after),
+            meta: CertMeta {
+                name: name.into(),
+                domains: crate::domain::parse_all(domains).unwrap(),
+                key_type: KeyType::EcdsaP256,
+                challenge: ChallengeConfig::default(),
+                directory: "https://ca.invalid/dir".into(),
+                issued_at: OffsetDateTime::now_utc(),
+            },
+        }
+    }
+
+    fn unreachable_ca() -> AcmeConfig {
+        AcmeConfig::new("https://127.0.0.1:1/dir")
+    }
+
+    #[tokio::test]
+    async fn start_serves_stored_certificates_and_skips_unusable_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::open(dir.path()).unwrap());
+        let later = OffsetDateTime::now_utc() + time::Duration::days(30);
+        store
+            .save_cert(&stored("a", &["a.example.com"], later))
+            .await
+            .unwrap();
+        let expired = OffsetDateTime::now_utc() - time::Duration::hours(1);
+        store
+            .save_cert(&stored("old", &["old.example.com"], expired))
+            .await
+            .unwrap();
+        let manager = Manager::builder(unreachable_ca(), store).build().unwrap();
+        let mut events = manager.subscribe();
+        let report = manager.start().await.unwrap();
+        assert_eq!(report.loaded, 1);
+        assert_eq!(report.unusable.len(), 1);
+        assert!(report.unusable[0].1.contains("expired"), "{report:?}");
+        assert!(manager.resolver().lookup(Some("a.example.com")).is_some());
+        assert!(manager.resolver().lookup(Some("old.example.com")).is_none());
+        match events.recv().await.unwrap() {
+            Event::Loaded { name, .. } => assert_eq!(name, "a"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_issue_keeps_serving_and_reports_with_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::open(dir.path()).unwrap());
+        let soon = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        store
+            .save_cert(&stored("a", &["a.example.com"], soon))
+            .await
+            .unwrap();
+        let manager = Manager::builder(unreachable_ca(), store.clone())
+            .manage_stored(true)
+            .build()
+            .unwrap();
+        manager.start().await.unwrap();
+        let served = manager.resolver().lookup(Some("a.example.com")).unwrap();
+        let mut events = manager.subscribe();
+        assert!(manager.renew_now("a").await.is_err());
+        assert!(Arc::ptr_eq(
+            &served,
+            &manager.resolver().lookup(Some("a.example.com")).unwrap()
+        ));
+        match events.recv().await.unwrap() {
+            Event::RenewalFailed {
+                name,
+                failures,
+                next_attempt,
+                ..
+            } => {
+                assert_eq!(name, "a");
+                assert_eq!(failures, 1);
+                assert!(next_attempt > OffsetDateTime::now_utc());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let state = store.load_renewal_state("a").await.unwrap();
+        assert_eq!(state.failures, 1);
+        assert!(state.last_error.is_some());
+    }
+
+    #[tokio::test]
+    async fn reload_swaps_in_a_new_stored_certificate_and_refuses_a_bad_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::open(dir.path()).unwrap());
+        let later = OffsetDateTime::now_utc() + time::Duration::days(30);
+        store
+            .save_cert(&stored("a", &["a.example.com"], later))
+            .await
+            .unwrap();
+        let manager = Manager::builder(unreachable_ca(), store.clone())
+            .build()
+            .unwrap();
+        manager.start().await.unwrap();
+        assert!(!manager.reload("a").await.unwrap(), "nothing changed");
+        let first = manager.resolver().lookup(Some("a.example.com")).unwrap();
+        store
+            .save_cert(&stored("a", &["a.example.com", "b.example.com"], later))
+            .await
+            .unwrap();
+        assert!(manager.reload("a").await.unwrap());
+        let second = manager.resolver().lookup(Some("a.example.com")).unwrap();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert!(manager.resolver().lookup(Some("b.example.com")).is_some());
+        assert!(!manager.reload("missing").await.unwrap());
+    }
+
+    #[test]
+    fn building_refuses_duplicate_and_empty_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
+        let cert = ManagedCert::new("a", crate::domain::parse_all(&["a.example.com"]).unwrap());
+        let err = Manager::builder(unreachable_ca(), store.clone())
+            .cert(cert.clone())
+            .cert(cert)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
+        let err = Manager::builder(unreachable_ca(), store)
+            .cert(ManagedCert::new("e", Vec::new()))
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("no domains"), "{err}");
+    }
+}
