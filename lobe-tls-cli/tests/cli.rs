@@ -218,7 +218,7 @@ async fn issue_json_prints_the_stored_facts_of_a_dns01_wildcard() {
 #[tokio::test]
 async fn check_exits_2_once_a_certificate_is_past_its_renewal_time() {
     let pebble = Pebble::start(PebbleOptions {
-        validity_secs: Some(12),
+        validity_secs: Some(16),
         ..PebbleOptions::default()
     });
     let dir = tempfile::tempdir().unwrap();
@@ -336,6 +336,12 @@ async fn issue_failures_exit_1_with_one_line_and_write_no_certificate() {
         &["issue", "-d", "x.cli.example.com", "--challenge", "dns-01"],
     );
     assert_one_line_error(&out, "--dns-provider");
+    let out = lobe(
+        &store,
+        Some(&pebble),
+        &["issue", "--name", "../etc", "-d", "x.cli.example.com"],
+    );
+    assert_one_line_error(&out, "invalid certificate name");
     assert!(!store.exists(), "nothing may be written for local errors");
     assert_eq!(pebble.orders_created(), 0);
 

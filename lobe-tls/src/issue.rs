@@ -59,9 +59,11 @@ impl IssueRequest {
         }
     }
 
-    /// Checks what can be checked before anything is sent: there is a name, and no
-    /// wildcard is asked for with a challenge that cannot validate it.
+    /// Checks what can be checked before anything is sent: the store name is usable,
+    /// there is a domain, and no wildcard is asked for with a challenge that cannot
+    /// validate it.
     pub fn validate(&self) -> Result<()> {
+        crate::store::fs::check_name(&self.name)?;
         if self.domains.is_empty() {
             return Err(DomainError::Empty.into());
         }
@@ -200,6 +202,8 @@ impl Issuance {
 }
 
 /// Prepares and runs one issuance: validate, build the solver, order, store.
+///
+/// Where several processes may issue the same name, hold [`lock_name`] around this call.
 pub async fn issue_and_store(
     client: &AcmeClient,
     store: &dyn Store,
@@ -253,6 +257,18 @@ mod tests {
         let err = request.validate().unwrap_err().to_string();
         assert!(err.contains("dns-01"), "{err}");
         assert!(err.contains("*.example.com"), "{err}");
+    }
+
+    #[test]
+    fn store_names_that_would_escape_the_store_are_refused() {
+        let mut request = IssueRequest::new(
+            parse_all(&["a.example.com"]).unwrap(),
+            KeyType::default(),
+            ChallengeConfig::default(),
+        );
+        request.name = "../etc".into();
+        let err = request.validate().unwrap_err().to_string();
+        assert!(err.contains("invalid certificate name"), "{err}");
     }
 
     #[tokio::test]

@@ -3,8 +3,8 @@
 //! Order a certificate through HTTP-01 and keep it in a certbot-compatible file store:
 //!
 //! ```no_run
-//! use lobe_tls::{AcmeClient, AcmeConfig, FileStore, Http01Listener, Http01Registry, Http01Solver};
-//! use lobe_tls::{CertMeta, KeyType, OrderRequest, Store, StoredCert, domain};
+//! use lobe_tls::challenge::ChallengeConfig;
+//! use lobe_tls::{AcmeClient, AcmeConfig, FileStore, IssueRequest, KeyType, domain};
 //!
 //! # async fn run() -> lobe_tls::Result<()> {
 //! let store = FileStore::open("/var/lib/lobe-tls")?;
@@ -12,32 +12,21 @@
 //! config.email = Some("ops@example.com".into());
 //! let client = AcmeClient::connect(&config, &store).await?;
 //!
-//! // Port 80 must reach this listener while the order runs.
-//! let registry = Http01Registry::new();
-//! let _listener = Http01Listener::bind("0.0.0.0:80", registry.service()).await?;
-//!
-//! let request = OrderRequest {
-//!     domains: domain::parse_all(&["example.com", "www.example.com"])?,
-//!     key_type: KeyType::EcdsaP256,
-//!     replaces: None,
+//! // Port 80 must reach the standalone listener, which is bound before the order starts.
+//! let challenge = ChallengeConfig {
+//!     http_listen: Some("0.0.0.0:80".into()),
+//!     ..ChallengeConfig::default()
 //! };
-//! let bundle = client.issue(&request, &Http01Solver::new(registry), None).await?;
-//! let info = bundle.info()?;
+//! let request = IssueRequest::new(
+//!     domain::parse_all(&["example.com", "www.example.com"])?,
+//!     KeyType::EcdsaP256,
+//!     challenge,
+//! );
+//! // Orders, checks the result and writes live/example.com/ atomically, with the
+//! // metadata a later renewal repeats.
+//! let stored = lobe_tls::issue_and_store(&client, &store, request, None, None).await?;
+//! let info = stored.bundle.info()?;
 //! println!("serial {} valid until {}", info.serial, info.not_after);
-//!
-//! store
-//!     .save_cert(&StoredCert {
-//!         bundle,
-//!         meta: CertMeta {
-//!             name: "example.com".into(),
-//!             domains: request.domains.clone(),
-//!             key_type: request.key_type,
-//!             challenge: Default::default(),
-//!             directory: config.directory.clone(),
-//!             issued_at: time::OffsetDateTime::now_utc(),
-//!         },
-//!     })
-//!     .await?;
 //! # Ok(())
 //! # }
 //! ```
