@@ -4,9 +4,9 @@
 //!   time until all three serve the new serial (verified TLS handshakes) is measured.
 //!   Median over `BENCH_RENEWALS` runs (default 15), the renewing instance rotating.
 //! - (b) handshake cost: full TLS 1.3 handshakes (no resumption) over loopback against a
-//!   file-store instance, a cluster instance, and the cluster instance with Redis
-//!   stopped; medians per handshake and their ratio, plus the number of commands Redis
-//!   processed while the cluster instance handshook.
+//!   file-store instance and a cluster instance, in interleaved rounds, then again with
+//!   Redis stopped; medians per handshake and their ratio, plus the number of commands
+//!   Redis processed while the cluster instance handshook.
 //!
 //! Run with `cargo bench -p lobe-tls-tests --bench cluster`. `BENCH_HANDSHAKES` sets the
 //! handshakes per round (default 500; 10 interleaved rounds).
@@ -163,23 +163,30 @@ async fn run() -> BenchResult<()> {
     let before = redis_commands(&mut probe).await?;
     let mut file_samples = Vec::new();
     let mut cluster_samples = Vec::new();
-    for _ in 0..10 {
-        file_samples.extend(handshakes(file_addr, &client, per_round).await?);
-        cluster_samples.extend(handshakes(cluster_addr, &client, per_round).await?);
+    for round in 0..10 {
+        // Alternate which goes first, so drift within a round favours neither.
+        let (a, b) = interleaved(round, file_addr, cluster_addr, &client, per_round).await?;
+        file_samples.extend(a);
+        cluster_samples.extend(b);
     }
     let after = redis_commands(&mut probe).await?;
     // The first INFO is counted by the second.
     let during = after.saturating_sub(before + 1);
 
+    // Again with Redis stopped, interleaved with fresh file-store rounds.
     redis.stop();
     let mut outage_samples = Vec::new();
-    for _ in 0..10 {
-        outage_samples.extend(handshakes(cluster_addr, &client, per_round).await?);
+    let mut file_again = Vec::new();
+    for round in 0..10 {
+        let (a, b) = interleaved(round, file_addr, cluster_addr, &client, per_round).await?;
+        file_again.extend(a);
+        outage_samples.extend(b);
     }
 
     let file_med = median(&mut file_samples);
     let cluster_med = median(&mut cluster_samples);
     let outage_med = median(&mut outage_samples);
+    let file_again_med = median(&mut file_again);
     println!("    file-store instance:        median {}", us(file_med));
     println!(
         "    cluster instance:           median {} (ratio to file store {:.3})",
@@ -187,9 +194,10 @@ async fn run() -> BenchResult<()> {
         cluster_med.as_secs_f64() / file_med.as_secs_f64()
     );
     println!(
-        "    cluster instance, Redis down: median {} (ratio {:.3})",
+        "    Redis stopped: file-store median {}, cluster median {} (ratio {:.3})",
+        us(file_again_med),
         us(outage_med),
-        outage_med.as_secs_f64() / file_med.as_secs_f64()
+        outage_med.as_secs_f64() / file_again_med.as_secs_f64()
     );
     println!(
         "    Redis commands processed during {} cluster-instance handshakes: {during}",
@@ -220,6 +228,25 @@ async fn wait_converged(
             return Err(format!("instances did not converge: {serials:?}").into());
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// One round against both addresses, `first` going first on even rounds.
+async fn interleaved(
+    round: usize,
+    first: SocketAddr,
+    second: SocketAddr,
+    client: &Arc<rustls::ClientConfig>,
+    n: usize,
+) -> BenchResult<(Vec<Duration>, Vec<Duration>)> {
+    if round % 2 == 0 {
+        let a = handshakes(first, client, n).await?;
+        let b = handshakes(second, client, n).await?;
+        Ok((a, b))
+    } else {
+        let b = handshakes(second, client, n).await?;
+        let a = handshakes(first, client, n).await?;
+        Ok((a, b))
     }
 }
 
