@@ -1,6 +1,8 @@
 //! Challenge options shared by `issue` and `serve`, turned into a library `ChallengeConfig`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use lobe_tls::challenge::{ChallengeConfig, ChallengeKind, DnsConfig, DnsProviderConfig};
@@ -9,6 +11,14 @@ use lobe_tls::{Error, Result};
 /// The DNS providers the CLI knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DnsProviderName {
+    /// Dynamic DNS UPDATE signed with TSIG (BIND, Knot, PowerDNS, Windows DNS);
+    /// settings from LOBE_TLS_RFC2136_* or [rfc2136] in --config.
+    Rfc2136,
+    /// Cloudflare's API; token from CLOUDFLARE_API_TOKEN or [cloudflare] in --config.
+    Cloudflare,
+    /// A webhook compatible with lego's httpreq; settings from LOBE_TLS_HTTPREQ_* or
+    /// [httpreq] in --config.
+    Httpreq,
     /// Run a program as lego's exec provider does: PROG present|cleanup FQDN VALUE.
     Exec,
     /// Pebble's test DNS server, through its management API.
@@ -26,6 +36,11 @@ pub struct ChallengeArgs {
     #[arg(long, env = "LOBE_TLS_HTTP_LISTEN", default_value = "0.0.0.0:80")]
     pub http_listen: String,
 
+    /// Address of the standalone TLS-ALPN-01 listener (port 443 must reach it), for
+    /// --challenge tls-alpn-01.
+    #[arg(long, env = "LOBE_TLS_TLS_LISTEN")]
+    pub tls_listen: Option<String>,
+
     /// DNS provider for dns-01.
     #[arg(long, env = "LOBE_TLS_DNS_PROVIDER")]
     pub dns_provider: Option<DnsProviderName>,
@@ -38,7 +53,13 @@ pub struct ChallengeArgs {
     #[arg(long, env = "LOBE_TLS_CHALLTESTSRV")]
     pub challtestsrv: Option<String>,
 
-    /// Resolver (IP:PORT) for the propagation check; repeatable. Default: the system's.
+    /// TOML file with the DNS provider's settings and secrets ([rfc2136], [cloudflare],
+    /// [httpreq] tables). Environment variables win over it.
+    #[arg(long = "config", env = "LOBE_TLS_CONFIG", value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+
+    /// Check the DNS-01 record at these servers (IP:PORT, repeatable) instead of the
+    /// zone's authoritative nameservers, which are found by default.
     #[arg(
         long = "dns-resolver",
         env = "LOBE_TLS_DNS_RESOLVER",
@@ -46,9 +67,23 @@ pub struct ChallengeArgs {
     )]
     pub dns_resolvers: Vec<SocketAddr>,
 
+    /// Recursive resolver (IP:PORT, repeatable) that follows _acme-challenge CNAMEs and
+    /// finds the zone's nameservers. Default: the system's (/etc/resolv.conf).
+    #[arg(
+        long = "dns-recursive",
+        env = "LOBE_TLS_DNS_RECURSIVE",
+        value_delimiter = ','
+    )]
+    pub dns_recursive: Vec<SocketAddr>,
+
     /// Seconds to wait for a DNS-01 record to become visible.
     #[arg(long, env = "LOBE_TLS_PROPAGATION_TIMEOUT", default_value_t = 120)]
     pub propagation_timeout: u64,
+
+    /// Longest pause between two rounds of the propagation check, in seconds (the first
+    /// rounds come after 25 ms, doubling).
+    #[arg(long, env = "LOBE_TLS_PROPAGATION_INTERVAL", default_value_t = 2.0)]
+    pub propagation_interval: f64,
 
     /// Skip the DNS propagation check.
     #[arg(long, env = "LOBE_TLS_NO_PROPAGATION_CHECK")]
@@ -65,6 +100,7 @@ impl ChallengeArgs {
         match self.challenge {
             ChallengeKind::Http01 => config.http_listen = Some(self.http_listen.clone()),
             ChallengeKind::Dns01 => config.dns = Some(self.dns_config()?),
+            ChallengeKind::TlsAlpn01 => config.tls_listen = self.tls_listen.clone(),
             _ => {}
         }
         Ok(config)
@@ -74,9 +110,18 @@ impl ChallengeArgs {
         let provider = match self.dns_provider {
             None => {
                 return Err(Error::Config(
-                    "--challenge dns-01 needs --dns-provider (exec or challtestsrv)".into(),
+                    "--challenge dns-01 needs --dns-provider (rfc2136, cloudflare, httpreq, exec or challtestsrv)".into(),
                 ));
             }
+            Some(DnsProviderName::Rfc2136) => DnsProviderConfig::Rfc2136 {
+                config_file: self.absolute_config_file()?,
+            },
+            Some(DnsProviderName::Cloudflare) => DnsProviderConfig::Cloudflare {
+                config_file: self.absolute_config_file()?,
+            },
+            Some(DnsProviderName::Httpreq) => DnsProviderConfig::Httpreq {
+                config_file: self.absolute_config_file()?,
+            },
             Some(DnsProviderName::Exec) => DnsProviderConfig::Exec {
                 program: self.dns_exec.clone().ok_or_else(|| {
                     Error::Config("--dns-provider exec needs --dns-exec PROG".into())
@@ -90,8 +135,30 @@ impl ChallengeArgs {
         };
         let mut dns = DnsConfig::new(provider);
         dns.resolvers = self.dns_resolvers.clone();
+        dns.recursive_resolvers = self.dns_recursive.clone();
         dns.propagation_timeout_secs = self.propagation_timeout;
+        dns.propagation_interval_ms = interval_ms(self.propagation_interval)?;
         dns.propagation_check = !self.no_propagation_check;
         Ok(dns)
     }
+
+    /// The config file as an absolute path: the store's metadata keeps it so that a
+    /// renewal started from another directory finds it.
+    fn absolute_config_file(&self) -> Result<Option<PathBuf>> {
+        let Some(path) = &self.config_file else {
+            return Ok(None);
+        };
+        std::path::absolute(path)
+            .map(Some)
+            .map_err(|e| Error::io(path, e))
+    }
+}
+
+fn interval_ms(seconds: f64) -> Result<u64> {
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0) {
+        return Err(Error::Config(format!(
+            "--propagation-interval {seconds}: give seconds between 0.025 and 3600"
+        )));
+    }
+    Ok(Duration::from_secs_f64(seconds).as_millis().max(25) as u64)
 }

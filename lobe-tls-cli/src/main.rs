@@ -23,11 +23,15 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Order a certificate and store it.
-    Issue(cmd::issue::Args),
+    Issue(Box<cmd::issue::Args>),
     /// List stored certificates.
     List(cmd::list::Args),
     /// Check stored certificates; exit 0 when fine, 1 inside the warning window, 2 when broken.
     Check(cmd::check::Args),
+    /// Renew every stored certificate that is due (for cron or a systemd timer).
+    Renew(cmd::renew::Args),
+    /// Revoke a stored certificate at its CA.
+    Revoke(cmd::revoke::Args),
     /// Work on a whole store: copy between a directory and Redis.
     Store(cmd::store::Args),
 }
@@ -50,6 +54,8 @@ fn main() -> ExitCode {
             Command::Issue(args) => cmd::issue::run(&cli.global, args).await,
             Command::List(args) => cmd::list::run(&cli.global, args).await,
             Command::Check(args) => cmd::check::run(&cli.global, args).await,
+            Command::Renew(args) => cmd::renew::run(&cli.global, args).await,
+            Command::Revoke(args) => cmd::revoke::run(&cli.global, args).await,
             Command::Store(args) => cmd::store::run(&cli.global, args).await,
         };
         match result {

@@ -107,6 +107,9 @@ impl std::str::FromStr for KeyType {
 pub struct CertBundle {
     fullchain_pem: String,
     key_pem: Zeroizing<String>,
+    /// Built and checked once in [`CertBundle::from_pem`]; loading thousands of
+    /// certificates at start-up must not parse each key twice.
+    certified: Arc<CertifiedKey>,
 }
 
 impl fmt::Debug for CertBundle {
@@ -125,12 +128,14 @@ impl CertBundle {
     /// Takes a full chain (leaf first) and a private key, both PEM, and checks that
     /// they parse and belong together.
     pub fn from_pem(fullchain_pem: impl Into<String>, key_pem: impl Into<String>) -> Result<Self> {
-        let bundle = CertBundle {
-            fullchain_pem: fullchain_pem.into(),
-            key_pem: Zeroizing::new(key_pem.into()),
-        };
-        bundle.certified_key()?;
-        Ok(bundle)
+        let fullchain_pem = fullchain_pem.into();
+        let key_pem = Zeroizing::new(key_pem.into());
+        let certified = build_certified_key(&fullchain_pem, &key_pem)?;
+        Ok(CertBundle {
+            fullchain_pem,
+            key_pem,
+            certified,
+        })
     }
 
     /// The leaf certificate followed by its intermediates, as PEM.
@@ -145,16 +150,7 @@ impl CertBundle {
 
     /// The DER certificates of the chain, leaf first.
     pub fn chain_der(&self) -> Result<Vec<CertificateDer<'static>>> {
-        let certs = CertificateDer::pem_slice_iter(self.fullchain_pem.as_bytes())
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| Error::Certificate(format!("bad certificate PEM: {e}")))?;
-        if certs.is_empty() {
-            return Err(Error::Certificate(
-                "no certificate found in the PEM data (expected -----BEGIN CERTIFICATE-----)"
-                    .into(),
-            ));
-        }
-        Ok(certs)
+        Ok(self.certified.cert.clone())
     }
 
     /// The leaf certificate as PEM.
@@ -169,33 +165,15 @@ impl CertBundle {
         Ok(der_to_pem(&chain[1..]))
     }
 
-    fn key_der(&self) -> Result<PrivateKeyDer<'static>> {
-        PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|_| {
-            Error::Certificate("bad private key PEM: no PKCS#8, PKCS#1 or SEC1 key found".into())
-        })
-    }
-
-    /// Builds the rustls `CertifiedKey`, refusing a key that does not match the leaf.
+    /// The rustls `CertifiedKey`, built once when the bundle was made, with the key
+    /// checked against the leaf.
     pub fn certified_key(&self) -> Result<Arc<CertifiedKey>> {
-        let chain = self.chain_der()?;
-        let provider = crypto_provider();
-        let signing_key = provider
-            .key_provider
-            .load_private_key(self.key_der()?)
-            .map_err(|e| Error::Certificate(format!("unusable private key: {e}")))?;
-        let certified = CertifiedKey::new(chain, signing_key);
-        certified.keys_match().map_err(|e| {
-            Error::Certificate(format!(
-                "the private key does not match the certificate ({e})"
-            ))
-        })?;
-        Ok(Arc::new(certified))
+        Ok(self.certified.clone())
     }
 
     /// Parses the facts of the leaf certificate.
     pub fn info(&self) -> Result<CertInfo> {
-        let chain = self.chain_der()?;
-        CertInfo::from_der(&chain[0])
+        CertInfo::from_der(&self.certified.cert[0])
     }
 
     /// Checks what must hold before a certificate is stored or served: the key matches,
@@ -231,6 +209,33 @@ impl CertBundle {
         }
         Ok((key, info))
     }
+}
+
+/// Parses a PEM chain and key and builds the `CertifiedKey`, refusing a key that does
+/// not match the leaf.
+fn build_certified_key(fullchain_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>> {
+    let chain = CertificateDer::pem_slice_iter(fullchain_pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Certificate(format!("bad certificate PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(Error::Certificate(
+            "no certificate found in the PEM data (expected -----BEGIN CERTIFICATE-----)".into(),
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| {
+        Error::Certificate("bad private key PEM: no PKCS#8, PKCS#1 or SEC1 key found".into())
+    })?;
+    let signing_key = crypto_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| Error::Certificate(format!("unusable private key: {e}")))?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified.keys_match().map_err(|e| {
+        Error::Certificate(format!(
+            "the private key does not match the certificate ({e})"
+        ))
+    })?;
+    Ok(Arc::new(certified))
 }
 
 /// The facts of a leaf certificate that lobe-tls reports and decides on.

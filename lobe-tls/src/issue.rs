@@ -14,11 +14,13 @@ use time::OffsetDateTime;
 use crate::acme::{AcmeClient, OrderRequest, ProgressFn};
 use crate::cert::KeyType;
 use crate::challenge::http01::Http01Listener;
+use crate::challenge::tls_alpn01::{TlsAlpn01Listener, TlsAlpn01Solver};
 use crate::challenge::{
     ChallengeConfig, ChallengeKind, Dns01Solver, Http01Registry, Http01Solver, Solver,
 };
 use crate::domain::{DomainError, DomainName};
 use crate::error::{Error, Result};
+use crate::resolver::CertResolver;
 use crate::store::{CertMeta, Store, StoreLock, StoredCert};
 
 /// What to issue and how to validate it.
@@ -90,6 +92,7 @@ pub struct Issuance {
     request: IssueRequest,
     solver: Box<dyn Solver>,
     listener: Option<Http01Listener>,
+    tls_listener: Option<TlsAlpn01Listener>,
 }
 
 impl std::fmt::Debug for Issuance {
@@ -97,6 +100,7 @@ impl std::fmt::Debug for Issuance {
         f.debug_struct("Issuance")
             .field("request", &self.request)
             .field("listener", &self.listener)
+            .field("tls_listener", &self.tls_listener)
             .finish_non_exhaustive()
     }
 }
@@ -107,10 +111,13 @@ impl Issuance {
     /// For HTTP-01, pass the registry of an HTTP server that already answers challenges
     /// (an embedding proxy, `lobe-tls serve`); without one the standalone listener is
     /// bound on `challenge.http_listen` now, so a busy port fails before anything is
-    /// ordered.
+    /// ordered. TLS-ALPN-01 binds a standalone listener on `challenge.tls_listen` the
+    /// same way; to answer it from a proxy's own resolver, use [`Issuance::with_solver`]
+    /// with a [`TlsAlpn01Solver`].
     pub async fn prepare(request: IssueRequest, http01: Option<Http01Registry>) -> Result<Self> {
         request.validate()?;
         let config = &request.challenge;
+        let mut tls_listener = None;
         let (solver, listener): (Box<dyn Solver>, _) = match config.kind {
             ChallengeKind::Http01 => match http01 {
                 Some(registry) => (Box::new(Http01Solver::new(registry)), None),
@@ -129,16 +136,21 @@ impl Issuance {
                 })?;
                 (Box::new(Dns01Solver::from_config(dns)?), None)
             }
-            other => {
-                return Err(Error::Config(format!(
-                    "{other} needs a TLS listener that lobe-tls serves on port 443; use http-01 or dns-01 here"
-                )));
+            ChallengeKind::TlsAlpn01 => {
+                let addr = config.tls_listen.as_deref().ok_or_else(|| {
+                    Error::Config("tls-alpn-01 needs a listen address (--tls-listen)".into())
+                })?;
+                let resolver = CertResolver::new();
+                let listener = TlsAlpn01Listener::bind(addr, resolver.clone()).await?;
+                tls_listener = Some(listener);
+                (Box::new(TlsAlpn01Solver::new(resolver)), None)
             }
         };
         Ok(Issuance {
             request,
             solver,
             listener,
+            tls_listener,
         })
     }
 
@@ -157,12 +169,20 @@ impl Issuance {
             request,
             solver,
             listener: None,
+            tls_listener: None,
         })
     }
 
     /// The request this issuance carries out.
     pub fn request(&self) -> &IssueRequest {
         &self.request
+    }
+
+    /// The address the standalone TLS-ALPN-01 listener bound, if there is one.
+    pub fn tls_listen_addr(&self) -> Option<SocketAddr> {
+        self.tls_listener
+            .as_ref()
+            .map(TlsAlpn01Listener::local_addr)
     }
 
     /// The address the standalone HTTP-01 listener bound, if there is one.

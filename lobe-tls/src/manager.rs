@@ -41,7 +41,7 @@ use time::OffsetDateTime;
 use tokio::sync::{OnceCell, Semaphore, broadcast};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::acme::{AcmeClient, AcmeConfig, OrderRequest};
+use crate::acme::{AcmeClient, AcmeConfig};
 use crate::cert::{CertInfo, KeyType, rfc3339};
 use crate::challenge::dns01::Dns01Solver;
 use crate::challenge::http01::{Http01Listener, Http01Registry, Http01Solver};
@@ -49,9 +49,10 @@ use crate::challenge::tls_alpn01::{TlsAlpn01Listener, TlsAlpn01Solver};
 use crate::challenge::{ChallengeConfig, ChallengeKind, Solver};
 use crate::domain::DomainName;
 use crate::error::{Error, Result};
+use crate::issue::{Issuance, IssueRequest};
 use crate::renewal::RenewalPolicy;
 use crate::resolver::CertResolver;
-use crate::store::{CertMeta, DynStore, RenewalState, StoredCert};
+use crate::store::{CertMeta, DynStore, RenewalState};
 
 /// How many stored certificates are read at once at start-up.
 const LOAD_CONCURRENCY: usize = 32;
@@ -59,6 +60,9 @@ const LOAD_CONCURRENCY: usize = 32;
 const DEFAULT_MAX_ORDERS: usize = 4;
 /// The default interval of the maintenance loop.
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// How many renewalInfo queries run at once, so that thousands of certificates do not
+/// all ask the CA in the same second.
+const ARI_CONCURRENCY: usize = 8;
 /// The default capacity of the event channel; slower subscribers see `Lagged`.
 const DEFAULT_EVENT_CAPACITY: usize = 1024;
 
@@ -341,6 +345,7 @@ impl ManagerBuilder {
                 slots: Mutex::new(slots),
                 name_locks: Mutex::default(),
                 orders: Semaphore::new(self.max_orders),
+                ari_polls: Semaphore::new(ARI_CONCURRENCY),
                 standalone: Standalone::default(),
             }),
         })
@@ -377,6 +382,7 @@ struct Inner {
     /// One async lock per name, so that one process never runs two orders for a name.
     name_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     orders: Semaphore,
+    ari_polls: Semaphore,
     standalone: Standalone,
 }
 
@@ -880,31 +886,22 @@ impl Manager {
             .await
             .map_err(|_| Error::Config("the manager is shutting down".into()))?;
         let client = self.client().await?;
-        let solver = self.solver_for(&managed.challenge).await?;
-        let request = OrderRequest {
-            domains: managed.domains.clone(),
-            key_type: managed.key_type,
-            replaces,
-        };
-        let bundle = client.issue(&request, solver.solver.as_ref(), None).await?;
-        drop(solver);
-        // Checked before it is stored or served.
-        let (key, info) = bundle.validated_key_for(&managed.domains)?;
-        let meta = CertMeta {
+        let SolverHandle { solver, keep } = self.solver_for(&managed.challenge).await?;
+        let request = IssueRequest {
             name: name.to_owned(),
             domains: managed.domains.clone(),
             key_type: managed.key_type,
             challenge: managed.challenge.clone(),
-            directory: self.inner.acme.directory.clone(),
-            issued_at: OffsetDateTime::now_utc(),
+            replaces,
         };
-        self.inner
-            .store
-            .save_cert(&StoredCert {
-                bundle,
-                meta: meta.clone(),
-            })
+        // Orders, validates (key matches, covers the names, not expired) and stores
+        // atomically; nothing is written or served unless every step succeeded.
+        let stored = Issuance::with_solver(request, solver)?
+            .run(client, self.inner.store.as_ref(), None)
             .await?;
+        drop(keep);
+        let (key, info) = stored.bundle.validated_key_for(&managed.domains)?;
+        let meta = stored.meta;
         let state = RenewalState::default();
         if let Err(e) = self.inner.store.save_renewal_state(name, &state).await {
             tracing::warn!(cert = %name, error = %e, "cannot reset renewal state");
@@ -1070,6 +1067,9 @@ impl Manager {
             )
         };
         let policy = &self.inner.policy;
+        let Ok(_permit) = self.inner.ari_polls.acquire().await else {
+            return;
+        };
         match self.client().await {
             Ok(client) => match instant_acme::CertificateIdentifier::try_from(&der) {
                 Ok(id) => match client.account().renewal_info(&id).await {
@@ -1238,7 +1238,7 @@ fn addr_in_use(error: &Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{FileStore, Store};
+    use crate::store::{FileStore, Store, StoredCert};
 
     fn self_signed(domains: &[&str], not_after: OffsetDateTime) -> crate::cert::CertBundle {
         let key = KeyType::EcdsaP256.generate().unwrap();
@@ -1361,6 +1361,47 @@ mod tests {
         assert!(!Arc::ptr_eq(&first, &second));
         assert!(manager.resolver().lookup(Some("b.example.com")).is_some());
         assert!(!manager.reload("missing").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn expiring_soon_is_announced_once_per_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::open(dir.path()).unwrap());
+        // Lifetime about a day, one hour left: inside the warning window (a sixth).
+        let soon = OffsetDateTime::now_utc() + time::Duration::hours(1);
+        store
+            .save_cert(&stored("soon", &["soon.example.com"], soon))
+            .await
+            .unwrap();
+        let later = OffsetDateTime::now_utc() + time::Duration::days(30);
+        store
+            .save_cert(&stored("later", &["later.example.com"], later))
+            .await
+            .unwrap();
+        let manager = Manager::builder(unreachable_ca(), store)
+            .check_interval(Duration::from_millis(20))
+            .build()
+            .unwrap();
+        manager.start().await.unwrap();
+        let mut events = manager.subscribe();
+        let maintenance = manager.spawn();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(maintenance);
+        let mut warned = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            if let Event::ExpiringSoon {
+                name, not_after, ..
+            } = event
+            {
+                assert_eq!(not_after.unix_timestamp(), soon.unix_timestamp());
+                warned.push(name);
+            }
+        }
+        assert_eq!(
+            warned,
+            ["soon"],
+            "one warning, for the expiring certificate only"
+        );
     }
 
     #[test]

@@ -11,6 +11,11 @@ use std::time::{Duration, Instant};
 
 use lobe_tls::AcmeConfig;
 
+pub mod ari_shim;
+pub mod cloudflare_api;
+pub mod dns;
+pub mod http_server;
+pub mod tls_probe;
 pub mod redis;
 pub mod tls;
 

@@ -43,7 +43,12 @@ const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// fails before the CA is contacted; the store is written only after success.
 pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     let domains = domain::parse_all(&args.domains)?;
-    let mut request = IssueRequest::new(domains, args.key_type, args.challenge.to_config()?);
+    let mut challenge = args.challenge.to_config()?;
+    if challenge.kind == lobe_tls::ChallengeKind::TlsAlpn01 && challenge.tls_listen.is_none() {
+        // Standalone, like http-01's default: the CA validates on port 443.
+        challenge.tls_listen = Some("0.0.0.0:443".into());
+    }
+    let mut request = IssueRequest::new(domains, args.key_type, challenge);
     if let Some(name) = &args.name {
         request.name = name.clone();
     }

@@ -3,4 +3,6 @@
 pub mod check;
 pub mod issue;
 pub mod list;
+pub mod renew;
+pub mod revoke;
 pub mod store;

@@ -1,22 +1,38 @@
-//! DNS-01: the [`DnsProvider`] trait, its providers, and the propagation check.
+//! DNS-01: the [`DnsProvider`] trait, its providers, the `_acme-challenge` CNAME chase
+//! and the propagation check.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::sync::Mutex;
 
 use super::{ChallengeData, ChallengeKind, Solver};
 use crate::error::{Error, Result};
 
+mod api;
 pub mod challtestsrv;
+pub mod cloudflare;
 pub mod exec;
+pub mod httpreq;
+pub mod lookup;
 pub mod propagation;
+mod query;
+pub mod rfc2136;
+pub mod settings;
 
 pub use challtestsrv::ChalltestsrvProvider;
+pub use cloudflare::CloudflareProvider;
 pub use exec::ExecProvider;
+pub use httpreq::HttpreqProvider;
+pub use lookup::RecursiveResolvers;
 pub use propagation::PropagationCheck;
+pub use rfc2136::{Rfc2136Provider, TsigAlgorithm, TsigKey};
+pub use settings::ProviderSettings;
 
 /// Something that can create and delete TXT records.
 ///
@@ -31,7 +47,9 @@ pub trait DnsProvider: Send + Sync + fmt::Debug {
     async fn cleanup(&self, fqdn: &str, value: &str) -> Result<()>;
 }
 
-/// Which DNS provider to use, without secrets (they come from the environment).
+/// Which DNS provider to use, without secrets: those, and the other settings of the
+/// providers that take them, are read when the provider is built, from environment
+/// variables or from the TOML file named here (see [`settings`]).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "provider", rename_all = "lowercase")]
 #[non_exhaustive]
@@ -46,6 +64,24 @@ pub enum DnsProviderConfig {
         /// The management API's base URL, e.g. `http://127.0.0.1:8055`.
         url: String,
     },
+    /// Dynamic DNS UPDATE signed with TSIG (`LOBE_TLS_RFC2136_*` or `[rfc2136]`).
+    Rfc2136 {
+        /// The TOML file with a `[rfc2136]` table, if settings come from one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config_file: Option<PathBuf>,
+    },
+    /// Cloudflare's v4 API (`CLOUDFLARE_API_TOKEN` or `[cloudflare]`).
+    Cloudflare {
+        /// The TOML file with a `[cloudflare]` table, if settings come from one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config_file: Option<PathBuf>,
+    },
+    /// A webhook compatible with lego's `httpreq` (`LOBE_TLS_HTTPREQ_*` or `[httpreq]`).
+    Httpreq {
+        /// The TOML file with a `[httpreq]` table, if settings come from one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config_file: Option<PathBuf>,
+    },
 }
 
 impl DnsProviderConfig {
@@ -54,6 +90,18 @@ impl DnsProviderConfig {
         Ok(match self {
             DnsProviderConfig::Exec { program } => Arc::new(ExecProvider::new(program)),
             DnsProviderConfig::Challtestsrv { url } => Arc::new(ChalltestsrvProvider::new(url)?),
+            DnsProviderConfig::Rfc2136 { config_file } => Arc::new(Rfc2136Provider::from_settings(
+                &ProviderSettings::load("rfc2136", config_file.as_deref())?,
+            )?),
+            DnsProviderConfig::Cloudflare { config_file } => {
+                Arc::new(CloudflareProvider::from_settings(&ProviderSettings::load(
+                    "cloudflare",
+                    config_file.as_deref(),
+                )?)?)
+            }
+            DnsProviderConfig::Httpreq { config_file } => Arc::new(HttpreqProvider::from_settings(
+                &ProviderSettings::load("httpreq", config_file.as_deref())?,
+            )?),
         })
     }
 }
@@ -64,12 +112,21 @@ pub struct DnsConfig {
     /// Which provider writes the records.
     #[serde(flatten)]
     pub provider: DnsProviderConfig,
-    /// Resolvers to ask during the propagation check. Empty: the system's resolvers.
+    /// Servers to ask during the propagation check instead of the zone's authoritative
+    /// nameservers (and to follow CNAMEs with). Empty: find the authoritative servers.
     #[serde(default)]
     pub resolvers: Vec<SocketAddr>,
+    /// Recursive resolvers that follow CNAMEs and find the zone's nameservers. Empty:
+    /// the system's (`/etc/resolv.conf`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recursive_resolvers: Vec<SocketAddr>,
     /// How long to wait for records to become visible, in seconds.
     #[serde(default = "default_propagation_timeout")]
     pub propagation_timeout_secs: u64,
+    /// The longest wait between two rounds of the propagation check, in milliseconds;
+    /// the first rounds come sooner (25 ms, doubling).
+    #[serde(default = "default_propagation_interval")]
+    pub propagation_interval_ms: u64,
     /// Whether to check propagation at all.
     #[serde(default = "default_true")]
     pub propagation_check: bool,
@@ -77,6 +134,10 @@ pub struct DnsConfig {
 
 fn default_propagation_timeout() -> u64 {
     120
+}
+
+fn default_propagation_interval() -> u64 {
+    propagation::DEFAULT_INTERVAL.as_millis() as u64
 }
 
 fn default_true() -> bool {
@@ -89,39 +150,96 @@ impl DnsConfig {
         DnsConfig {
             provider,
             resolvers: Vec::new(),
+            recursive_resolvers: Vec::new(),
             propagation_timeout_secs: default_propagation_timeout(),
+            propagation_interval_ms: default_propagation_interval(),
             propagation_check: true,
         }
     }
 }
 
-/// The DNS-01 solver: a provider plus an optional propagation check.
+/// The DNS-01 solver: a provider, the CNAME chase, and an optional propagation check.
+///
+/// If `_acme-challenge.<domain>` is a CNAME (validation delegated to another zone), the
+/// record is written at the end of the chain, where the CA's resolver will look.
 #[derive(Debug, Clone)]
 pub struct Dns01Solver {
     provider: Arc<dyn DnsProvider>,
     propagation: Option<PropagationCheck>,
+    cname_resolvers: Option<RecursiveResolvers>,
+    /// `_acme-challenge` name → where its record was written.
+    targets: Arc<Mutex<HashMap<String, String>>>,
 }
 
 impl Dns01Solver {
     /// A solver writing through `provider` and checking with `propagation`, if given.
+    /// It follows no CNAMEs until [`with_cname_resolvers`](Self::with_cname_resolvers).
     pub fn new(provider: Arc<dyn DnsProvider>, propagation: Option<PropagationCheck>) -> Self {
         Dns01Solver {
             provider,
             propagation,
+            cname_resolvers: None,
+            targets: Arc::default(),
         }
+    }
+
+    /// Follows `_acme-challenge` CNAME chains through `resolvers` before writing.
+    pub fn with_cname_resolvers(mut self, resolvers: RecursiveResolvers) -> Self {
+        self.cname_resolvers = Some(resolvers);
+        self
     }
 
     /// Builds a solver from settings.
     pub fn from_config(config: &DnsConfig) -> Result<Self> {
-        let propagation = if config.propagation_check {
-            Some(PropagationCheck::new(
-                config.resolvers.clone(),
-                Duration::from_secs(config.propagation_timeout_secs),
-            )?)
+        // The explicit servers answer for everything when given; otherwise the recursive
+        // resolvers (or the system's) follow CNAMEs and find the nameservers.
+        let given = if config.resolvers.is_empty() {
+            &config.recursive_resolvers
         } else {
-            None
+            &config.resolvers
         };
-        Ok(Dns01Solver::new(config.provider.build()?, propagation))
+        let resolvers = match RecursiveResolvers::new(given.clone()) {
+            Ok(resolvers) => resolvers,
+            // Without a check, a missing system resolver only means no CNAME chase.
+            Err(e) if !config.propagation_check => {
+                tracing::warn!("{e}; _acme-challenge CNAMEs will not be followed");
+                let provider = config.provider.build()?;
+                return Ok(Dns01Solver::new(provider, None));
+            }
+            Err(e) => return Err(e),
+        };
+        let propagation = config.propagation_check.then(|| {
+            let timeout = Duration::from_secs(config.propagation_timeout_secs);
+            let check = if config.resolvers.is_empty() {
+                PropagationCheck::authoritative(resolvers.clone(), timeout)
+            } else {
+                PropagationCheck::at_servers(config.resolvers.clone(), timeout)
+            };
+            check.with_interval(Duration::from_millis(config.propagation_interval_ms))
+        });
+        Ok(Dns01Solver::new(config.provider.build()?, propagation).with_cname_resolvers(resolvers))
+    }
+
+    /// Where the record for `fqdn` goes: the end of its CNAME chain.
+    async fn target_of(&self, fqdn: &str) -> Result<String> {
+        let Some(resolvers) = &self.cname_resolvers else {
+            return Ok(fqdn.to_owned());
+        };
+        let name = query::fqdn(fqdn).map_err(Error::Dns)?;
+        let target = resolvers.follow_cname(&name).await?.to_ascii();
+        if target != fqdn {
+            tracing::info!(from = %fqdn, to = %target, "_acme-challenge is a CNAME; writing the record at its target");
+        }
+        Ok(target)
+    }
+
+    async fn remembered_target(&self, fqdn: &str) -> String {
+        self.targets
+            .lock()
+            .await
+            .get(fqdn)
+            .cloned()
+            .unwrap_or_else(|| fqdn.to_owned())
     }
 }
 
@@ -132,35 +250,29 @@ impl Solver for Dns01Solver {
     }
 
     async fn present(&self, challenge: &ChallengeData) -> Result<()> {
-        self.provider
-            .present(
-                &challenge.domain.acme_challenge_fqdn(),
-                &challenge.dns_value,
-            )
-            .await
+        let fqdn = challenge.domain.acme_challenge_fqdn();
+        let target = self.target_of(&fqdn).await?;
+        self.targets.lock().await.insert(fqdn, target.clone());
+        self.provider.present(&target, &challenge.dns_value).await
     }
 
     async fn wait_visible(&self, challenge: &ChallengeData) -> Result<()> {
         match &self.propagation {
             Some(check) => {
-                check
-                    .wait_for(
-                        &challenge.domain.acme_challenge_fqdn(),
-                        &challenge.dns_value,
-                    )
-                    .await
+                let target = self
+                    .remembered_target(&challenge.domain.acme_challenge_fqdn())
+                    .await;
+                check.wait_for(&target, &challenge.dns_value).await
             }
             None => Ok(()),
         }
     }
 
     async fn cleanup(&self, challenge: &ChallengeData) -> Result<()> {
-        self.provider
-            .cleanup(
-                &challenge.domain.acme_challenge_fqdn(),
-                &challenge.dns_value,
-            )
-            .await
+        let target = self
+            .remembered_target(&challenge.domain.acme_challenge_fqdn())
+            .await;
+        self.provider.cleanup(&target, &challenge.dns_value).await
     }
 }
 

@@ -1,0 +1,75 @@
+//! `lobe-tls revoke`: ask the CA to revoke a stored certificate.
+
+use std::process::ExitCode;
+
+use clap::ValueEnum;
+use lobe_tls::cert::rfc3339;
+use lobe_tls::{AcmeClient, Error, Result};
+
+use crate::global::Global;
+
+/// Why a certificate is revoked (RFC 5280 reason codes that ACME CAs accept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Reason {
+    /// No reason given.
+    Unspecified,
+    /// The private key was exposed.
+    KeyCompromise,
+    /// The names are no longer yours.
+    AffiliationChanged,
+    /// A newer certificate replaces it.
+    Superseded,
+    /// The names are no longer in use.
+    CessationOfOperation,
+}
+
+impl Reason {
+    fn to_acme(self) -> lobe_tls::acme::RevocationReason {
+        use lobe_tls::acme::RevocationReason as R;
+        match self {
+            Reason::Unspecified => R::Unspecified,
+            Reason::KeyCompromise => R::KeyCompromise,
+            Reason::AffiliationChanged => R::AffiliationChanged,
+            Reason::Superseded => R::Superseded,
+            Reason::CessationOfOperation => R::CessationOfOperation,
+        }
+    }
+}
+
+/// Options of `lobe-tls revoke`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The stored certificate to revoke.
+    #[arg(long)]
+    pub name: String,
+
+    /// Why.
+    #[arg(long, value_enum, default_value = "unspecified")]
+    pub reason: Reason,
+}
+
+/// Runs the command. The certificate stays in the store; `lobe-tls renew --name NAME
+/// --force` replaces it.
+pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
+    let store = global.open_existing_store().await?;
+    let stored = store.load_cert(&args.name).await?.ok_or_else(|| {
+        Error::Config(format!(
+            "no certificate named {:?} in the store; see lobe-tls list",
+            args.name
+        ))
+    })?;
+    // Revoke at the CA that issued it, with this account.
+    let mut acme = global.acme_config()?;
+    acme.directory = stored.meta.directory.clone();
+    let client = AcmeClient::connect(&acme, store.as_ref()).await?;
+    client.revoke(&stored.bundle, args.reason.to_acme()).await?;
+    let info = stored.bundle.info()?;
+    println!(
+        "revoked {} (serial {}, was valid until {}); replace it with: lobe-tls renew --name {} --force",
+        args.name,
+        info.serial,
+        rfc3339(info.not_after),
+        args.name
+    );
+    Ok(ExitCode::SUCCESS)
+}
