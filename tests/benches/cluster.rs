@@ -239,7 +239,7 @@ async fn interleaved(
     client: &Arc<rustls::ClientConfig>,
     n: usize,
 ) -> BenchResult<(Vec<Duration>, Vec<Duration>)> {
-    if round % 2 == 0 {
+    if round.is_multiple_of(2) {
         let a = handshakes(first, client, n).await?;
         let b = handshakes(second, client, n).await?;
         Ok((a, b))

@@ -15,9 +15,9 @@ pub mod ari_shim;
 pub mod cloudflare_api;
 pub mod dns;
 pub mod http_server;
-pub mod tls_probe;
 pub mod redis;
 pub mod tls;
+pub mod tls_probe;
 
 pub use redis::RedisServer;
 
