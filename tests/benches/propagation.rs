@@ -52,17 +52,18 @@ async fn main() {
 
     // The record appears while the check polls; delays spread over the back-off steps.
     for (label, interval) in [
-        ("visible→validated (interval 2 s)", Duration::from_secs(2)),
+        ("visible→validated (interval 1 s)", Duration::from_secs(1)),
         (
-            "visible→validated (interval 0.5 s)",
-            Duration::from_millis(500),
+            "visible→validated (interval 0.25 s)",
+            Duration::from_millis(250),
         ),
     ] {
         let check = check.clone().with_interval(interval);
         let mut lags = Vec::new();
         for round in 0..ROUNDS {
             let name = format!("_acme-challenge.late{round}.{ZONE}.");
-            let delay = Duration::from_millis(50 + (round as u64 * 97) % 1500);
+            // 50 ms to 3 s: early (fast polls) and late (steady interval) appearances.
+            let delay = Duration::from_millis(50 + (round as u64 * 199) % 2950);
             let waiter = {
                 let (check, name) = (check.clone(), name.clone());
                 tokio::spawn(async move {

@@ -6,3 +6,4 @@ pub mod list;
 pub mod renew;
 pub mod revoke;
 pub mod store;
+pub mod serve;
