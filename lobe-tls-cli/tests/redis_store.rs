@@ -151,3 +151,70 @@ async fn issue_with_a_redis_store_stores_there_and_list_shows_it() {
         "the account lives in Redis too"
     );
 }
+
+/// `lobe-tls serve`, killed on drop.
+struct Serve(std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn two_serve_instances_on_one_redis_order_once_and_serve_the_same_certificate() {
+    use std::time::{Duration, Instant};
+    let redis = RedisServer::start();
+    let pebble = Pebble::start(PebbleOptions::default());
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap().to_string();
+    let name = "serve-cluster.example.com";
+    // Only instance B's HTTP listener is where Pebble validates.
+    let http_listens = [
+        format!("127.0.0.1:{}", lobe_tls_tests::free_port()),
+        pebble.http_listen(),
+    ];
+    let mut listens = Vec::new();
+    let mut instances = Vec::new();
+    for http_listen in &http_listens {
+        let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+            .args(["serve", "--listen", &listen, "--upstream", &upstream_addr])
+            .args(["-d", name, "--http-listen", http_listen])
+            .env("LOBE_TLS_STORE", redis.url())
+            .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
+            .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        instances.push(Serve(child));
+        listens.push(listen.parse::<std::net::SocketAddr>().unwrap());
+    }
+
+    let client = lobe_tls_tests::tls::client_config(&pebble.issuing_root_pem().await);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut serials = Vec::new();
+        for addr in &listens {
+            serials.push(lobe_tls_tests::tls::handshake_serial(*addr, name, client.clone()).await);
+        }
+        if serials[0].is_ok() && serials[0] == serials[1] {
+            break;
+        }
+        for instance in &mut instances {
+            assert!(
+                instance.0.try_wait().unwrap().is_none(),
+                "serve exited early"
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "instances never served one certificate: {serials:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(pebble.orders_created(), 1, "one order for the cluster");
+}

@@ -5,5 +5,5 @@ pub mod issue;
 pub mod list;
 pub mod renew;
 pub mod revoke;
-pub mod store;
 pub mod serve;
+pub mod store;
