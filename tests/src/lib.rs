@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use lobe_tls::AcmeConfig;
 
 pub mod ari_shim;
-pub mod tls_probe;
 pub mod cloudflare_api;
 pub mod dns;
 pub mod http_server;
+pub mod tls_probe;
 
 /// Pebble's example EAB key id and its HMAC key (base64url).
 pub const EAB_KID: &str = "kid-1";
