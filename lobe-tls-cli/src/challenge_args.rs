@@ -82,7 +82,7 @@ pub struct ChallengeArgs {
 
     /// Longest pause between two rounds of the propagation check, in seconds (the first
     /// rounds come after 25 ms, doubling).
-    #[arg(long, env = "LOBE_TLS_PROPAGATION_INTERVAL", default_value_t = 2.0)]
+    #[arg(long, env = "LOBE_TLS_PROPAGATION_INTERVAL", default_value_t = 1.0)]
     pub propagation_interval: f64,
 
     /// Skip the DNS propagation check.

@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Order a certificate and store it.
-    Issue(cmd::issue::Args),
+    Issue(Box<cmd::issue::Args>),
     /// List stored certificates.
     List(cmd::list::Args),
     /// Check stored certificates; exit 0 when fine, 1 inside the warning window, 2 when broken.
@@ -32,6 +32,8 @@ enum Command {
     Renew(cmd::renew::Args),
     /// Revoke a stored certificate at its CA.
     Revoke(cmd::revoke::Args),
+    /// Terminate TLS in front of a plain-TCP upstream, with managed certificates and/or a watched directory.
+    Serve(Box<cmd::serve::Args>),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +56,7 @@ fn main() -> ExitCode {
             Command::Check(args) => cmd::check::run(&cli.global, args).await,
             Command::Renew(args) => cmd::renew::run(&cli.global, args).await,
             Command::Revoke(args) => cmd::revoke::run(&cli.global, args).await,
+            Command::Serve(args) => cmd::serve::run(&cli.global, args).await,
         };
         match result {
             Ok(code) => code,

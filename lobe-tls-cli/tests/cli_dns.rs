@@ -38,7 +38,7 @@ fn start() -> (DnsTestbed, Pebble, tempfile::TempDir) {
         dns_server: Some(dns.resolver_addr),
         ..PebbleOptions::default()
     });
-    (dns, pebble, tempfile::tempdir().unwrap())
+    (dns, pebble, tempfile::tempdir().expect("tempdir"))
 }
 
 #[tokio::test]
@@ -130,10 +130,25 @@ async fn issue_rfc2136_with_config_file_through_cname_delegation() {
         ],
     );
     assert_ok(&out);
-    let fullchain =
-        std::fs::read_to_string(store.join(format!("live/_.{apex}/fullchain.pem"))).unwrap();
+    let live = store.join(format!("live/_.{apex}"));
+    let fullchain = std::fs::read_to_string(live.join("fullchain.pem")).unwrap();
     let root = pebble.issuing_root_pem().await;
     verify_chain(&fullchain, &root, &apex).unwrap();
+
+    // A renewal repeats the order from the metadata, which names the config file.
+    let renew = lobe(
+        &store,
+        &pebble,
+        &[],
+        &["renew", "--force", "--name", &format!("_.{apex}")],
+    );
+    assert_ok(&renew);
+    let renewed = std::fs::read_to_string(live.join("fullchain.pem")).unwrap();
+    assert_ne!(
+        renewed, fullchain,
+        "the renewal must store a new certificate"
+    );
+    verify_chain(&renewed, &root, &format!("x.{apex}")).unwrap();
 }
 
 #[tokio::test]

@@ -31,6 +31,28 @@ pub const LETSENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.
 /// about 10^9 tries, instead of once in eight.
 const BAD_NONCE_RETRIES: u32 = 8;
 
+/// Polls an order with an instant-acme poll call in two stages: soon and doubling
+/// ([`fast_poll_policy`]), then steady ([`steady_poll_policy`]) until `deadline`. A CA's
+/// `Retry-After` overrides either schedule (instant-acme honours it).
+///
+/// Two stages because one geometric schedule either starts slow or, doubling on, stops
+/// polling long before the deadline: instant-acme ends a schedule once its next interval
+/// would overshoot. A macro rather than a function taking an async closure, whose
+/// future the compiler cannot yet prove `Send`.
+macro_rules! poll_order {
+    ($deadline:expr, |$policy:ident| $call:expr) => {{
+        let deadline = $deadline;
+        let $policy = fast_poll_policy(deadline);
+        match $call {
+            Err(instant_acme::Error::Timeout(None)) => match steady_poll_policy(deadline) {
+                Some($policy) => $call,
+                None => Err(instant_acme::Error::Timeout(None)),
+            },
+            outcome => outcome,
+        }
+    }};
+}
+
 /// Runs an instant-acme call again while it fails with `badNonce`. Each run signs a new
 /// request with a fresh nonce; a rejected request changed nothing at the CA, so
 /// repeating it is safe.
@@ -388,13 +410,10 @@ impl AcmeClient {
         if !presented.is_empty() {
             say("waiting for the CA to validate");
         }
-        let status = retry_bad_nonce!(
-            order
-                .poll_ready(&poll_policy(
-                    self.config.order_timeout.saturating_sub(started.elapsed())
-                ))
-                .await
-        )
+        let deadline = started + self.config.order_timeout;
+        let status = retry_bad_nonce!(poll_order!(deadline, |policy| order
+            .poll_ready(&policy)
+            .await))
         .map_err(|e| match &e {
             // The order's own problem document: a challenge failed validation.
             instant_acme::Error::Api(problem) => {
@@ -422,13 +441,9 @@ impl AcmeClient {
             .map_err(|e| Error::Certificate(format!("cannot sign the CSR: {e}")))?;
         retry_bad_nonce!(order.finalize_csr(csr.der()).await)
             .map_err(|e| acme_error("the CA refused to finalize the order", &e))?;
-        let chain = retry_bad_nonce!(
-            order
-                .poll_certificate(&poll_policy(
-                    self.config.order_timeout.saturating_sub(started.elapsed())
-                ))
-                .await
-        )
+        let chain = retry_bad_nonce!(poll_order!(deadline, |policy| order
+            .poll_certificate(&policy)
+            .await))
         .map_err(|e| acme_error("cannot download the certificate", &e))?;
         let bundle = CertBundle::from_pem(chain, key.serialize_pem())?;
         bundle.validate_for(&request.domains)?;
@@ -504,12 +519,33 @@ fn is_bad_nonce(error: &instant_acme::Error) -> bool {
         if problem.r#type.as_deref() == Some("urn:ietf:params:acme:error:badNonce"))
 }
 
-/// Poll soon, then back off: fast CAs stay fast and slow ones are not hammered.
-fn poll_policy(timeout: Duration) -> RetryPolicy {
+/// The first poll of an order's state comes this soon: Pebble validates and issues within
+/// a few milliseconds, and each poll is one small request.
+const FIRST_POLL: Duration = Duration::from_millis(10);
+/// Polls double their interval from [`FIRST_POLL`] for about this long (the last
+/// one lands at 1.27 s)...
+const FAST_POLLING: Duration = Duration::from_millis(2500);
+/// ...and then come at this steady interval until the order's deadline, so a slow CA
+/// sees one request every few seconds and polling never gives up before the deadline.
+const STEADY_POLL: Duration = Duration::from_secs(2);
+
+/// The first stage of polling: soon, then doubling.
+fn fast_poll_policy(deadline: Instant) -> RetryPolicy {
     RetryPolicy::new()
-        .initial_delay(Duration::from_millis(50))
-        .backoff(1.5)
-        .timeout(timeout)
+        .initial_delay(FIRST_POLL)
+        .backoff(2.0)
+        .timeout(FAST_POLLING.min(deadline.saturating_duration_since(Instant::now())))
+}
+
+/// The second stage of polling, if the deadline leaves room for one more poll.
+fn steady_poll_policy(deadline: Instant) -> Option<RetryPolicy> {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    (remaining > STEADY_POLL).then(|| {
+        RetryPolicy::new()
+            .initial_delay(STEADY_POLL)
+            .backoff(1.0)
+            .timeout(remaining)
+    })
 }
 
 fn names(domains: &[DomainName]) -> String {
@@ -609,5 +645,39 @@ mod tests {
             hmac_key_b64: "c2VjcmV0".into(),
         };
         assert!(!format!("{eab:?}").contains("c2VjcmV0"));
+    }
+
+    #[test]
+    fn issuing_can_run_on_a_spawned_task() {
+        // Compiles only if the order's future is `Send`, as `tokio::spawn` needs.
+        fn assert_send<T: Send>(_: &T) {}
+        let _check = |client: &AcmeClient, request: &OrderRequest, solver: &dyn Solver| {
+            assert_send(&client.issue(request, solver, None));
+        };
+    }
+
+    #[test]
+    fn polling_starts_soon_then_continues_steadily_until_the_order_deadline() {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let fast = format!("{:?}", fast_poll_policy(deadline));
+        assert!(
+            fast.contains("delay: 10ms") && fast.contains("timeout: 2.5s"),
+            "{fast}"
+        );
+        let steady = format!("{:?}", steady_poll_policy(deadline));
+        assert!(
+            steady.contains("delay: 2s") && steady.contains("backoff: 1.0"),
+            "{steady}"
+        );
+        // The steady stage runs to the order's deadline, not a fixed share of it.
+        assert!(steady.contains("timeout: 29"), "{steady}");
+    }
+
+    #[test]
+    fn polling_near_the_deadline_has_no_steady_stage() {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        assert!(steady_poll_policy(deadline).is_none());
+        let fast = format!("{:?}", fast_poll_policy(deadline));
+        assert!(!fast.contains("timeout: 2.5s"), "{fast}");
     }
 }

@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
+use lobe_tls::challenge::DnsProviderConfig;
 use lobe_tls::challenge::dns01::{CloudflareProvider, DnsProvider, HttpreqProvider};
 use lobe_tls_tests::cloudflare_api::CloudflareApi;
 use lobe_tls_tests::dns::{DnsTestbed, ZONE};
@@ -208,4 +209,60 @@ async fn httpreq_wrong_password_names_the_setting_to_fix() {
         "{err}"
     );
     assert!(!err.contains("not-the-password"), "{err}");
+}
+
+#[tokio::test]
+async fn cloudflare_settings_come_from_the_config_file() {
+    let api = CloudflareApi::start(TOKEN, &["example.com"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dns.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[cloudflare]\napi_token = \"{TOKEN}\"\napi_url = \"{}\"\n",
+            api.url()
+        ),
+    )
+    .unwrap();
+    let provider = DnsProviderConfig::Cloudflare {
+        config_file: Some(file),
+    }
+    .build()
+    .unwrap();
+    provider
+        .present("_acme-challenge.example.com.", "from-file")
+        .await
+        .unwrap();
+    assert_eq!(api.records()[0].content, "from-file");
+    provider
+        .cleanup("_acme-challenge.example.com.", "from-file")
+        .await
+        .unwrap();
+    assert!(api.records().is_empty());
+}
+
+#[tokio::test]
+async fn provider_config_file_errors_name_the_missing_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dns.toml");
+    std::fs::write(&file, "[httpreq]\nusername = \"only-user\"\n").unwrap();
+    let err = DnsProviderConfig::Httpreq {
+        config_file: Some(file.clone()),
+    }
+    .build()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("LOBE_TLS_HTTPREQ_ENDPOINT") && err.contains("`endpoint` under [httpreq]"),
+        "{err}"
+    );
+
+    std::fs::write(&file, "[rfc2136\n").unwrap();
+    let err = DnsProviderConfig::Rfc2136 {
+        config_file: Some(file.clone()),
+    }
+    .build()
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("not valid TOML"), "{err}");
 }

@@ -308,9 +308,19 @@ async fn a_failed_challenge_reports_the_problem_and_leaves_the_previous_cert_unt
     let before = snapshot(&live);
 
     // A registry that no listener serves: Pebble's validation finds nothing on the port.
-    let err = issue_and_store(&client, &store, req, Some(Http01Registry::new()), None)
-        .await
-        .unwrap_err();
+    // A second account: Pebble reuses a valid authorization of the same account now and
+    // then even at PEBBLE_AUTHZREUSE=0, which would let this order succeed.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other_client = connect(&pebble, &FileStore::open(other_dir.path()).unwrap()).await;
+    let err = issue_and_store(
+        &other_client,
+        &store,
+        req,
+        Some(Http01Registry::new()),
+        None,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::Challenge(_)), "{err}");
     let text = err.to_string();
     assert!(text.contains("keep.example.com"), "{text}");

@@ -5,3 +5,4 @@ pub mod issue;
 pub mod list;
 pub mod renew;
 pub mod revoke;
+pub mod serve;

@@ -159,10 +159,11 @@ impl CloudflareProvider {
                 response.body_excerpt()
             )
         })?;
-        if response.status.is_success() && envelope.success {
-            if let Some(result) = envelope.result {
-                return Ok(result);
-            }
+        if response.status.is_success()
+            && envelope.success
+            && let Some(result) = envelope.result
+        {
+            return Ok(result);
         }
         let codes: Vec<u64> = envelope.errors.iter().map(|e| e.code).collect();
         let details: Vec<String> = envelope

@@ -193,10 +193,20 @@ impl Dns01Solver {
     pub fn from_config(config: &DnsConfig) -> Result<Self> {
         // The explicit servers answer for everything when given; otherwise the recursive
         // resolvers (or the system's) follow CNAMEs and find the nameservers.
-        let resolvers = if config.resolvers.is_empty() {
-            RecursiveResolvers::new(config.recursive_resolvers.clone())?
+        let given = if config.resolvers.is_empty() {
+            &config.recursive_resolvers
         } else {
-            RecursiveResolvers::new(config.resolvers.clone())?
+            &config.resolvers
+        };
+        let resolvers = match RecursiveResolvers::new(given.clone()) {
+            Ok(resolvers) => resolvers,
+            // Without a check, a missing system resolver only means no CNAME chase.
+            Err(e) if !config.propagation_check => {
+                tracing::warn!("{e}; _acme-challenge CNAMEs will not be followed");
+                let provider = config.provider.build()?;
+                return Ok(Dns01Solver::new(provider, None));
+            }
+            Err(e) => return Err(e),
         };
         let propagation = config.propagation_check.then(|| {
             let timeout = Duration::from_secs(config.propagation_timeout_secs);

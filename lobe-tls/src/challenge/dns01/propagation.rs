@@ -19,8 +19,9 @@ use crate::error::{Error, Result};
 /// slow one is not hammered.
 const FIRST_INTERVAL: Duration = Duration::from_millis(25);
 
-/// The default longest wait between two rounds of queries.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(2);
+/// The default longest wait between two rounds of queries: a record is seen at most
+/// about a second after it appears.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Where the check looks.
 #[derive(Debug, Clone)]

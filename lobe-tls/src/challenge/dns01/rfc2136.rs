@@ -293,13 +293,13 @@ impl Rfc2136Provider {
             }
             (None, Some(file)) => {
                 let key = TsigKey::from_bind_file(Path::new(&file), key_name.as_deref())?;
-                if let Some(a) = algorithm {
-                    if a.parse::<TsigAlgorithm>()? != key.algorithm {
-                        return Err(Error::Config(format!(
-                            "LOBE_TLS_RFC2136_TSIG_ALGORITHM says {a}, but {file} says {}",
-                            key.algorithm.as_str()
-                        )));
-                    }
+                if let Some(a) = algorithm
+                    && a.parse::<TsigAlgorithm>()? != key.algorithm
+                {
+                    return Err(Error::Config(format!(
+                        "LOBE_TLS_RFC2136_TSIG_ALGORITHM says {a}, but {file} says {}",
+                        key.algorithm.as_str()
+                    )));
                 }
                 Some(key)
             }

@@ -81,10 +81,10 @@ impl ProviderSettings {
 
     /// The setting from env var `env`, else key `key` of the file's table.
     pub fn get(&self, env: &str, key: &str) -> Result<Option<String>> {
-        if let Ok(value) = std::env::var(env) {
-            if !value.is_empty() {
-                return Ok(Some(value));
-            }
+        if let Ok(value) = std::env::var(env)
+            && !value.is_empty()
+        {
+            return Ok(Some(value));
         }
         match self.table.get(key) {
             None => Ok(None),
@@ -121,12 +121,12 @@ impl ProviderSettings {
 
 fn warn_if_readable_by_others(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o044 != 0 {
-            tracing::warn!(
-                "{} is readable by other users and may hold secrets; chmod 600 it",
-                path.display()
-            );
-        }
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o044 != 0
+    {
+        tracing::warn!(
+            "{} is readable by other users and may hold secrets; chmod 600 it",
+            path.display()
+        );
     }
 }

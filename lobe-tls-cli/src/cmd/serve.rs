@@ -1,0 +1,248 @@
+//! `lobe-tls serve`: a TLS terminator in front of a plain-TCP upstream.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lobe_tls::manager::{Event, MaintenanceHandle};
+use lobe_tls::metrics::CertExpiry;
+use lobe_tls::watch::{CertDirWatcher, WatchOptions};
+use lobe_tls::{
+    CertResolver, ChallengeKind, Error, Http01Listener, Http01Registry, ManagedCert, Manager,
+    Metrics, MetricsListener, Result, Terminator, TerminatorConfig, domain,
+};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::broadcast;
+
+use crate::challenge_args::ChallengeArgs;
+use crate::global::Global;
+
+/// Options of `lobe-tls serve`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Address to accept TLS connections on.
+    #[arg(long, env = "LOBE_TLS_LISTEN", default_value = "0.0.0.0:443")]
+    pub listen: String,
+
+    /// Plain TCP address (host:port) that decrypted bytes are forwarded to.
+    #[arg(long, env = "LOBE_TLS_UPSTREAM")]
+    pub upstream: String,
+
+    /// Serve the certificates another process writes here (certbot's live/, a Kubernetes
+    /// secret mount, fullchain.pem/privkey.pem or tls.crt/tls.key pairs); repeatable.
+    #[arg(long = "cert-dir", env = "LOBE_TLS_CERT_DIR", value_delimiter = ',')]
+    pub cert_dirs: Vec<PathBuf>,
+
+    /// Certificate (pair name or DNS name) for clients that send no or an unknown server
+    /// name. Without it such handshakes are refused.
+    #[arg(long, env = "LOBE_TLS_DEFAULT_NAME")]
+    pub default_name: Option<String>,
+
+    /// Name of the managed certificate in the store (default: its first domain).
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// Domain of a certificate to manage: issued at start if the store lacks it, then
+    /// renewed in the background. Repeatable.
+    #[arg(short = 'd', long = "domain")]
+    pub domains: Vec<String>,
+
+    #[command(flatten)]
+    pub challenge: ChallengeArgs,
+
+    /// Do not listen for plain HTTP (challenges and the redirect to https) on --http-listen.
+    #[arg(long, env = "LOBE_TLS_NO_HTTP")]
+    pub no_http: bool,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "LOBE_TLS_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+
+    /// Close connections that move no byte either way for this many seconds.
+    #[arg(long, env = "LOBE_TLS_IDLE_TIMEOUT", default_value_t = 3600)]
+    pub idle_timeout: u64,
+
+    /// On SIGTERM, seconds to let open connections finish before cutting them.
+    #[arg(long, env = "LOBE_TLS_DRAIN_TIMEOUT", default_value_t = 30)]
+    pub drain_timeout: u64,
+}
+
+/// Runs the command until SIGTERM or SIGINT.
+pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
+    if args.cert_dirs.is_empty() && args.domains.is_empty() {
+        return Err(Error::Config(
+            "nothing to serve: give --cert-dir DIR and/or managed names with -d DOMAIN".into(),
+        ));
+    }
+    if args.name.is_some() && args.domains.is_empty() {
+        return Err(Error::Config(
+            "--name needs the certificate's domains: add -d DOMAIN (repeatable)".into(),
+        ));
+    }
+    let managed = managed_cert(args)?;
+    if managed.is_some() && args.challenge.challenge == ChallengeKind::Http01 && args.no_http {
+        return Err(Error::Config(
+            "--challenge http-01 answers on --http-listen: drop --no-http or use another challenge"
+                .into(),
+        ));
+    }
+    // Registered before anything is bound, so a SIGTERM during start-up is not lost.
+    let mut terminate = signal(SignalKind::terminate())
+        .map_err(|e| Error::Config(format!("cannot handle SIGTERM: {e}")))?;
+
+    let resolver = CertResolver::new();
+    let metrics = Metrics::new();
+    let mut watchers = Vec::new();
+    for dir in &args.cert_dirs {
+        watchers.push(watch_dir(dir, args, &resolver, &metrics).await?);
+    }
+
+    let mut config = TerminatorConfig::new(&args.upstream);
+    config.idle_timeout = Duration::from_secs(args.idle_timeout);
+    config.drain_timeout = Duration::from_secs(args.drain_timeout);
+    let terminator = Terminator::bind(
+        &args.listen,
+        Arc::new(resolver.clone()),
+        config,
+        metrics.clone(),
+    )
+    .await?;
+    let listen = terminator.local_addr();
+
+    // The listeners are up before the manager orders, so the CA can reach the challenges:
+    // HTTP-01 through the HTTP listener, TLS-ALPN-01 through the terminator itself.
+    let registry = Http01Registry::new();
+    let _http = if args.no_http {
+        None
+    } else {
+        let service = registry.service().redirect_others_to_https();
+        Some(Http01Listener::bind(&args.challenge.http_listen, service).await?)
+    };
+    let _metrics_listener = match &args.metrics_listen {
+        Some(addr) => Some(MetricsListener::bind(addr, metrics.clone()).await?),
+        None => None,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(terminator.run(async move {
+        let _ = stopped.await;
+    }));
+
+    let _maintenance = match managed {
+        Some(cert) => Some(start_manager(global, cert, &resolver, &registry, &metrics).await?),
+        None => None,
+    };
+    if resolver.is_empty() {
+        tracing::warn!("no valid certificate yet; handshakes are refused until one appears");
+    }
+    tracing::info!(%listen, upstream = args.upstream, certificates = resolver.len(), "serving");
+
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+    let _ = stop.send(());
+    let _ = serving.await;
+    drop(watchers);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The managed certificate `--name`/`-d` and the challenge options describe, if any.
+fn managed_cert(args: &Args) -> Result<Option<ManagedCert>> {
+    if args.domains.is_empty() {
+        return Ok(None);
+    }
+    let domains = domain::parse_all(&args.domains)?;
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => domains[0].as_str().trim_start_matches("*.").to_owned(),
+    };
+    let mut challenge = args.challenge.to_config()?;
+    // TLS-ALPN-01 is answered by the terminator's own listener, not a standalone one.
+    challenge.tls_listen = None;
+    Ok(Some(
+        ManagedCert::new(name, domains).with_challenge(challenge),
+    ))
+}
+
+/// Starts watching `dir` and reports its certificates to the metrics.
+async fn watch_dir(
+    dir: &std::path::Path,
+    args: &Args,
+    resolver: &CertResolver,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<CertDirWatcher>> {
+    let options = WatchOptions {
+        default_name: args.default_name.clone(),
+        ..WatchOptions::default()
+    };
+    let watcher = Arc::new(CertDirWatcher::start(dir, resolver.clone(), options).await?);
+    let source = watcher.clone();
+    metrics.add_cert_source(move || {
+        source
+            .certificates()
+            .into_iter()
+            .map(|cert| CertExpiry {
+                name: cert.name,
+                source: "dir",
+                not_after: cert.info.not_after.unix_timestamp(),
+            })
+            .collect()
+    });
+    Ok(watcher)
+}
+
+/// Loads the store, issues `cert` if it is missing, and renews in the background. Renewal
+/// failures and expiries go to the metrics.
+async fn start_manager(
+    global: &Global,
+    cert: ManagedCert,
+    resolver: &CertResolver,
+    registry: &Http01Registry,
+    metrics: &Arc<Metrics>,
+) -> Result<MaintenanceHandle> {
+    let name = cert.name.clone();
+    let manager = Manager::builder(global.acme_config()?, global.open_store().await?)
+        .resolver(resolver.clone())
+        .http01(registry.clone())
+        .cert(cert)
+        .build()?;
+    metrics.track_renewals(&name);
+    let mut events = manager.subscribe();
+    let counted = metrics.clone();
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(Event::RenewalFailed { name, .. }) => counted.renewal_failed(&name),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    let source = manager.clone();
+    metrics.add_cert_source(move || {
+        source
+            .certificates()
+            .into_iter()
+            .filter_map(|state| {
+                Some(CertExpiry {
+                    not_after: state.info?.not_after.unix_timestamp(),
+                    name: state.name,
+                    source: "managed",
+                })
+            })
+            .collect()
+    });
+    let report = manager.start().await?;
+    for (failed, error) in &report.failed {
+        tracing::error!(
+            name = failed,
+            error,
+            "could not issue the certificate; retrying in the background"
+        );
+    }
+    for (unusable, error) in &report.unusable {
+        tracing::error!(name = unusable, error, "stored certificate is unusable");
+    }
+    Ok(manager.spawn())
+}

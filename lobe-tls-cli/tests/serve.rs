@@ -1,0 +1,385 @@
+//! `lobe-tls serve` as a user runs it: the real binary, real sockets, real signals.
+// Test helpers: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::net::TcpListener as StdListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+
+const NAME: &str = "serve.example.com";
+const STEP: Duration = Duration::from_secs(10);
+
+/// Writes a CA-signed pair for `NAME` under `dir/site/` and returns a connector trusting the CA.
+fn write_certificate(dir: &Path) -> TlsConnector {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec![NAME.to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::create_dir_all(dir.join("site")).unwrap();
+    std::fs::write(dir.join("site/fullchain.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("site/privkey.pem"), key.serialize_pem()).unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The binary, killed on drop if a test fails half-way.
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn lobe_tls(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
+    cmd.args(args)
+        .env_remove("LOBE_TLS_STORE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+async fn tls_connect(
+    connector: &TlsConnector,
+    addr: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    connector
+        .connect(ServerName::try_from(NAME).unwrap(), tcp)
+        .await
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {NAME}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(STEP, tcp.read_to_string(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    response
+}
+
+#[tokio::test]
+async fn serve_forwards_redirects_reports_metrics_and_drains_on_sigterm() {
+    let certs = tempfile::tempdir().unwrap();
+    let connector = write_certificate(certs.path());
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = upstream.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let listen = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut serve = Serve(
+        lobe_tls(&[
+            "serve",
+            "--listen",
+            &listen,
+            "--upstream",
+            &upstream_addr,
+            "--cert-dir",
+            certs.path().to_str().unwrap(),
+            "--http-listen",
+            &http,
+            "--metrics-listen",
+            &metrics,
+            "--drain-timeout",
+            "20",
+        ])
+        .spawn()
+        .unwrap(),
+    );
+
+    // Ready once a handshake succeeds.
+    let deadline = Instant::now() + STEP;
+    let mut open = loop {
+        match tls_connect(&connector, &listen).await {
+            Ok(stream) => break stream,
+            Err(e) if Instant::now() > deadline => panic!("serve never came up: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    open.write_all(b"hello").await.unwrap();
+    let mut echo = [0u8; 5];
+    open.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"hello");
+
+    let redirect = http_get(&http, "/chat?x=1").await;
+    assert!(redirect.starts_with("HTTP/1.1 301"), "{redirect}");
+    assert!(
+        redirect.contains(&format!("location: https://{NAME}/chat?x=1")),
+        "{redirect}"
+    );
+    let challenge = http_get(&http, "/.well-known/acme-challenge/unknown").await;
+    assert!(challenge.starts_with("HTTP/1.1 404"), "{challenge}");
+
+    let scraped = http_get(&metrics, "/metrics").await;
+    assert!(
+        scraped.contains(
+            "lobe_tls_certificate_expiry_timestamp_seconds{name=\"site\",source=\"dir\"} "
+        ),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("lobe_tls_active_connections 1\n"),
+        "{scraped}"
+    );
+
+    // SIGTERM: stop accepting, keep the open connection going, exit once it closes.
+    let pid = serve.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + STEP;
+    while TcpStream::connect(&listen).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    open.write_all(b"again").await.unwrap();
+    open.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"again");
+    assert!(
+        serve.0.try_wait().unwrap().is_none(),
+        "exited before draining"
+    );
+    open.shutdown().await.unwrap();
+    drop(open);
+
+    let deadline = Instant::now() + STEP;
+    let status = loop {
+        if let Some(status) = serve.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "did not exit after draining");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn busy_port_is_one_clear_line_and_exit_status_1() {
+    let certs = tempfile::tempdir().unwrap();
+    write_certificate(certs.path());
+    let taken = StdListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = lobe_tls(&[
+        "serve",
+        "--listen",
+        &addr,
+        "--upstream",
+        "127.0.0.1:1",
+        "--cert-dir",
+        certs.path().to_str().unwrap(),
+        "--no-http",
+    ])
+    .output()
+    .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn nothing_to_serve_is_a_clear_error() {
+    let output = lobe_tls(&["serve", "--upstream", "127.0.0.1:1", "--no-http"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("--cert-dir"), "{stderr}");
+}
+
+/// A connector trusting `root_pem` only.
+fn connector_for(root_pem: &str) -> TlsConnector {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// Runs `serve` for one managed name against Pebble with `challenge`, and checks that the
+/// issued certificate is served, verified by Pebble's root, and reported in the metrics.
+async fn managed_name_is_issued_and_served(challenge: &str) {
+    use lobe_tls_tests::{Pebble, PebbleOptions};
+    let pebble = Pebble::start(PebbleOptions::default());
+    let store = tempfile::tempdir().unwrap();
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let _ = stream.write_all(b"upstream says hi\n").await;
+            });
+        }
+    });
+    // TLS-ALPN-01 is validated on the terminator's own port; HTTP-01 on the HTTP listener.
+    let listen = if challenge == "tls-alpn-01" {
+        pebble.tls_listen()
+    } else {
+        format!("127.0.0.1:{}", free_port())
+    };
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut cmd = lobe_tls(&[
+        "serve",
+        "--listen",
+        &listen,
+        "--upstream",
+        &upstream_addr,
+        "-d",
+        NAME,
+        "--challenge",
+        challenge,
+        "--http-listen",
+        &pebble.http_listen(),
+        "--metrics-listen",
+        &metrics,
+    ]);
+    cmd.env("LOBE_TLS_STORE", store.path())
+        .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
+        .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file);
+    let mut serve = Serve(cmd.spawn().unwrap());
+
+    let connector = connector_for(&pebble.issuing_root_pem().await);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tls = loop {
+        match tls_connect(&connector, &listen).await {
+            Ok(stream) => break stream,
+            Err(e) => {
+                if let Some(status) = serve.0.try_wait().unwrap() {
+                    let mut err = String::new();
+                    use std::io::Read;
+                    serve
+                        .0
+                        .stderr
+                        .take()
+                        .unwrap()
+                        .read_to_string(&mut err)
+                        .unwrap();
+                    panic!("serve exited with {status}: {err}");
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "never served a verified certificate: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let mut greeting = String::new();
+    tokio::time::timeout(STEP, tls.read_to_string(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(greeting, "upstream says hi\n");
+    drop(tls);
+    assert!(
+        store
+            .path()
+            .join("live")
+            .join(NAME)
+            .join("privkey.pem")
+            .exists()
+    );
+
+    let scraped = http_get(&metrics, "/metrics").await;
+    assert!(
+        scraped.contains(&format!(
+            "lobe_tls_certificate_expiry_timestamp_seconds{{name=\"{NAME}\",source=\"managed\"}} "
+        )),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains(&format!(
+            "lobe_tls_renewal_failures_total{{name=\"{NAME}\"}} 0"
+        )),
+        "{scraped}"
+    );
+
+    let pid = serve.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + STEP;
+    let status = loop {
+        if let Some(status) = serve.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn managed_name_is_issued_through_http01_on_the_http_listener_and_served() {
+    managed_name_is_issued_and_served("http-01").await;
+}
+
+#[tokio::test]
+async fn managed_name_is_issued_through_tls_alpn01_on_the_terminator_and_served() {
+    managed_name_is_issued_and_served("tls-alpn-01").await;
+}

@@ -1,0 +1,214 @@
+//! Handshake rate while certificates swap continuously, against the same resolver left
+//! alone.
+//!
+//! Full TLS 1.3 handshakes (no resumption) run in memory between a rustls client that
+//! verifies the chain and a rustls server using `CertResolver`, which holds 1,000
+//! certificates. In the swapping rounds a second thread replaces the handshake name's
+//! certificate 1,000 times, evenly spread over the round, alternating between two valid
+//! certificates; every handshake must complete and verify. Rounds alternate static and
+//! swapping; the medians of their rates and the ratio are printed.
+//!
+//! Run: `cargo bench -p lobe-tls --bench handshakes`
+// A failed unwrap is a failed bench.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use lobe_tls::{CertBundle, CertResolver, KeyType};
+use rustls::client::Resumption;
+use rustls::server::NoServerSessionStorage;
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
+use rustls_pki_types::ServerName;
+
+const NAME: &str = "bench.example.com";
+const FILLER: usize = 999;
+const SWAPS: usize = 1_000;
+const ROUNDS: usize = 7;
+const HANDSHAKES_PER_ROUND: usize = 1_500;
+
+struct Pki {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    roots: RootCertStore,
+}
+
+fn pki() -> Pki {
+    let ca_key = KeyType::EcdsaP256.generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = params.self_signed(&ca_key).unwrap();
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    Pki {
+        issuer: rcgen::Issuer::new(params, ca_key),
+        roots,
+    }
+}
+
+fn leaf(pki: &Pki, name: &str) -> Arc<CertifiedKey> {
+    let key = KeyType::EcdsaP256.generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+        .unwrap()
+        .signed_by(&key, &pki.issuer)
+        .unwrap();
+    CertBundle::from_pem(cert.pem(), key.serialize_pem())
+        .unwrap()
+        .certified_key()
+        .unwrap()
+}
+
+/// One full handshake in memory. Returns whether it completed with a verified chain.
+fn handshake(client_config: &Arc<ClientConfig>, server_config: &Arc<ServerConfig>) -> bool {
+    let name = ServerName::try_from(NAME).unwrap();
+    let mut client = ClientConnection::new(client_config.clone(), name).unwrap();
+    let mut server = ServerConnection::new(server_config.clone()).unwrap();
+    let mut buf = Vec::with_capacity(4096);
+    for _ in 0..10 {
+        if !client.is_handshaking() && !server.is_handshaking() {
+            return client.peer_certificates().is_some();
+        }
+        buf.clear();
+        if client.write_tls(&mut buf).is_err() {
+            return false;
+        }
+        if server.read_tls(&mut &buf[..]).is_err() || server.process_new_packets().is_err() {
+            return false;
+        }
+        buf.clear();
+        if server.write_tls(&mut buf).is_err() {
+            return false;
+        }
+        if client.read_tls(&mut &buf[..]).is_err() || client.process_new_packets().is_err() {
+            return false;
+        }
+    }
+    false
+}
+
+struct Round {
+    rate: f64,
+    failed: usize,
+    swaps: usize,
+}
+
+fn run_round(
+    client_config: &Arc<ClientConfig>,
+    server_config: &Arc<ServerConfig>,
+    resolver: &CertResolver,
+    swap_keys: Option<[Arc<CertifiedKey>; 2]>,
+    swap_every: Duration,
+) -> Round {
+    let stop = Arc::new(AtomicBool::new(false));
+    let swapper = swap_keys.map(|keys| {
+        let resolver = resolver.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut swaps = 0;
+            while swaps < SWAPS && !stop.load(Ordering::Relaxed) {
+                resolver.set(&[NAME], keys[swaps % 2].clone());
+                swaps += 1;
+                // Evenly spread, without drifting.
+                let next = started + swap_every * swaps as u32;
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            swaps
+        })
+    });
+    let started = Instant::now();
+    let mut done = 0;
+    let mut failed = 0;
+    while done < HANDSHAKES_PER_ROUND {
+        if !handshake(client_config, server_config) {
+            failed += 1;
+        }
+        done += 1;
+    }
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapper.map(|t| t.join().unwrap()).unwrap_or(0);
+    Round {
+        rate: done as f64 / elapsed.as_secs_f64(),
+        failed,
+        swaps,
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        // `cargo bench -- --list` and `cargo test --benches` probe harness-less benches.
+        return;
+    }
+    let pki = pki();
+    let resolver = CertResolver::new();
+    let filler = leaf(&pki, "filler.example.com");
+    let names: Vec<String> = (0..FILLER)
+        .map(|i| format!("site-{i}.example.com"))
+        .collect();
+    resolver.set(&names, filler);
+    let keys = [leaf(&pki, NAME), leaf(&pki, NAME)];
+    resolver.set(&[NAME], keys[0].clone());
+
+    let provider = lobe_tls::cert::crypto_provider();
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver.clone()));
+    server.session_storage = Arc::new(NoServerSessionStorage {});
+    server.send_tls13_tickets = 0;
+    let server = Arc::new(server);
+    let mut client = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(pki.roots.clone())
+        .with_no_client_auth();
+    client.resumption = Resumption::disabled();
+    let client = Arc::new(client);
+
+    // Warm up and size the swap interval so 1,000 swaps span a round.
+    let warm = run_round(&client, &server, &resolver, None, Duration::ZERO);
+    let round_time = Duration::from_secs_f64(HANDSHAKES_PER_ROUND as f64 / warm.rate);
+    let swap_every = round_time / SWAPS as u32;
+
+    let mut static_rates = Vec::new();
+    let mut swapping_rates = Vec::new();
+    let mut ratios = Vec::new();
+    let mut failed = warm.failed;
+    let mut swaps = 0;
+    let mut handshakes = HANDSHAKES_PER_ROUND;
+    for round in 0..ROUNDS {
+        let still = run_round(&client, &server, &resolver, None, swap_every);
+        let swapping = run_round(&client, &server, &resolver, Some(keys.clone()), swap_every);
+        println!(
+            "round {round}: static {:.0}/s, swapping {:.0}/s ({} swaps, {} failed)",
+            still.rate,
+            swapping.rate,
+            swapping.swaps,
+            swapping.failed + still.failed
+        );
+        failed += still.failed + swapping.failed;
+        swaps += swapping.swaps;
+        handshakes += 2 * HANDSHAKES_PER_ROUND;
+        ratios.push(swapping.rate / still.rate);
+        static_rates.push(still.rate);
+        swapping_rates.push(swapping.rate);
+    }
+    println!(
+        "handshakes: static median {:.0}/s, swapping median {:.0}/s, median ratio {:.3}; \
+         {swaps} swaps, {handshakes} handshakes, {failed} failed",
+        median(static_rates),
+        median(swapping_rates),
+        median(ratios)
+    );
+    assert_eq!(failed, 0, "a handshake failed");
+}
