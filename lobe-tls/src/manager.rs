@@ -55,6 +55,11 @@ use crate::renewal::RenewalPolicy;
 use crate::resolver::CertResolver;
 use crate::store::{CertMeta, DynStore, RenewalState};
 
+/// How long a crashed lock holder can block other instances. Stores with leases renew
+/// them while the lock is held, so a long order keeps its lock; a short lease only
+/// bounds the wait after a holder dies.
+const LOCK_LEASE: Duration = Duration::from_secs(60);
+
 /// How many stored certificates are read at once at start-up.
 const LOAD_CONCURRENCY: usize = 32;
 /// The default bound on orders running at once.
@@ -846,11 +851,7 @@ impl Manager {
         let lock = self
             .inner
             .store
-            .lock(
-                name,
-                order_timeout * 2,
-                order_timeout + Duration::from_secs(30),
-            )
+            .lock(name, LOCK_LEASE, order_timeout + Duration::from_secs(30))
             .await?
             .ok_or_else(|| {
                 Error::Timeout(format!(

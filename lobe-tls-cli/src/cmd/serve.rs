@@ -140,23 +140,34 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         let _ = stopped.await;
     }));
 
-    let _maintenance = match (managed, store) {
-        (Some(cert), Some(store)) => {
-            Some(start_manager(global, store, cert, &resolver, &registry, &metrics).await?)
+    let shutdown = async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         }
-        _ => None,
     };
-    if resolver.is_empty() {
-        tracing::warn!("no valid certificate yet; handshakes are refused until one appears");
+    tokio::pin!(shutdown);
+    // A signal during the first order (which can take minutes) stops at once.
+    let mut maintenance = None;
+    let mut signalled = false;
+    if let (Some(cert), Some(store)) = (managed, store) {
+        tokio::select! {
+            started = start_manager(global, store, cert, &resolver, &registry, &metrics) => {
+                maintenance = Some(started?);
+            }
+            _ = &mut shutdown => signalled = true,
+        }
     }
-    tracing::info!(%listen, upstream = args.upstream, certificates = resolver.len(), "serving");
-
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    if !signalled {
+        if resolver.is_empty() {
+            tracing::warn!("no valid certificate yet; handshakes are refused until one appears");
+        }
+        tracing::info!(%listen, upstream = args.upstream, certificates = resolver.len(), "serving");
+        shutdown.await;
     }
     let _ = stop.send(());
     let _ = serving.await;
+    drop(maintenance);
     drop(watchers);
     Ok(ExitCode::SUCCESS)
 }
