@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use lobe_tls::store::DynStore;
-use lobe_tls::{AcmeConfig, Eab, Error, FileStore, Result};
+use lobe_tls::{AcmeConfig, Eab, Error, FileStore, RedisStore, Result};
 
 /// Global options.
 #[derive(Args, Debug, Clone)]
@@ -76,7 +76,7 @@ impl Global {
     }
 
     fn is_redis(&self) -> bool {
-        self.store.starts_with("redis://") || self.store.starts_with("rediss://")
+        is_redis_url(&self.store)
     }
 
     /// The directory a web server reads for certificate `name`, for a file store.
@@ -98,13 +98,23 @@ impl Global {
 
     /// Opens the store named by `--store`, creating a directory store if needed.
     pub async fn open_store(&self) -> Result<DynStore> {
-        if self.is_redis() {
-            return Err(Error::Config(
-                "this build has no Redis store yet; use a directory for --store".into(),
-            ));
-        }
-        Ok(Arc::new(FileStore::open(&self.store)?))
+        open_store_at(&self.store).await
     }
+}
+
+/// Whether `spec` names a Redis store rather than a directory.
+pub fn is_redis_url(spec: &str) -> bool {
+    spec.starts_with("redis://") || spec.starts_with("rediss://")
+}
+
+/// Opens a store from a `--store`-style value: a `redis://` or `rediss://` URL (checked
+/// by a PING, so a wrong URL fails here with a clear message), or a directory, created
+/// if missing.
+pub async fn open_store_at(spec: &str) -> Result<DynStore> {
+    if is_redis_url(spec) {
+        return Ok(Arc::new(RedisStore::connect(spec).await?));
+    }
+    Ok(Arc::new(FileStore::open(spec)?))
 }
 
 /// Logs go to stderr, filtered by `--log`.

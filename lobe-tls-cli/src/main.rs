@@ -32,6 +32,8 @@ enum Command {
     Renew(cmd::renew::Args),
     /// Revoke a stored certificate at its CA.
     Revoke(cmd::revoke::Args),
+    /// Work on a whole store: copy between a directory and Redis.
+    Store(cmd::store::Args),
     /// Terminate TLS in front of a plain-TCP upstream, with managed certificates and/or a watched directory.
     Serve(Box<cmd::serve::Args>),
 }
@@ -56,6 +58,7 @@ fn main() -> ExitCode {
             Command::Check(args) => cmd::check::run(&cli.global, args).await,
             Command::Renew(args) => cmd::renew::run(&cli.global, args).await,
             Command::Revoke(args) => cmd::revoke::run(&cli.global, args).await,
+            Command::Store(args) => cmd::store::run(&cli.global, args).await,
             Command::Serve(args) => cmd::serve::run(&cli.global, args).await,
         };
         match result {

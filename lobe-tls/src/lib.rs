@@ -34,6 +34,7 @@
 pub mod acme;
 pub mod cert;
 pub mod challenge;
+pub mod cluster;
 pub mod domain;
 pub mod error;
 pub mod inventory;
@@ -60,6 +61,6 @@ pub use manager::{Event, ManagedCert, Manager};
 pub use metrics::{Metrics, MetricsListener};
 pub use renewal::RenewalPolicy;
 pub use resolver::CertResolver;
-pub use store::{CertMeta, FileStore, RenewalState, Store, StoredCert};
+pub use store::{CertMeta, FileStore, RedisStore, RenewalState, Store, StoredCert};
 pub use terminator::{Terminator, TerminatorConfig};
 pub use watch::{CertDirWatcher, WatchEvent, WatchOptions};

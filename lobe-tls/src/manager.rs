@@ -33,7 +33,7 @@
 //! stored and swapped in; a failed renewal leaves the old certificate served.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rustls::sign::CertifiedKey;
@@ -44,8 +44,9 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::acme::{AcmeClient, AcmeConfig};
 use crate::cert::{CertInfo, KeyType, rfc3339};
 use crate::challenge::dns01::Dns01Solver;
-use crate::challenge::http01::{Http01Listener, Http01Registry, Http01Solver};
-use crate::challenge::tls_alpn01::{TlsAlpn01Listener, TlsAlpn01Solver};
+use crate::challenge::http01::{Http01Registry, Http01Solver};
+use crate::challenge::standalone::Standalone;
+use crate::challenge::tls_alpn01::TlsAlpn01Solver;
 use crate::challenge::{ChallengeConfig, ChallengeKind, Solver};
 use crate::domain::DomainName;
 use crate::error::{Error, Result};
@@ -53,6 +54,11 @@ use crate::issue::{Issuance, IssueRequest};
 use crate::renewal::RenewalPolicy;
 use crate::resolver::CertResolver;
 use crate::store::{CertMeta, DynStore, RenewalState};
+
+/// How long a crashed lock holder can block other instances. Stores with leases renew
+/// them while the lock is held, so a long order keeps its lock; a short lease only
+/// bounds the wait after a holder dies.
+const LOCK_LEASE: Duration = Duration::from_secs(60);
 
 /// How many stored certificates are read at once at start-up.
 const LOAD_CONCURRENCY: usize = 32;
@@ -824,11 +830,18 @@ impl Manager {
                 .clone()
                 .ok_or_else(|| Error::Config(format!("no managed certificate named {name:?}")))?;
             let seen = slot.current.as_ref().map(|c| c.info.serial.clone());
-            // `replaces` only when the CA answered renewalInfo for this very certificate.
+            // `replaces` only when the CA answered renewalInfo for this very certificate,
+            // and not again after the CA said it was already replaced (RFC 9773 §5).
+            let refused = slot
+                .state
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("alreadyReplaced"));
             let replaces = slot.current.as_ref().and_then(|c| {
                 let answered = slot.state.ari_renew_at.is_some()
                     && c.info.ari_id.is_some()
-                    && slot.state.ari_cert_id == c.info.ari_id;
+                    && slot.state.ari_cert_id == c.info.ari_id
+                    && !refused;
                 answered.then(|| c.info.ari_id.clone()).flatten()
             });
             (managed, seen, replaces)
@@ -838,11 +851,7 @@ impl Manager {
         let lock = self
             .inner
             .store
-            .lock(
-                name,
-                order_timeout * 2,
-                order_timeout + Duration::from_secs(30),
-            )
+            .lock(name, LOCK_LEASE, order_timeout + Duration::from_secs(30))
             .await?
             .ok_or_else(|| {
                 Error::Timeout(format!(
@@ -1168,71 +1177,6 @@ impl SolverHandle {
             keep: Vec::new(),
         }
     }
-}
-
-/// Standalone challenge listeners, shared by the orders running at the same time and
-/// closed when the last of them ends.
-#[derive(Default)]
-struct Standalone {
-    http: tokio::sync::Mutex<HashMap<String, (Weak<Http01Listener>, Http01Registry)>>,
-    tls: tokio::sync::Mutex<HashMap<String, (Weak<TlsAlpn01Listener>, CertResolver)>>,
-}
-
-/// How long to retry binding a port that a just-closed listener may still hold.
-const REBIND_ATTEMPTS: u32 = 40;
-
-impl Standalone {
-    async fn http(&self, addr: &str) -> Result<(Arc<Http01Listener>, Http01Registry)> {
-        let mut map = self.http.lock().await;
-        if let Some((weak, registry)) = map.get(addr)
-            && let Some(listener) = weak.upgrade()
-        {
-            return Ok((listener, registry.clone()));
-        }
-        let registry = Http01Registry::new();
-        let mut attempt = 0;
-        let listener = loop {
-            match Http01Listener::bind(addr, registry.service()).await {
-                Ok(listener) => break Arc::new(listener),
-                Err(e) if attempt < REBIND_ATTEMPTS && addr_in_use(&e) => attempt += 1,
-                Err(e) => return Err(e),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        map.insert(
-            addr.to_owned(),
-            (Arc::downgrade(&listener), registry.clone()),
-        );
-        Ok((listener, registry))
-    }
-
-    async fn tls(&self, addr: &str) -> Result<(Arc<TlsAlpn01Listener>, CertResolver)> {
-        let mut map = self.tls.lock().await;
-        if let Some((weak, resolver)) = map.get(addr)
-            && let Some(listener) = weak.upgrade()
-        {
-            return Ok((listener, resolver.clone()));
-        }
-        let resolver = CertResolver::new();
-        let mut attempt = 0;
-        let listener = loop {
-            match TlsAlpn01Listener::bind(addr, resolver.clone()).await {
-                Ok(listener) => break Arc::new(listener),
-                Err(e) if attempt < REBIND_ATTEMPTS && addr_in_use(&e) => attempt += 1,
-                Err(e) => return Err(e),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        map.insert(
-            addr.to_owned(),
-            (Arc::downgrade(&listener), resolver.clone()),
-        );
-        Ok((listener, resolver))
-    }
-}
-
-fn addr_in_use(error: &Error) -> bool {
-    matches!(error, Error::Listen { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse)
 }
 
 #[cfg(test)]

@@ -15,7 +15,11 @@ pub mod ari_shim;
 pub mod cloudflare_api;
 pub mod dns;
 pub mod http_server;
+pub mod redis;
+pub mod tls;
 pub mod tls_probe;
+
+pub use redis::RedisServer;
 
 /// Pebble's example EAB key id and its HMAC key (base64url).
 pub const EAB_KID: &str = "kid-1";
@@ -156,13 +160,13 @@ fn wait_for_tcp(addr: SocketAddr, child: &mut Child, what: &str) {
     }
 }
 
-fn require(binary: &str) {
+pub(crate) fn require(binary: &str) {
     let found = std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|p| p.join(binary).is_file()))
         .unwrap_or(false);
     assert!(
         found,
-        "{binary} not found on PATH: install Debian's package (apt-get install -y pebble), or run .ci/run"
+        "{binary} not found on PATH: install its Debian package (pebble, redis-server), or run .ci/run"
     );
 }
 

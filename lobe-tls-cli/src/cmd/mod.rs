@@ -6,3 +6,4 @@ pub mod list;
 pub mod renew;
 pub mod revoke;
 pub mod serve;
+pub mod store;

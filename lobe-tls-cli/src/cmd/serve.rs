@@ -5,8 +5,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lobe_tls::cluster::Cluster;
 use lobe_tls::manager::{Event, MaintenanceHandle};
 use lobe_tls::metrics::CertExpiry;
+use lobe_tls::store::DynStore;
 use lobe_tls::watch::{CertDirWatcher, WatchOptions};
 use lobe_tls::{
     CertResolver, ChallengeKind, Error, Http01Listener, Http01Registry, ManagedCert, Manager,
@@ -16,7 +18,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::broadcast;
 
 use crate::challenge_args::ChallengeArgs;
-use crate::global::Global;
+use crate::global::{Global, is_redis_url};
 
 /// Options of `lobe-tls serve`.
 #[derive(clap::Args, Debug)]
@@ -112,7 +114,17 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
 
     // The listeners are up before the manager orders, so the CA can reach the challenges:
     // HTTP-01 through the HTTP listener, TLS-ALPN-01 through the terminator itself.
-    let registry = Http01Registry::new();
+    // With a Redis store, tokens are shared: any instance of a cluster answers HTTP-01.
+    let store = match &managed {
+        Some(_) => Some(global.open_store().await?),
+        None => None,
+    };
+    let registry = match &store {
+        Some(store) if is_redis_url(&global.store) => {
+            Http01Registry::with_shared_store(store.clone())
+        }
+        _ => Http01Registry::new(),
+    };
     let _http = if args.no_http {
         None
     } else {
@@ -138,9 +150,9 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     // A signal during the first order (which can take minutes) stops at once.
     let mut maintenance = None;
     let mut signalled = false;
-    if let Some(cert) = managed {
+    if let (Some(cert), Some(store)) = (managed, store) {
         tokio::select! {
-            started = start_manager(global, cert, &resolver, &registry, &metrics) => {
+            started = start_manager(global, store, cert, &resolver, &registry, &metrics) => {
                 maintenance = Some(started?);
             }
             _ = &mut shutdown => signalled = true,
@@ -207,15 +219,19 @@ async fn watch_dir(
 
 /// Loads the store, issues `cert` if it is missing, and renews in the background. Renewal
 /// failures and expiries go to the metrics.
+///
+/// With a Redis store the instance joins the cluster: it follows the other instances'
+/// renewals and challenges, and orders only when it wins the store's lock.
 async fn start_manager(
     global: &Global,
+    store: DynStore,
     cert: ManagedCert,
     resolver: &CertResolver,
     registry: &Http01Registry,
     metrics: &Arc<Metrics>,
-) -> Result<MaintenanceHandle> {
+) -> Result<(MaintenanceHandle, Option<Cluster>)> {
     let name = cert.name.clone();
-    let manager = Manager::builder(global.acme_config()?, global.open_store().await?)
+    let manager = Manager::builder(global.acme_config()?, store)
         .resolver(resolver.clone())
         .http01(registry.clone())
         .cert(cert)
@@ -246,6 +262,12 @@ async fn start_manager(
             })
             .collect()
     });
+    // Followed before start, so no renewal by another instance is missed.
+    let cluster = if is_redis_url(&global.store) {
+        Some(Cluster::builder(manager.clone()).start()?)
+    } else {
+        None
+    };
     let report = manager.start().await?;
     for (failed, error) in &report.failed {
         tracing::error!(
@@ -257,5 +279,5 @@ async fn start_manager(
     for (unusable, error) in &report.unusable {
         tracing::error!(name = unusable, error, "stored certificate is unusable");
     }
-    Ok(manager.spawn())
+    Ok((manager.spawn(), cluster))
 }

@@ -11,6 +11,7 @@ use crate::error::Result;
 
 pub mod dns01;
 pub mod http01;
+pub(crate) mod standalone;
 pub mod tls_alpn01;
 
 pub use dns01::{Dns01Solver, DnsConfig, DnsProvider, DnsProviderConfig};

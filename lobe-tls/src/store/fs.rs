@@ -207,6 +207,26 @@ impl Store for FileStore {
         .await
     }
 
+    async fn list_accounts(&self) -> Result<Vec<String>> {
+        let dir = self.root.join("accounts");
+        blocking(move || {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(Error::io(&dir, e)),
+            };
+            let mut keys: Vec<String> = entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter_map(|n| n.strip_suffix(".json").map(str::to_owned))
+                .filter(|n| !n.starts_with('.'))
+                .collect();
+            keys.sort();
+            Ok(keys)
+        })
+        .await
+    }
+
     async fn lock(
         &self,
         name: &str,
@@ -481,6 +501,7 @@ mod tests {
         let store = FileStore::open(dir.path()).unwrap();
         store.save_account("acct", b"{}").await.unwrap();
         assert_eq!(store.load_account("acct").await.unwrap().unwrap(), b"{}");
+        assert_eq!(store.list_accounts().await.unwrap(), ["acct"]);
         assert_eq!(mode(&dir.path().join("accounts/acct.json")), 0o600);
         let state = RenewalState {
             failures: 2,

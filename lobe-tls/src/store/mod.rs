@@ -16,9 +16,14 @@ use crate::challenge::ChallengeConfig;
 use crate::domain::DomainName;
 use crate::error::Result;
 
+mod copy;
 pub mod fs;
+pub mod redis;
+
+pub use copy::{CopyReport, copy};
 
 pub use fs::FileStore;
+pub use redis::RedisStore;
 
 /// What lobe-tls remembers about a certificate besides the PEM files, so that a later
 /// `renew` can repeat the order exactly.
@@ -132,6 +137,63 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Removes a published challenge response.
     async fn delete_challenge(&self, _key: &str) -> Result<()> {
         Ok(())
+    }
+
+    /// The keys of the published challenge responses that start with `prefix`, so a
+    /// newly (re)connected instance can pick up challenges it missed.
+    async fn list_challenges(&self, _prefix: &str) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    /// The keys of all stored accounts, sorted (for `lobe-tls store copy`).
+    async fn list_accounts(&self) -> Result<Vec<String>>;
+
+    /// Opens a feed of changes other processes make to this store, for stores shared by
+    /// a cluster. `None` when the store has no such feed (a local directory).
+    fn subscribe(&self) -> Option<StoreSubscription> {
+        None
+    }
+}
+
+/// A change to a shared store, as announced to every subscribed instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreEvent {
+    /// A certificate was saved under this name.
+    CertSaved(String),
+    /// A challenge response was published under this key.
+    ChallengePut(String),
+    /// A challenge response was removed.
+    ChallengeDeleted(String),
+    /// The feed was (re)connected: events may have been missed, so re-read what matters.
+    Resync,
+}
+
+/// A live feed of [`StoreEvent`]s. Dropping it stops the feed.
+#[derive(Debug)]
+pub struct StoreSubscription {
+    events: tokio::sync::mpsc::Receiver<StoreEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StoreSubscription {
+    /// Wraps a receiver fed by `task`; the task is stopped when the subscription drops.
+    pub fn new(
+        events: tokio::sync::mpsc::Receiver<StoreEvent>,
+        task: tokio::task::JoinHandle<()>,
+    ) -> Self {
+        StoreSubscription { events, task }
+    }
+
+    /// The next event; `None` once the feed has stopped for good.
+    pub async fn recv(&mut self) -> Option<StoreEvent> {
+        self.events.recv().await
+    }
+}
+
+impl Drop for StoreSubscription {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

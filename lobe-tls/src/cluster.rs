@@ -1,0 +1,238 @@
+//! Cluster mode: keeps one instance in step with the others that share a store (Redis).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use lobe_tls::cluster::Cluster;
+//! use lobe_tls::manager::{ManagedCert, Manager};
+//! use lobe_tls::store::DynStore;
+//! use lobe_tls::{AcmeConfig, Http01Registry, RedisStore, domain};
+//!
+//! # async fn run() -> lobe_tls::Result<()> {
+//! let store: DynStore = Arc::new(RedisStore::connect("redis://10.0.0.5:6379/").await?);
+//! // Any instance answers HTTP-01: local tokens first, then the ones in Redis.
+//! let http01 = Http01Registry::with_shared_store(store.clone()); // mount on port 80
+//! let manager = Manager::builder(AcmeConfig::new(lobe_tls::acme::LETSENCRYPT), store)
+//!     .http01(http01)
+//!     .cert(ManagedCert::new("chat", domain::parse_all(&["chat.example.com"])?))
+//!     .build()?;
+//! let _cluster = Cluster::builder(manager.clone()).start()?; // before start: miss nothing
+//! manager.start().await?;
+//! let _maintenance = manager.spawn();
+//! // Hand `manager.resolver()` to rustls as usual.
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! - One order per renewal: the manager orders under the store's per-name lock (a Redis
+//!   lease, renewed while the order runs) and re-reads the store after taking it, so an
+//!   instance that waited picks up the certificate instead of ordering again.
+//! - A certificate another instance saved is swapped in here within a second, through
+//!   the store's change feed ([`Manager::reload`]); a periodic re-sync catches
+//!   announcements lost while the store was unreachable.
+//! - TLS-ALPN-01 challenges another instance started are answered here too: their
+//!   material is copied from the store into the local resolver as it is announced, so
+//!   a handshake never waits on the store.
+//! - HTTP-01 needs no glue beyond [`Http01Registry::with_shared_store`].
+//! - While the store is unreachable, every instance keeps serving what it holds, logs the
+//!   outage once, and catches up by itself when the store is back.
+//!
+//! [`Http01Registry::with_shared_store`]: crate::challenge::http01::Http01Registry::with_shared_store
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+
+use crate::challenge::tls_alpn01::ChallengeCert;
+use crate::error::{Error, Result};
+use crate::manager::Manager;
+use crate::store::{StoreEvent, StoreSubscription};
+
+/// The store key prefix of shared TLS-ALPN-01 material: `tls-alpn-01/<domain>`.
+pub const TLS_ALPN01_PREFIX: &str = "tls-alpn-01/";
+
+/// How often every stored certificate is re-read, in case an announcement was lost.
+pub const DEFAULT_RESYNC_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Builds a [`Cluster`].
+#[derive(Debug)]
+pub struct ClusterBuilder {
+    manager: Manager,
+    resync_interval: Duration,
+}
+
+impl ClusterBuilder {
+    /// How often to re-read everything as a fallback for lost announcements
+    /// (default [`DEFAULT_RESYNC_INTERVAL`]). Each re-sync reads every stored
+    /// certificate once.
+    pub fn resync_interval(mut self, interval: Duration) -> Self {
+        self.resync_interval = interval;
+        self
+    }
+
+    /// Starts following the manager's store. Must be called inside a tokio runtime.
+    pub fn start(self) -> Result<Cluster> {
+        let subscription = self.manager.store().subscribe().ok_or_else(|| {
+            Error::Config(
+                "cluster mode needs a shared store with a change feed: use --store redis://..."
+                    .into(),
+            )
+        })?;
+        let follower = Follower {
+            manager: self.manager,
+            installed_challenges: HashSet::new(),
+            failing: false,
+        };
+        let task = tokio::spawn(follower.run(subscription, self.resync_interval));
+        Ok(Cluster { task })
+    }
+}
+
+/// A running cluster follower. Dropping it stops following the store.
+#[derive(Debug)]
+pub struct Cluster {
+    task: JoinHandle<()>,
+}
+
+impl Cluster {
+    /// Starts building a follower that keeps `manager` in step with its shared store.
+    pub fn builder(manager: Manager) -> ClusterBuilder {
+        ClusterBuilder {
+            manager,
+            resync_interval: DEFAULT_RESYNC_INTERVAL,
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Follower {
+    manager: Manager,
+    /// TLS-ALPN-01 names whose challenge certificate came from the store.
+    installed_challenges: HashSet<String>,
+    /// Whether the last store access failed, so an outage is logged once.
+    failing: bool,
+}
+
+impl Follower {
+    async fn run(mut self, mut subscription: StoreSubscription, every: Duration) {
+        let mut resync = tokio::time::interval(every);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        resync.tick().await;
+        loop {
+            tokio::select! {
+                event = subscription.recv() => match event {
+                    Some(event) => self.handle(event).await,
+                    None => return,
+                },
+                _ = resync.tick() => self.resync().await,
+            }
+        }
+    }
+
+    async fn handle(&mut self, event: StoreEvent) {
+        match event {
+            StoreEvent::CertSaved(name) => self.reload(&name).await,
+            StoreEvent::ChallengePut(key) => {
+                if let Some(domain) = key.strip_prefix(TLS_ALPN01_PREFIX) {
+                    self.install_challenge(domain).await;
+                }
+            }
+            StoreEvent::ChallengeDeleted(key) => {
+                if let Some(domain) = key.strip_prefix(TLS_ALPN01_PREFIX) {
+                    self.remove_challenge(domain);
+                }
+            }
+            StoreEvent::Resync => self.resync().await,
+        }
+    }
+
+    async fn reload(&mut self, name: &str) {
+        // On failure the certificate served so far stays.
+        let result = self.manager.reload(name).await;
+        self.note(result, name);
+    }
+
+    /// Re-reads every stored certificate and the set of shared TLS-ALPN-01 challenges.
+    async fn resync(&mut self) {
+        let store = self.manager.store().clone();
+        let listed = store.list_certs().await;
+        let Some(names) = self.note(listed, "certificate list") else {
+            return;
+        };
+        for name in names {
+            self.reload(&name).await;
+        }
+        let listed = store.list_challenges(TLS_ALPN01_PREFIX).await;
+        let Some(keys) = self.note(listed, "shared challenges") else {
+            return;
+        };
+        let current: HashSet<String> = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(TLS_ALPN01_PREFIX))
+            .map(str::to_owned)
+            .collect();
+        let gone: Vec<String> = self
+            .installed_challenges
+            .difference(&current)
+            .cloned()
+            .collect();
+        for domain in gone {
+            self.remove_challenge(&domain);
+        }
+        for domain in current {
+            self.install_challenge(&domain).await;
+        }
+    }
+
+    async fn install_challenge(&mut self, domain: &str) {
+        let key = format!("{TLS_ALPN01_PREFIX}{domain}");
+        let fetched = self.manager.store().get_challenge(&key).await;
+        let Some(value) = self.note(fetched, &key) else {
+            return;
+        };
+        // Gone already: the order finished before we looked.
+        let Some(value) = value else { return };
+        match ChallengeCert::from_store_value(&value).and_then(|c| c.certified_key()) {
+            Ok(certified) => {
+                self.manager.resolver().set_challenge(domain, certified);
+                self.installed_challenges.insert(domain.to_owned());
+            }
+            Err(e) => {
+                tracing::warn!(domain, error = %e, "ignoring bad shared TLS-ALPN-01 material")
+            }
+        }
+    }
+
+    fn remove_challenge(&mut self, domain: &str) {
+        if self.installed_challenges.remove(domain) {
+            self.manager.resolver().remove_challenge(domain);
+        }
+    }
+
+    /// Logs the first failure of an outage and the recovery; hands back the value.
+    fn note<T>(&mut self, result: Result<T>, what: &str) -> Option<T> {
+        match result {
+            Ok(value) => {
+                if self.failing {
+                    tracing::info!("cluster store reachable again; back in step");
+                    self.failing = false;
+                }
+                Some(value)
+            }
+            Err(e) => {
+                if self.failing {
+                    tracing::debug!(what, error = %e, "cluster store still failing");
+                } else {
+                    tracing::warn!(what, error = %e, "cannot follow the cluster store; serving what is loaded and retrying");
+                    self.failing = true;
+                }
+                None
+            }
+        }
+    }
+}

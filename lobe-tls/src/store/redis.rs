@@ -1,0 +1,671 @@
+//! The Redis store, shared by every instance of a cluster.
+//!
+//! Keys, under a configurable prefix (default `lobe-tls`):
+//!
+//! ```text
+//! <prefix>:cert:<name>        one JSON value: full chain, key and metadata together
+//! <prefix>:certs              set of certificate names
+//! <prefix>:account:<key>      account blob
+//! <prefix>:accounts           set of account keys
+//! <prefix>:state:<name>       renewal state (JSON)
+//! <prefix>:challenge:<key>    challenge response, with a TTL (http-01/<token>, tls-alpn-01/<domain>)
+//! <prefix>:lock:<name>        lock token, with a lease (PX)
+//! <prefix>:events             pub/sub channel: "cert <name>", "challenge-put <key>", "challenge-del <key>"
+//! ```
+//!
+//! A certificate and its key live in one value, so a reader never sees a new certificate
+//! with an old key. Writes that also announce themselves run in one MULTI transaction.
+//!
+//! Commands go through a `ConnectionManager`, which reconnects by itself: while Redis is
+//! down every call fails fast with a one-line error, and works again once Redis is back.
+
+use std::fmt;
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{AsyncCommands, Client, RedisError, Script};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::fs::check_name;
+use super::{CertMeta, RenewalState, Store, StoreEvent, StoreLock, StoreSubscription, StoredCert};
+use crate::cert::CertBundle;
+use crate::error::{Error, Result};
+
+/// The key prefix when the URL names none.
+pub const DEFAULT_PREFIX: &str = "lobe-tls";
+
+/// How long one command may take before it counts as failed.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often `lock` retries while another instance holds the lock.
+const LOCK_POLL: Duration = Duration::from_millis(50);
+/// Shortest lease accepted, so renewal (every third of the lease) stays sane.
+const MIN_LEASE: Duration = Duration::from_secs(1);
+/// Reconnect backoff of the event feed.
+const FEED_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const FEED_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Deletes the lock only if it still holds our token: a holder whose lease expired must
+/// not release the lock another instance has taken since.
+const RELEASE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// Extends the lease only if the lock still holds our token.
+const RENEW_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#;
+
+/// A store in Redis (`redis://` or `rediss://`), shared by a cluster.
+///
+/// Cheap to clone: clones share one connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    client: Client,
+    conn: ConnectionManager,
+    prefix: String,
+    target: String,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("target", &self.target)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+/// The certificate value: one JSON document, so chain and key change together.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CertRecord {
+    fullchain: String,
+    key: String,
+    meta: CertMeta,
+}
+
+impl RedisStore {
+    /// Opens a store at `url` without touching the network; the connection is made on
+    /// first use and remade whenever it breaks. Must be called inside a tokio runtime.
+    ///
+    /// The URL is redis-rs's (`redis://[:password@]host[:port][/db]`, `rediss://` for
+    /// TLS), plus an optional `prefix=NAME` query parameter for the key prefix.
+    pub fn open(url: &str) -> Result<Self> {
+        let (url, prefix) = split_prefix(url);
+        let target = redact(&url);
+        let client = Client::open(url.as_str()).map_err(|e| {
+            Error::Config(format!(
+                "invalid Redis URL {target}: {e}; use redis://[:password@]host[:port][/db]"
+            ))
+        })?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| Error::Store(format!("redis {target}: {e}")))?;
+        Ok(RedisStore {
+            client,
+            conn,
+            prefix: prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned()),
+            target,
+        })
+    }
+
+    /// Opens a store at `url` and checks that Redis answers.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let store = Self::open(url)?;
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// Replaces the key prefix (the default is `lobe-tls`, or the URL's `prefix=`).
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The key prefix in use.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Checks that Redis answers.
+    pub async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        ::redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error("reach Redis", &e))
+    }
+
+    fn key(&self, kind: &str, name: &str) -> String {
+        format!("{}:{kind}:{name}", self.prefix)
+    }
+
+    fn index(&self, kind: &str) -> String {
+        format!("{}:{kind}", self.prefix)
+    }
+
+    /// The pub/sub channel that announces changes.
+    pub fn channel(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
+    fn error(&self, what: &str, e: &RedisError) -> Error {
+        Error::Store(format!(
+            "redis {}: cannot {what}: {e}; check that Redis is up and reachable",
+            self.target
+        ))
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn load_cert(&self, name: &str) -> Result<Option<StoredCert>> {
+        check_name(name)?;
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = conn
+            .get(self.key("cert", name))
+            .await
+            .map_err(|e| self.error(&format!("load certificate {name}"), &e))?;
+        let Some(raw) = raw else { return Ok(None) };
+        let record: CertRecord = serde_json::from_str(&raw).map_err(|e| {
+            Error::Store(format!(
+                "redis {}: certificate {name} is unreadable: {e}",
+                self.target
+            ))
+        })?;
+        let bundle = CertBundle::from_pem(record.fullchain, record.key)
+            .map_err(|e| Error::Store(format!("redis {}: certificate {name}: {e}", self.target)))?;
+        Ok(Some(StoredCert {
+            bundle,
+            meta: record.meta,
+        }))
+    }
+
+    async fn save_cert(&self, cert: &StoredCert) -> Result<()> {
+        let name = cert.meta.name.as_str();
+        check_name(name)?;
+        let record = CertRecord {
+            fullchain: cert.bundle.fullchain_pem().to_owned(),
+            key: cert.bundle.key_pem().to_owned(),
+            meta: cert.meta.clone(),
+        };
+        let value = serde_json::to_string(&record)
+            .map_err(|e| Error::Store(format!("cannot encode certificate {name}: {e}")))?;
+        let mut conn = self.conn.clone();
+        ::redis::pipe()
+            .atomic()
+            .set(self.key("cert", name), value)
+            .ignore()
+            .sadd(self.index("certs"), name)
+            .ignore()
+            .publish(self.channel(), format!("cert {name}"))
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.error(&format!("save certificate {name}"), &e))
+    }
+
+    async fn list_certs(&self) -> Result<Vec<String>> {
+        let mut conn = self.conn.clone();
+        let mut names: Vec<String> = conn
+            .smembers(self.index("certs"))
+            .await
+            .map_err(|e| self.error("list certificates", &e))?;
+        names.sort();
+        Ok(names)
+    }
+
+    async fn load_account(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        check_name(key)?;
+        let mut conn = self.conn.clone();
+        conn.get(self.key("account", key))
+            .await
+            .map_err(|e| self.error(&format!("load account {key}"), &e))
+    }
+
+    async fn save_account(&self, key: &str, data: &[u8]) -> Result<()> {
+        check_name(key)?;
+        let mut conn = self.conn.clone();
+        ::redis::pipe()
+            .atomic()
+            .set(self.key("account", key), data)
+            .ignore()
+            .sadd(self.index("accounts"), key)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.error(&format!("save account {key}"), &e))
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<String>> {
+        let mut conn = self.conn.clone();
+        let mut keys: Vec<String> = conn
+            .smembers(self.index("accounts"))
+            .await
+            .map_err(|e| self.error("list accounts", &e))?;
+        keys.sort();
+        Ok(keys)
+    }
+
+    async fn load_renewal_state(&self, name: &str) -> Result<RenewalState> {
+        check_name(name)?;
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = conn
+            .get(self.key("state", name))
+            .await
+            .map_err(|e| self.error(&format!("load renewal state of {name}"), &e))?;
+        match raw {
+            None => Ok(RenewalState::default()),
+            Some(raw) => serde_json::from_str(&raw).map_err(|e| {
+                Error::Store(format!(
+                    "redis {}: renewal state of {name} is unreadable: {e}",
+                    self.target
+                ))
+            }),
+        }
+    }
+
+    async fn save_renewal_state(&self, name: &str, state: &RenewalState) -> Result<()> {
+        check_name(name)?;
+        let value = serde_json::to_string(state)
+            .map_err(|e| Error::Store(format!("cannot encode renewal state: {e}")))?;
+        let mut conn = self.conn.clone();
+        conn.set::<_, _, ()>(self.key("state", name), value)
+            .await
+            .map_err(|e| self.error(&format!("save renewal state of {name}"), &e))
+    }
+
+    async fn lock(
+        &self,
+        name: &str,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Option<Box<dyn StoreLock>>> {
+        check_name(name)?;
+        let lease = lease.max(MIN_LEASE);
+        let key = self.key("lock", name);
+        let token = format!("{:032x}", rand::random::<u128>());
+        let deadline = Instant::now() + wait;
+        let mut conn = self.conn.clone();
+        loop {
+            let taken: Option<String> = ::redis::cmd("SET")
+                .arg(&key)
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(lease))
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.error(&format!("take the lock on {name}"), &e))?;
+            if taken.is_some() {
+                tracing::debug!(name, "took the cluster lock");
+                return Ok(Some(Box::new(RedisLock::held(
+                    self, name, key, token, lease,
+                ))));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(LOCK_POLL.min(deadline - Instant::now())).await;
+        }
+    }
+
+    async fn put_challenge(&self, key: &str, value: &str, ttl: Duration) -> Result<()> {
+        let mut conn = self.conn.clone();
+        ::redis::pipe()
+            .atomic()
+            .cmd("SET")
+            .arg(self.key("challenge", key))
+            .arg(value)
+            .arg("PX")
+            .arg(millis(ttl).max(1))
+            .ignore()
+            .publish(self.channel(), format!("challenge-put {key}"))
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.error(&format!("publish challenge {key}"), &e))
+    }
+
+    async fn get_challenge(&self, key: &str) -> Result<Option<String>> {
+        let mut conn = self.conn.clone();
+        conn.get(self.key("challenge", key))
+            .await
+            .map_err(|e| self.error(&format!("look up challenge {key}"), &e))
+    }
+
+    async fn delete_challenge(&self, key: &str) -> Result<()> {
+        let mut conn = self.conn.clone();
+        ::redis::pipe()
+            .atomic()
+            .del(self.key("challenge", key))
+            .ignore()
+            .publish(self.channel(), format!("challenge-del {key}"))
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.error(&format!("remove challenge {key}"), &e))
+    }
+
+    async fn list_challenges(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut conn = self.conn.clone();
+        let key_prefix = self.key("challenge", "");
+        let pattern = format!("{key_prefix}{}*", escape_glob(prefix));
+        let mut iter = conn
+            .scan_match::<_, String>(pattern)
+            .await
+            .map_err(|e| self.error("list challenges", &e))?;
+        let mut keys = Vec::new();
+        while let Some(key) = iter.next_item().await {
+            let key = key.map_err(|e| self.error("list challenges", &e))?;
+            if let Some(k) = key.strip_prefix(&key_prefix) {
+                keys.push(k.to_owned());
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    fn subscribe(&self) -> Option<StoreSubscription> {
+        let (tx, rx) = mpsc::channel(256);
+        let task = tokio::spawn(feed(
+            self.client.clone(),
+            self.channel(),
+            self.target.clone(),
+            tx,
+        ));
+        Some(StoreSubscription::new(rx, task))
+    }
+}
+
+/// Keeps one pub/sub connection open, forwarding announcements as events. After every
+/// (re)connection it sends [`StoreEvent::Resync`], since announcements made while it was
+/// disconnected are lost. Retries with backoff and logs each outage once.
+async fn feed(client: Client, channel: String, target: String, tx: mpsc::Sender<StoreEvent>) {
+    let mut backoff = FEED_BACKOFF_MIN;
+    let mut outage = false;
+    loop {
+        let subscribed = async {
+            let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+                .await
+                .map_err(|_| "connection timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            pubsub
+                .subscribe(&channel)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(pubsub)
+        }
+        .await;
+        let pubsub = match subscribed {
+            Ok(pubsub) => pubsub,
+            Err(e) => {
+                if !outage {
+                    tracing::warn!(redis = %target, error = %e, "cluster event feed lost: Redis unreachable; serving what is loaded and retrying");
+                    outage = true;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(FEED_BACKOFF_MAX);
+                continue;
+            }
+        };
+        if outage {
+            tracing::info!(redis = %target, "cluster event feed reconnected");
+        }
+        backoff = FEED_BACKOFF_MIN;
+        if tx.send(StoreEvent::Resync).await.is_err() {
+            return;
+        }
+        let mut messages = pubsub.into_on_message();
+        while let Some(msg) = messages.next().await {
+            let Ok(payload) = msg.get_payload::<String>() else {
+                continue;
+            };
+            let Some(event) = parse_event(&payload) else {
+                tracing::debug!(payload, "ignoring an unknown cluster event");
+                continue;
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+        // The stream ends when the connection drops; the next failure to reconnect is
+        // part of this same outage, already logged.
+        tracing::warn!(redis = %target, "cluster event feed lost: connection closed; reconnecting");
+        outage = true;
+    }
+}
+
+fn parse_event(payload: &str) -> Option<StoreEvent> {
+    let (kind, arg) = payload.split_once(' ')?;
+    let arg = arg.to_owned();
+    match kind {
+        "cert" => Some(StoreEvent::CertSaved(arg)),
+        "challenge-put" => Some(StoreEvent::ChallengePut(arg)),
+        "challenge-del" => Some(StoreEvent::ChallengeDeleted(arg)),
+        _ => None,
+    }
+}
+
+/// A held Redis lock. A background task renews the lease every third of it until the
+/// lock is released or dropped, so a long order keeps the lock, and a crashed holder
+/// blocks others for one lease at most.
+struct RedisLock {
+    conn: ConnectionManager,
+    key: String,
+    token: String,
+    target: String,
+    renewer: JoinHandle<()>,
+    released: bool,
+}
+
+impl RedisLock {
+    fn held(store: &RedisStore, name: &str, key: String, token: String, lease: Duration) -> Self {
+        let renewer = tokio::spawn(renew_lease(
+            store.conn.clone(),
+            name.to_owned(),
+            key.clone(),
+            token.clone(),
+            lease,
+        ));
+        RedisLock {
+            conn: store.conn.clone(),
+            key,
+            token,
+            target: store.target.clone(),
+            renewer,
+            released: false,
+        }
+    }
+}
+
+async fn renew_lease(
+    mut conn: ConnectionManager,
+    name: String,
+    key: String,
+    token: String,
+    lease: Duration,
+) {
+    let script = Script::new(RENEW_SCRIPT);
+    loop {
+        tokio::time::sleep(lease / 3).await;
+        let renewed: std::result::Result<i64, RedisError> = script
+            .key(&key)
+            .arg(&token)
+            .arg(millis(lease))
+            .invoke_async(&mut conn)
+            .await;
+        match renewed {
+            Ok(1) => {}
+            Ok(_) => {
+                tracing::warn!(
+                    name,
+                    "the cluster lock expired before it could be renewed; another instance may take over"
+                );
+                return;
+            }
+            // The lease may still be valid: keep trying until it is clearly lost.
+            Err(e) => tracing::warn!(name, error = %e, "cannot renew the cluster lock lease"),
+        }
+    }
+}
+
+#[async_trait]
+impl StoreLock for RedisLock {
+    async fn release(mut self: Box<Self>) -> Result<()> {
+        self.renewer.abort();
+        self.released = true;
+        let mut conn = self.conn.clone();
+        Script::new(RELEASE_SCRIPT)
+            .key(&self.key)
+            .arg(&self.token)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                Error::Store(format!(
+                    "redis {}: cannot release lock {}: {e}; it expires with its lease",
+                    self.target, self.key
+                ))
+            })
+    }
+}
+
+impl Drop for RedisLock {
+    fn drop(&mut self) {
+        self.renewer.abort();
+        if self.released {
+            return;
+        }
+        // Best effort: without a runtime the lease simply runs out.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let mut conn = self.conn.clone();
+            let key = std::mem::take(&mut self.key);
+            let token = std::mem::take(&mut self.token);
+            handle.spawn(async move {
+                let _ = Script::new(RELEASE_SCRIPT)
+                    .key(&key)
+                    .arg(&token)
+                    .invoke_async::<i64>(&mut conn)
+                    .await;
+            });
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Takes `prefix=NAME` out of the URL's query; redis-rs does not know it.
+fn split_prefix(url: &str) -> (String, Option<String>) {
+    let (rest, fragment) = match url.split_once('#') {
+        Some((rest, fragment)) => (rest, Some(fragment)),
+        None => (url, None),
+    };
+    let Some((base, query)) = rest.split_once('?') else {
+        return (url.to_owned(), None);
+    };
+    let mut prefix = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.strip_prefix("prefix=") {
+            Some(value) => {
+                prefix = Some(value.to_owned());
+                false
+            }
+            None => !pair.is_empty(),
+        })
+        .collect();
+    let mut out = base.to_owned();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    if let Some(fragment) = fragment {
+        out.push('#');
+        out.push_str(fragment);
+    }
+    (out, prefix)
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
+/// Escapes Redis glob characters so a prefix matches literally.
+fn escape_glob(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_is_taken_out_of_the_url() {
+        assert_eq!(
+            split_prefix("redis://h:1/0?prefix=app1"),
+            ("redis://h:1/0".to_owned(), Some("app1".to_owned()))
+        );
+        assert_eq!(
+            split_prefix("rediss://h/?protocol=resp3&prefix=x#insecure"),
+            (
+                "rediss://h/?protocol=resp3#insecure".to_owned(),
+                Some("x".to_owned())
+            )
+        );
+        assert_eq!(split_prefix("redis://h"), ("redis://h".to_owned(), None));
+    }
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(redact("redis://:s3cret@h:6379/0"), "redis://***@h:6379/0");
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+    }
+
+    #[test]
+    fn announcements_parse_into_events() {
+        assert_eq!(
+            parse_event("cert site"),
+            Some(StoreEvent::CertSaved("site".into()))
+        );
+        assert_eq!(
+            parse_event("challenge-put tls-alpn-01/a.example"),
+            Some(StoreEvent::ChallengePut("tls-alpn-01/a.example".into()))
+        );
+        assert_eq!(parse_event("bogus"), None);
+    }
+}

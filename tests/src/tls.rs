@@ -1,0 +1,103 @@
+//! A minimal TLS listener over a `CertResolver` (what an embedding proxy does), and a
+//! verifying client that reports the serial it was served.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use lobe_tls::CertResolver;
+use lobe_tls::resolver::ACME_TLS_ALPN;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Accepts TLS on an address with certificates from a resolver; each connection is
+/// closed right after its handshake. Stops when dropped.
+#[derive(Debug)]
+pub struct TlsServer {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+/// A rustls server configuration over `resolver`, offering `acme-tls/1` and HTTP/1.1.
+pub fn server_config(resolver: CertResolver) -> Arc<rustls::ServerConfig> {
+    let mut config = rustls::ServerConfig::builder_with_provider(lobe_tls::cert::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+impl TlsServer {
+    /// Binds `addr` (e.g. Pebble's TLS-ALPN-01 port, or `127.0.0.1:0`).
+    pub async fn bind(addr: &str, resolver: CertResolver) -> TlsServer {
+        let listener = TcpListener::bind(addr).await.expect("bind TLS listener");
+        let addr = listener.local_addr().expect("local addr");
+        let acceptor = tokio_rustls::TlsAcceptor::from(server_config(resolver));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    // Failed handshakes are the client's business to report.
+                    let _ = acceptor.accept(stream).await;
+                });
+            }
+        });
+        TlsServer { addr, task }
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A TLS client that trusts only `root_pem`.
+pub fn client_config(root_pem: &str) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for root in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+        roots.add(root.expect("root PEM")).expect("add root");
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(lobe_tls::cert::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// Connects to `addr` with SNI `server_name`, verifies the chain with `config`, and
+/// returns the serial (lower-case hex) of the certificate served.
+pub async fn handshake_serial(
+    addr: SocketAddr,
+    server_name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<String, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let name = ServerName::try_from(server_name.to_owned()).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (_, session) = tls.get_ref();
+    let leaf = session
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or("no certificate served")?;
+    lobe_tls::CertInfo::from_der(leaf)
+        .map(|info| info.serial)
+        .map_err(|e| e.to_string())
+}
