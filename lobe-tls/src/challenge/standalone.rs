@@ -32,15 +32,8 @@ impl Standalone {
             return Ok((listener, registry.clone()));
         }
         let registry = Http01Registry::new();
-        let mut attempt = 0;
-        let listener = loop {
-            match Http01Listener::bind(addr, registry.service()).await {
-                Ok(listener) => break Arc::new(listener),
-                Err(e) if attempt < REBIND_ATTEMPTS && addr_in_use(&e) => attempt += 1,
-                Err(e) => return Err(e),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let listener =
+            Arc::new(bind_retrying(|| Http01Listener::bind(addr, registry.service())).await?);
         map.insert(
             addr.to_owned(),
             (Arc::downgrade(&listener), registry.clone()),
@@ -57,20 +50,30 @@ impl Standalone {
             return Ok((listener, resolver.clone()));
         }
         let resolver = CertResolver::new();
-        let mut attempt = 0;
-        let listener = loop {
-            match TlsAlpn01Listener::bind(addr, resolver.clone()).await {
-                Ok(listener) => break Arc::new(listener),
-                Err(e) if attempt < REBIND_ATTEMPTS && addr_in_use(&e) => attempt += 1,
-                Err(e) => return Err(e),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let listener =
+            Arc::new(bind_retrying(|| TlsAlpn01Listener::bind(addr, resolver.clone())).await?);
         map.insert(
             addr.to_owned(),
             (Arc::downgrade(&listener), resolver.clone()),
         );
         Ok((listener, resolver))
+    }
+}
+
+/// Binds with `bind`, retrying while the port is still held by a listener that was
+/// just dropped.
+async fn bind_retrying<L, F>(bind: impl Fn() -> F) -> Result<L>
+where
+    F: std::future::Future<Output = Result<L>>,
+{
+    let mut attempt = 0;
+    loop {
+        match bind().await {
+            Ok(listener) => return Ok(listener),
+            Err(e) if attempt < REBIND_ATTEMPTS && addr_in_use(&e) => attempt += 1,
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
