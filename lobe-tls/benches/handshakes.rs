@@ -5,8 +5,10 @@
 //! verifies the chain and a rustls server using `CertResolver`, which holds 1,000
 //! certificates. In the swapping rounds a second thread replaces the handshake name's
 //! certificate 1,000 times, evenly spread over the round, alternating between two valid
-//! certificates; every handshake must complete and verify. Rounds alternate static and
-//! swapping; the medians of their rates and the ratio are printed.
+//! certificates; every handshake must complete and verify. Rounds rotate static, ticking
+//! (a thread on the same schedule that only looks the name up, to separate the cost of
+//! a second waking thread from the cost of swapping) and swapping; the medians of their
+//! rates and of the per-round ratios are printed.
 //!
 //! Run: `cargo bench -p lobe-tls --bench handshakes`
 // A failed unwrap is a failed bench.
@@ -93,32 +95,52 @@ struct Round {
     swaps: usize,
 }
 
+/// What runs beside the handshakes during a round.
+#[derive(Clone, Copy)]
+enum Beside {
+    /// Nothing: the static configuration.
+    Nothing,
+    /// A thread that wakes on the swap schedule and only looks the name up: the cost of
+    /// a second busy thread on the same cores, without any swap.
+    Ticker,
+    /// A thread that swaps the certificate on that schedule.
+    Swapper,
+}
+
 fn run_round(
     client_config: &Arc<ClientConfig>,
     server_config: &Arc<ServerConfig>,
     resolver: &CertResolver,
-    swap_keys: Option<[Arc<CertifiedKey>; 2]>,
+    keys: &[Arc<CertifiedKey>; 2],
+    beside: Beside,
     swap_every: Duration,
 ) -> Round {
     let stop = Arc::new(AtomicBool::new(false));
-    let swapper = swap_keys.map(|keys| {
-        let resolver = resolver.clone();
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let started = Instant::now();
-            let mut swaps = 0;
-            while swaps < SWAPS && !stop.load(Ordering::Relaxed) {
-                resolver.set(&[NAME], keys[swaps % 2].clone());
-                swaps += 1;
-                // Evenly spread, without drifting.
-                let next = started + swap_every * swaps as u32;
-                if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                    std::thread::sleep(wait);
+    let helper = match beside {
+        Beside::Nothing => None,
+        Beside::Ticker | Beside::Swapper => {
+            let resolver = resolver.clone();
+            let stop = stop.clone();
+            let keys = keys.clone();
+            Some(std::thread::spawn(move || {
+                let started = Instant::now();
+                let mut ticks = 0;
+                while ticks < SWAPS && !stop.load(Ordering::Relaxed) {
+                    match beside {
+                        Beside::Swapper => resolver.set(&[NAME], keys[ticks % 2].clone()),
+                        _ => assert!(resolver.lookup(Some(NAME)).is_some()),
+                    }
+                    ticks += 1;
+                    // Evenly spread, without drifting.
+                    let next = started + swap_every * ticks as u32;
+                    if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
                 }
-            }
-            swaps
-        })
-    });
+                ticks
+            }))
+        }
+    };
     let started = Instant::now();
     let mut done = 0;
     let mut failed = 0;
@@ -130,11 +152,15 @@ fn run_round(
     }
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
-    let swaps = swapper.map(|t| t.join().unwrap()).unwrap_or(0);
+    let ticks = helper.map(|t| t.join().unwrap()).unwrap_or(0);
     Round {
         rate: done as f64 / elapsed.as_secs_f64(),
         failed,
-        swaps,
+        swaps: if matches!(beside, Beside::Swapper) {
+            ticks
+        } else {
+            0
+        },
     }
 }
 
@@ -176,39 +202,54 @@ fn main() {
     let client = Arc::new(client);
 
     // Warm up and size the swap interval so 1,000 swaps span a round.
-    let warm = run_round(&client, &server, &resolver, None, Duration::ZERO);
+    let warm = run_round(
+        &client,
+        &server,
+        &resolver,
+        &keys,
+        Beside::Nothing,
+        Duration::ZERO,
+    );
     let round_time = Duration::from_secs_f64(HANDSHAKES_PER_ROUND as f64 / warm.rate);
     let swap_every = round_time / SWAPS as u32;
 
     let mut static_rates = Vec::new();
+    let mut ticking_rates = Vec::new();
     let mut swapping_rates = Vec::new();
     let mut ratios = Vec::new();
+    let mut ticking_ratios = Vec::new();
     let mut failed = warm.failed;
     let mut swaps = 0;
     let mut handshakes = HANDSHAKES_PER_ROUND;
     for round in 0..ROUNDS {
-        let still = run_round(&client, &server, &resolver, None, swap_every);
-        let swapping = run_round(&client, &server, &resolver, Some(keys.clone()), swap_every);
+        let run = |beside| run_round(&client, &server, &resolver, &keys, beside, swap_every);
+        let still = run(Beside::Nothing);
+        let ticking = run(Beside::Ticker);
+        let swapping = run(Beside::Swapper);
+        let round_failed = still.failed + ticking.failed + swapping.failed;
         println!(
-            "round {round}: static {:.0}/s, swapping {:.0}/s ({} swaps, {} failed)",
-            still.rate,
-            swapping.rate,
-            swapping.swaps,
-            swapping.failed + still.failed
+            "round {round}: static {:.0}/s, ticking {:.0}/s, swapping {:.0}/s \
+             ({} swaps, {round_failed} failed)",
+            still.rate, ticking.rate, swapping.rate, swapping.swaps,
         );
-        failed += still.failed + swapping.failed;
+        failed += round_failed;
         swaps += swapping.swaps;
-        handshakes += 2 * HANDSHAKES_PER_ROUND;
+        handshakes += 3 * HANDSHAKES_PER_ROUND;
         ratios.push(swapping.rate / still.rate);
+        ticking_ratios.push(swapping.rate / ticking.rate);
         static_rates.push(still.rate);
+        ticking_rates.push(ticking.rate);
         swapping_rates.push(swapping.rate);
     }
     println!(
-        "handshakes: static median {:.0}/s, swapping median {:.0}/s, median ratio {:.3}; \
+        "handshakes: static median {:.0}/s, ticking median {:.0}/s, swapping median {:.0}/s; \
+         median ratio swapping/static {:.3}, swapping/ticking {:.3}; \
          {swaps} swaps, {handshakes} handshakes, {failed} failed",
         median(static_rates),
+        median(ticking_rates),
         median(swapping_rates),
-        median(ratios)
+        median(ratios),
+        median(ticking_ratios),
     );
     assert_eq!(failed, 0, "a handshake failed");
 }

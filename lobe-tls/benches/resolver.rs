@@ -7,6 +7,9 @@
 //! Queries rotate over 1,024 names spread across the whole set, so a large map is not
 //! measured through one hot cache line.
 //!
+//! `resolver_swap` measures the writer's side: one `CertResolver::set` as the number of
+//! names served grows.
+//!
 //! Run: `cargo bench -p lobe-tls --bench resolver`
 // criterion's macros make undocumented public items; a failed unwrap is a failed bench.
 #![allow(missing_docs, clippy::unwrap_used)]
@@ -131,5 +134,30 @@ fn lookups(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, lookups);
+/// What one certificate swap costs the writer (the copy of the snapshot, the swap, and
+/// dropping the old snapshot), as the number of names served grows.
+fn swaps(c: &mut Criterion) {
+    let keys = [
+        Arc::new(wildcard_key("*.example.com")),
+        Arc::new(wildcard_key("*.example.com")),
+    ];
+    let mut group = c.benchmark_group("resolver_swap");
+    for count in COUNTS {
+        let names: Vec<String> = (0..count)
+            .map(|i| format!("host-{i}.example.com"))
+            .collect();
+        let ours = CertResolver::new();
+        ours.set(&names, keys[0].clone());
+        let mut i = 0;
+        group.bench_function(BenchmarkId::new("lobe_tls_set", count), |b| {
+            b.iter(|| {
+                i += 1;
+                ours.set(&[names[i % count].as_str()], keys[i % 2].clone());
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, lookups, swaps);
 criterion_main!(benches);

@@ -2,8 +2,9 @@
 //! snapshot, exact names first, then a one-label wildcard, then an optional default.
 //! TLS-ALPN-01 challenge certificates are served to clients that offer only `acme-tls/1`.
 
+mod name_map;
+
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -14,16 +15,43 @@ use rustls::sign::CertifiedKey;
 /// The ALPN protocol of TLS-ALPN-01 (RFC 8737).
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
+use name_map::NameMap;
+
 #[derive(Default, Clone)]
 struct Snapshot {
     /// Exact names, lower-case, no trailing dot.
-    exact: HashMap<String, Arc<CertifiedKey>>,
+    exact: NameMap,
     /// Wildcards by the name they cover one label under: `*.example.com` is kept as `example.com`.
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    wildcard: NameMap,
     /// Served for no SNI and unknown names.
     default: Option<Arc<CertifiedKey>>,
     /// TLS-ALPN-01 challenge certificates by name.
-    challenges: HashMap<String, Arc<CertifiedKey>>,
+    challenges: NameMap,
+}
+
+impl Snapshot {
+    /// Serves `key` for `name` (already normalised): an exact name or a `*.` wildcard.
+    fn insert(&mut self, name: &str, key: &Arc<CertifiedKey>) {
+        match name.strip_prefix("*.") {
+            Some(base) => self.wildcard.insert(base, key.clone()),
+            None => self.exact.insert(name, key.clone()),
+        };
+    }
+
+    /// Exact name, then a one-label wildcard, then the default. `name` is normalised.
+    fn find(&self, name: &str) -> Option<&Arc<CertifiedKey>> {
+        if let Some(key) = self.exact.get(name) {
+            return Some(key);
+        }
+        // One label only: `*.example.com` covers `a.example.com`, not `a.b.example.com`
+        // and not `example.com`.
+        if let Some((_, parent)) = name.split_once('.')
+            && let Some(key) = self.wildcard.get(parent)
+        {
+            return Some(key);
+        }
+        self.default.as_ref()
+    }
 }
 
 /// A `ResolvesServerCert` whose certificates can be replaced at any time without
@@ -71,10 +99,7 @@ impl CertResolver {
             .collect();
         self.update(|snap| {
             for name in &names {
-                match name.strip_prefix("*.") {
-                    Some(base) => snap.wildcard.insert(base.to_owned(), key.clone()),
-                    None => snap.exact.insert(name.clone(), key.clone()),
-                };
+                snap.insert(name, &key);
             }
         });
     }
@@ -96,10 +121,7 @@ impl CertResolver {
         self.update(|snap| {
             for (names, key) in &entries {
                 for name in names {
-                    match name.strip_prefix("*.") {
-                        Some(base) => snap.wildcard.insert(base.to_owned(), (*key).clone()),
-                        None => snap.exact.insert(name.clone(), (*key).clone()),
-                    };
+                    snap.insert(name, key);
                 }
             }
         });
@@ -129,15 +151,15 @@ impl CertResolver {
 
     /// Serves a TLS-ALPN-01 challenge certificate for `name` to `acme-tls/1` clients.
     pub fn set_challenge(&self, name: &str, key: Arc<CertifiedKey>) {
-        let name = normalize(name).into_owned();
+        let name = normalize(name);
         self.update(|snap| {
-            snap.challenges.insert(name.clone(), key.clone());
+            snap.challenges.insert(&name, key.clone());
         });
     }
 
     /// Removes the TLS-ALPN-01 challenge certificate for `name`.
     pub fn remove_challenge(&self, name: &str) {
-        let name = normalize(name).into_owned();
+        let name = normalize(name);
         self.update(|snap| {
             snap.challenges.remove(&name);
         });
@@ -146,21 +168,10 @@ impl CertResolver {
     /// The certificate a client asking for `server_name` gets, by the same rules as a handshake.
     pub fn lookup(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let snap = self.snapshot.load();
-        let Some(name) = server_name else {
-            return snap.default.clone();
-        };
-        let name = normalize(name);
-        if let Some(key) = snap.exact.get(name.as_ref()) {
-            return Some(key.clone());
+        match server_name {
+            Some(name) => snap.find(&normalize(name)).cloned(),
+            None => snap.default.clone(),
         }
-        // One label only: `*.example.com` covers `a.example.com`, not `a.b.example.com`
-        // and not `example.com`.
-        if let Some((_, parent)) = name.split_once('.')
-            && let Some(key) = snap.wildcard.get(parent)
-        {
-            return Some(key.clone());
-        }
-        snap.default.clone()
     }
 
     /// Whether a TLS-ALPN-01 challenge certificate is installed for `name`.
@@ -168,7 +179,8 @@ impl CertResolver {
         self.snapshot
             .load()
             .challenges
-            .contains_key(normalize(name).as_ref())
+            .get(&normalize(name))
+            .is_some()
     }
 
     /// The number of exact and wildcard names served.
@@ -189,7 +201,7 @@ impl ResolvesServerCert for CertResolver {
         let acme_only = matches!((alpn.next(), alpn.next()), (Some(ACME_TLS_ALPN), None));
         if acme_only {
             let name = normalize(hello.server_name()?);
-            return self.snapshot.load().challenges.get(name.as_ref()).cloned();
+            return self.snapshot.load().challenges.get(&name).cloned();
         }
         self.lookup(hello.server_name())
     }
