@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{CertMeta, RenewalState, Store, StoreLock, StoredCert};
+use super::{BatchEntry, CertMeta, RenewalState, Store, StoreLock, StoredCert};
 use crate::cert::CertBundle;
 use crate::error::{Error, Result};
 
@@ -60,9 +60,13 @@ impl FileStore {
     fn load_cert_sync(&self, name: &str) -> Result<Option<StoredCert>> {
         check_name(name)?;
         let live = self.live_dir(name);
-        // Resolve the symlink once, so every file comes from the same version.
-        let dir = match fs::canonicalize(&live) {
-            Ok(dir) => dir,
+        // Resolve the symlink once, so every file comes from the same version. One
+        // readlink, not a canonicalize: that walks every component of the path, and start-up
+        // does this for every certificate.
+        let dir = match fs::read_link(&live) {
+            Ok(target) => self.root.join("live").join(target),
+            // A plain directory (a copied store, say) is read as it is.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => live,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(&live, e)),
         };
@@ -75,6 +79,17 @@ impl FileStore {
         let bundle = CertBundle::from_pem(fullchain, key)
             .map_err(|e| Error::Store(format!("{}: {e}", dir.display())))?;
         Ok(Some(StoredCert { bundle, meta }))
+    }
+
+    fn load_renewal_state_sync(&self, name: &str) -> Result<RenewalState> {
+        check_name(name)?;
+        let path = self.root.join("state").join(format!("{name}.json"));
+        match read_optional(&path)? {
+            None => Ok(RenewalState::default()),
+            Some(data) => serde_json::from_slice(&data).map_err(|e| {
+                Error::Store(format!("{}: unreadable renewal state: {e}", path.display()))
+            }),
+        }
     }
 
     fn save_cert_sync(&self, cert: &StoredCert) -> Result<()> {
@@ -183,15 +198,41 @@ impl Store for FileStore {
     }
 
     async fn load_renewal_state(&self, name: &str) -> Result<RenewalState> {
-        check_name(name)?;
-        let path = self.root.join("state").join(format!("{name}.json"));
-        blocking(move || match read_optional(&path)? {
-            None => Ok(RenewalState::default()),
-            Some(data) => serde_json::from_slice(&data).map_err(|e| {
-                Error::Store(format!("{}: unreadable renewal state: {e}", path.display()))
-            }),
+        let this = self.clone();
+        let name = name.to_owned();
+        blocking(move || this.load_renewal_state_sync(&name)).await
+    }
+
+    async fn load_cert_batch(&self, names: &[String]) -> Vec<BatchEntry> {
+        // One trip to a blocking thread for the whole batch: at start-up, a trip per
+        // file costs more in thread hand-offs than the reads themselves.
+        let this = self.clone();
+        let batch = names.to_vec();
+        let loaded = tokio::task::spawn_blocking(move || {
+            batch
+                .into_iter()
+                .map(|name| {
+                    let cert = this.load_cert_sync(&name);
+                    let state = match cert {
+                        Ok(Some(_)) => this.load_renewal_state_sync(&name),
+                        _ => Ok(RenewalState::default()),
+                    };
+                    BatchEntry { name, cert, state }
+                })
+                .collect()
         })
-        .await
+        .await;
+        loaded.unwrap_or_else(|e| {
+            let why = format!("store task failed: {e}");
+            names
+                .iter()
+                .map(|name| BatchEntry {
+                    name: name.clone(),
+                    cert: Err(Error::Store(why.clone())),
+                    state: Ok(RenewalState::default()),
+                })
+                .collect()
+        })
     }
 
     async fn save_renewal_state(&self, name: &str, state: &RenewalState) -> Result<()> {
@@ -445,6 +486,56 @@ mod tests {
         assert_eq!(mode(store.root()), 0o700);
         assert_eq!(mode(&store.root().join("archive/site")), 0o700);
         assert_eq!(store.list_certs().await.unwrap(), ["site"]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_loads_what_single_loads_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path().join("store")).unwrap();
+        let good = sample("good", "good.example.com");
+        store.save_cert(&good).await.unwrap();
+        let state = RenewalState {
+            failures: 3,
+            ..RenewalState::default()
+        };
+        store.save_renewal_state("good", &state).await.unwrap();
+        // A live directory copied as plain files rather than a symlink.
+        let copied = sample("copied", "copied.example.com");
+        store.save_cert(&copied).await.unwrap();
+        let live = store.live_dir("copied");
+        let target = fs::read_link(&live).unwrap();
+        fs::remove_file(&live).unwrap();
+        fs::create_dir(&live).unwrap();
+        for file in ["fullchain.pem", "privkey.pem", META_FILE] {
+            let from = dir.path().join("store/live").join(&target).join(file);
+            fs::copy(from, live.join(file)).unwrap();
+        }
+        // A half-written certificate.
+        store
+            .save_cert(&sample("broken", "broken.example.com"))
+            .await
+            .unwrap();
+        fs::write(store.live_dir("broken").join("privkey.pem"), "junk").unwrap();
+
+        let names = ["good", "copied", "broken", "missing"].map(String::from);
+        let batch = store.load_cert_batch(&names).await;
+        let names_back: Vec<&str> = batch.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names_back, names);
+        let loaded = batch[0].cert.as_ref().unwrap().as_ref().unwrap();
+        assert_eq!(loaded.bundle.fullchain_pem(), good.bundle.fullchain_pem());
+        assert_eq!(batch[0].state.as_ref().unwrap().failures, 3);
+        let loaded = batch[1].cert.as_ref().unwrap().as_ref().unwrap();
+        assert_eq!(loaded.bundle.fullchain_pem(), copied.bundle.fullchain_pem());
+        let err = batch[2].cert.as_ref().unwrap_err().to_string();
+        assert!(
+            err.contains("broken") && err.contains("private key"),
+            "{err}"
+        );
+        assert!(batch[3].cert.as_ref().unwrap().is_none());
+        for (entry, name) in batch.iter().zip(&names) {
+            let single = store.load_cert(name).await;
+            assert_eq!(entry.cert.is_ok(), single.is_ok(), "{name}");
+        }
     }
 
     #[tokio::test]

@@ -75,6 +75,18 @@ pub struct RenewalState {
     pub ari_cert_id: Option<String>,
 }
 
+/// One certificate of a [`Store::load_cert_batch`].
+#[derive(Debug)]
+pub struct BatchEntry {
+    /// The certificate's name.
+    pub name: String,
+    /// The certificate, as [`Store::load_cert`] gives it.
+    pub cert: Result<Option<StoredCert>>,
+    /// Its renewal state, as [`Store::load_renewal_state`] gives it (the default state
+    /// when there is no certificate).
+    pub state: Result<RenewalState>,
+}
+
 /// A held lock on one certificate name. Dropping it releases the lock, best effort;
 /// call [`StoreLock::release`] to release it and learn whether that worked.
 #[async_trait]
@@ -109,6 +121,29 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Stores the renewal state of a certificate.
     async fn save_renewal_state(&self, name: &str, state: &RenewalState) -> Result<()>;
+
+    /// Loads a batch of certificates with their renewal state, as start-up does for
+    /// everything stored. Each result is what [`Store::load_cert`] and
+    /// [`Store::load_renewal_state`] would give for that name.
+    ///
+    /// The default asks for one name after another; a store that can read a batch more
+    /// cheaply (the file store, in one trip to a blocking thread) overrides it.
+    async fn load_cert_batch(&self, names: &[String]) -> Vec<BatchEntry> {
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let cert = self.load_cert(name).await;
+            let state = match cert {
+                Ok(Some(_)) => self.load_renewal_state(name).await,
+                _ => Ok(RenewalState::default()),
+            };
+            out.push(BatchEntry {
+                name: name.clone(),
+                cert,
+                state,
+            });
+        }
+        out
+    }
 
     /// Takes the lock on `name`, waiting up to `wait` for another holder. While held,
     /// no other process using this store orders the same certificate. `lease` bounds
