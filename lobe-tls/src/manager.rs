@@ -284,8 +284,9 @@ impl ManagerBuilder {
     }
 
     /// Also renews stored certificates that were not configured with
-    /// [`ManagerBuilder::cert`], repeating the order each came from. Off by default:
-    /// such certificates are served but left alone.
+    /// [`ManagerBuilder::cert`], repeating the order each came from, including those
+    /// that can no longer be served (expired while nothing ran): [`Manager::start`]
+    /// orders them again. Off by default: such certificates are served but left alone.
     pub fn manage_stored(mut self, yes: bool) -> Self {
         self.manage_stored = yes;
         self
@@ -532,9 +533,20 @@ impl Manager {
             for (name, result) in loads {
                 let loaded = match result {
                     Ok(loaded) => loaded,
-                    Err(e) => {
-                        tracing::error!(cert = %name, error = %e, "stored certificate is unusable; not serving it");
-                        report.unusable.push((name, e.to_string()));
+                    Err(Unusable { error, meta }) => {
+                        tracing::error!(cert = %name, %error, "stored certificate is unusable; not serving it");
+                        report.unusable.push((name.clone(), error.to_string()));
+                        // Managing what is stored includes what has expired (a server
+                        // that was down for months): order it again, as it was ordered.
+                        if let (true, Some(meta)) = (self.inner.manage_stored, meta) {
+                            slots.entry(name).or_insert_with(|| Slot {
+                                managed: Some(ManagedCert::from_meta(&meta)),
+                                current: None,
+                                state: RenewalState::default(),
+                                reissue: false,
+                                warned_serial: None,
+                            });
+                        }
                         continue;
                     }
                 };
@@ -605,7 +617,10 @@ impl Manager {
     }
 
     /// Reads and checks many stored certificates at once.
-    async fn load_many(&self, names: Vec<String>) -> Vec<(String, Result<Loaded>)> {
+    async fn load_many(
+        &self,
+        names: Vec<String>,
+    ) -> Vec<(String, std::result::Result<Loaded, Unusable>)> {
         let limit = Arc::new(Semaphore::new(LOAD_CONCURRENCY));
         let mut tasks = JoinSet::new();
         for batch in names.chunks(LOAD_BATCH) {
@@ -1162,19 +1177,34 @@ async fn load_checked(store: &DynStore, name: &str) -> Result<Option<Loaded>> {
         cert,
         state,
     })
+    .map_err(|unusable| unusable.error)
+}
+
+/// A stored certificate that cannot be served, with its order when that was readable,
+/// so that a manager of stored certificates can order it again.
+struct Unusable {
+    error: Error,
+    meta: Option<Box<CertMeta>>,
 }
 
 /// Checks a certificate read from the store can be served. An unreadable renewal state
 /// only costs the state: the certificate is still served.
-fn check_loaded(entry: BatchEntry) -> Result<Option<Loaded>> {
+fn check_loaded(entry: BatchEntry) -> std::result::Result<Option<Loaded>, Unusable> {
     let name = entry.name;
-    let Some(stored) = entry.cert? else {
-        return Ok(None);
+    let stored = match entry.cert {
+        Ok(Some(stored)) => stored,
+        Ok(None) => return Ok(None),
+        Err(error) => return Err(Unusable { error, meta: None }),
     };
-    let (key, info) = stored
-        .bundle
-        .validated_key_for(&stored.meta.domains)
-        .map_err(|e| Error::Store(format!("{name}: {e}")))?;
+    let (key, info) = match stored.bundle.validated_key_for(&stored.meta.domains) {
+        Ok(checked) => checked,
+        Err(e) => {
+            return Err(Unusable {
+                error: Error::Store(format!("{name}: {e}")),
+                meta: Some(Box::new(stored.meta)),
+            });
+        }
+    };
     let state = entry.state.unwrap_or_else(|e| {
         tracing::warn!(cert = %name, error = %e, "unreadable renewal state; starting afresh");
         RenewalState::default()

@@ -374,3 +374,57 @@ async fn ari_window_decides_when_to_renew_and_replaces_names_the_old_certificate
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(shim.new_orders().len(), 2);
 }
+
+#[tokio::test]
+async fn managing_stored_certificates_orders_one_that_expired_while_nothing_ran() {
+    lobe_tls_tests::init_tracing();
+    let pebble = Pebble::start(PebbleOptions::default());
+    let root = pebble.issuing_root_pem().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
+    let registry = Http01Registry::new();
+    let _http = Http01Listener::bind(&pebble.http_listen(), registry.service())
+        .await
+        .unwrap();
+
+    // What a server finds after months switched off: a certificate that expired
+    // yesterday, stored with the order it came from.
+    let key = lobe_tls::KeyType::EcdsaP256.generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["old.example.com".to_owned()]).unwrap();
+    params.not_before = OffsetDateTime::now_utc() - time::Duration::days(91);
+    params.not_after = OffsetDateTime::now_utc() - time::Duration::days(1);
+    let expired = params.self_signed(&key).unwrap();
+    let meta = lobe_tls::CertMeta {
+        name: "old".into(),
+        domains: domain::parse_all(&["old.example.com"]).unwrap(),
+        key_type: lobe_tls::KeyType::EcdsaP256,
+        challenge: ChallengeConfig::default(),
+        directory: pebble.acme_config().directory,
+        issued_at: OffsetDateTime::now_utc() - time::Duration::days(91),
+    };
+    store
+        .save_cert(&lobe_tls::StoredCert {
+            bundle: lobe_tls::CertBundle::from_pem(expired.pem(), key.serialize_pem()).unwrap(),
+            meta,
+        })
+        .await
+        .unwrap();
+
+    let manager = Manager::builder(pebble.acme_config(), store.clone())
+        .http01(registry)
+        .manage_stored(true)
+        .build()
+        .unwrap();
+    let report = manager.start().await.unwrap();
+    assert_eq!(report.unusable.len(), 1, "{report:?}");
+    assert!(report.unusable[0].1.contains("expired"), "{report:?}");
+    assert_eq!(report.obtained, ["old"], "{report:?}");
+
+    let server = TlsServer::start("127.0.0.1:0", manager.resolver().clone()).await;
+    let served = handshake(server.addr, "old.example.com", &root)
+        .await
+        .unwrap();
+    assert!(served.not_after > OffsetDateTime::now_utc());
+    let stored = store.load_cert("old").await.unwrap().unwrap();
+    assert!(stored.bundle.info().unwrap().not_after > OffsetDateTime::now_utc());
+}
