@@ -218,3 +218,104 @@ async fn two_serve_instances_on_one_redis_order_once_and_serve_the_same_certific
     }
     assert_eq!(pebble.orders_created(), 1, "one order for the cluster");
 }
+
+#[tokio::test]
+async fn issue_on_one_box_is_answered_by_a_serve_instance_sharing_the_redis_store() {
+    use std::time::{Duration, Instant};
+    let redis = RedisServer::start();
+    let pebble = Pebble::start(PebbleOptions::default());
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap().to_string();
+    let client = lobe_tls_tests::tls::client_config(&pebble.issuing_root_pem().await);
+
+    // The cluster: one `serve` instance holds the port Pebble validates HTTP-01 on.
+    let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .args(["serve", "--listen", &listen, "--upstream", &upstream_addr])
+        .args([
+            "-d",
+            "front.example.com",
+            "--http-listen",
+            &pebble.http_listen(),
+        ])
+        .env("LOBE_TLS_STORE", redis.url())
+        .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
+        .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut serve = Serve(child);
+    let listen: std::net::SocketAddr = listen.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while lobe_tls_tests::tls::handshake_serial(listen, "front.example.com", client.clone())
+        .await
+        .is_err()
+    {
+        assert!(serve.0.try_wait().unwrap().is_none(), "serve exited early");
+        assert!(Instant::now() < deadline, "serve never came up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Another box runs `issue`: its own HTTP-01 listener is not where the CA looks.
+    let elsewhere = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let name = "added.example.com";
+    let out = lobe_tls(&[
+        "--store",
+        &redis.url(),
+        "--directory",
+        &pebble.directory_url,
+        "--directory-ca",
+        pebble.ca_file.to_str().unwrap(),
+        "issue",
+        "-d",
+        name,
+        "--http-listen",
+        &elsewhere,
+    ]);
+    assert!(out.status.success(), "issue failed: {}", stderr(&out));
+
+    // Every instance swaps the result in: the serve instance picks it up from the store.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while lobe_tls_tests::tls::handshake_serial(listen, name, client.clone())
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "serve never served the certificate issued elsewhere"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = lobe_tls_tests::tls::handshake_serial(listen, name, client.clone())
+        .await
+        .unwrap();
+
+    // A cron `renew` on that box orders through the manager's standalone listener, which
+    // shares its tokens the same way. (Pebble may reuse the authorization here; the
+    // `issue` above is the strict check.)
+    let out = lobe_tls(&[
+        "--store",
+        &redis.url(),
+        "--directory",
+        &pebble.directory_url,
+        "--directory-ca",
+        pebble.ca_file.to_str().unwrap(),
+        "renew",
+        "--name",
+        name,
+        "--force",
+    ]);
+    assert!(out.status.success(), "renew failed: {}", stderr(&out));
+    assert!(stdout(&out).contains("renewed"), "{}", stdout(&out));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let served = lobe_tls_tests::tls::handshake_serial(listen, name, client.clone()).await;
+        if served.as_ref().is_ok_and(|serial| *serial != first) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the renewal never reached serve");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -271,7 +271,9 @@ impl ManagerBuilder {
 
     /// Answers HTTP-01 through `registry`, which the application mounts on port 80.
     /// Without it, HTTP-01 orders bind a standalone listener on the certificate's
-    /// `http_listen` address (default `0.0.0.0:80`) while they run.
+    /// `http_listen` address (default `0.0.0.0:80`) while they run; with a shared store
+    /// (Redis) that listener's tokens are also published there, so any instance sharing
+    /// the store answers the CA, wherever the load balancer sends it.
     pub fn http01(mut self, registry: Http01Registry) -> Self {
         self.http01 = Some(registry);
         self
@@ -969,7 +971,9 @@ impl Manager {
                 Some(registry) => SolverHandle::new(Http01Solver::new(registry.clone())),
                 None => {
                     let addr = challenge.http_listen.as_deref().unwrap_or("0.0.0.0:80");
-                    let (listener, registry) = self.inner.standalone.http(addr).await?;
+                    let store = &self.inner.store;
+                    let shared = store.is_shared().then(|| store.clone());
+                    let (listener, registry) = self.inner.standalone.http(addr, shared).await?;
                     let mut handle = SolverHandle::new(Http01Solver::new(registry));
                     handle.keep.push(listener);
                     handle

@@ -6,9 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lobe_tls::acme::ProgressFn;
+use lobe_tls::challenge::ChallengeConfig;
 use lobe_tls::inventory::CertReport;
 use lobe_tls::issue::{Issuance, IssueRequest};
-use lobe_tls::{AcmeClient, KeyType, Result, domain};
+use lobe_tls::{
+    AcmeClient, ChallengeKind, Http01Listener, Http01Registry, KeyType, Result, domain,
+};
 
 use crate::challenge_args::ChallengeArgs;
 use crate::global::Global;
@@ -53,8 +56,27 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         request.name = name.clone();
     }
     let acme = global.acme_config()?;
-    let issuance = Issuance::prepare(request, None).await?;
     let store = global.open_store().await?;
+    // With a shared store, the standalone listener's tokens go there too, so that any
+    // `lobe-tls serve` instance sharing it answers, wherever the CA's request lands.
+    let (issuance, _http_listener) = match (&request.challenge, store.is_shared()) {
+        (
+            ChallengeConfig {
+                kind: ChallengeKind::Http01,
+                http_listen: Some(addr),
+                ..
+            },
+            true,
+        ) => {
+            let registry = Http01Registry::with_shared_store(store.clone());
+            let listener = Http01Listener::bind(addr, registry.service()).await?;
+            (
+                Issuance::prepare(request, Some(registry)).await?,
+                Some(listener),
+            )
+        }
+        _ => (Issuance::prepare(request, None).await?, None),
+    };
     let name = issuance.request().name.clone();
     let _lock = lobe_tls::issue::lock_name(store.as_ref(), &name, LOCK_WAIT).await?;
 

@@ -10,6 +10,7 @@ use super::http01::{Http01Listener, Http01Registry};
 use super::tls_alpn01::TlsAlpn01Listener;
 use crate::error::{Error, Result};
 use crate::resolver::CertResolver;
+use crate::store::DynStore;
 
 /// Standalone challenge listeners, shared by the orders running at the same time and
 /// closed when the last of them ends.
@@ -23,15 +24,24 @@ pub(crate) struct Standalone {
 const REBIND_ATTEMPTS: u32 = 40;
 
 impl Standalone {
-    /// The HTTP-01 listener on `addr` and its registry, bound now if none is open.
-    pub(crate) async fn http(&self, addr: &str) -> Result<(Arc<Http01Listener>, Http01Registry)> {
+    /// The HTTP-01 listener on `addr` and its registry, bound now if none is open. With a
+    /// `shared` store the registry also publishes its tokens there, so that every
+    /// instance sharing the store can answer, wherever the CA's request lands.
+    pub(crate) async fn http(
+        &self,
+        addr: &str,
+        shared: Option<DynStore>,
+    ) -> Result<(Arc<Http01Listener>, Http01Registry)> {
         let mut map = self.http.lock().await;
         if let Some((weak, registry)) = map.get(addr)
             && let Some(listener) = weak.upgrade()
         {
             return Ok((listener, registry.clone()));
         }
-        let registry = Http01Registry::new();
+        let registry = match shared {
+            Some(store) => Http01Registry::with_shared_store(store),
+            None => Http01Registry::new(),
+        };
         let listener =
             Arc::new(bind_retrying(|| Http01Listener::bind(addr, registry.service())).await?);
         map.insert(

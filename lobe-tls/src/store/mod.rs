@@ -188,6 +188,12 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn subscribe(&self) -> Option<StoreSubscription> {
         None
     }
+
+    /// Whether other instances share this store, so that challenge responses published
+    /// with [`Store::put_challenge`] reach them. False for a local directory.
+    fn is_shared(&self) -> bool {
+        false
+    }
 }
 
 /// A change to a shared store, as announced to every subscribed instance.

@@ -383,6 +383,10 @@ impl Store for RedisStore {
         Ok(keys)
     }
 
+    fn is_shared(&self) -> bool {
+        true
+    }
+
     fn subscribe(&self) -> Option<StoreSubscription> {
         let (tx, rx) = mpsc::channel(256);
         let task = tokio::spawn(feed(
