@@ -14,7 +14,7 @@ use lobe_tls::{
 };
 
 use crate::challenge_args::ChallengeArgs;
-use crate::global::Global;
+use crate::global::{Global, is_redis_url};
 
 /// Options of `lobe-tls issue`.
 #[derive(clap::Args, Debug)]
@@ -56,36 +56,45 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         request.name = name.clone();
     }
     let acme = global.acme_config()?;
-    let store = global.open_store().await?;
-    // With a shared store, the standalone listener's tokens go there too, so that any
-    // `lobe-tls serve` instance sharing it answers, wherever the CA's request lands.
-    let (issuance, _http_listener) = match (&request.challenge, store.is_shared()) {
-        (
-            ChallengeConfig {
-                kind: ChallengeKind::Http01,
-                http_listen: Some(addr),
-                ..
-            },
-            true,
-        ) => {
+    // Local errors (names, flags, a busy port) come before the store is created.
+    request.validate()?;
+    let (issuance, store, _http_listener) = match &request.challenge {
+        // With a shared store, the standalone listener's tokens go there too, so that any
+        // `lobe-tls serve` instance sharing it answers, wherever the CA's request lands.
+        ChallengeConfig {
+            kind: ChallengeKind::Http01,
+            http_listen: Some(addr),
+            ..
+        } if is_redis_url(&global.store) => {
+            let store = global.open_store().await?;
             let registry = Http01Registry::with_shared_store(store.clone());
             let listener = Http01Listener::bind(addr, registry.service()).await?;
-            (
-                Issuance::prepare(request, Some(registry)).await?,
-                Some(listener),
-            )
+            let issuance = Issuance::prepare(request, Some(registry)).await?;
+            (issuance, store, Some(listener))
         }
-        _ => (Issuance::prepare(request, None).await?, None),
+        _ => {
+            let issuance = Issuance::prepare(request, None).await?;
+            (issuance, global.open_store().await?, None)
+        }
     };
     let name = issuance.request().name.clone();
-    let _lock = lobe_tls::issue::lock_name(store.as_ref(), &name, LOCK_WAIT).await?;
+    let lock = lobe_tls::issue::lock_name(store.as_ref(), &name, LOCK_WAIT).await?;
 
     let progress = progress_printer(args.json);
     if let Some(say) = &progress {
         say(&format!("connecting to {}", acme.directory));
     }
-    let client = AcmeClient::connect(&acme, store.as_ref()).await?;
-    let stored = issuance.run(&client, store.as_ref(), progress).await?;
+    let issued = async {
+        let client = AcmeClient::connect(&acme, store.as_ref()).await?;
+        issuance.run(&client, store.as_ref(), progress).await
+    }
+    .await;
+    // Released here, not on drop: the process exits next, and a release left to a
+    // background task would leave a shared store's lock held for its whole lease.
+    if let Err(e) = lock.release().await {
+        tracing::warn!(cert = %name, error = %e, "cannot release the store lock; it expires with its lease");
+    }
+    let stored = issued?;
 
     let state = store.load_renewal_state(&name).await.unwrap_or_default();
     let report = CertReport::of(&stored, &state, None, time::OffsetDateTime::now_utc());
