@@ -5,21 +5,22 @@
 //! a fresh child process, so the memory figure is the load alone: resident set size
 //! before and after, from /proc/self/statm. Medians of the runs are printed.
 //!
-//! Set `LOBE_TLS_BENCH_STORE=DIR` to keep the generated store between runs.
+//! Set `LOBE_TLS_BENCH_STORE=DIR` to keep the generated store between runs, or
+//! `LOBE_TLS_BENCH_STORE=redis://HOST:PORT/` to measure a Redis store instead (a cluster
+//! instance starting up).
 //!
 //! Run: `cargo bench -p lobe-tls --bench startup`
 // A failed unwrap is a failed bench.
 #![allow(clippy::unwrap_used, missing_docs)]
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
 use lobe_tls::store::DynStore;
 use lobe_tls::{
-    AcmeConfig, CertBundle, CertMeta, CertResolver, FileStore, KeyType, Manager, Store, StoredCert,
-    domain,
+    AcmeConfig, CertBundle, CertMeta, CertResolver, FileStore, KeyType, Manager, RedisStore,
+    StoredCert, domain,
 };
 
 const CERTS: usize = 10_000;
@@ -31,12 +32,12 @@ fn main() {
         return;
     }
     if let Some(at) = args.iter().position(|a| a == "--load") {
-        load(Path::new(&args[at + 1]));
+        load(&args[at + 1]);
         return;
     }
-    let kept = std::env::var_os("LOBE_TLS_BENCH_STORE").map(PathBuf::from);
     let temp = tempfile::tempdir().unwrap();
-    let root = kept.unwrap_or_else(|| temp.path().to_path_buf());
+    let root = std::env::var("LOBE_TLS_BENCH_STORE")
+        .unwrap_or_else(|_| temp.path().to_string_lossy().into_owned());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(fill(&root));
 
@@ -73,9 +74,18 @@ fn main() {
     );
 }
 
+/// A directory or a `redis://` URL.
+async fn open_store(spec: &str) -> DynStore {
+    if spec.starts_with("redis://") {
+        Arc::new(RedisStore::connect(spec).await.unwrap())
+    } else {
+        Arc::new(FileStore::open(spec).unwrap())
+    }
+}
+
 /// Writes `CERTS` certificates into the store at `root`, unless they are there already.
-async fn fill(root: &Path) {
-    let store = FileStore::open(root).unwrap();
+async fn fill(root: &str) {
+    let store = open_store(root).await;
     let have = store.list_certs().await.unwrap().len();
     if have >= CERTS {
         return;
@@ -111,7 +121,7 @@ async fn fill(root: &Path) {
 }
 
 /// The measured part, in a fresh process: prints `seconds rss_before rss_after served`.
-fn load(root: &Path) {
+fn load(root: &str) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let before = resident_bytes();
     let started = Instant::now();
@@ -123,8 +133,8 @@ fn load(root: &Path) {
 
 /// What a proxy does at start: `Manager::start` reads, checks and serves every stored
 /// certificate (no managed names, so nothing is ordered and the CA is never contacted).
-async fn load_into_resolver(root: &Path) -> CertResolver {
-    let store: DynStore = Arc::new(FileStore::open(root).unwrap());
+async fn load_into_resolver(root: &str) -> CertResolver {
+    let store = open_store(root).await;
     let resolver = CertResolver::new();
     let manager = Manager::builder(AcmeConfig::new("https://acme.invalid/directory"), store)
         .resolver(resolver.clone())
