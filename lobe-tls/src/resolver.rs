@@ -12,10 +12,10 @@ use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
+use name_map::NameMap;
+
 /// The ALPN protocol of TLS-ALPN-01 (RFC 8737).
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
-
-use name_map::NameMap;
 
 #[derive(Default, Clone)]
 struct Snapshot {
@@ -57,8 +57,9 @@ impl Snapshot {
 /// A `ResolvesServerCert` whose certificates can be replaced at any time without
 /// blocking or failing a handshake.
 ///
-/// Writers copy the snapshot and swap it in; readers take one atomic load. Cheap to
-/// clone: every clone shares the same certificates.
+/// Writers copy the snapshot (sharing every shard of its name maps they leave alone) and
+/// swap it in; readers take one atomic load. Cheap to clone: every clone shares the same
+/// certificates.
 #[derive(Clone, Default)]
 pub struct CertResolver {
     snapshot: Arc<ArcSwap<Snapshot>>,
