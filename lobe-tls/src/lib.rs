@@ -39,6 +39,7 @@ pub mod domain;
 pub mod error;
 pub mod inventory;
 pub mod issue;
+mod listen;
 pub mod manager;
 pub mod metrics;
 pub mod net;

@@ -22,9 +22,9 @@ use http::{Method, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::listen::ListenerTask;
 
 /// The content type of the Prometheus text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -198,32 +198,19 @@ fn escape_label(value: &str) -> String {
 /// An HTTP listener that serves `GET /metrics`. Stops when dropped.
 #[derive(Debug)]
 pub struct MetricsListener {
-    local_addr: SocketAddr,
-    task: JoinHandle<()>,
+    task: ListenerTask,
 }
 
 impl MetricsListener {
     /// Binds `addr` and serves `metrics` there.
     pub async fn bind(addr: &str, metrics: Arc<Metrics>) -> Result<Self> {
-        let listen_error = |source| Error::Listen {
-            addr: addr.to_owned(),
-            source,
-        };
-        let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
-        let local_addr = listener.local_addr().map_err(listen_error)?;
-        let task = tokio::spawn(serve(listener, metrics));
-        Ok(MetricsListener { local_addr, task })
+        let task = ListenerTask::spawn(addr, |listener| serve(listener, metrics)).await?;
+        Ok(MetricsListener { task })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-}
-
-impl Drop for MetricsListener {
-    fn drop(&mut self) {
-        self.task.abort();
+        self.task.local_addr()
     }
 }
 

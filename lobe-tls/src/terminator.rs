@@ -95,12 +95,7 @@ impl Terminator {
             tls.alpn_protocols = config.alpn.clone();
             tls.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
         }
-        let listen_error = |source| Error::Listen {
-            addr: listen.to_owned(),
-            source,
-        };
-        let listener = TcpListener::bind(listen).await.map_err(listen_error)?;
-        let local_addr = listener.local_addr().map_err(listen_error)?;
+        let (listener, local_addr) = crate::listen::bind(listen).await?;
         Ok(Terminator {
             listener,
             local_addr,

@@ -16,10 +16,10 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 use super::{ChallengeData, ChallengeKind, Solver};
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::listen::ListenerTask;
 use crate::store::DynStore;
 
 /// The path prefix ACME validation requests use.
@@ -212,36 +212,19 @@ impl<B: Send + 'static> tower::Service<Request<B>> for Http01Service {
 /// A standalone HTTP listener that serves an [`Http01Service`]. Stops when dropped.
 #[derive(Debug)]
 pub struct Http01Listener {
-    local_addr: SocketAddr,
-    task: JoinHandle<()>,
+    task: ListenerTask,
 }
 
 impl Http01Listener {
     /// Binds `addr` and starts answering challenges from `registry`.
     pub async fn bind(addr: &str, service: Http01Service) -> Result<Self> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| Error::Listen {
-                addr: addr.to_owned(),
-                source,
-            })?;
-        let local_addr = listener.local_addr().map_err(|source| Error::Listen {
-            addr: addr.to_owned(),
-            source,
-        })?;
-        let task = tokio::spawn(serve(listener, service));
-        Ok(Http01Listener { local_addr, task })
+        let task = ListenerTask::spawn(addr, |listener| serve(listener, service)).await?;
+        Ok(Http01Listener { task })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-}
-
-impl Drop for Http01Listener {
-    fn drop(&mut self) {
-        self.task.abort();
+        self.task.local_addr()
     }
 }
 

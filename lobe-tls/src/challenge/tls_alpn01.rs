@@ -18,13 +18,13 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
 use super::{ChallengeData, ChallengeKind, Solver};
 use crate::cert::KeyType;
 use crate::domain::DomainName;
 use crate::error::{Error, Result};
+use crate::listen::ListenerTask;
 use crate::resolver::{ACME_TLS_ALPN, CertResolver};
 use crate::store::DynStore;
 
@@ -198,8 +198,7 @@ impl Solver for TlsAlpn01Solver {
 /// certificates in its resolver, then closes. Stops when dropped.
 #[derive(Debug)]
 pub struct TlsAlpn01Listener {
-    local_addr: SocketAddr,
-    task: JoinHandle<()>,
+    task: ListenerTask,
 }
 
 impl TlsAlpn01Listener {
@@ -213,52 +212,38 @@ impl TlsAlpn01Listener {
                 .with_cert_resolver(Arc::new(resolver));
         config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| Error::Listen {
-                addr: addr.to_owned(),
-                source,
-            })?;
-        let local_addr = listener.local_addr().map_err(|source| Error::Listen {
-            addr: addr.to_owned(),
-            source,
-        })?;
-        let task = tokio::spawn(async move {
-            loop {
-                let stream = match listener.accept().await {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "TLS-ALPN-01 listener cannot accept");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let handshake =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
-                    match handshake.await {
-                        Ok(Ok(mut tls)) => {
-                            let _ = tls.shutdown().await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS-ALPN-01 handshake failed"),
-                        Err(_) => tracing::debug!("TLS-ALPN-01 handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(TlsAlpn01Listener { local_addr, task })
+        let task = ListenerTask::spawn(addr, |listener| answer(listener, acceptor)).await?;
+        Ok(TlsAlpn01Listener { task })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.task.local_addr()
     }
 }
 
-impl Drop for TlsAlpn01Listener {
-    fn drop(&mut self) {
-        self.task.abort();
+/// Completes every validation handshake `listener` accepts, then closes the connection.
+async fn answer(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS-ALPN-01 listener cannot accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+            match handshake.await {
+                Ok(Ok(mut tls)) => {
+                    let _ = tls.shutdown().await;
+                }
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS-ALPN-01 handshake failed"),
+                Err(_) => tracing::debug!("TLS-ALPN-01 handshake timed out"),
+            }
+        });
     }
 }
 
