@@ -224,7 +224,8 @@ mod tests {
     use super::*;
     use crate::cert::{CertBundle, KeyType};
 
-    fn key_for(name: &str) -> Arc<CertifiedKey> {
+    /// A self-signed certificate for `name`, ready to serve.
+    pub(super) fn key_for(name: &str) -> Arc<CertifiedKey> {
         let key = KeyType::EcdsaP256.generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
             .unwrap()

@@ -106,19 +106,7 @@ impl NameMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cert::{CertBundle, KeyType};
-
-    fn cert(name: &str) -> Arc<CertifiedKey> {
-        let key = KeyType::EcdsaP256.generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        CertBundle::from_pem(cert.pem(), key.serialize_pem())
-            .unwrap()
-            .certified_key()
-            .unwrap()
-    }
+    use crate::resolver::tests::key_for as cert;
 
     #[test]
     fn finds_replaces_and_removes_across_every_shard() {
