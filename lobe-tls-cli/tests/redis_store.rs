@@ -15,6 +15,16 @@ fn lobe_tls(args: &[&str]) -> Output {
         .expect("run lobe-tls")
 }
 
+/// `lobe-tls ARGS` with `--store` on `redis` and the CA set to `pebble`.
+fn lobe_tls_on(redis: &RedisServer, pebble: &Pebble, args: &[&str]) -> Output {
+    let ca = pebble.ca_file.to_str().expect("UTF-8 temp path");
+    let url = redis.url();
+    let mut all = vec!["--store", &url, "--directory", &pebble.directory_url];
+    all.extend(["--directory-ca", ca]);
+    all.extend(args);
+    lobe_tls(&all)
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -121,19 +131,17 @@ fn unreachable_redis_is_a_one_line_actionable_error() {
 async fn issue_with_a_redis_store_stores_there_and_list_shows_it() {
     let redis = RedisServer::start();
     let pebble = Pebble::start(PebbleOptions::default());
-    let out = lobe_tls(&[
-        "--store",
-        &redis.url(),
-        "--directory",
-        &pebble.directory_url,
-        "--directory-ca",
-        pebble.ca_file.to_str().unwrap(),
-        "issue",
-        "-d",
-        "cli-redis.example.com",
-        "--http-listen",
-        &pebble.http_listen(),
-    ]);
+    let out = lobe_tls_on(
+        &redis,
+        &pebble,
+        &[
+            "issue",
+            "-d",
+            "cli-redis.example.com",
+            "--http-listen",
+            &pebble.http_listen(),
+        ],
+    );
     assert!(out.status.success(), "issue failed: {}", stderr(&out));
     assert_eq!(listed_names(&redis.url()), ["cli-redis.example.com"]);
     let store = lobe_tls::RedisStore::connect(&redis.url()).await.unwrap();
@@ -154,6 +162,29 @@ async fn issue_with_a_redis_store_stores_there_and_list_shows_it() {
 
 /// `lobe-tls serve`, killed on drop.
 struct Serve(std::process::Child);
+
+impl Serve {
+    /// `lobe-tls serve` on `listen` in front of `upstream`, managing `name` with its
+    /// HTTP-01 listener on `http_listen`, on the Redis store, ordering from Pebble.
+    fn start(
+        redis: &RedisServer,
+        pebble: &Pebble,
+        [listen, upstream, name, http_listen]: [&str; 4],
+    ) -> Serve {
+        let child = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+            .args(["serve", "--listen", listen, "--upstream", upstream])
+            .args(["-d", name, "--http-listen", http_listen])
+            .env("LOBE_TLS_STORE", redis.url())
+            .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
+            .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start lobe-tls serve");
+        Serve(child)
+    }
+}
 
 impl Drop for Serve {
     fn drop(&mut self) {
@@ -179,18 +210,8 @@ async fn two_serve_instances_on_one_redis_order_once_and_serve_the_same_certific
     let mut instances = Vec::new();
     for http_listen in &http_listens {
         let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
-            .args(["serve", "--listen", &listen, "--upstream", &upstream_addr])
-            .args(["-d", name, "--http-listen", http_listen])
-            .env("LOBE_TLS_STORE", redis.url())
-            .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
-            .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        instances.push(Serve(child));
+        let args = [listen.as_str(), &upstream_addr, name, http_listen];
+        instances.push(Serve::start(&redis, &pebble, args));
         listens.push(listen.parse::<std::net::SocketAddr>().unwrap());
     }
 
@@ -230,23 +251,14 @@ async fn issue_on_one_box_is_answered_by_a_serve_instance_sharing_the_redis_stor
 
     // The cluster: one `serve` instance holds the port Pebble validates HTTP-01 on.
     let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
-        .args(["serve", "--listen", &listen, "--upstream", &upstream_addr])
-        .args([
-            "-d",
-            "front.example.com",
-            "--http-listen",
-            &pebble.http_listen(),
-        ])
-        .env("LOBE_TLS_STORE", redis.url())
-        .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
-        .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut serve = Serve(child);
+    let http_listen = pebble.http_listen();
+    let args = [
+        listen.as_str(),
+        &upstream_addr,
+        "front.example.com",
+        &http_listen,
+    ];
+    let mut serve = Serve::start(&redis, &pebble, args);
     let listen: std::net::SocketAddr = listen.parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while lobe_tls_tests::tls::handshake_serial(listen, "front.example.com", client.clone())
@@ -261,19 +273,11 @@ async fn issue_on_one_box_is_answered_by_a_serve_instance_sharing_the_redis_stor
     // Another box runs `issue`: its own HTTP-01 listener is not where the CA looks.
     let elsewhere = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
     let name = "added.example.com";
-    let out = lobe_tls(&[
-        "--store",
-        &redis.url(),
-        "--directory",
-        &pebble.directory_url,
-        "--directory-ca",
-        pebble.ca_file.to_str().unwrap(),
-        "issue",
-        "-d",
-        name,
-        "--http-listen",
-        &elsewhere,
-    ]);
+    let out = lobe_tls_on(
+        &redis,
+        &pebble,
+        &["issue", "-d", name, "--http-listen", &elsewhere],
+    );
     assert!(out.status.success(), "issue failed: {}", stderr(&out));
 
     // Every instance swaps the result in: the serve instance picks it up from the store.
@@ -295,18 +299,7 @@ async fn issue_on_one_box_is_answered_by_a_serve_instance_sharing_the_redis_stor
     // A cron `renew` on that box orders through the manager's standalone listener, which
     // shares its tokens the same way. (Pebble may reuse the authorization here; the
     // `issue` above is the strict check.)
-    let out = lobe_tls(&[
-        "--store",
-        &redis.url(),
-        "--directory",
-        &pebble.directory_url,
-        "--directory-ca",
-        pebble.ca_file.to_str().unwrap(),
-        "renew",
-        "--name",
-        name,
-        "--force",
-    ]);
+    let out = lobe_tls_on(&redis, &pebble, &["renew", "--name", name, "--force"]);
     assert!(out.status.success(), "renew failed: {}", stderr(&out));
     assert!(stdout(&out).contains("renewed"), "{}", stdout(&out));
     let deadline = Instant::now() + Duration::from_secs(30);
