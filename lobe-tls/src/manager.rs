@@ -1171,17 +1171,11 @@ fn ari_poll_due(info: &CertInfo, state: &RenewalState, now: OffsetDateTime) -> b
 /// Reads `name` from the store and checks it can be served: key matches, covers the
 /// names it was ordered for, not expired.
 async fn load_checked(store: &DynStore, name: &str) -> Result<Option<Loaded>> {
-    let cert = store.load_cert(name).await;
-    let state = match cert {
-        Ok(Some(_)) => store.load_renewal_state(name).await,
-        _ => Ok(RenewalState::default()),
+    let entry = store.load_cert_batch(&[name.to_owned()]).await.pop();
+    let Some(entry) = entry else {
+        return Ok(None);
     };
-    check_loaded(BatchEntry {
-        name: name.to_owned(),
-        cert,
-        state,
-    })
-    .map_err(|unusable| unusable.error)
+    check_loaded(entry).map_err(|unusable| unusable.error)
 }
 
 /// A stored certificate that cannot be served, with its order when that was readable,
