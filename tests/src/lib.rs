@@ -17,7 +17,6 @@ pub mod dns;
 pub mod http_server;
 pub mod redis;
 pub mod tls;
-pub mod tls_probe;
 
 pub use redis::RedisServer;
 

@@ -78,13 +78,13 @@ pub fn client_config(root_pem: &str) -> Arc<rustls::ClientConfig> {
     )
 }
 
-/// Connects to `addr` with SNI `server_name`, verifies the chain with `config`, and
-/// returns the serial (lower-case hex) of the certificate served.
-pub async fn handshake_serial(
+/// Connects to `addr` with SNI `server_name`, verifies the chain with `config` as a
+/// browser would (chain, name, validity period), and returns the facts of the leaf served.
+pub async fn handshake_leaf(
     addr: SocketAddr,
     server_name: &str,
     config: Arc<rustls::ClientConfig>,
-) -> Result<String, String> {
+) -> Result<lobe_tls::CertInfo, String> {
     let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let _ = stream.set_nodelay(true);
     let name = ServerName::try_from(server_name.to_owned()).map_err(|e| e.to_string())?;
@@ -97,7 +97,16 @@ pub async fn handshake_serial(
         .peer_certificates()
         .and_then(|c| c.first())
         .ok_or("no certificate served")?;
-    lobe_tls::CertInfo::from_der(leaf)
+    lobe_tls::CertInfo::from_der(leaf).map_err(|e| e.to_string())
+}
+
+/// [`handshake_leaf`], returning the serial (lower-case hex) of the certificate served.
+pub async fn handshake_serial(
+    addr: SocketAddr,
+    server_name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<String, String> {
+    handshake_leaf(addr, server_name, config)
+        .await
         .map(|info| info.serial)
-        .map_err(|e| e.to_string())
 }

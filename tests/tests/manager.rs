@@ -9,7 +9,7 @@ use lobe_tls::manager::{Event, ManagedCert, Manager, RenewOutcome};
 use lobe_tls::store::DynStore;
 use lobe_tls::{ChallengeKind, FileStore, Http01Listener, Http01Registry, domain};
 use lobe_tls_tests::ari_shim::AriShim;
-use lobe_tls_tests::tls_probe::{TlsServer, handshake};
+use lobe_tls_tests::tls::{TlsServer, client_config, handshake_leaf};
 use lobe_tls_tests::{Pebble, PebbleOptions};
 use time::OffsetDateTime;
 use tokio::sync::broadcast;
@@ -24,6 +24,15 @@ fn tls_alpn(listen: Option<String>) -> ChallengeConfig {
         tls_listen: listen,
         ..ChallengeConfig::default()
     }
+}
+
+/// A handshake as a browser trusting only `root_pem` makes it; the leaf it was served.
+async fn handshake(
+    addr: std::net::SocketAddr,
+    name: &str,
+    root_pem: &str,
+) -> Result<lobe_tls::CertInfo, String> {
+    handshake_leaf(addr, name, client_config(root_pem)).await
 }
 
 /// Waits for the first event that `pick` accepts, failing after `limit`.
@@ -72,9 +81,9 @@ async fn manager_issues_missing_certificates_serves_them_and_reloads_without_reo
     assert_eq!(report.obtained, ["api", "chat"], "{report:?}");
     assert!(report.failed.is_empty(), "{report:?}");
 
-    let server = TlsServer::start("127.0.0.1:0", manager.resolver().clone()).await;
+    let server = TlsServer::bind("127.0.0.1:0", manager.resolver().clone()).await;
     for name in ["chat.example.com", "ws.example.com", "api.example.com"] {
-        handshake(server.addr, name, &root).await.unwrap();
+        handshake(server.addr(), name, &root).await.unwrap();
     }
     let mut obtained = Vec::new();
     while obtained.len() < 2 {
@@ -97,11 +106,11 @@ async fn manager_issues_missing_certificates_serves_them_and_reloads_without_reo
     assert_eq!(report.loaded, 2);
     assert!(report.obtained.is_empty());
     assert_eq!(pebble.orders_created(), orders_before);
-    let first = handshake(server.addr, "api.example.com", &root)
+    let first = handshake(server.addr(), "api.example.com", &root)
         .await
         .unwrap();
-    let other = TlsServer::start("127.0.0.1:0", again.resolver().clone()).await;
-    let second = handshake(other.addr, "api.example.com", &root)
+    let other = TlsServer::bind("127.0.0.1:0", again.resolver().clone()).await;
+    let second = handshake(other.addr(), "api.example.com", &root)
         .await
         .unwrap();
     assert_eq!(first.serial, second.serial);
@@ -113,12 +122,12 @@ async fn manager_issues_missing_certificates_serves_them_and_reloads_without_reo
         panic!("expected a new order, got {outcome:?}");
     };
     assert_ne!(info.serial, first.serial);
-    let served = handshake(server.addr, "api.example.com", &root)
+    let served = handshake(server.addr(), "api.example.com", &root)
         .await
         .unwrap();
     assert_eq!(served.serial, info.serial);
     assert!(again.reload("api").await.unwrap());
-    let reloaded = handshake(other.addr, "api.example.com", &root)
+    let reloaded = handshake(other.addr(), "api.example.com", &root)
         .await
         .unwrap();
     assert_eq!(reloaded.serial, info.serial);
@@ -139,8 +148,8 @@ async fn tls_alpn01_through_the_standalone_listener() {
         .unwrap();
     let report = manager.start().await.unwrap();
     assert_eq!(report.obtained, ["alpn"], "{report:?}");
-    let server = TlsServer::start("127.0.0.1:0", manager.resolver().clone()).await;
-    handshake(server.addr, "alpn.example.com", &root)
+    let server = TlsServer::bind("127.0.0.1:0", manager.resolver().clone()).await;
+    handshake(server.addr(), "alpn.example.com", &root)
         .await
         .unwrap();
     // The standalone listener is gone once no order needs it.
@@ -168,11 +177,11 @@ async fn tls_alpn01_through_the_proxys_own_resolver() {
         .build()
         .unwrap();
     // The proxy serves the manager's resolver on the port the CA validates against.
-    let server = TlsServer::start(&pebble.tls_listen(), manager.resolver().clone()).await;
+    let server = TlsServer::bind(&pebble.tls_listen(), manager.resolver().clone()).await;
     let report = manager.start().await.unwrap();
     assert_eq!(report.obtained, ["edge"], "{report:?}");
     for name in ["edge.example.com", "www.edge.example.com"] {
-        handshake(server.addr, name, &root).await.unwrap();
+        handshake(server.addr(), name, &root).await.unwrap();
         assert!(
             !manager.resolver().has_challenge(name),
             "challenge certificates are removed after the order"
@@ -204,14 +213,14 @@ async fn short_lived_certificates_renew_across_lifetimes_and_every_handshake_is_
     let report = manager.start().await.unwrap();
     assert_eq!(report.obtained, ["short"], "{report:?}");
     let _maintenance = manager.spawn();
-    let server = TlsServer::start("127.0.0.1:0", manager.resolver().clone()).await;
+    let server = TlsServer::bind("127.0.0.1:0", manager.resolver().clone()).await;
 
     // Three lifetimes of 30 s, a handshake every 100 ms.
     let until = tokio::time::Instant::now() + Duration::from_secs(90);
     let mut serials = Vec::<String>::new();
     let mut handshakes = 0;
     while tokio::time::Instant::now() < until {
-        let seen = handshake(server.addr, "short.example.com", &root)
+        let seen = handshake(server.addr(), "short.example.com", &root)
             .await
             .unwrap_or_else(|e| panic!("handshake {handshakes} failed: {e}"));
         assert!(seen.not_after > OffsetDateTime::now_utc());
@@ -262,8 +271,8 @@ async fn failed_renewal_keeps_serving_the_old_certificate_and_says_so() {
         .unwrap();
     let mut events = manager.subscribe();
     manager.start().await.unwrap();
-    let server = TlsServer::start("127.0.0.1:0", manager.resolver().clone()).await;
-    let before = handshake(server.addr, "fail.example.com", &root)
+    let server = TlsServer::bind("127.0.0.1:0", manager.resolver().clone()).await;
+    let before = handshake(server.addr(), "fail.example.com", &root)
         .await
         .unwrap();
 
@@ -284,7 +293,7 @@ async fn failed_renewal_keeps_serving_the_old_certificate_and_says_so() {
         next_attempt < before.not_after,
         "the retry must come before expiry"
     );
-    let after = handshake(server.addr, "fail.example.com", &root)
+    let after = handshake(server.addr(), "fail.example.com", &root)
         .await
         .unwrap();
     assert_eq!(after.serial, before.serial, "the old certificate is served");
@@ -365,8 +374,8 @@ async fn ari_window_decides_when_to_renew_and_replaces_names_the_old_certificate
     assert_eq!(shim.new_orders(), [None, Some(first_id.clone())]);
     assert!(shim.queries().contains(&first_id));
 
-    let server = TlsServer::start("127.0.0.1:0", manager.resolver().clone()).await;
-    let seen = handshake(server.addr, "ari.example.com", &root)
+    let server = TlsServer::bind("127.0.0.1:0", manager.resolver().clone()).await;
+    let seen = handshake(server.addr(), "ari.example.com", &root)
         .await
         .unwrap();
     assert_eq!(seen.serial, serial);
@@ -420,8 +429,8 @@ async fn managing_stored_certificates_orders_one_that_expired_while_nothing_ran(
     assert!(report.unusable[0].1.contains("expired"), "{report:?}");
     assert_eq!(report.obtained, ["old"], "{report:?}");
 
-    let server = TlsServer::start("127.0.0.1:0", manager.resolver().clone()).await;
-    let served = handshake(server.addr, "old.example.com", &root)
+    let server = TlsServer::bind("127.0.0.1:0", manager.resolver().clone()).await;
+    let served = handshake(server.addr(), "old.example.com", &root)
         .await
         .unwrap();
     assert!(served.not_after > OffsetDateTime::now_utc());
