@@ -16,7 +16,11 @@
 //!
 //! It watches the whole root (the parent directories of every pair, so symlink flips and
 //! renames are seen, not just writes), waits until events stop for a short debounce period,
-//! and then re-reads every pair through its user-facing path. A pair whose content changed
+//! and then re-reads every pair through its user-facing path. It also watches the root's
+//! parent, so that a root which is itself replaced (a `current -> releases/42` symlink
+//! flipped by a deploy, a directory removed and created again) is watched anew, and it
+//! re-reads everything every [`WatchOptions::rescan_every`] for file systems that send no
+//! events at all (NFS, some FUSE mounts). A pair whose content changed
 //! is checked before it is served: both files parse, the key matches the certificate, and
 //! the certificate has not expired. A pair that fails the check (half-written, key and
 //! certificate from different versions, expired) is logged and retried; the certificate
@@ -24,6 +28,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,6 +53,8 @@ pub struct WatchOptions {
     pub debounce: Duration,
     /// How soon a pair that failed its check, or vanished, is looked at again.
     pub retry: Duration,
+    /// How often everything is re-read even when no event came.
+    pub rescan_every: Duration,
     /// The pair (by name) or DNS name whose certificate clients with no SNI or an unknown
     /// name get. Without it such handshakes are refused.
     pub default_name: Option<String>,
@@ -58,6 +65,7 @@ impl Default for WatchOptions {
         WatchOptions {
             debounce: Duration::from_millis(250),
             retry: Duration::from_secs(5),
+            rescan_every: Duration::from_secs(60),
             default_name: None,
         }
     }
@@ -136,7 +144,47 @@ struct Shared {
 pub struct CertDirWatcher {
     shared: Arc<Shared>,
     task: JoinHandle<()>,
-    _debouncer: Debouncer<notify::RecommendedWatcher, RecommendedCache>,
+}
+
+/// The file system watches, and which directory the root pointed at when they were set.
+struct RootWatch {
+    debouncer: Debouncer<notify::RecommendedWatcher, RecommendedCache>,
+    root: PathBuf,
+    /// Device and inode of the directory `root` led to, while it is watched.
+    watched: Option<(u64, u64)>,
+}
+
+impl RootWatch {
+    /// Watches the root again when it now leads to another directory than the one
+    /// watched (a flipped symlink, a directory re-created). Returns false while the root
+    /// cannot be watched, so that the caller retries.
+    fn follow_root(&mut self) -> bool {
+        let now = std::fs::metadata(&self.root)
+            .ok()
+            .filter(|meta| meta.is_dir())
+            .map(|meta| (meta.dev(), meta.ino()));
+        if now == self.watched {
+            return now.is_some();
+        }
+        if self.watched.take().is_some() {
+            // The old watches may already be gone with the old directory.
+            let _ = self.debouncer.unwatch(&self.root);
+            tracing::info!(root = %self.root.display(), "certificate directory was replaced; watching the new one");
+        }
+        if now.is_none() {
+            return false;
+        }
+        match self.debouncer.watch(&self.root, RecursiveMode::Recursive) {
+            Ok(()) => {
+                self.watched = now;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(root = %self.root.display(), error = %e, "cannot watch the certificate directory; retrying");
+                false
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for CertDirWatcher {
@@ -164,6 +212,9 @@ impl CertDirWatcher {
                 root.display()
             )));
         }
+        // Absolute but with symlinks kept: the root is watched through the path the user
+        // gave, so that a flipped symlink leads to the new directory.
+        let root = std::path::absolute(&root).map_err(|e| Error::io(&root, e))?;
         let (events, _) = broadcast::channel(256);
         let shared = Arc::new(Shared {
             root: root.clone(),
@@ -175,12 +226,20 @@ impl CertDirWatcher {
 
         // Watch before the first scan, so that nothing written in between is missed.
         let (wake_tx, wake_rx) = mpsc::unbounded_channel::<()>();
-        let mut debouncer = new_debouncer(
+        let event_root = root.clone();
+        let debouncer = new_debouncer(
             shared.options.debounce,
             None,
             move |result: DebounceEventResult| match result {
-                Ok(_) => {
-                    let _ = wake_tx.send(());
+                Ok(events) => {
+                    // The parent's watch also reports the root's siblings: skip those.
+                    let ours = events.iter().any(|event| {
+                        event.need_rescan()
+                            || event.paths.iter().any(|p| p.starts_with(&event_root))
+                    });
+                    if ours {
+                        let _ = wake_tx.send(());
+                    }
                 }
                 Err(errors) => {
                     for e in errors {
@@ -192,9 +251,20 @@ impl CertDirWatcher {
             },
         )
         .map_err(|e| Error::Config(format!("cannot watch {}: {e}", root.display())))?;
-        debouncer
-            .watch(&root, RecursiveMode::Recursive)
-            .map_err(|e| Error::Config(format!("cannot watch {}: {e}", root.display())))?;
+        let mut watch = RootWatch {
+            debouncer,
+            root: root.clone(),
+            watched: None,
+        };
+        if !watch.follow_root() {
+            return Err(Error::Config(format!("cannot watch {}", root.display())));
+        }
+        if let Some(parent) = root.parent()
+            && let Err(e) = watch.debouncer.watch(parent, RecursiveMode::NonRecursive)
+        {
+            tracing::warn!(root = %root.display(), error = %e, "cannot watch the certificate directory's parent; a replaced directory is noticed only at the next rescan");
+        }
+        let watch = Arc::new(Mutex::new(watch));
 
         let first = shared.clone();
         let mut needs_retry = tokio::task::spawn_blocking(move || first.scan())
@@ -205,23 +275,28 @@ impl CertDirWatcher {
         let task = tokio::spawn(async move {
             let mut wake_rx = wake_rx;
             let retry = task_shared.options.retry;
+            let rescan_every = task_shared.options.rescan_every;
             loop {
                 tokio::select! {
                     woke = wake_rx.recv() => if woke.is_none() { break },
                     _ = tokio::time::sleep(retry), if needs_retry => {}
+                    _ = tokio::time::sleep(rescan_every) => {}
                 }
                 while wake_rx.try_recv().is_ok() {}
                 let scan_shared = task_shared.clone();
-                needs_retry = tokio::task::spawn_blocking(move || scan_shared.scan())
-                    .await
-                    .unwrap_or(true);
+                let scan_watch = watch.clone();
+                needs_retry = tokio::task::spawn_blocking(move || {
+                    let watching = match scan_watch.lock() {
+                        Ok(mut watch) => watch.follow_root(),
+                        Err(poisoned) => poisoned.into_inner().follow_root(),
+                    };
+                    scan_shared.scan() || !watching
+                })
+                .await
+                .unwrap_or(true);
             }
         });
-        Ok(CertDirWatcher {
-            shared,
-            task,
-            _debouncer: debouncer,
-        })
+        Ok(CertDirWatcher { shared, task })
     }
 
     /// The directory watched.
@@ -430,10 +505,15 @@ impl Shared {
 /// subdirectory of `root/live`.
 fn discover(root: &Path) -> Vec<Source> {
     let mut found: HashMap<String, Source> = HashMap::new();
+    // The name the user gave (`current`, not what `current` links to now), so that a
+    // flipped root keeps its pair's name.
     let root_name = root
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .or_else(|| {
+            let canonical = root.canonicalize().ok()?;
+            Some(canonical.file_name()?.to_string_lossy().into_owned())
+        })
         .unwrap_or_else(|| "default".into());
     let mut candidates = vec![(root_name, root.to_path_buf())];
     for dir in [root.to_path_buf(), root.join("live")] {

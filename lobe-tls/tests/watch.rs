@@ -41,6 +41,8 @@ fn options() -> WatchOptions {
     WatchOptions {
         debounce: Duration::from_millis(100),
         retry: Duration::from_millis(400),
+        // Long enough that no test passes through the periodic re-read.
+        rescan_every: Duration::from_secs(3600),
         default_name: None,
     }
 }
@@ -390,4 +392,83 @@ async fn missing_directory_is_a_clear_error() {
         err.to_string().contains("/nonexistent/lobe-tls-certs"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn a_root_symlink_flipped_to_a_new_release_is_watched_anew() {
+    // A deploy that ships certificates with each release: `current -> releases/N`.
+    let base = tempfile::tempdir().unwrap();
+    let current = base.path().join("current");
+    let v1 = pair(&["deploy.example.com"]);
+    let v2 = pair(&["deploy.example.com"]);
+    for (release, version) in [("releases/1", &v1), ("releases/2", &v2)] {
+        let dir = base.path().join(release);
+        std::fs::create_dir_all(&dir).unwrap();
+        write(&dir.join("fullchain.pem"), &version.cert);
+        write(&dir.join("privkey.pem"), &version.key);
+    }
+    symlink("releases/1", &current).unwrap();
+
+    let resolver = CertResolver::new();
+    let watcher = CertDirWatcher::start(&current, resolver.clone(), options())
+        .await
+        .unwrap();
+    assert_eq!(served_der(&resolver, "deploy.example.com"), Some(v1.der));
+
+    flip_symlink("releases/2", &current);
+    wait_served(&resolver, "deploy.example.com", &v2.der).await;
+    let served = watcher.certificates();
+    assert_eq!(served.len(), 1, "one pair, whichever release it is in");
+    assert_eq!(
+        served[0].name, "current",
+        "the pair keeps the name the user gave"
+    );
+
+    // The new release's directory is watched itself, not only noticed once.
+    let v3 = pair(&["deploy.example.com"]);
+    let release2 = base.path().join("releases/2");
+    write(&release2.join("privkey.pem"), &v3.key);
+    write(&release2.join("fullchain.pem"), &v3.cert);
+    wait_served(&resolver, "deploy.example.com", &v3.der).await;
+
+    // Writes to the release no longer linked change nothing.
+    let stale = pair(&["deploy.example.com"]);
+    let release1 = base.path().join("releases/1");
+    write(&release1.join("privkey.pem"), &stale.key);
+    write(&release1.join("fullchain.pem"), &stale.cert);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(served_der(&resolver, "deploy.example.com"), Some(v3.der));
+}
+
+#[tokio::test]
+async fn a_root_directory_removed_and_created_again_is_watched_anew() {
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().join("certs");
+    std::fs::create_dir(&root).unwrap();
+    let v1 = pair(&["recreated.example.com"]);
+    write(&root.join("fullchain.pem"), &v1.cert);
+    write(&root.join("privkey.pem"), &v1.key);
+    let resolver = CertResolver::new();
+    let _watcher = CertDirWatcher::start(&root, resolver.clone(), options())
+        .await
+        .unwrap();
+    assert_eq!(
+        served_der(&resolver, "recreated.example.com"),
+        Some(v1.der.clone())
+    );
+
+    // Built next to it, then swapped in: the root is briefly gone.
+    let v2 = pair(&["recreated.example.com"]);
+    let staging = base.path().join("certs.new");
+    std::fs::create_dir(&staging).unwrap();
+    write(&staging.join("fullchain.pem"), &v2.cert);
+    write(&staging.join("privkey.pem"), &v2.key);
+    std::fs::remove_dir_all(&root).unwrap();
+    std::fs::rename(&staging, &root).unwrap();
+    wait_served(&resolver, "recreated.example.com", &v2.der).await;
+
+    let v3 = pair(&["recreated.example.com"]);
+    write(&root.join("privkey.pem"), &v3.key);
+    write(&root.join("fullchain.pem"), &v3.cert);
+    wait_served(&resolver, "recreated.example.com", &v3.der).await;
 }
