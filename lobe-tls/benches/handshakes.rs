@@ -10,7 +10,8 @@
 //! a second waking thread from the cost of swapping) and swapping; the medians of their
 //! rates and of the per-round ratios are printed.
 //!
-//! Run: `cargo bench -p lobe-tls --bench handshakes`
+//! Run: `cargo bench -p lobe-tls --bench handshakes` (`BENCH_ROUNDS=N` for N rounds of
+//! each kind instead of 7)
 // A failed unwrap is a failed bench.
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -28,6 +29,7 @@ use rustls_pki_types::ServerName;
 const NAME: &str = "bench.example.com";
 const FILLER: usize = 999;
 const SWAPS: usize = 1_000;
+/// Rounds of each kind; `BENCH_ROUNDS` overrides it for steadier medians.
 const ROUNDS: usize = 7;
 const HANDSHAKES_PER_ROUND: usize = 1_500;
 
@@ -221,7 +223,11 @@ fn main() {
     let mut failed = warm.failed;
     let mut swaps = 0;
     let mut handshakes = HANDSHAKES_PER_ROUND;
-    for round in 0..ROUNDS {
+    let rounds = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ROUNDS);
+    for round in 0..rounds {
         let run = |beside| run_round(&client, &server, &resolver, &keys, beside, swap_every);
         let still = run(Beside::Nothing);
         let ticking = run(Beside::Ticker);

@@ -3,16 +3,17 @@
 //! TLS-ALPN-01 challenge certificates are served to clients that offer only `acme-tls/1`.
 
 mod name_map;
+mod published;
 
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use name_map::NameMap;
+use published::Published;
 
 /// The ALPN protocol of TLS-ALPN-01 (RFC 8737).
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
@@ -58,16 +59,16 @@ impl Snapshot {
 /// blocking or failing a handshake.
 ///
 /// Writers copy the snapshot (sharing every shard of its name maps they leave alone) and
-/// swap it in; readers take one atomic load. Cheap to clone: every clone shares the same
-/// certificates.
+/// swap it in; a handshake reads a per-thread copy after one plain atomic load that says
+/// it is current. Cheap to clone: every clone shares the same certificates.
 #[derive(Clone, Default)]
 pub struct CertResolver {
-    snapshot: Arc<ArcSwap<Snapshot>>,
+    published: Arc<Published>,
 }
 
 impl fmt::Debug for CertResolver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let snap = self.snapshot.load();
+        let snap = self.published.load();
         f.debug_struct("CertResolver")
             .field("exact", &snap.exact.len())
             .field("wildcard", &snap.wildcard.len())
@@ -84,11 +85,7 @@ impl CertResolver {
     }
 
     fn update(&self, change: impl Fn(&mut Snapshot)) {
-        self.snapshot.rcu(|current| {
-            let mut next = Snapshot::clone(current);
-            change(&mut next);
-            next
-        });
+        self.published.update(change);
     }
 
     /// Serves `key` for each of `names` (exact names and `*.` wildcards), replacing
@@ -168,16 +165,16 @@ impl CertResolver {
 
     /// The certificate a client asking for `server_name` gets, by the same rules as a handshake.
     pub fn lookup(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        let snap = self.snapshot.load();
-        match server_name {
-            Some(name) => snap.find(&normalize(name)).cloned(),
+        let name = server_name.map(normalize);
+        self.published.read(|snap| match &name {
+            Some(name) => snap.find(name).cloned(),
             None => snap.default.clone(),
-        }
+        })
     }
 
     /// Whether a TLS-ALPN-01 challenge certificate is installed for `name`.
     pub fn has_challenge(&self, name: &str) -> bool {
-        self.snapshot
+        self.published
             .load()
             .challenges
             .get(&normalize(name))
@@ -186,7 +183,7 @@ impl CertResolver {
 
     /// The number of exact and wildcard names served.
     pub fn len(&self) -> usize {
-        let snap = self.snapshot.load();
+        let snap = self.published.load();
         snap.exact.len() + snap.wildcard.len()
     }
 
@@ -198,13 +195,22 @@ impl CertResolver {
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // rustls lower-cases the SNI before a resolver sees it; only a trailing dot can
+        // be left, so the byte scan of `normalize` is not needed here.
+        let name = hello
+            .server_name()
+            .map(|name| name.strip_suffix('.').unwrap_or(name));
         let mut alpn = hello.alpn().into_iter().flatten();
         let acme_only = matches!((alpn.next(), alpn.next()), (Some(ACME_TLS_ALPN), None));
-        if acme_only {
-            let name = normalize(hello.server_name()?);
-            return self.snapshot.load().challenges.get(&name).cloned();
-        }
-        self.lookup(hello.server_name())
+        self.published.read(|snap| {
+            if acme_only {
+                return snap.challenges.get(name?).cloned();
+            }
+            match name {
+                Some(name) => snap.find(name).cloned(),
+                None => snap.default.clone(),
+            }
+        })
     }
 }
 
@@ -235,6 +241,91 @@ mod tests {
             .unwrap()
             .certified_key()
             .unwrap()
+    }
+
+    /// What `resolve` gets for a real ClientHello a rustls client writes for `server_name`
+    /// with `alpn`, parsed by rustls's server side.
+    fn resolve_hello(
+        resolver: &CertResolver,
+        server_name: &str,
+        alpn: &[&[u8]],
+    ) -> Option<Arc<CertifiedKey>> {
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(crate::cert::crypto_provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let name = rustls_pki_types::ServerName::try_from(server_name.to_owned()).unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut bytes = Vec::new();
+        client.write_tls(&mut bytes).unwrap();
+        let mut acceptor = rustls::server::Acceptor::default();
+        acceptor.read_tls(&mut &bytes[..]).unwrap();
+        let accepted = acceptor.accept().ok().flatten().unwrap();
+        resolver.resolve(accepted.client_hello())
+    }
+
+    #[test]
+    fn handshakes_match_any_case_and_only_acme_tls_alone_gets_the_challenge() {
+        let resolver = CertResolver::new();
+        let key = key_for("a.example.com");
+        let challenge = key_for("a.example.com");
+        resolver.set(&["a.example.com"], key.clone());
+        resolver.set_challenge("a.example.com", challenge.clone());
+        // `resolve` relies on rustls lower-casing the SNI: this pins that it does.
+        let served = resolve_hello(&resolver, "A.Example.COM", &[b"http/1.1"]).unwrap();
+        assert!(Arc::ptr_eq(&served, &key));
+        let served = resolve_hello(&resolver, "a.example.com", &[ACME_TLS_ALPN]).unwrap();
+        assert!(Arc::ptr_eq(&served, &challenge));
+        let served = resolve_hello(&resolver, "a.example.com", &[ACME_TLS_ALPN, b"h2"]).unwrap();
+        assert!(
+            Arc::ptr_eq(&served, &key),
+            "acme-tls/1 among others is not a validation"
+        );
+        assert!(resolve_hello(&resolver, "b.example.com", &[ACME_TLS_ALPN]).is_none());
+    }
+
+    #[test]
+    fn a_swap_on_one_thread_is_seen_by_a_thread_that_read_before() {
+        let resolver = CertResolver::new();
+        let old = key_for("a.example.com");
+        let new = key_for("a.example.com");
+        resolver.set(&["a.example.com"], old.clone());
+        let (to_reader, reader_rx) = std::sync::mpsc::channel::<()>();
+        let (to_writer, writer_rx) = std::sync::mpsc::channel::<Arc<CertifiedKey>>();
+        let reader = {
+            let resolver = resolver.clone();
+            std::thread::spawn(move || {
+                // Keeps the old snapshot in this thread's copy, then reads after the swap.
+                to_writer
+                    .send(resolver.lookup(Some("a.example.com")).unwrap())
+                    .unwrap();
+                reader_rx.recv().unwrap();
+                to_writer
+                    .send(resolver.lookup(Some("a.example.com")).unwrap())
+                    .unwrap();
+            })
+        };
+        assert!(Arc::ptr_eq(&writer_rx.recv().unwrap(), &old));
+        resolver.set(&["a.example.com"], new.clone());
+        to_reader.send(()).unwrap();
+        assert!(Arc::ptr_eq(&writer_rx.recv().unwrap(), &new));
+        reader.join().unwrap();
+    }
+
+    #[test]
+    fn a_dropped_resolver_is_not_kept_alive_by_a_thread_that_read_from_it() {
+        let key = key_for("a.example.com");
+        for _ in 0..20 {
+            let resolver = CertResolver::new();
+            resolver.set(&["a.example.com"], key.clone());
+            assert!(resolver.lookup(Some("a.example.com")).is_some());
+        }
+        // This thread read from 20 resolvers, now dropped: its copies hold at most one
+        // snapshot (the last, pruned at the next new resolver), not twenty.
+        assert!(Arc::strong_count(&key) <= 2, "{}", Arc::strong_count(&key));
     }
 
     #[test]
