@@ -1,5 +1,5 @@
 //! The certificate resolver a proxy hands to rustls: lock-free reads over an `ArcSwap`
-//! snapshot, exact names first, then a one-label wildcard, then an optional default.
+//! snapshot (through a per-thread copy, see `published`), exact names first, then a one-label wildcard, then an optional default.
 //! TLS-ALPN-01 challenge certificates are served to clients that offer only `acme-tls/1`.
 
 mod name_map;

@@ -25,6 +25,11 @@
 //! the certificate has not expired. A pair that fails the check (half-written, key and
 //! certificate from different versions, expired) is logged and retried; the certificate
 //! served before stays in place.
+//!
+//! Every scan, at least once per [`WatchOptions::rescan_every`], also looks at how close
+//! each served certificate is to expiry: one inside its warning window that nobody has
+//! replaced is logged and announced once as [`WatchEvent::ExpiringSoon`], so that a
+//! renewal job that quietly stopped is noticed before clients are.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -41,6 +46,7 @@ use tokio::task::JoinHandle;
 
 use crate::cert::{CertBundle, CertInfo};
 use crate::error::{Error, Result};
+use crate::renewal::RenewalPolicy;
 use crate::resolver::CertResolver;
 
 /// The file name pairs the watcher recognises, certificate chain first.
@@ -109,6 +115,17 @@ pub enum WatchEvent {
         /// The pair's name.
         name: String,
     },
+    /// The certificate served for a pair is inside its warning window (a sixth of its
+    /// lifetime, at most 7 days, before expiry) and nothing has replaced it: whatever
+    /// writes it has not renewed it. Sent once per certificate.
+    ExpiringSoon {
+        /// The pair's name.
+        name: String,
+        /// The certificate's serial number, lower-case hex.
+        serial: String,
+        /// When it expires.
+        not_after: OffsetDateTime,
+    },
 }
 
 /// A certificate/key pair found on disk, by its user-facing paths.
@@ -130,6 +147,8 @@ struct Entry {
     failing: bool,
     /// Since when the pair has been missing from disk.
     missing_since: Option<Instant>,
+    /// The serial last warned about as expiring, so each certificate is warned about once.
+    warned_serial: Option<String>,
 }
 
 struct Shared {
@@ -375,7 +394,35 @@ impl Shared {
                 let _ = self.events.send(WatchEvent::Removed { name });
             }
         }
+        for entry in entries.values_mut() {
+            self.warn_if_expiring(entry);
+        }
         needs_retry
+    }
+
+    /// Says so, once per certificate, when a served certificate nears its expiry and
+    /// nobody has replaced it. The watcher keeps serving it: it is what there is.
+    fn warn_if_expiring(&self, entry: &mut Entry) {
+        let Some(served) = &entry.served else { return };
+        let info = &served.info;
+        let now = OffsetDateTime::now_utc();
+        if !RenewalPolicy::default().expiring_soon(info, now)
+            || entry.warned_serial.as_deref() == Some(info.serial.as_str())
+        {
+            return;
+        }
+        entry.warned_serial = Some(info.serial.clone());
+        let not_after = crate::cert::rfc3339(info.not_after);
+        if info.not_after <= now {
+            tracing::error!(name = served.name, serial = info.serial, %not_after, "served certificate has expired and was not replaced; renew {}", served.cert_path.display());
+        } else {
+            tracing::warn!(name = served.name, serial = info.serial, %not_after, "served certificate expires soon and was not replaced; is whatever renews {} still running?", served.cert_path.display());
+        }
+        let _ = self.events.send(WatchEvent::ExpiringSoon {
+            name: served.name.clone(),
+            serial: info.serial.clone(),
+            not_after: info.not_after,
+        });
     }
 
     fn scan_one(&self, entries: &mut BTreeMap<String, Entry>, source: &Source) -> bool {
@@ -387,6 +434,7 @@ impl Shared {
                     fingerprint: 0,
                     failing: true,
                     missing_since: None,
+                    warned_serial: None,
                 });
                 entry.missing_since = None;
                 entry.failing = true;
@@ -409,6 +457,7 @@ impl Shared {
             fingerprint,
             failing: false,
             missing_since: None,
+            warned_serial: None,
         });
         entry.fingerprint = fingerprint;
         match checked {

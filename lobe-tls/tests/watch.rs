@@ -472,3 +472,44 @@ async fn a_root_directory_removed_and_created_again_is_watched_anew() {
     write(&root.join("fullchain.pem"), &v3.cert);
     wait_served(&resolver, "recreated.example.com", &v3.der).await;
 }
+
+#[tokio::test]
+async fn a_served_certificate_near_expiry_is_announced_once() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("site");
+    std::fs::create_dir(&dir).unwrap();
+    let fresh = pair(&["expiring.example.com"]);
+    write(&dir.join("fullchain.pem"), &fresh.cert);
+    write(&dir.join("privkey.pem"), &fresh.key);
+    let resolver = CertResolver::new();
+    let watcher = CertDirWatcher::start(root.path(), resolver.clone(), options())
+        .await
+        .unwrap();
+    let mut events = watcher.subscribe();
+
+    // A 60-day certificate with a day left: whatever renews it has stopped.
+    let stale = pair_valid_until(
+        &["expiring.example.com"],
+        OffsetDateTime::now_utc() + time::Duration::days(1),
+    );
+    write(&dir.join("privkey.pem"), &stale.key);
+    write(&dir.join("fullchain.pem"), &stale.cert);
+    wait_for(
+        &mut events,
+        |e| matches!(e, WatchEvent::ExpiringSoon { name, .. } if name == "site"),
+    )
+    .await;
+    assert_eq!(
+        served_der(&resolver, "expiring.example.com"),
+        Some(stale.der),
+        "it is still served: it is the best there is"
+    );
+
+    watcher.rescan().await;
+    while let Ok(event) = events.try_recv() {
+        assert!(
+            !matches!(event, WatchEvent::ExpiringSoon { .. }),
+            "announced twice: {event:?}"
+        );
+    }
+}
