@@ -11,7 +11,7 @@
 //! rates and of the per-round ratios are printed.
 //!
 //! Run: `cargo bench -p lobe-tls --bench handshakes` (`BENCH_ROUNDS=N` for N rounds of
-//! each kind instead of 7)
+//! each kind instead of 15)
 // A failed unwrap is a failed bench.
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -30,7 +30,7 @@ const NAME: &str = "bench.example.com";
 const FILLER: usize = 999;
 const SWAPS: usize = 1_000;
 /// Rounds of each kind; `BENCH_ROUNDS` overrides it for steadier medians.
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 15;
 const HANDSHAKES_PER_ROUND: usize = 1_500;
 
 struct Pki {
