@@ -8,6 +8,7 @@
 //! | `lobe_tls_handshakes_total` | counter | `result` = `ok` / `failed` |
 //! | `lobe_tls_active_connections` | gauge | |
 //! | `lobe_tls_connections_total` | counter | |
+//! | `lobe_tls_upstream_errors_total` | counter | |
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -50,6 +51,7 @@ pub struct Metrics {
     handshakes_failed: AtomicU64,
     active_connections: AtomicI64,
     connections_total: AtomicU64,
+    upstream_errors: AtomicU64,
     renewal_failures: Mutex<BTreeMap<String, u64>>,
     cert_sources: Mutex<Vec<CertSource>>,
 }
@@ -101,6 +103,16 @@ impl Metrics {
         ActiveConnection {
             metrics: self.clone(),
         }
+    }
+
+    /// Counts a connection whose upstream could not be reached.
+    pub fn upstream_error(&self) {
+        self.upstream_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Connections whose upstream could not be reached, so far.
+    pub fn upstream_errors(&self) -> u64 {
+        self.upstream_errors.load(Ordering::Relaxed)
     }
 
     /// The number of connections being forwarded now.
@@ -179,9 +191,13 @@ impl Metrics {
              lobe_tls_active_connections {}\n\
              # HELP lobe_tls_connections_total Connections forwarded since start.\n\
              # TYPE lobe_tls_connections_total counter\n\
-             lobe_tls_connections_total {}\n",
+             lobe_tls_connections_total {}\n\
+             # HELP lobe_tls_upstream_errors_total Connections whose upstream could not be reached.\n\
+             # TYPE lobe_tls_upstream_errors_total counter\n\
+             lobe_tls_upstream_errors_total {}\n",
             self.active_connections(),
-            self.connections_total.load(Ordering::Relaxed)
+            self.connections_total.load(Ordering::Relaxed),
+            self.upstream_errors()
         );
         out
     }

@@ -5,7 +5,8 @@
 //! whole message, so WebSocket and server-sent events stream through. When one side
 //! finishes sending, the other side's write half is shut down and the opposite direction
 //! keeps going (half-close). A connection that moves no byte either way for the idle
-//! timeout is closed.
+//! timeout is closed. When the upstream cannot be reached, clients that negotiated
+//! `http/1.1` get a 502 response; nothing else here speaks HTTP.
 
 use std::future::Future;
 use std::io;
@@ -191,19 +192,18 @@ async fn handle(
         let _ = tls.shutdown().await;
         return;
     }
-    let upstream = match tokio::time::timeout(
-        config.connect_timeout,
-        TcpStream::connect(&config.upstream),
-    )
-    .await
-    {
+    let connected =
+        tokio::time::timeout(config.connect_timeout, TcpStream::connect(&config.upstream)).await;
+    let upstream = match connected {
         Ok(Ok(upstream)) => upstream,
-        Ok(Err(e)) => {
-            tracing::warn!(%peer, upstream = config.upstream, error = %e, "cannot connect to the upstream");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(%peer, upstream = config.upstream, "connecting to the upstream timed out");
+        failed => {
+            let error = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("no answer within {:?}", config.connect_timeout),
+            };
+            tracing::warn!(%peer, upstream = config.upstream, error, "cannot connect to the upstream");
+            metrics.upstream_error();
+            refuse_for_upstream(&mut tls).await;
             return;
         }
     };
@@ -214,6 +214,27 @@ async fn handle(
         Err(e) => tracing::debug!(%peer, error = %e, "connection ended"),
     }
 }
+
+/// Tells a client that the upstream is down, where it is known to speak HTTP/1.1 (it
+/// negotiated `http/1.1` through ALPN), so that it sees a 502 instead of a reset
+/// connection. Others are closed with a TLS close_notify: their protocol is unknown.
+async fn refuse_for_upstream<S: AsyncRead + AsyncWrite + Unpin>(
+    tls: &mut tokio_rustls::server::TlsStream<S>,
+) {
+    if tls.get_ref().1.alpn_protocol() == Some(b"http/1.1") {
+        let _ = tls.write_all(BAD_GATEWAY).await;
+    }
+    let _ = tls.shutdown().await;
+}
+
+/// The whole response for an unreachable upstream, sent before the request is read, as
+/// an HTTP/1.1 server may (`Connection: close` tells the client not to reuse it).
+const BAD_GATEWAY: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\n\
+content-type: text/plain; charset=utf-8\r\n\
+content-length: 43\r\n\
+connection: close\r\n\
+\r\n\
+lobe-tls: cannot reach the upstream server\n";
 
 /// Copies bytes both ways until both directions are finished or nothing moves for
 /// `idle_timeout`. Returns the bytes sent client→upstream and upstream→client.
@@ -313,5 +334,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_gateway_declares_the_length_of_its_body() {
+        let text = std::str::from_utf8(BAD_GATEWAY).unwrap_or_default();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or_default();
+        let declared = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length: "))
+            .and_then(|n| n.parse::<usize>().ok());
+        assert_eq!(declared, Some(body.len()), "{text}");
     }
 }

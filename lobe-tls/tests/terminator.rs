@@ -24,6 +24,8 @@ const STEP: Duration = Duration::from_secs(5);
 struct Pki {
     resolver: CertResolver,
     connector: TlsConnector,
+    /// The same client, offering ALPN `http/1.1` as browsers do.
+    http11: TlsConnector,
 }
 
 fn pki() -> Pki {
@@ -48,9 +50,12 @@ fn pki() -> Pki {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    let mut http11 = config.clone();
+    http11.alpn_protocols = vec![b"http/1.1".to_vec()];
     Pki {
         resolver,
         connector: TlsConnector::from(Arc::new(config)),
+        http11: TlsConnector::from(Arc::new(http11)),
     }
 }
 
@@ -512,4 +517,55 @@ async fn busy_port_is_one_clear_error() {
         "{message}"
     );
     assert!(!message.contains('\n'));
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_gives_http_clients_a_502_and_is_counted() {
+    let pki = pki();
+    // A port that refuses connections: bound, then closed.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = closed.local_addr().unwrap();
+    drop(closed);
+    let running = terminator(&pki, upstream, |_| {}).await;
+
+    let tcp = TcpStream::connect(running.addr).await.unwrap();
+    let mut tls = pki
+        .http11
+        .connect(ServerName::try_from(NAME.to_owned()).unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: app.example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(STEP, tls.read_to_string(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 502 Bad Gateway\r\n"),
+        "{response}"
+    );
+    assert!(
+        response.ends_with("cannot reach the upstream server\n"),
+        "{response}"
+    );
+
+    // A client that named no HTTP protocol gets no HTTP bytes, only a clean close.
+    let mut plain = connect(&pki, running.addr, NAME).await.unwrap();
+    let mut bytes = Vec::new();
+    tokio::time::timeout(STEP, plain.read_to_end(&mut bytes))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(bytes.is_empty(), "{}", String::from_utf8_lossy(&bytes));
+
+    assert_eq!(running.metrics.upstream_errors(), 2);
+    assert!(
+        running
+            .metrics
+            .render()
+            .contains("lobe_tls_upstream_errors_total 2\n")
+    );
+    assert_eq!(running.metrics.active_connections(), 0);
 }
