@@ -1,5 +1,6 @@
 //! Options every command takes, each also readable from its environment variable.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -117,12 +118,19 @@ pub async fn open_store_at(spec: &str) -> Result<DynStore> {
     Ok(Arc::new(FileStore::open(spec)?))
 }
 
-/// Logs go to stderr, filtered by `--log`.
-pub fn init_logging(global: &Global) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&global.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+/// Logs go to stderr, filtered by `--log`, coloured only on a terminal (journald and log
+/// files get plain text). A filter that does not parse is an error, not a silent default.
+pub fn init_logging(global: &Global) -> std::result::Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&global.log).map_err(|e| {
+        format!(
+            "--log {:?} is not a log filter ({e}); use a level such as info or debug, or a directive such as lobe_tls=debug",
+            global.log
+        )
+    })?;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
+    Ok(())
 }

@@ -40,7 +40,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    global::init_logging(&cli.global);
+    if let Err(message) = global::init_logging(&cli.global) {
+        eprintln!("lobe-tls: error: {message}");
+        return ExitCode::from(1);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -433,3 +433,35 @@ async fn eab_required_names_the_flags_and_issues_with_them_from_the_environment(
     assert_ok(&out);
     assert_eq!(list_json(&store)[0]["status"], "valid");
 }
+
+#[tokio::test]
+async fn a_bad_log_filter_is_one_line_error_and_logs_to_a_pipe_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let out = lobe(&store, None, &["--log", "lobe_tls=loud", "list"]);
+    assert_one_line_error(&out, "--log \"lobe_tls=loud\" is not a log filter");
+
+    // stderr is a pipe here, as under systemd or cron: logs come as plain text.
+    let pebble = Pebble::start(PebbleOptions::default());
+    let http = pebble.http_listen();
+    let out = lobe(
+        &store,
+        Some(&pebble),
+        &[
+            "--log",
+            "info",
+            "issue",
+            "-d",
+            "log.example.com",
+            "--http-listen",
+            &http,
+        ],
+    );
+    assert_ok(&out);
+    let err = stderr(&out);
+    assert!(err.contains("registered a new ACME account"), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "colour codes in piped logs: {err:?}"
+    );
+}
