@@ -211,7 +211,7 @@ async fn two_concurrent_renew_runs_order_each_certificate_once() {
 }
 
 #[tokio::test]
-async fn revoke_revokes_at_the_ca_and_unknown_names_are_one_line_errors() {
+async fn revoke_revokes_at_the_ca_marks_it_for_check_and_the_next_renew_replaces_it() {
     let pebble = Pebble::start(PebbleOptions::default());
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
@@ -251,6 +251,18 @@ async fn revoke_revokes_at_the_ca_and_unknown_names_are_one_line_errors() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no certificate named \"nope\""), "{err}");
+
+    // The monitoring probe sees the revoked certificate, and the next plain renew (what
+    // cron runs) replaces it without --force.
+    let out = lobe(&store, &pebble, &["check", "--json"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(json(&out)[0]["status"], "revoked", "{}", text(&out));
+    let out = lobe(&store, &pebble, &["renew", "--json"]);
+    assert_ok(&out);
+    assert_eq!(json(&out)[0]["result"], "renewed", "{}", text(&out));
+    assert_ne!(serial_of(&store, "revoke.example.com"), serial);
+    let out = lobe(&store, &pebble, &["check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::cert::{CertInfo, KeyType, rfc3339};
 use crate::error::Result;
-use crate::renewal::{CertStatus, renew_after};
+use crate::renewal::{CertStatus, RenewalPolicy};
 use crate::store::{RenewalState, Store, StoredCert};
 
 /// The warning window when none is given: 14 days, but never more than a third of the
@@ -31,7 +31,7 @@ pub struct CertReport {
     pub key_type: Option<KeyType>,
     /// When the certificate is due for renewal, RFC 3339.
     pub renew_after: Option<String>,
-    /// `valid`, `renewal-due`, `expiring`, `expired` or `invalid`.
+    /// `valid`, `renewal-due`, `expiring`, `revoked`, `expired` or `invalid`.
     pub status: CertStatus,
     /// Why the certificate is invalid, when it is.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -53,13 +53,9 @@ impl CertReport {
             Ok(info) => info,
             Err(e) => return CertReport::invalid(&cert.meta.name, e.to_string()),
         };
-        // Whole seconds: the ratio leaves nanoseconds no reader cares about.
-        let renew_at = state
-            .ari_renew_at
-            .unwrap_or_else(|| renew_after(info.not_before, info.not_after));
-        let renew_at = renew_at.replace_nanosecond(0).unwrap_or(renew_at);
+        let renew_at = RenewalPolicy::planned_at(&info, state);
         let warn = warn.unwrap_or_else(|| DEFAULT_WARN.min(info.lifetime() / 3));
-        let status = CertStatus::of(&info, renew_at, warn, now);
+        let status = CertStatus::of(&info, state, renew_at, warn, now);
         let CertInfo {
             domains,
             not_before,
@@ -146,7 +142,10 @@ pub fn check_exit_code(reports: &[CertReport]) -> u8 {
         .map(|r| match r.status {
             CertStatus::Valid => 0,
             CertStatus::Expiring => 1,
-            CertStatus::RenewalDue | CertStatus::Expired | CertStatus::Invalid => 2,
+            CertStatus::RenewalDue
+            | CertStatus::Revoked
+            | CertStatus::Expired
+            | CertStatus::Invalid => 2,
         })
         .max()
         .unwrap_or(0)
@@ -161,8 +160,18 @@ mod tests {
     use crate::store::{CertMeta, FileStore};
 
     fn cert(name: &str, days: i64) -> StoredCert {
+        cert_made(name, days, false)
+    }
+
+    /// A certificate that names its issuer's key, as a CA's do, so it has an ARI identifier.
+    fn cert_with_aki(name: &str, days: i64) -> StoredCert {
+        cert_made(name, days, true)
+    }
+
+    fn cert_made(name: &str, days: i64, aki: bool) -> StoredCert {
         let key = KeyType::EcdsaP256.generate().unwrap();
         let mut params = rcgen::CertificateParams::new(vec!["a.example.com".to_owned()]).unwrap();
+        params.use_authority_key_identifier_extension = aki;
         let now = OffsetDateTime::now_utc();
         params.not_before = now - Duration::hours(1);
         params.not_after = now + Duration::days(days);
@@ -218,14 +227,43 @@ mod tests {
     }
 
     #[test]
-    fn an_ari_renewal_time_takes_precedence() {
+    fn an_ari_renewal_time_for_this_certificate_takes_precedence() {
         let now = OffsetDateTime::now_utc();
+        let cert = cert_with_aki("a", 90);
+        let ari_id = cert.bundle.info().unwrap().ari_id;
+        assert!(
+            ari_id.is_some(),
+            "the test certificate needs an ARI identifier"
+        );
         let state = RenewalState {
             ari_renew_at: Some(now - Duration::minutes(1)),
+            ari_cert_id: ari_id,
             ..RenewalState::default()
         };
-        let report = CertReport::of(&cert("a", 90), &state, None, now);
+        let report = CertReport::of(&cert, &state, None, now);
         assert_eq!(report.status, CertStatus::RenewalDue);
+        assert_eq!(check_exit_code(&[report]), 2);
+
+        // An answer about the certificate this one replaced no longer counts, as in the
+        // manager.
+        let stale = RenewalState {
+            ari_cert_id: Some("another.certificate".into()),
+            ..state
+        };
+        let report = CertReport::of(&cert, &stale, None, now);
+        assert_eq!(report.status, CertStatus::Valid);
+    }
+
+    #[test]
+    fn a_revoked_certificate_is_reported_and_fails_the_check() {
+        let now = OffsetDateTime::now_utc();
+        let cert = cert("a", 90);
+        let state = RenewalState {
+            revoked_serial: Some(cert.bundle.info().unwrap().serial),
+            ..RenewalState::default()
+        };
+        let report = CertReport::of(&cert, &state, None, now);
+        assert_eq!(report.status, CertStatus::Revoked);
         assert_eq!(check_exit_code(&[report]), 2);
     }
 

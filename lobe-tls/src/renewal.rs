@@ -20,7 +20,9 @@ pub fn renew_after(not_before: OffsetDateTime, not_after: OffsetDateTime) -> Off
     } else {
         lifetime / 3
     };
-    not_after - remaining
+    let due: OffsetDateTime = not_after - remaining;
+    // Whole seconds: the ratio leaves nanoseconds that no reader of `list` cares about.
+    due.replace_nanosecond(0).unwrap_or(due)
 }
 
 /// How long to wait after consecutive failures: the n-th failure waits the n-th entry,
@@ -75,14 +77,24 @@ impl Default for RenewalPolicy {
 }
 
 impl RenewalPolicy {
+    /// When `info` is to be renewed if nothing fails: at once when it was revoked,
+    /// at the time picked inside the CA's ARI window for this very certificate, or
+    /// else by its lifetime ([`renew_after`]).
+    pub fn planned_at(info: &CertInfo, state: &RenewalState) -> OffsetDateTime {
+        if state.is_revoked(&info.serial) {
+            return info.not_before;
+        }
+        match state.ari_renew_at {
+            Some(at) if info.ari_id.is_some() && state.ari_cert_id == info.ari_id => at,
+            _ => renew_after(info.not_before, info.not_after),
+        }
+    }
+
     /// When the certificate `info` is due, given its renewal bookkeeping: the time picked
     /// inside the CA's ARI window if there is one for this very certificate, otherwise the
     /// lifetime ratio of [`renew_after`]; never before a pending retry after a failure.
     pub fn due_at(&self, info: &CertInfo, state: &RenewalState) -> OffsetDateTime {
-        let planned = match state.ari_renew_at {
-            Some(at) if info.ari_id.is_some() && state.ari_cert_id == info.ari_id => at,
-            _ => renew_after(info.not_before, info.not_after),
-        };
+        let planned = Self::planned_at(info, state);
         match state.next_attempt {
             Some(retry) if state.failures > 0 => planned.max(retry),
             _ => planned,
@@ -183,6 +195,8 @@ pub enum CertStatus {
     RenewalDue,
     /// Inside the warning window but not yet due.
     Expiring,
+    /// Revoked through `lobe-tls revoke` and not yet replaced.
+    Revoked,
     /// Past its expiry.
     Expired,
     /// Unreadable, or its key does not match.
@@ -196,20 +210,25 @@ impl CertStatus {
             CertStatus::Valid => "valid",
             CertStatus::RenewalDue => "renewal-due",
             CertStatus::Expiring => "expiring",
+            CertStatus::Revoked => "revoked",
             CertStatus::Expired => "expired",
             CertStatus::Invalid => "invalid",
         }
     }
 
-    /// Classifies a certificate at `now`, given its renewal time and a warning window.
+    /// Classifies a certificate at `now`, given its renewal bookkeeping, its renewal time
+    /// and a warning window.
     pub fn of(
         info: &CertInfo,
+        state: &RenewalState,
         renew_at: OffsetDateTime,
         warn: Duration,
         now: OffsetDateTime,
     ) -> Self {
         if now >= info.not_after {
             CertStatus::Expired
+        } else if state.is_revoked(&info.serial) {
+            CertStatus::Revoked
         } else if now >= renew_at {
             CertStatus::RenewalDue
         } else if info.not_after - now <= warn {
@@ -360,7 +379,7 @@ mod tests {
     }
 
     #[test]
-    fn status_orders_expired_over_due_over_expiring() {
+    fn status_orders_expired_over_revoked_over_due_over_expiring() {
         let info = CertInfo {
             domains: vec![],
             not_before: at(0),
@@ -373,20 +392,54 @@ mod tests {
         let renew = at(60);
         let warn = Duration::days(14);
         assert_eq!(
-            CertStatus::of(&info, renew, warn, at(10)),
+            CertStatus::of(&info, &RenewalState::default(), renew, warn, at(10)),
             CertStatus::Valid
         );
         assert_eq!(
-            CertStatus::of(&info, renew, Duration::days(85), at(10)),
+            CertStatus::of(
+                &info,
+                &RenewalState::default(),
+                renew,
+                Duration::days(85),
+                at(10)
+            ),
             CertStatus::Expiring
         );
         assert_eq!(
-            CertStatus::of(&info, renew, warn, at(61)),
+            CertStatus::of(&info, &RenewalState::default(), renew, warn, at(61)),
             CertStatus::RenewalDue
         );
         assert_eq!(
-            CertStatus::of(&info, renew, warn, at(90)),
+            CertStatus::of(&info, &RenewalState::default(), renew, warn, at(90)),
             CertStatus::Expired
         );
+        let revoked = RenewalState {
+            revoked_serial: Some(info.serial.clone()),
+            ..RenewalState::default()
+        };
+        assert_eq!(
+            CertStatus::of(&info, &revoked, renew, warn, at(10)),
+            CertStatus::Revoked
+        );
+        assert_eq!(
+            CertStatus::of(&info, &revoked, renew, warn, at(90)),
+            CertStatus::Expired
+        );
+    }
+
+    #[test]
+    fn a_revoked_certificate_is_due_at_once_and_its_replacement_is_not() {
+        let policy = RenewalPolicy::default();
+        let revoked = info(at(0), at(90));
+        let state = RenewalState {
+            revoked_serial: Some(revoked.serial.clone()),
+            ..RenewalState::default()
+        };
+        assert_eq!(policy.due_at(&revoked, &state), at(0));
+        let replacement = CertInfo {
+            serial: "02".into(),
+            ..info(at(1), at(91))
+        };
+        assert_eq!(policy.due_at(&replacement, &state), at(61));
     }
 }

@@ -48,8 +48,8 @@ pub struct Args {
     pub reason: Reason,
 }
 
-/// Runs the command. The certificate stays in the store; `lobe-tls renew --name NAME
-/// --force` replaces it.
+/// Runs the command. The certificate stays in the store, recorded as revoked: `check`
+/// reports it, and the next `lobe-tls renew` (or a manager's next start) replaces it.
 pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     let store = global.open_existing_store().await?;
     let stored = store.load_cert(&args.name).await?.ok_or_else(|| {
@@ -64,8 +64,20 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     let client = AcmeClient::connect(&acme, store.as_ref()).await?;
     client.revoke(&stored.bundle, args.reason.to_acme()).await?;
     let info = stored.bundle.info()?;
+    // Recorded, so that `check` reports it and the next renewal replaces it at once.
+    let mut state = store
+        .load_renewal_state(&args.name)
+        .await
+        .unwrap_or_default();
+    state.revoked_serial = Some(info.serial.clone());
+    if let Err(e) = store.save_renewal_state(&args.name, &state).await {
+        return Err(Error::Store(format!(
+            "{} was revoked at the CA, but recording it failed ({e}); replace it with: lobe-tls renew --name {} --force",
+            args.name, args.name
+        )));
+    }
     println!(
-        "revoked {} (serial {}, was valid until {}); replace it with: lobe-tls renew --name {} --force",
+        "revoked {} (serial {}, was valid until {}); it is due for renewal now: lobe-tls renew --name {} replaces it",
         args.name,
         info.serial,
         rfc3339(info.not_after),

@@ -73,6 +73,17 @@ pub struct RenewalState {
     /// stale once the certificate has been replaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ari_cert_id: Option<String>,
+    /// The serial of a certificate revoked through lobe-tls: it is due for renewal at once,
+    /// and `list`/`check` report it as revoked until it is replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_serial: Option<String>,
+}
+
+impl RenewalState {
+    /// Whether `serial` is the certificate recorded as revoked.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked_serial.as_deref() == Some(serial)
+    }
 }
 
 /// One certificate of a [`Store::load_cert_batch`].
