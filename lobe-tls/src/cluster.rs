@@ -1,4 +1,7 @@
 //! Cluster mode: keeps one instance in step with the others that share a store (Redis).
+//! The same follower keeps a manager on a file store in step with the other processes on
+//! the machine (`lobe-tls issue`, a cron `renew`, `revoke`), through the file store's
+//! directory watch.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -74,7 +77,7 @@ impl ClusterBuilder {
     pub fn start(self) -> Result<Cluster> {
         let subscription = self.manager.store().subscribe().ok_or_else(|| {
             Error::Config(
-                "cluster mode needs a shared store with a change feed: use --store redis://..."
+                "following the store needs a change feed, and this store has none: use --store redis://... or a local directory that can be watched"
                     .into(),
             )
         })?;

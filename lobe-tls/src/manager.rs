@@ -657,20 +657,26 @@ impl Manager {
     /// process has written it (a cluster peer's notification, a cron `renew`).
     ///
     /// Returns `Ok(true)` when a certificate other than the one served was swapped in,
-    /// `Ok(false)` when the store holds nothing for `name` or the same certificate. An
-    /// unusable stored certificate is an error, and the served one stays.
+    /// `Ok(false)` when the store holds nothing for `name` or the same certificate (whose
+    /// stored renewal state is then taken over). An unusable stored certificate is an
+    /// error, and the served one stays.
     pub async fn reload(&self, name: &str) -> Result<bool> {
         let Some(loaded) = load_checked(&self.inner.store, name).await? else {
             return Ok(false);
         };
-        let same = self
-            .inner
-            .slots()
-            .get(name)
-            .and_then(|s| s.current.as_ref())
-            .is_some_and(|c| c.info.serial == loaded.info.serial);
-        if same {
-            return Ok(false);
+        {
+            let mut slots = self.inner.slots();
+            if let Some(slot) = slots.get_mut(name)
+                && slot
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| c.info.serial == loaded.info.serial)
+            {
+                // The same certificate: only its renewal state may have changed (a
+                // `lobe-tls revoke`, another instance's failure count).
+                slot.state = loaded.state;
+                return Ok(false);
+            }
         }
         let (serial, not_after) = (loaded.info.serial.clone(), loaded.info.not_after);
         self.install(name, loaded);
@@ -1138,7 +1144,11 @@ impl Manager {
                     Some(now + (policy.ari_poll / 12_i32).max(policy.ari_min_poll));
             }
         }
-        {
+        // Only the ARI fields are this poll's news. The rest may have changed while the CA
+        // was asked, here or in another process sharing the store (a failure recorded, a
+        // `lobe-tls revoke`), so the answer goes into what the store holds now.
+        let stored = self.inner.store.load_renewal_state(name).await;
+        let state = {
             let mut slots = self.inner.slots();
             match slots.get_mut(name) {
                 // Only if the certificate was not replaced meanwhile.
@@ -1148,11 +1158,16 @@ impl Manager {
                         .as_ref()
                         .is_some_and(|c| c.info.serial == info.serial) =>
                 {
-                    slot.state = state.clone();
+                    let mut merged = stored.unwrap_or_else(|_| slot.state.clone());
+                    merged.ari_renew_at = state.ari_renew_at;
+                    merged.ari_next_poll = state.ari_next_poll;
+                    merged.ari_cert_id = state.ari_cert_id;
+                    slot.state = merged.clone();
+                    merged
                 }
                 _ => return,
             }
-        }
+        };
         if let Err(e) = self.inner.store.save_renewal_state(name, &state).await {
             tracing::warn!(cert = %name, error = %e, "cannot save renewal state");
         }

@@ -49,6 +49,17 @@ use crate::error::{Error, Result};
 use crate::renewal::RenewalPolicy;
 use crate::resolver::CertResolver;
 
+/// Whether a file system event can mean changed content. Opening and reading do not:
+/// without this filter, the watcher's own reads would wake it again, forever.
+pub(crate) fn is_change(event: &notify::Event) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 /// The file name pairs the watcher recognises, certificate chain first.
 const PAIR_NAMES: [(&str, &str); 2] = [("fullchain.pem", "privkey.pem"), ("tls.crt", "tls.key")];
 
@@ -254,7 +265,8 @@ impl CertDirWatcher {
                     // The parent's watch also reports the root's siblings: skip those.
                     let ours = events.iter().any(|event| {
                         event.need_rescan()
-                            || event.paths.iter().any(|p| p.starts_with(&event_root))
+                            || (is_change(event)
+                                && event.paths.iter().any(|p| p.starts_with(&event_root)))
                     });
                     if ours {
                         let _ = wake_tx.send(());
@@ -628,4 +640,29 @@ fn check_pair(
         )));
     }
     Ok((key, info))
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode};
+
+    use super::is_change;
+
+    #[test]
+    fn reads_are_not_changes_but_writes_renames_and_creates_are() {
+        let event = |kind| notify::Event::new(kind);
+        assert!(!is_change(&event(EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        )))));
+        assert!(!is_change(&event(EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        )))));
+        assert!(is_change(&event(EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        )))));
+        assert!(is_change(&event(EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        )))));
+        assert!(is_change(&event(EventKind::Create(CreateKind::File))));
+    }
 }

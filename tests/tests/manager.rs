@@ -437,3 +437,90 @@ async fn managing_stored_certificates_orders_one_that_expired_while_nothing_ran(
     let stored = store.load_cert("old").await.unwrap().unwrap();
     assert!(stored.bundle.info().unwrap().not_after > OffsetDateTime::now_utc());
 }
+
+#[tokio::test]
+async fn a_manager_on_a_directory_serves_what_other_processes_store_without_a_restart() {
+    lobe_tls_tests::init_tracing();
+    let pebble = Pebble::start(PebbleOptions::default());
+    let root = pebble.issuing_root_pem().await;
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Http01Registry::new();
+    let _http = Http01Listener::bind(&pebble.http_listen(), registry.service())
+        .await
+        .unwrap();
+
+    // The long-running process, as `lobe-tls serve` runs it.
+    let serving_store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
+    let serving = Manager::builder(pebble.acme_config(), serving_store)
+        .http01(registry.clone())
+        .cert(cert("site", &["site.example.com"]))
+        .build()
+        .unwrap();
+    let _follow = lobe_tls::cluster::Cluster::builder(serving.clone())
+        .resync_interval(Duration::from_secs(3600))
+        .start()
+        .unwrap();
+    serving.start().await.unwrap();
+    let server = TlsServer::bind("127.0.0.1:0", serving.resolver().clone()).await;
+    let first = handshake(server.addr(), "site.example.com", &root)
+        .await
+        .unwrap();
+
+    // Another process with its own handle on the directory: `lobe-tls issue` of a new
+    // certificate, then a forced `renew` of the served one.
+    let other_store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
+    let other = Manager::builder(pebble.acme_config(), other_store.clone())
+        .http01(registry.clone())
+        .cert(cert("blog", &["blog.example.com"]))
+        .manage_stored(true)
+        .build()
+        .unwrap();
+    other.start().await.unwrap();
+    let renewed = other.renew_now("site").await.unwrap();
+    assert!(
+        matches!(renewed, RenewOutcome::Ordered { .. }),
+        "{renewed:?}"
+    );
+
+    let picked_up = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            let blog = handshake(server.addr(), "blog.example.com", &root).await;
+            let site = handshake(server.addr(), "site.example.com", &root).await;
+            if let (Ok(_), Ok(site)) = (blog, site)
+                && site.serial != first.serial
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        picked_up.is_ok(),
+        "the serving process did not pick up the new and the renewed certificate"
+    );
+
+    // A `lobe-tls revoke` elsewhere: the serving manager takes the recorded state and
+    // counts the certificate as due at once.
+    let current = other_store.load_cert("site").await.unwrap().unwrap();
+    let mut state = other_store.load_renewal_state("site").await.unwrap();
+    state.revoked_serial = Some(current.bundle.info().unwrap().serial);
+    other_store
+        .save_renewal_state("site", &state)
+        .await
+        .unwrap();
+    let due_now = tokio::time::timeout(Duration::from_secs(3), async {
+        while serving
+            .due_at("site")
+            .await
+            .is_none_or(|due| due > OffsetDateTime::now_utc())
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        due_now.is_ok(),
+        "the revocation recorded elsewhere was not seen"
+    );
+}

@@ -262,11 +262,24 @@ async fn start_manager(
             })
             .collect()
     });
-    // Followed before start, so no renewal by another instance is missed.
-    let cluster = if is_redis_url(&global.store) {
-        Some(Cluster::builder(manager.clone()).start()?)
+    // Followed before start, so no renewal by another instance is missed. A Redis store
+    // is followed through its announcements (and a re-sync every 30 s, for announcements
+    // lost in an outage); a directory through its watch, which another process's
+    // `issue`, `renew` or `revoke` trips, with a re-sync every 10 minutes as a safety net.
+    let resync = if is_redis_url(&global.store) {
+        lobe_tls::cluster::DEFAULT_RESYNC_INTERVAL
     } else {
-        None
+        Duration::from_secs(600)
+    };
+    let cluster = match Cluster::builder(manager.clone())
+        .resync_interval(resync)
+        .start()
+    {
+        Ok(cluster) => Some(cluster),
+        Err(e) => {
+            tracing::warn!(error = %e, "not following the store; certificates other processes store are served after a restart");
+            None
+        }
     };
     let report = manager.start().await?;
     for (failed, error) in &report.failed {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{BatchEntry, CertMeta, RenewalState, Store, StoreLock, StoredCert};
+use super::{BatchEntry, CertMeta, RenewalState, Store, StoreLock, StoreSubscription, StoredCert};
 use crate::cert::CertBundle;
 use crate::error::{Error, Result};
 
@@ -268,6 +268,18 @@ impl Store for FileStore {
         .await
     }
 
+    /// Watches `live/` and `state/`: certificates and renewal state that another process
+    /// on this machine writes are announced within about 100 ms.
+    fn subscribe(&self) -> Option<StoreSubscription> {
+        match super::fs_feed::subscribe(&self.root) {
+            Ok(feed) => Some(feed),
+            Err(e) => {
+                tracing::warn!(store = %self.root.display(), error = %e, "cannot watch the store; changes other processes make are seen only after a restart");
+                None
+            }
+        }
+    }
+
     async fn lock(
         &self,
         name: &str,
@@ -344,7 +356,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::Store(format!("store task failed: {e}")))?
 }
 
-fn create_private_dir(path: &Path) -> Result<()> {
+pub(super) fn create_private_dir(path: &Path) -> Result<()> {
     match DirBuilder::new().recursive(true).mode(0o700).create(path) {
         Ok(()) => Ok(()),
         Err(e) => Err(Error::io(path, e)),

@@ -18,6 +18,7 @@ use crate::error::Result;
 
 mod copy;
 pub mod fs;
+mod fs_feed;
 pub mod redis;
 
 pub use copy::{CopyReport, copy};
@@ -194,8 +195,9 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// The keys of all stored accounts, sorted (for `lobe-tls store copy`).
     async fn list_accounts(&self) -> Result<Vec<String>>;
 
-    /// Opens a feed of changes other processes make to this store, for stores shared by
-    /// a cluster. `None` when the store has no such feed (a local directory).
+    /// Opens a feed of changes other processes make to this store: the instances of a
+    /// cluster sharing Redis, or the processes on one machine sharing a directory.
+    /// `None` when the store has no such feed.
     fn subscribe(&self) -> Option<StoreSubscription> {
         None
     }
