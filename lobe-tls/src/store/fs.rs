@@ -11,6 +11,9 @@
 //! A new certificate is written into a fresh version directory, synced, and then
 //! `live/<name>` is flipped to it with one `rename`: a reader resolving the symlink sees
 //! the old set or the new set, never a new certificate with an old key.
+//!
+//! [`Store::subscribe`] watches `live/` and `state/`, so a manager following this store
+//! (see [`crate::cluster`]) picks up what other processes on the machine write.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::Write;
