@@ -86,6 +86,18 @@ fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
+/// Writes `pair` into `dir` as `fullchain.pem` then `privkey.pem`.
+fn write_pair(dir: &Path, pair: &Pair) {
+    write(&dir.join("fullchain.pem"), &pair.cert);
+    write(&dir.join("privkey.pem"), &pair.key);
+}
+
+/// Rewrites the pair in `dir` in place, key first: in between, the files do not match.
+fn rewrite_key_first(dir: &Path, pair: &Pair) {
+    write(&dir.join("privkey.pem"), &pair.key);
+    write(&dir.join("fullchain.pem"), &pair.cert);
+}
+
 /// Replaces `link` with a symlink to `target` in one rename, as certbot and kubelet do.
 fn flip_symlink(target: &str, link: &Path) {
     let name = link.file_name().unwrap().to_string_lossy();
@@ -184,8 +196,7 @@ async fn plain_pair_rewritten_in_place_and_tls_crt_names_are_served() {
     std::fs::create_dir(&secret).unwrap();
     let a1 = pair(&["plain.example.com"]);
     let b1 = pair(&["secret.example.com"]);
-    write(&plain.join("fullchain.pem"), &a1.cert);
-    write(&plain.join("privkey.pem"), &a1.key);
+    write_pair(&plain, &a1);
     write(&secret.join("tls.crt"), &b1.cert);
     write(&secret.join("tls.key"), &b1.key);
 
@@ -197,8 +208,7 @@ async fn plain_pair_rewritten_in_place_and_tls_crt_names_are_served() {
     assert_eq!(served_der(&resolver, "secret.example.com"), Some(b1.der));
 
     let a2 = pair(&["plain.example.com"]);
-    write(&plain.join("privkey.pem"), &a2.key);
-    write(&plain.join("fullchain.pem"), &a2.cert);
+    rewrite_key_first(&plain, &a2);
     wait_served(&resolver, "plain.example.com", &a2.der).await;
 }
 
@@ -208,8 +218,7 @@ async fn atomic_renames_over_the_pair_are_picked_up() {
     let dir = root.path().join("site");
     std::fs::create_dir(&dir).unwrap();
     let v1 = pair(&["rename.example.com"]);
-    write(&dir.join("fullchain.pem"), &v1.cert);
-    write(&dir.join("privkey.pem"), &v1.key);
+    write_pair(&dir, &v1);
     let resolver = CertResolver::new();
     let _watcher = CertDirWatcher::start(root.path(), resolver.clone(), options())
         .await
@@ -229,8 +238,7 @@ async fn editor_save_dance_keeps_serving_and_picks_up_the_result() {
     let dir = root.path().join("edited");
     std::fs::create_dir(&dir).unwrap();
     let v1 = pair(&["edit.example.com"]);
-    write(&dir.join("fullchain.pem"), &v1.cert);
-    write(&dir.join("privkey.pem"), &v1.key);
+    write_pair(&dir, &v1);
     let resolver = CertResolver::new();
     let _watcher = CertDirWatcher::start(root.path(), resolver.clone(), options())
         .await
@@ -260,8 +268,7 @@ async fn half_written_file_is_rejected_then_loaded_when_complete() {
     let dir = root.path().join("slow");
     std::fs::create_dir(&dir).unwrap();
     let v1 = pair(&["slow.example.com"]);
-    write(&dir.join("fullchain.pem"), &v1.cert);
-    write(&dir.join("privkey.pem"), &v1.key);
+    write_pair(&dir, &v1);
     let resolver = CertResolver::new();
     let watcher = CertDirWatcher::start(root.path(), resolver.clone(), options())
         .await
@@ -342,8 +349,7 @@ async fn new_directories_are_served_and_removed_ones_dropped_after_the_grace_per
     let dir = root.path().join("later");
     std::fs::create_dir(&dir).unwrap();
     let v1 = pair(&["*.later.example.com"]);
-    write(&dir.join("privkey.pem"), &v1.key);
-    write(&dir.join("fullchain.pem"), &v1.cert);
+    rewrite_key_first(&dir, &v1);
     wait_served(&resolver, "a.later.example.com", &v1.der).await;
 
     std::fs::remove_dir_all(&dir).unwrap();
@@ -361,8 +367,7 @@ async fn default_name_serves_clients_without_a_known_name() {
     let dir = root.path().join("main");
     std::fs::create_dir(&dir).unwrap();
     let v1 = pair(&["main.example.com"]);
-    write(&dir.join("fullchain.pem"), &v1.cert);
-    write(&dir.join("privkey.pem"), &v1.key);
+    write_pair(&dir, &v1);
     let resolver = CertResolver::new();
     let mut opts = options();
     opts.default_name = Some("main".into());
@@ -404,8 +409,7 @@ async fn a_root_symlink_flipped_to_a_new_release_is_watched_anew() {
     for (release, version) in [("releases/1", &v1), ("releases/2", &v2)] {
         let dir = base.path().join(release);
         std::fs::create_dir_all(&dir).unwrap();
-        write(&dir.join("fullchain.pem"), &version.cert);
-        write(&dir.join("privkey.pem"), &version.key);
+        write_pair(&dir, version);
     }
     symlink("releases/1", &current).unwrap();
 
@@ -427,15 +431,13 @@ async fn a_root_symlink_flipped_to_a_new_release_is_watched_anew() {
     // The new release's directory is watched itself, not only noticed once.
     let v3 = pair(&["deploy.example.com"]);
     let release2 = base.path().join("releases/2");
-    write(&release2.join("privkey.pem"), &v3.key);
-    write(&release2.join("fullchain.pem"), &v3.cert);
+    rewrite_key_first(&release2, &v3);
     wait_served(&resolver, "deploy.example.com", &v3.der).await;
 
     // Writes to the release no longer linked change nothing.
     let stale = pair(&["deploy.example.com"]);
     let release1 = base.path().join("releases/1");
-    write(&release1.join("privkey.pem"), &stale.key);
-    write(&release1.join("fullchain.pem"), &stale.cert);
+    rewrite_key_first(&release1, &stale);
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(served_der(&resolver, "deploy.example.com"), Some(v3.der));
 }
@@ -446,8 +448,7 @@ async fn a_root_directory_removed_and_created_again_is_watched_anew() {
     let root = base.path().join("certs");
     std::fs::create_dir(&root).unwrap();
     let v1 = pair(&["recreated.example.com"]);
-    write(&root.join("fullchain.pem"), &v1.cert);
-    write(&root.join("privkey.pem"), &v1.key);
+    write_pair(&root, &v1);
     let resolver = CertResolver::new();
     let _watcher = CertDirWatcher::start(&root, resolver.clone(), options())
         .await
@@ -461,15 +462,13 @@ async fn a_root_directory_removed_and_created_again_is_watched_anew() {
     let v2 = pair(&["recreated.example.com"]);
     let staging = base.path().join("certs.new");
     std::fs::create_dir(&staging).unwrap();
-    write(&staging.join("fullchain.pem"), &v2.cert);
-    write(&staging.join("privkey.pem"), &v2.key);
+    write_pair(&staging, &v2);
     std::fs::remove_dir_all(&root).unwrap();
     std::fs::rename(&staging, &root).unwrap();
     wait_served(&resolver, "recreated.example.com", &v2.der).await;
 
     let v3 = pair(&["recreated.example.com"]);
-    write(&root.join("privkey.pem"), &v3.key);
-    write(&root.join("fullchain.pem"), &v3.cert);
+    rewrite_key_first(&root, &v3);
     wait_served(&resolver, "recreated.example.com", &v3.der).await;
 }
 
@@ -479,8 +478,7 @@ async fn a_served_certificate_near_expiry_is_announced_once() {
     let dir = root.path().join("site");
     std::fs::create_dir(&dir).unwrap();
     let fresh = pair(&["expiring.example.com"]);
-    write(&dir.join("fullchain.pem"), &fresh.cert);
-    write(&dir.join("privkey.pem"), &fresh.key);
+    write_pair(&dir, &fresh);
     let resolver = CertResolver::new();
     let watcher = CertDirWatcher::start(root.path(), resolver.clone(), options())
         .await
@@ -492,8 +490,7 @@ async fn a_served_certificate_near_expiry_is_announced_once() {
         &["expiring.example.com"],
         OffsetDateTime::now_utc() + time::Duration::days(1),
     );
-    write(&dir.join("privkey.pem"), &stale.key);
-    write(&dir.join("fullchain.pem"), &stale.cert);
+    rewrite_key_first(&dir, &stale);
     wait_for(
         &mut events,
         |e| matches!(e, WatchEvent::ExpiringSoon { name, .. } if name == "site"),
