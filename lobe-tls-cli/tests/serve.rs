@@ -232,12 +232,29 @@ async fn busy_port_is_one_clear_line_and_exit_status_1() {
 
 #[tokio::test]
 async fn nothing_to_serve_is_a_clear_error() {
-    let output = lobe_tls(&["serve", "--upstream", "127.0.0.1:1", "--no-http"])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    assert!(stderr.contains("--cert-dir"), "{stderr}");
+    let empty = tempfile::tempdir().unwrap();
+    let missing = empty.path().join("missing");
+    for (store, why) in [
+        (empty.path(), "holds no certificate"),
+        (missing.as_path(), "does not exist"),
+    ] {
+        let output = lobe_tls(&["serve", "--upstream", "127.0.0.1:1", "--no-http"])
+            .env("LOBE_TLS_STORE", store)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(why), "{stderr}");
+        assert!(
+            stderr.contains("-d DOMAIN") && stderr.contains("--cert-dir"),
+            "{stderr}"
+        );
+    }
+    assert!(
+        !missing.exists(),
+        "a missing store is not created just to say so"
+    );
 }
 
 /// A connector trusting `root_pem` only.
@@ -382,4 +399,82 @@ async fn managed_name_is_issued_through_http01_on_the_http_listener_and_served()
 #[tokio::test]
 async fn managed_name_is_issued_through_tls_alpn01_on_the_terminator_and_served() {
     managed_name_is_issued_and_served("tls-alpn-01").await;
+}
+
+/// The serial of the leaf served to `connector` at `addr`, once a verified handshake works.
+async fn served_serial(connector: &TlsConnector, addr: &str) -> Option<String> {
+    let tls = tls_connect(connector, addr).await.ok()?;
+    let leaf = tls.get_ref().1.peer_certificates()?.first()?.clone();
+    Some(lobe_tls::CertInfo::from_der(&leaf).ok()?.serial)
+}
+
+#[tokio::test]
+async fn serve_with_only_a_store_serves_and_renews_what_it_holds() {
+    use lobe_tls_tests::{Pebble, PebbleOptions};
+    // 30 s certificates: due for renewal after 15 s.
+    let pebble = Pebble::start(PebbleOptions {
+        validity_secs: Some(30),
+        ..PebbleOptions::default()
+    });
+    let store = tempfile::tempdir().unwrap();
+    let with_pebble = |cmd: &mut Command| {
+        cmd.env("LOBE_TLS_STORE", store.path())
+            .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
+            .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file);
+    };
+    let http = pebble.http_listen();
+    let mut issue = lobe_tls(&["issue", "-d", NAME, "--http-listen", &http]);
+    with_pebble(&mut issue);
+    let issued = issue.output().unwrap();
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+
+    // No -d, no --cert-dir: serve what the store holds, and keep it renewed.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cmd = lobe_tls(&[
+        "serve",
+        "--listen",
+        &listen,
+        "--upstream",
+        "127.0.0.1:1",
+        "--http-listen",
+        &http,
+    ]);
+    with_pebble(&mut cmd);
+    let _serve = Serve(cmd.spawn().unwrap());
+    let connector = connector_for(&pebble.issuing_root_pem().await);
+    let first = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(serial) = served_serial(&connector, &listen).await {
+                return serial;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the stored certificate was never served");
+
+    let renewed = tokio::time::timeout(Duration::from_secs(45), async {
+        loop {
+            match served_serial(&connector, &listen).await {
+                Some(serial) if serial != first => return serial,
+                _ => tokio::time::sleep(Duration::from_millis(250)).await,
+            }
+        }
+    })
+    .await
+    .expect("serve did not renew the stored certificate");
+    let pem =
+        std::fs::read_to_string(store.path().join("live").join(NAME).join("cert.pem")).unwrap();
+    assert!(
+        pem.contains("BEGIN CERTIFICATE"),
+        "the renewal is in the store too"
+    );
+    let mut list = lobe_tls(&["list", "--json"]);
+    with_pebble(&mut list);
+    let listed: serde_json::Value = serde_json::from_slice(&list.output().unwrap().stdout).unwrap();
+    assert_eq!(listed[0]["serial"], renewed.as_str());
 }

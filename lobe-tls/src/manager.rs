@@ -69,6 +69,8 @@ const LOAD_CONCURRENCY: usize = 32;
 const DEFAULT_MAX_ORDERS: usize = 4;
 /// The default interval of the maintenance loop.
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// The shortest pause between two maintenance rounds, whatever is due.
+const MIN_PAUSE: Duration = Duration::from_millis(100);
 /// How many renewalInfo queries run at once, so that thousands of certificates do not
 /// all ask the CA in the same second.
 const ARI_CONCURRENCY: usize = 8;
@@ -257,6 +259,7 @@ pub struct ManagerBuilder {
     certs: Vec<ManagedCert>,
     policy: RenewalPolicy,
     manage_stored: bool,
+    tls_alpn01_on_resolver: bool,
     check_interval: Duration,
     max_orders: usize,
     event_capacity: usize,
@@ -294,13 +297,23 @@ impl ManagerBuilder {
         self
     }
 
+    /// Answers TLS-ALPN-01 through this manager's resolver for every certificate, also a
+    /// stored one whose settings name a standalone listener (`lobe-tls issue
+    /// --tls-listen`). For a proxy that owns port 443 and hands the resolver to rustls:
+    /// a standalone listener there could not bind.
+    pub fn tls_alpn01_on_resolver(mut self, yes: bool) -> Self {
+        self.tls_alpn01_on_resolver = yes;
+        self
+    }
+
     /// When to renew and how to retry.
     pub fn policy(mut self, policy: RenewalPolicy) -> Self {
         self.policy = policy;
         self
     }
 
-    /// How often the maintenance loop looks at every certificate (default 60 s).
+    /// How often the maintenance loop looks at every certificate (default 60 s). It also
+    /// wakes when a renewal falls due before the next look.
     pub fn check_interval(mut self, interval: Duration) -> Self {
         self.check_interval = interval;
         self
@@ -351,6 +364,7 @@ impl ManagerBuilder {
                 http01: self.http01,
                 policy: self.policy,
                 manage_stored: self.manage_stored,
+                tls_alpn01_on_resolver: self.tls_alpn01_on_resolver,
                 check_interval: self.check_interval,
                 events,
                 client: OnceCell::new(),
@@ -387,6 +401,7 @@ struct Inner {
     http01: Option<Http01Registry>,
     policy: RenewalPolicy,
     manage_stored: bool,
+    tls_alpn01_on_resolver: bool,
     check_interval: Duration,
     events: broadcast::Sender<Event>,
     client: OnceCell<AcmeClient>,
@@ -472,6 +487,7 @@ impl Manager {
             certs: Vec::new(),
             policy: RenewalPolicy::default(),
             manage_stored: false,
+            tls_alpn01_on_resolver: false,
             check_interval: DEFAULT_CHECK_INTERVAL,
             max_orders: DEFAULT_MAX_ORDERS,
             event_capacity: DEFAULT_EVENT_CAPACITY,
@@ -986,13 +1002,13 @@ impl Manager {
                 }
             },
             ChallengeKind::TlsAlpn01 => match &challenge.tls_listen {
-                Some(addr) => {
+                Some(addr) if !self.inner.tls_alpn01_on_resolver => {
                     let (listener, resolver) = self.inner.standalone.tls(addr).await?;
                     let mut handle = SolverHandle::new(TlsAlpn01Solver::new(resolver));
                     handle.keep.push(listener);
                     handle
                 }
-                None => SolverHandle::new(TlsAlpn01Solver::with_shared_store(
+                _ => SolverHandle::new(TlsAlpn01Solver::with_shared_store(
                     self.inner.resolver.clone(),
                     self.inner.store.clone(),
                 )),
@@ -1016,8 +1032,15 @@ impl Manager {
         let mut tasks = JoinSet::new();
         loop {
             while tasks.try_join_next().is_some() {}
-            self.tick(&mut tasks);
-            tokio::time::sleep(self.inner.check_interval).await;
+            let next_due = self.tick(&mut tasks);
+            // Wake for the next due renewal if it comes before the next check, so that
+            // a certificate living less than a few check intervals is renewed in time.
+            let until_due = next_due
+                .map(|due| (due - OffsetDateTime::now_utc()).max(time::Duration::ZERO))
+                .and_then(|left| Duration::try_from(left).ok())
+                .unwrap_or(self.inner.check_interval);
+            let pause = self.inner.check_interval.min(until_due).max(MIN_PAUSE);
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -1029,11 +1052,18 @@ impl Manager {
         }
     }
 
-    fn tick(&self, tasks: &mut JoinSet<()>) {
+    /// Starts the work that is due now; returns the earliest time something is due later.
+    fn tick(&self, tasks: &mut JoinSet<()>) -> Option<OffsetDateTime> {
         let now = OffsetDateTime::now_utc();
         let policy = &self.inner.policy;
         let mut work = Vec::new();
         let mut warnings = Vec::new();
+        let mut next_due: Option<OffsetDateTime> = None;
+        let mut note_later = |at: OffsetDateTime| {
+            if at > now {
+                next_due = Some(next_due.map_or(at, |next| next.min(at)));
+            }
+        };
         {
             let mut slots = self.inner.slots();
             for (name, slot) in slots.iter_mut() {
@@ -1041,6 +1071,9 @@ impl Manager {
                     let retry_due = slot.state.next_attempt.is_none_or(|t| t <= now);
                     if slot.managed.is_some() && retry_due {
                         work.push(name.clone());
+                    }
+                    if let (Some(_), Some(retry)) = (&slot.managed, slot.state.next_attempt) {
+                        note_later(retry);
                     }
                     continue;
                 };
@@ -1057,7 +1090,9 @@ impl Manager {
                 if slot.managed.is_none() {
                     continue;
                 }
-                let due = slot.reissue || policy.due_at(&current.info, &slot.state) <= now;
+                let due_at = policy.due_at(&current.info, &slot.state);
+                note_later(due_at);
+                let due = slot.reissue || due_at <= now;
                 if due || ari_poll_due(&current.info, &slot.state, now) {
                     work.push(name.clone());
                 }
@@ -1076,6 +1111,7 @@ impl Manager {
             let this = self.clone();
             tasks.spawn(async move { this.maintain(&name).await });
         }
+        next_due
     }
 
     /// One certificate's turn in the maintenance loop.

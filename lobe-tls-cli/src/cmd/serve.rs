@@ -72,11 +72,6 @@ pub struct Args {
 
 /// Runs the command until SIGTERM or SIGINT.
 pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
-    if args.cert_dirs.is_empty() && args.domains.is_empty() {
-        return Err(Error::Config(
-            "nothing to serve: give --cert-dir DIR and/or managed names with -d DOMAIN".into(),
-        ));
-    }
     if args.name.is_some() && args.domains.is_empty() {
         return Err(Error::Config(
             "--name needs the certificate's domains: add -d DOMAIN (repeatable)".into(),
@@ -89,6 +84,15 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
                 .into(),
         ));
     }
+    // The store is served (and everything in it renewed) with managed names, and when
+    // nothing else is given.
+    let store = if managed.is_some() {
+        Some(global.open_store().await?)
+    } else if args.cert_dirs.is_empty() {
+        Some(store_to_serve(global).await?)
+    } else {
+        None
+    };
     // Registered before anything is bound, so a SIGTERM during start-up is not lost.
     let mut terminate = signal(SignalKind::terminate())
         .map_err(|e| Error::Config(format!("cannot handle SIGTERM: {e}")))?;
@@ -115,10 +119,6 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     // The listeners are up before the manager orders, so the CA can reach the challenges:
     // HTTP-01 through the HTTP listener, TLS-ALPN-01 through the terminator itself.
     // With a Redis store, tokens are shared: any instance of a cluster answers HTTP-01.
-    let store = match &managed {
-        Some(_) => Some(global.open_store().await?),
-        None => None,
-    };
     let registry = match &store {
         Some(store) if is_redis_url(&global.store) => {
             Http01Registry::with_shared_store(store.clone())
@@ -150,9 +150,9 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     // A signal during the first order (which can take minutes) stops at once.
     let mut maintenance = None;
     let mut signalled = false;
-    if let (Some(cert), Some(store)) = (managed, store) {
+    if let Some(store) = store {
         tokio::select! {
-            started = start_manager(global, store, cert, &resolver, &registry, &metrics) => {
+            started = start_manager(global, store, managed, &resolver, &registry, &metrics) => {
                 maintenance = Some(started?);
             }
             _ = &mut shutdown => signalled = true,
@@ -170,6 +170,30 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     drop(maintenance);
     drop(watchers);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The store when `serve` is given neither managed names nor `--cert-dir`: it must exist
+/// and hold a certificate, or there is nothing to serve.
+async fn store_to_serve(global: &Global) -> Result<DynStore> {
+    let nothing = |why: String| {
+        Error::Config(format!(
+            "nothing to serve: {why}; give -d DOMAIN to have a certificate issued, --cert-dir DIR to serve files another tool writes, or run lobe-tls issue first"
+        ))
+    };
+    if !is_redis_url(&global.store) && !std::path::Path::new(&global.store).is_dir() {
+        return Err(nothing(format!(
+            "the store {} does not exist (check --store)",
+            global.store
+        )));
+    }
+    let store = global.open_store().await?;
+    if store.list_certs().await?.is_empty() {
+        return Err(nothing(format!(
+            "the store {} holds no certificate",
+            global.store
+        )));
+    }
+    Ok(store)
 }
 
 /// The managed certificate `--name`/`-d` and the challenge options describe, if any.
@@ -225,18 +249,23 @@ async fn watch_dir(
 async fn start_manager(
     global: &Global,
     store: DynStore,
-    cert: ManagedCert,
+    cert: Option<ManagedCert>,
     resolver: &CertResolver,
     registry: &Http01Registry,
     metrics: &Arc<Metrics>,
 ) -> Result<(MaintenanceHandle, Option<Cluster>)> {
-    let name = cert.name.clone();
-    let manager = Manager::builder(global.acme_config()?, store)
+    // Everything in the store is renewed here too, so `serve` needs no cron job beside
+    // it; TLS-ALPN-01 is answered on this process's own TLS port for all of them.
+    let mut builder = Manager::builder(global.acme_config()?, store)
         .resolver(resolver.clone())
         .http01(registry.clone())
-        .cert(cert)
-        .build()?;
-    metrics.track_renewals(&name);
+        .manage_stored(true)
+        .tls_alpn01_on_resolver(true);
+    if let Some(cert) = cert {
+        metrics.track_renewals(&cert.name);
+        builder = builder.cert(cert);
+    }
+    let manager = builder.build()?;
     let mut events = manager.subscribe();
     let counted = metrics.clone();
     tokio::spawn(async move {
@@ -291,6 +320,9 @@ async fn start_manager(
     }
     for (unusable, error) in &report.unusable {
         tracing::error!(name = unusable, error, "stored certificate is unusable");
+    }
+    for cert in manager.certificates() {
+        metrics.track_renewals(&cert.name);
     }
     Ok((manager.spawn(), cluster))
 }
