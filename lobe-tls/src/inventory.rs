@@ -55,7 +55,7 @@ impl CertReport {
         };
         let renew_at = RenewalPolicy::planned_at(&info, state);
         let warn = warn.unwrap_or_else(|| DEFAULT_WARN.min(info.lifetime() / 3));
-        let status = CertStatus::of(&info, state, renew_at, warn, now);
+        let status = CertStatus::of(&info, state, warn, now);
         let CertInfo {
             domains,
             not_before,

@@ -1068,19 +1068,16 @@ impl Manager {
             let mut slots = self.inner.slots();
             for (name, slot) in slots.iter_mut() {
                 let Some(current) = &slot.current else {
-                    let retry_due = slot.state.next_attempt.is_none_or(|t| t <= now);
-                    if slot.managed.is_some() && retry_due {
-                        work.push(name.clone());
-                    }
-                    if let (Some(_), Some(retry)) = (&slot.managed, slot.state.next_attempt) {
-                        note_later(retry);
+                    // Not issued yet: order it, or wait for the retry after a failure.
+                    if slot.managed.is_some() {
+                        match slot.state.next_attempt {
+                            Some(retry) if retry > now => note_later(retry),
+                            _ => work.push(name.clone()),
+                        }
                     }
                     continue;
                 };
-                if policy.expiring_soon(&current.info, now)
-                    && slot.warned_serial.as_deref() != Some(current.info.serial.as_str())
-                {
-                    slot.warned_serial = Some(current.info.serial.clone());
+                if policy.warn_expiring_once(&current.info, &mut slot.warned_serial, now) {
                     warnings.push(Event::ExpiringSoon {
                         name: name.clone(),
                         serial: current.info.serial.clone(),

@@ -140,6 +140,22 @@ impl RenewalPolicy {
         info.not_after - now <= self.warning_window(info)
     }
 
+    /// Whether to warn now about `info` nearing expiry: it is inside its warning window
+    /// and `warned`, the serial warned about last, is another certificate's. Records
+    /// `info` as warned about, so each certificate is warned about once.
+    pub fn warn_expiring_once(
+        &self,
+        info: &CertInfo,
+        warned: &mut Option<String>,
+        now: OffsetDateTime,
+    ) -> bool {
+        if !self.expiring_soon(info, now) || warned.as_deref() == Some(info.serial.as_str()) {
+            return false;
+        }
+        *warned = Some(info.serial.clone());
+        true
+    }
+
     /// How long before expiry a certificate counts as expiring.
     pub fn warning_window(&self, info: &CertInfo) -> Duration {
         (info.lifetime() / self.expiring_fraction.max(1)).min(self.expiring_cap)
@@ -216,15 +232,10 @@ impl CertStatus {
         }
     }
 
-    /// Classifies a certificate at `now`, given its renewal bookkeeping, its renewal time
-    /// and a warning window.
-    pub fn of(
-        info: &CertInfo,
-        state: &RenewalState,
-        renew_at: OffsetDateTime,
-        warn: Duration,
-        now: OffsetDateTime,
-    ) -> Self {
+    /// Classifies a certificate at `now`, given its renewal bookkeeping (which decides its
+    /// renewal time, [`RenewalPolicy::planned_at`]) and a warning window.
+    pub fn of(info: &CertInfo, state: &RenewalState, warn: Duration, now: OffsetDateTime) -> Self {
+        let renew_at = RenewalPolicy::planned_at(info, state);
         if now >= info.not_after {
             CertStatus::Expired
         } else if state.is_revoked(&info.serial) {
@@ -389,28 +400,22 @@ mod tests {
             key_type: None,
             ari_id: None,
         };
-        let renew = at(60);
+        // Renewal planned at day 60 by the lifetime ratio.
         let warn = Duration::days(14);
         assert_eq!(
-            CertStatus::of(&info, &RenewalState::default(), renew, warn, at(10)),
+            CertStatus::of(&info, &RenewalState::default(), warn, at(10)),
             CertStatus::Valid
         );
         assert_eq!(
-            CertStatus::of(
-                &info,
-                &RenewalState::default(),
-                renew,
-                Duration::days(85),
-                at(10)
-            ),
+            CertStatus::of(&info, &RenewalState::default(), Duration::days(85), at(10)),
             CertStatus::Expiring
         );
         assert_eq!(
-            CertStatus::of(&info, &RenewalState::default(), renew, warn, at(61)),
+            CertStatus::of(&info, &RenewalState::default(), warn, at(61)),
             CertStatus::RenewalDue
         );
         assert_eq!(
-            CertStatus::of(&info, &RenewalState::default(), renew, warn, at(90)),
+            CertStatus::of(&info, &RenewalState::default(), warn, at(90)),
             CertStatus::Expired
         );
         let revoked = RenewalState {
@@ -418,11 +423,11 @@ mod tests {
             ..RenewalState::default()
         };
         assert_eq!(
-            CertStatus::of(&info, &revoked, renew, warn, at(10)),
+            CertStatus::of(&info, &revoked, warn, at(10)),
             CertStatus::Revoked
         );
         assert_eq!(
-            CertStatus::of(&info, &revoked, renew, warn, at(90)),
+            CertStatus::of(&info, &revoked, warn, at(90)),
             CertStatus::Expired
         );
     }

@@ -1,5 +1,6 @@
 //! The certificate resolver a proxy hands to rustls: lock-free reads over an `ArcSwap`
-//! snapshot (through a per-thread copy, see `published`), exact names first, then a one-label wildcard, then an optional default.
+//! snapshot (through a per-thread copy, see `published`), exact names first, then a
+//! one-label wildcard, then an optional default.
 //! TLS-ALPN-01 challenge certificates are served to clients that offer only `acme-tls/1`.
 
 mod name_map;
@@ -37,6 +38,14 @@ impl Snapshot {
             Some(base) => self.wildcard.insert(base, key.clone()),
             None => self.exact.insert(name, key.clone()),
         };
+    }
+
+    /// What a client asking for `name` (normalised; `None` without SNI) is served.
+    fn serve(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        match name {
+            Some(name) => self.find(name).cloned(),
+            None => self.default.clone(),
+        }
     }
 
     /// Exact name, then a one-label wildcard, then the default. `name` is normalised.
@@ -166,10 +175,7 @@ impl CertResolver {
     /// The certificate a client asking for `server_name` gets, by the same rules as a handshake.
     pub fn lookup(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let name = server_name.map(normalize);
-        self.published.read(|snap| match &name {
-            Some(name) => snap.find(name).cloned(),
-            None => snap.default.clone(),
-        })
+        self.published.read(|snap| snap.serve(name.as_deref()))
     }
 
     /// Whether a TLS-ALPN-01 challenge certificate is installed for `name`.
@@ -206,10 +212,7 @@ impl ResolvesServerCert for CertResolver {
             if acme_only {
                 return snap.challenges.get(name?).cloned();
             }
-            match name {
-                Some(name) => snap.find(name).cloned(),
-                None => snap.default.clone(),
-            }
+            snap.serve(name)
         })
     }
 }

@@ -166,6 +166,8 @@ struct Shared {
     root: PathBuf,
     resolver: CertResolver,
     options: WatchOptions,
+    /// Decides when a served certificate counts as expiring.
+    policy: RenewalPolicy,
     entries: Mutex<BTreeMap<String, Entry>>,
     events: broadcast::Sender<WatchEvent>,
 }
@@ -250,6 +252,7 @@ impl CertDirWatcher {
             root: root.clone(),
             resolver,
             options,
+            policy: RenewalPolicy::default(),
             entries: Mutex::new(BTreeMap::new()),
             events,
         });
@@ -406,24 +409,24 @@ impl Shared {
                 let _ = self.events.send(WatchEvent::Removed { name });
             }
         }
+        let now = OffsetDateTime::now_utc();
         for entry in entries.values_mut() {
-            self.warn_if_expiring(entry);
+            self.warn_if_expiring(entry, now);
         }
         needs_retry
     }
 
     /// Says so, once per certificate, when a served certificate nears its expiry and
     /// nobody has replaced it. The watcher keeps serving it: it is what there is.
-    fn warn_if_expiring(&self, entry: &mut Entry) {
+    fn warn_if_expiring(&self, entry: &mut Entry, now: OffsetDateTime) {
         let Some(served) = &entry.served else { return };
         let info = &served.info;
-        let now = OffsetDateTime::now_utc();
-        if !RenewalPolicy::default().expiring_soon(info, now)
-            || entry.warned_serial.as_deref() == Some(info.serial.as_str())
+        if !self
+            .policy
+            .warn_expiring_once(info, &mut entry.warned_serial, now)
         {
             return;
         }
-        entry.warned_serial = Some(info.serial.clone());
         let not_after = crate::cert::rfc3339(info.not_after);
         if info.not_after <= now {
             tracing::error!(name = served.name, serial = info.serial, %not_after, "served certificate has expired and was not replaced; renew {}", served.cert_path.display());

@@ -262,7 +262,6 @@ async fn start_manager(
         .manage_stored(true)
         .tls_alpn01_on_resolver(true);
     if let Some(cert) = cert {
-        metrics.track_renewals(&cert.name);
         builder = builder.cert(cert);
     }
     let manager = builder.build()?;
@@ -321,6 +320,8 @@ async fn start_manager(
     for (unusable, error) in &report.unusable {
         tracing::error!(name = unusable, error, "stored certificate is unusable");
     }
+    // Every managed certificate, also one that could not be issued yet, shows in the
+    // failure counter from the start.
     for cert in manager.certificates() {
         metrics.track_renewals(&cert.name);
     }
