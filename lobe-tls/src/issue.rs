@@ -237,8 +237,11 @@ pub async fn issue_and_store(
         .await
 }
 
-/// How long a lock on a certificate name may be held by a process that died.
-pub const ISSUE_LOCK_LEASE: Duration = Duration::from_secs(600);
+/// The one lease rule for locks on a certificate name, for `issue`, `renew` and the
+/// manager alike: how long a holder that died can block the others. A live holder keeps
+/// its lock however long its order runs: stores with leases renew them while the lock is
+/// held (Redis), and a file lock dies with its process.
+pub const LOCK_LEASE: Duration = Duration::from_secs(60);
 
 /// Takes the store's lock on `name`, waiting up to `wait`, with an error that says who
 /// to wait for when another process holds it.
@@ -247,14 +250,11 @@ pub async fn lock_name(
     name: &str,
     wait: Duration,
 ) -> Result<Box<dyn StoreLock>> {
-    store
-        .lock(name, ISSUE_LOCK_LEASE, wait)
-        .await?
-        .ok_or_else(|| {
-            Error::Store(format!(
-                "another lobe-tls process is issuing {name:?}; wait for it to finish and try again"
-            ))
-        })
+    store.lock(name, LOCK_LEASE, wait).await?.ok_or_else(|| {
+        Error::Store(format!(
+            "another lobe-tls process is issuing {name:?}; wait for it to finish and try again"
+        ))
+    })
 }
 
 #[cfg(test)]

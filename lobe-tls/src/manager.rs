@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
-use tokio::sync::{OnceCell, Semaphore, broadcast};
+use tokio::sync::{Notify, OnceCell, Semaphore, broadcast};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::acme::{AcmeClient, AcmeConfig};
@@ -50,15 +50,10 @@ use crate::challenge::tls_alpn01::TlsAlpn01Solver;
 use crate::challenge::{ChallengeConfig, ChallengeKind, Solver};
 use crate::domain::DomainName;
 use crate::error::{Error, Result};
-use crate::issue::{Issuance, IssueRequest};
+use crate::issue::{Issuance, IssueRequest, LOCK_LEASE};
 use crate::renewal::RenewalPolicy;
 use crate::resolver::CertResolver;
 use crate::store::{BatchEntry, CertMeta, DynStore, RenewalState};
-
-/// How long a crashed lock holder can block other instances. Stores with leases renew
-/// them while the lock is held, so a long order keeps its lock; a short lease only
-/// bounds the wait after a holder dies.
-const LOCK_LEASE: Duration = Duration::from_secs(60);
 
 /// Start-up reads stored certificates in batches of this many, `LOAD_CONCURRENCY`
 /// batches at once: enough in flight for a slow disk or a remote store, and few enough
@@ -71,6 +66,9 @@ const DEFAULT_MAX_ORDERS: usize = 4;
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 /// The shortest pause between two maintenance rounds, whatever is due.
 const MIN_PAUSE: Duration = Duration::from_millis(100);
+/// The tightest bound on one CA request, however close to expiry: less would fail
+/// requests a healthy CA answers.
+const MIN_REQUEST_BOUND: Duration = Duration::from_secs(1);
 /// How many renewalInfo queries run at once, so that thousands of certificates do not
 /// all ask the CA in the same second.
 const ARI_CONCURRENCY: usize = 8;
@@ -125,12 +123,17 @@ impl ManagedCert {
     }
 
     fn same_order_as(&self, meta: &CertMeta) -> bool {
-        let mut want: Vec<&str> = self.domains.iter().map(DomainName::as_str).collect();
-        let mut have: Vec<&str> = meta.domains.iter().map(DomainName::as_str).collect();
-        want.sort_unstable();
-        have.sort_unstable();
-        want == have && self.key_type == meta.key_type
+        same_names(&self.domains, &meta.domains) && self.key_type == meta.key_type
     }
+}
+
+/// Whether two lists hold the same names, in any order.
+fn same_names(a: &[DomainName], b: &[DomainName]) -> bool {
+    let mut a: Vec<&str> = a.iter().map(DomainName::as_str).collect();
+    let mut b: Vec<&str> = b.iter().map(DomainName::as_str).collect();
+    a.sort_unstable();
+    b.sort_unstable();
+    a == b
 }
 
 /// What happened to a certificate, for subscribers (see [`Manager::subscribe`]).
@@ -186,6 +189,29 @@ pub enum Event {
         /// Its expiry.
         not_after: OffsetDateTime,
     },
+    /// What the store holds for this certificate cannot be served (unreadable, a key
+    /// that does not match, expired): the certificate served before, if any, still is,
+    /// and a managed certificate is ordered anew when it falls due.
+    Unusable {
+        /// The certificate's name.
+        name: String,
+        /// Why, one line.
+        error: String,
+    },
+    /// Another process sharing the store (a cluster peer running another configuration,
+    /// as in a rolling deploy) stored this certificate for other names or another key
+    /// type than this manager is configured with. The manager serves it and renews it
+    /// as stored instead of re-ordering its own version, so instances never fight.
+    ConfigConflict {
+        /// The certificate's name.
+        name: String,
+        /// The serial of the stored certificate.
+        serial: String,
+        /// The names the stored certificate covers.
+        stored: Vec<String>,
+        /// The names this manager is configured with.
+        configured: Vec<String>,
+    },
 }
 
 impl Event {
@@ -196,7 +222,9 @@ impl Event {
             | Event::Obtained { name, .. }
             | Event::Renewed { name, .. }
             | Event::RenewalFailed { name, .. }
-            | Event::ExpiringSoon { name, .. } => name,
+            | Event::ExpiringSoon { name, .. }
+            | Event::Unusable { name, .. }
+            | Event::ConfigConflict { name, .. } => name,
         }
     }
 }
@@ -367,6 +395,8 @@ impl ManagerBuilder {
                 tls_alpn01_on_resolver: self.tls_alpn01_on_resolver,
                 check_interval: self.check_interval,
                 events,
+                wake: Notify::new(),
+                started: OffsetDateTime::now_utc(),
                 client: OnceCell::new(),
                 slots: Mutex::new(slots),
                 name_locks: Mutex::default(),
@@ -404,6 +434,11 @@ struct Inner {
     tls_alpn01_on_resolver: bool,
     check_interval: Duration,
     events: broadcast::Sender<Event>,
+    /// Wakes the maintenance loop: something's next due time changed.
+    wake: Notify,
+    /// When this manager was built. A certificate another process stored since then
+    /// for a different order is a peer's newer decision, not a stale configuration.
+    started: OffsetDateTime,
     client: OnceCell<AcmeClient>,
     slots: Mutex<HashMap<String, Slot>>,
     /// One async lock per name, so that one process never runs two orders for a name.
@@ -426,20 +461,55 @@ struct Slot {
     managed: Option<ManagedCert>,
     current: Option<Current>,
     state: RenewalState,
-    /// The configuration asks for other names or another key type than the stored order.
+    /// The configuration asks for other names or another key type than the stored
+    /// order, which was stored before this manager started: re-order (on the backoff).
     reissue: bool,
+    /// Another process stored a different order since this manager started: serve and
+    /// renew that order as it is.
+    conflict: Option<Conflict>,
     /// The serial an ExpiringSoon event was last sent for.
     warned_serial: Option<String>,
 }
 
+/// The order of a stored certificate that disagrees with the configuration.
+struct Conflict {
+    domains: Vec<DomainName>,
+    key_type: KeyType,
+}
+
 impl Slot {
     fn managed(cert: ManagedCert) -> Self {
+        Slot::new(Some(cert))
+    }
+
+    fn new(managed: Option<ManagedCert>) -> Self {
         Slot {
-            managed: Some(cert),
+            managed,
             current: None,
             state: RenewalState::default(),
             reissue: false,
+            conflict: None,
             warned_serial: None,
+        }
+    }
+
+    /// What to order for this slot: the configuration, or in a conflict the order the
+    /// cluster stored last.
+    fn order(&self) -> Option<ManagedCert> {
+        let mut order = self.managed.clone()?;
+        if let Some(conflict) = &self.conflict {
+            order.domains = conflict.domains.clone();
+            order.key_type = conflict.key_type;
+        }
+        Some(order)
+    }
+
+    /// When a re-issue for a changed configuration may run: now, or after the backoff
+    /// when the last attempt failed.
+    fn reissue_at(&self) -> OffsetDateTime {
+        match self.state.next_attempt {
+            Some(retry) if self.state.failures > 0 => retry,
+            _ => OffsetDateTime::UNIX_EPOCH,
         }
     }
 }
@@ -529,6 +599,50 @@ impl Manager {
         out
     }
 
+    /// Feeds `metrics` from this manager: every certificate's expiry at each scrape,
+    /// renewal failures and configuration conflicts as they happen. Call it before
+    /// [`Manager::start`]; certificates configured or found later are counted from their
+    /// first event on. The counting task ends when the manager is dropped.
+    pub fn export_metrics(&self, metrics: &Arc<crate::metrics::Metrics>) {
+        for name in self.inner.slots().keys() {
+            metrics.track_renewals(name);
+        }
+        let mut events = self.subscribe();
+        let counted = metrics.clone();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(Event::RenewalFailed { name, .. }) => counted.renewal_failed(&name),
+                    Ok(Event::ConfigConflict { name, .. }) => counted.config_conflict(&name),
+                    Ok(Event::Unusable { name, .. }) => counted.unusable(&name),
+                    Ok(Event::Loaded { name, .. } | Event::Obtained { name, .. }) => {
+                        counted.track_renewals(&name)
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        // A weak handle: the metrics registry must not keep a stopped manager alive.
+        let source = Arc::downgrade(&self.inner);
+        metrics.add_cert_source(move || {
+            let Some(inner) = source.upgrade() else {
+                return Vec::new();
+            };
+            Manager { inner }
+                .certificates()
+                .into_iter()
+                .filter_map(|state| {
+                    Some(crate::metrics::CertExpiry {
+                        not_after: state.info?.not_after.unix_timestamp(),
+                        name: state.name,
+                        source: "managed",
+                    })
+                })
+                .collect()
+        });
+    }
+
     fn emit(&self, event: Event) {
         // No subscribers is fine.
         let _ = self.inner.events.send(event);
@@ -557,13 +671,9 @@ impl Manager {
                         // Managing what is stored includes what has expired (a server
                         // that was down for months): order it again, as it was ordered.
                         if let (true, Some(meta)) = (self.inner.manage_stored, meta) {
-                            slots.entry(name).or_insert_with(|| Slot {
-                                managed: Some(ManagedCert::from_meta(&meta)),
-                                current: None,
-                                state: RenewalState::default(),
-                                reissue: false,
-                                warned_serial: None,
-                            });
+                            slots
+                                .entry(name)
+                                .or_insert_with(|| Slot::managed(ManagedCert::from_meta(&meta)));
                         }
                         continue;
                     }
@@ -581,17 +691,12 @@ impl Manager {
                     not_after: loaded.info.not_after,
                 });
                 let manage_stored = self.inner.manage_stored;
-                let slot = slots.entry(name).or_insert_with(|| Slot {
-                    managed: manage_stored.then(|| ManagedCert::from_meta(&loaded.meta)),
-                    current: None,
-                    state: RenewalState::default(),
-                    reissue: false,
-                    warned_serial: None,
+                let slot = slots.entry(name.clone()).or_insert_with(|| {
+                    Slot::new(manage_stored.then(|| ManagedCert::from_meta(&loaded.meta)))
                 });
-                slot.reissue = slot
-                    .managed
-                    .as_ref()
-                    .is_some_and(|m| !m.same_order_as(&loaded.meta));
+                if let Some(event) = self.judge_order(&name, slot, &loaded) {
+                    events.push(event);
+                }
                 slot.state = loaded.state;
                 slot.current = Some(Current {
                     info: loaded.info,
@@ -677,8 +782,19 @@ impl Manager {
     /// stored renewal state is then taken over). An unusable stored certificate is an
     /// error, and the served one stays.
     pub async fn reload(&self, name: &str) -> Result<bool> {
-        let Some(loaded) = load_checked(&self.inner.store, name).await? else {
-            return Ok(false);
+        let loaded = match load_checked(&self.inner.store, name).await {
+            Ok(Some(loaded)) => loaded,
+            Ok(None) => return Ok(false),
+            Err(error) => {
+                if matches!(error, Error::Store(_) | Error::Certificate(_)) {
+                    tracing::error!(cert = %name, %error, "the stored certificate is unusable; still serving the one before");
+                    self.emit(Event::Unusable {
+                        name: name.to_owned(),
+                        error: error.to_string(),
+                    });
+                }
+                return Err(error);
+            }
         };
         {
             let mut slots = self.inner.slots();
@@ -691,6 +807,8 @@ impl Manager {
                 // The same certificate: only its renewal state may have changed (a
                 // `lobe-tls revoke`, another instance's failure count).
                 slot.state = loaded.state;
+                drop(slots);
+                self.wake();
                 return Ok(false);
             }
         }
@@ -716,12 +834,8 @@ impl Manager {
             .collect();
         let mut slots = self.inner.slots();
         let manage_stored = self.inner.manage_stored;
-        let slot = slots.entry(name.to_owned()).or_insert_with(|| Slot {
-            managed: manage_stored.then(|| ManagedCert::from_meta(&loaded.meta)),
-            current: None,
-            state: RenewalState::default(),
-            reissue: false,
-            warned_serial: None,
+        let slot = slots.entry(name.to_owned()).or_insert_with(|| {
+            Slot::new(manage_stored.then(|| ManagedCert::from_meta(&loaded.meta)))
         });
         // Swap first, then drop stale names: a handshake never finds a gap.
         self.inner.resolver.set(&names, loaded.key.clone());
@@ -731,16 +845,67 @@ impl Manager {
                 self.inner.resolver.remove(&stale);
             }
         }
-        slot.reissue = slot
-            .managed
-            .as_ref()
-            .is_some_and(|m| !m.same_order_as(&loaded.meta));
+        let conflict = self.judge_order(name, slot, &loaded);
         slot.state = loaded.state;
         slot.current = Some(Current {
             info: loaded.info,
             key: loaded.key,
             names,
         });
+        drop(slots);
+        if let Some(event) = conflict {
+            self.emit(event);
+        }
+        self.wake();
+    }
+
+    /// Compares a stored order with the configuration. One stored before this manager
+    /// started is re-issued (the configuration changed); one another process stored
+    /// since is a peer's newer decision: it is kept and renewed as it is, and announced
+    /// once (event and log line) rather than re-ordered, so that instances running
+    /// different configurations never re-order against each other.
+    fn judge_order(&self, name: &str, slot: &mut Slot, loaded: &Loaded) -> Option<Event> {
+        let Some(managed) = &slot.managed else {
+            return None;
+        };
+        let agrees = managed.same_order_as(&loaded.meta);
+        let peer_decision = loaded.meta.issued_at >= self.inner.started;
+        slot.reissue = !agrees && !peer_decision;
+        if agrees || !peer_decision {
+            slot.conflict = None;
+            return None;
+        }
+        // Announced once per disagreeing order, not again when it is renewed as stored.
+        let announced = slot.conflict.as_ref().is_some_and(|c| {
+            c.key_type == loaded.meta.key_type && same_names(&c.domains, &loaded.meta.domains)
+        });
+        slot.conflict = Some(Conflict {
+            domains: loaded.meta.domains.clone(),
+            key_type: loaded.meta.key_type,
+        });
+        if announced {
+            return None;
+        }
+        let list = |d: &[DomainName]| d.iter().map(|d| d.as_str().to_owned()).collect();
+        let stored: Vec<String> = list(&loaded.meta.domains);
+        let configured: Vec<String> = list(&managed.domains);
+        tracing::error!(
+            cert = %name,
+            stored = %stored.join(","),
+            configured = %configured.join(","),
+            "another instance stored this certificate with a different configuration; serving and renewing it as stored, not re-ordering (align the instances' configurations)"
+        );
+        Some(Event::ConfigConflict {
+            name: name.to_owned(),
+            serial: loaded.info.serial.clone(),
+            stored,
+            configured,
+        })
+    }
+
+    /// Wakes the maintenance loop to recompute when it is next needed.
+    fn wake(&self) {
+        self.inner.wake.notify_one();
     }
 
     /// Renews `name` now, whatever the policy says, under the store lock. Emits the same
@@ -773,7 +938,7 @@ impl Manager {
                     .next_attempt
                     .unwrap_or(OffsetDateTime::UNIX_EPOCH),
             ),
-            Some(_) if slot.reissue => Some(OffsetDateTime::UNIX_EPOCH),
+            Some(_) if slot.reissue => Some(slot.reissue_at()),
             Some(c) => Some(self.inner.policy.due_at(&c.info, &slot.state)),
         }
     }
@@ -833,12 +998,18 @@ impl Manager {
     }
 
     async fn record_failure(&self, name: &str, error: &Error) {
+        // What the store holds may carry news from other processes (a `lobe-tls revoke`):
+        // the failure goes into it rather than over it.
+        let stored = self.inner.store.load_renewal_state(name).await.ok();
         let now = OffsetDateTime::now_utc();
         let state = {
             let mut slots = self.inner.slots();
             let Some(slot) = slots.get_mut(name) else {
                 return;
             };
+            if let Some(revoked) = stored.and_then(|s| s.revoked_serial) {
+                slot.state.revoked_serial = Some(revoked);
+            }
             let not_after = slot.current.as_ref().map(|c| c.info.not_after);
             slot.state.failures = slot.state.failures.saturating_add(1);
             slot.state.last_error = Some(error.to_string());
@@ -866,19 +1037,20 @@ impl Manager {
             failures: state.failures,
             next_attempt,
         });
+        self.wake();
     }
 
     async fn renew_locked(&self, name: &str) -> Result<RenewOutcome> {
-        let (managed, seen, replaces) = {
+        let (managed, seen, replaces, not_after) = {
             let slots = self.inner.slots();
             let slot = slots
                 .get(name)
                 .ok_or_else(|| Error::Config(format!("no managed certificate named {name:?}")))?;
             let managed = slot
-                .managed
-                .clone()
+                .order()
                 .ok_or_else(|| Error::Config(format!("no managed certificate named {name:?}")))?;
             let seen = slot.current.as_ref().map(|c| c.info.serial.clone());
+            let not_after = slot.current.as_ref().map(|c| c.info.not_after);
             // `replaces` only when the CA answered renewalInfo for this very certificate,
             // and not again after the CA said it was already replaced (RFC 9773 §5).
             let refused = slot
@@ -893,9 +1065,19 @@ impl Manager {
                     && !refused;
                 answered.then(|| c.info.ari_id.clone()).flatten()
             });
-            (managed, seen, replaces)
+            (managed, seen, replaces, not_after)
         };
 
+        // The permit and the CA's directory first, the cluster lock last: a renewal that
+        // queues for a permit, or waits on an unreachable CA, holds no lock meanwhile.
+        let _permit = self
+            .inner
+            .orders
+            .acquire()
+            .await
+            .map_err(|_| Error::Config("the manager is shutting down".into()))?;
+        let bound = request_bound(self.inner.acme.request_timeout, not_after);
+        let client = crate::acme::with_request_bound(bound, self.client()).await?;
         let order_timeout = self.inner.acme.order_timeout;
         let lock = self
             .inner
@@ -907,7 +1089,11 @@ impl Manager {
                     "another process holds the lock on {name}; try again later"
                 ))
             })?;
-        let result = self.order_under_lock(&managed, seen, replaces).await;
+        let result = crate::acme::with_request_bound(
+            bound,
+            self.order_under_lock(client, &managed, seen, replaces),
+        )
+        .await;
         if let Err(e) = lock.release().await {
             tracing::warn!(cert = %name, error = %e, "cannot release the store lock");
         }
@@ -916,6 +1102,7 @@ impl Manager {
 
     async fn order_under_lock(
         &self,
+        client: &AcmeClient,
         managed: &ManagedCert,
         seen: Option<String>,
         replaces: Option<String>,
@@ -937,13 +1124,6 @@ impl Manager {
             }
         }
 
-        let _permit = self
-            .inner
-            .orders
-            .acquire()
-            .await
-            .map_err(|_| Error::Config("the manager is shutting down".into()))?;
-        let client = self.client().await?;
         let SolverHandle { solver, keep } = self.solver_for(&managed.challenge).await?;
         let request = IssueRequest {
             name: name.to_owned(),
@@ -1032,15 +1212,24 @@ impl Manager {
         let mut tasks = JoinSet::new();
         loop {
             while tasks.try_join_next().is_some() {}
+            let ticked = tokio::time::Instant::now();
             let next_due = self.tick(&mut tasks);
-            // Wake for the next due renewal if it comes before the next check, so that
-            // a certificate living less than a few check intervals is renewed in time.
+            // Sleep until the earliest due renewal, retry or ARI poll. Anything that moves
+            // a due time (a renewal, a failure, a reload, another process's store write,
+            // an ARI answer) wakes the loop to look again, so the check interval is only
+            // a safety net.
             let until_due = next_due
                 .map(|due| (due - OffsetDateTime::now_utc()).max(time::Duration::ZERO))
                 .and_then(|left| Duration::try_from(left).ok())
                 .unwrap_or(self.inner.check_interval);
             let pause = self.inner.check_interval.min(until_due).max(MIN_PAUSE);
-            tokio::time::sleep(pause).await;
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.inner.wake.notified() => {
+                    // Never more than one round per MIN_PAUSE, however busy the wakes.
+                    tokio::time::sleep_until(ticked + MIN_PAUSE).await;
+                }
+            }
         }
     }
 
@@ -1087,10 +1276,18 @@ impl Manager {
                 if slot.managed.is_none() {
                     continue;
                 }
-                let due_at = policy.due_at(&current.info, &slot.state);
+                let due_at = if slot.reissue {
+                    slot.reissue_at()
+                } else {
+                    policy.due_at(&current.info, &slot.state)
+                };
                 note_later(due_at);
-                let due = slot.reissue || due_at <= now;
-                if due || ari_poll_due(&current.info, &slot.state, now) {
+                if current.info.ari_id.is_some()
+                    && let Some(poll) = slot.state.ari_next_poll
+                {
+                    note_later(poll);
+                }
+                if due_at <= now || ari_poll_due(&current.info, &slot.state, now) {
                     work.push(name.clone());
                 }
             }
@@ -1147,9 +1344,18 @@ impl Manager {
         let Ok(_permit) = self.inner.ari_polls.acquire().await else {
             return;
         };
-        match self.client().await {
-            Ok(client) => match instant_acme::CertificateIdentifier::try_from(&der) {
-                Ok(id) => match client.account().renewal_info(&id).await {
+        let bound = request_bound(self.inner.acme.request_timeout, Some(info.not_after));
+        let asked = crate::acme::with_request_bound(bound, async {
+            let client = self.client().await?;
+            Ok::<_, Error>(match instant_acme::CertificateIdentifier::try_from(&der) {
+                Ok(id) => Some(client.account().renewal_info(&id).await),
+                Err(_) => None,
+            })
+        })
+        .await;
+        match asked {
+            Ok(answer) => match answer {
+                Some(answer) => match answer {
                     Ok((answer, retry_after)) => {
                         let window = (answer.suggested_window.start, answer.suggested_window.end);
                         policy.apply_ari_window(&info, &mut state, window, retry_after, now);
@@ -1166,7 +1372,7 @@ impl Manager {
                             Some(now + (policy.ari_poll / 12_i32).max(policy.ari_min_poll));
                     }
                 },
-                Err(_) => {
+                None => {
                     // No authority key identifier: ARI cannot name this certificate.
                     state.ari_next_poll = Some(now + policy.ari_poll);
                 }
@@ -1204,7 +1410,20 @@ impl Manager {
         if let Err(e) = self.inner.store.save_renewal_state(name, &state).await {
             tracing::warn!(cert = %name, error = %e, "cannot save renewal state");
         }
+        self.wake();
     }
+}
+
+/// The bound on each CA request of an order for a certificate expiring at `not_after`:
+/// the configured timeout, but never more than an eighth of the time left, so that a
+/// renewal stuck on a dead path gives up in time to try again before expiry (the retry
+/// backoff shrinks the same way, see [`RenewalPolicy::next_retry`]).
+fn request_bound(configured: Duration, not_after: Option<OffsetDateTime>) -> Duration {
+    let Some(not_after) = not_after else {
+        return configured;
+    };
+    let left = Duration::try_from(not_after - OffsetDateTime::now_utc()).unwrap_or_default();
+    (left / 8).clamp(MIN_REQUEST_BOUND, configured.max(MIN_REQUEST_BOUND))
 }
 
 /// Whether it is time to ask renewalInfo about `info`.

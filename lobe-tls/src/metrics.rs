@@ -5,6 +5,8 @@
 //! |---|---|---|
 //! | `lobe_tls_certificate_expiry_timestamp_seconds` | gauge | `name`, `source` |
 //! | `lobe_tls_renewal_failures_total` | counter | `name` |
+//! | `lobe_tls_certificate_conflicts_total` | counter | `name` |
+//! | `lobe_tls_unusable_certificates_total` | counter | `name` |
 //! | `lobe_tls_handshakes_total` | counter | `result` = `ok` / `failed` |
 //! | `lobe_tls_active_connections` | gauge | |
 //! | `lobe_tls_connections_total` | counter | |
@@ -53,6 +55,8 @@ pub struct Metrics {
     connections_total: AtomicU64,
     upstream_errors: AtomicU64,
     renewal_failures: Mutex<BTreeMap<String, u64>>,
+    conflicts: Mutex<BTreeMap<String, u64>>,
+    unusable: Mutex<BTreeMap<String, u64>>,
     cert_sources: Mutex<Vec<CertSource>>,
 }
 
@@ -142,6 +146,21 @@ impl Metrics {
         }
     }
 
+    /// Counts a configuration conflict on `name`: another instance stored it for other
+    /// names or another key type (the manager's `ConfigConflict` event).
+    pub fn config_conflict(&self, name: &str) {
+        if let Ok(mut conflicts) = self.conflicts.lock() {
+            *conflicts.entry(name.to_owned()).or_insert(0) += 1;
+        }
+    }
+
+    /// Counts a stored certificate found unusable (garbage, a key that does not match).
+    pub fn unusable(&self, name: &str) {
+        if let Ok(mut unusable) = self.unusable.lock() {
+            *unusable.entry(name.to_owned()).or_insert(0) += 1;
+        }
+    }
+
     /// Adds a source of certificate expiries, asked at every scrape.
     pub fn add_cert_source(&self, source: impl Fn() -> Vec<CertExpiry> + Send + Sync + 'static) {
         if let Ok(mut sources) = self.cert_sources.lock() {
@@ -175,6 +194,28 @@ impl Metrics {
                 let _ = writeln!(
                     out,
                     "lobe_tls_renewal_failures_total{{name=\"{}\"}} {count}",
+                    escape_label(name)
+                );
+            }
+        }
+        out.push_str("# HELP lobe_tls_certificate_conflicts_total Times another instance stored a certificate with a configuration other than this one's.\n");
+        out.push_str("# TYPE lobe_tls_certificate_conflicts_total counter\n");
+        if let Ok(conflicts) = self.conflicts.lock() {
+            for (name, count) in conflicts.iter() {
+                let _ = writeln!(
+                    out,
+                    "lobe_tls_certificate_conflicts_total{{name=\"{}\"}} {count}",
+                    escape_label(name)
+                );
+            }
+        }
+        out.push_str("# HELP lobe_tls_unusable_certificates_total Times a stored certificate could not be served (unreadable, key mismatch, expired).\n");
+        out.push_str("# TYPE lobe_tls_unusable_certificates_total counter\n");
+        if let Ok(unusable) = self.unusable.lock() {
+            for (name, count) in unusable.iter() {
+                let _ = writeln!(
+                    out,
+                    "lobe_tls_unusable_certificates_total{{name=\"{}\"}} {count}",
                     escape_label(name)
                 );
             }

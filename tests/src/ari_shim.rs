@@ -5,6 +5,9 @@
 //! builds its URLs (and checks the JWS `url`) against the shim's address. The shim adds
 //! `renewalInfo` to the directory, answers it with the window the test chose for each
 //! certificate, and records the `replaces` field of every newOrder request.
+//!
+//! For fault drills it can also answer every request with an error status, or hold every
+//! request for a while before forwarding it (a CA that is slow, not down).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -31,6 +34,17 @@ struct ShimState {
     new_orders: Vec<Option<String>>,
     /// The certificate ids renewalInfo was asked about, in order.
     queries: Vec<String>,
+    /// A fault every request meets, for drills.
+    fault: Option<Fault>,
+}
+
+/// What every request meets while a drill runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Answered at once with this status and an ACME `serverInternal` problem.
+    Status(u16),
+    /// Held this long, then forwarded.
+    Delay(std::time::Duration),
 }
 
 /// A running shim; stops when dropped.
@@ -138,6 +152,11 @@ impl AriShim {
         self.lock().queries.clone()
     }
 
+    /// Every request from now on meets `fault`; `None` heals.
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        self.lock().fault = fault;
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ShimState> {
         self.state.lock().expect("shim state")
     }
@@ -160,6 +179,22 @@ async fn handle(
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "/".into());
+    let fault = state.lock().expect("shim state").fault;
+    match fault {
+        Some(Fault::Status(status)) => {
+            let problem = serde_json::json!({
+                "type": "urn:ietf:params:acme:error:serverInternal",
+                "detail": "the CA is failing (drill)",
+            });
+            return hyper::Response::builder()
+                .status(status)
+                .header("content-type", "application/problem+json")
+                .body(Full::new(Bytes::from(problem.to_string())))
+                .expect("response");
+        }
+        Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
+        None => {}
+    }
     if let Some(id) = path.strip_prefix(&format!("{RENEWAL_INFO_PATH}/")) {
         return renewal_info(id, state);
     }

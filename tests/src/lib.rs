@@ -14,6 +14,7 @@ use lobe_tls::AcmeConfig;
 pub mod ari_shim;
 pub mod cloudflare_api;
 pub mod dns;
+pub mod faulty_path;
 pub mod http_server;
 pub mod redis;
 pub mod tls;

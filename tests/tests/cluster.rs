@@ -44,14 +44,21 @@ struct Instance {
 
 impl Instance {
     async fn new(redis: &RedisServer, pebble: &Pebble, policy: RenewalPolicy) -> Instance {
+        Instance::configured(redis, pebble, policy, &[DOMAIN]).await
+    }
+
+    /// An instance configured to keep `NAME` issued for `domains`.
+    async fn configured(
+        redis: &RedisServer,
+        pebble: &Pebble,
+        policy: RenewalPolicy,
+        domains: &[&str],
+    ) -> Instance {
         let store = instance_store(redis).await;
         let http01 = Http01Registry::with_shared_store(store.clone());
         let manager = Manager::builder(pebble.acme_config(), store)
             .http01(http01.clone())
-            .cert(ManagedCert::new(
-                NAME,
-                domain::parse_all(&[DOMAIN]).unwrap(),
-            ))
+            .cert(ManagedCert::new(NAME, domain::parse_all(domains).unwrap()))
             .policy(policy)
             .check_interval(Duration::from_millis(200))
             .build()
@@ -80,6 +87,7 @@ impl Instance {
                 Event::Renewed { .. } => "renewed",
                 Event::Loaded { .. } => "loaded",
                 Event::RenewalFailed { .. } => "failed",
+                Event::ConfigConflict { .. } => "conflict",
                 _ => "other",
             });
         }
@@ -451,4 +459,69 @@ async fn tls_alpn01_validation_is_answered_by_an_instance_that_did_not_order() {
             .unwrap()
             .is_empty()
     );
+}
+
+#[tokio::test]
+async fn instances_that_disagree_on_the_names_converge_with_one_extra_order_and_raise_the_alarm() {
+    lobe_tls_tests::init_tracing();
+    let redis = RedisServer::start();
+    let pebble = Pebble::start(PebbleOptions::default());
+    let client = client_config(&pebble.issuing_root_pem().await);
+    // The old configuration runs and has its certificate.
+    let old = Instance::new(&redis, &pebble, fast_retries()).await;
+    let _port80 = Http01Listener::bind(&pebble.http_listen(), old.http01.service())
+        .await
+        .unwrap();
+    old.manager.start().await.unwrap();
+    let _old_loop = old.manager.spawn();
+    assert_eq!(pebble.orders_created(), 1);
+
+    // A rolling deploy starts an instance that also wants www: its configuration is
+    // newer than what is stored, so it re-orders once.
+    const WWW: &str = "www.cluster.example.com";
+    let new = Instance::configured(&redis, &pebble, fast_retries(), &[DOMAIN, WWW]).await;
+    new.manager.start().await.unwrap();
+    let _new_loop = new.manager.spawn();
+    let both = [old, new];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pebble.orders_created() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the new configuration was never ordered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (serial, _) = wait_for_same_serial(&both, &client, None, Duration::from_secs(5)).await;
+    let [mut old, mut new] = both;
+
+    // Both loops look every 200 ms: a fight would show as more orders within seconds.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(pebble.orders_created(), 2, "at most one extra order");
+    let old_events = old.drain_events();
+    assert_eq!(
+        old_events.iter().filter(|k| **k == "conflict").count(),
+        1,
+        "the old instance raised the alarm once: {old_events:?}"
+    );
+    assert!(!new.drain_events().contains(&"conflict"));
+    let www = handshake_serial(old.tls.addr(), WWW, client.clone()).await;
+    assert_eq!(
+        www,
+        Ok(serial.clone()),
+        "the old instance serves the new order"
+    );
+
+    // A renewal on the old instance repeats the stored order, not its own: the new
+    // instance takes it without re-ordering, and the alarm is not raised again.
+    old.manager.renew_now(NAME).await.unwrap();
+    let both = [old, new];
+    let (renewed, _) =
+        wait_for_same_serial(&both, &client, Some(&serial), Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(pebble.orders_created(), 3);
+    let [mut old, mut new] = both;
+    assert!(!old.drain_events().contains(&"conflict"));
+    assert!(!new.drain_events().contains(&"conflict"));
+    let www = handshake_serial(new.tls.addr(), WWW, client.clone()).await;
+    assert_eq!(www, Ok(renewed));
 }

@@ -19,6 +19,10 @@ use crate::domain::DomainName;
 use crate::error::{Error, Result};
 use crate::store::Store;
 
+mod http;
+
+pub use http::RequestTimedOut;
+pub(crate) use http::with_request_bound;
 pub use instant_acme::RevocationReason;
 
 /// Let's Encrypt's production directory.
@@ -73,6 +77,9 @@ macro_rules! retry_bad_nonce {
 
 /// The default whole-order deadline.
 pub const DEFAULT_ORDER_TIMEOUT: Duration = Duration::from_secs(300);
+/// The default bound on one ACME request, answer body included. Public CAs answer in well
+/// under a second; a request still open after this is on a dead path.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Turns `letsencrypt` / `letsencrypt-staging` into URLs; checks that anything else is one.
 pub fn resolve_directory(name_or_url: &str) -> Result<String> {
@@ -104,8 +111,9 @@ impl fmt::Debug for Eab {
     }
 }
 
-/// How to reach the CA and which account to use.
+/// How to reach the CA and which account to use. Start from [`AcmeConfig::new`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct AcmeConfig {
     /// The directory URL (see [`resolve_directory`]).
     pub directory: String,
@@ -117,6 +125,9 @@ pub struct AcmeConfig {
     pub eab: Option<Eab>,
     /// The deadline for one whole order.
     pub order_timeout: Duration,
+    /// The bound on each request to the CA (directory, nonce, account, order,
+    /// authorization, challenge, finalize, download, renewalInfo, revoke), answer included.
+    pub request_timeout: Duration,
 }
 
 impl AcmeConfig {
@@ -128,7 +139,20 @@ impl AcmeConfig {
             email: None,
             eab: None,
             order_timeout: DEFAULT_ORDER_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
+    }
+
+    /// Bounds each request to the CA by `timeout` (default 30 s).
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Bounds one whole order by `timeout` (default 300 s).
+    pub fn with_order_timeout(mut self, timeout: Duration) -> Self {
+        self.order_timeout = timeout;
+        self
     }
 
     /// The store key of the account for this directory and email.
@@ -193,7 +217,8 @@ impl AcmeClient {
     /// one and stores it.
     pub async fn connect(config: &AcmeConfig, store: &dyn Store) -> Result<Self> {
         let roots = crate::net::root_store(config.directory_ca.as_deref())?;
-        let http = crate::net::http_client(roots)?;
+        let http =
+            http::BoundedClient::new(crate::net::http_client(roots)?, config.request_timeout);
         let key = config.account_key();
         let unreachable = |e: instant_acme::Error| {
             Error::Acme(format!(
@@ -426,7 +451,11 @@ impl AcmeClient {
         }
 
         say("finalizing");
-        let key = request.key_type.generate()?;
+        // An RSA key takes tens to hundreds of milliseconds: not on the runtime's threads.
+        let key_type = request.key_type;
+        let key = tokio::task::spawn_blocking(move || key_type.generate())
+            .await
+            .map_err(|e| Error::Certificate(format!("key generation stopped: {e}")))??;
         let mut params = rcgen::CertificateParams::new(
             request
                 .domains
@@ -598,6 +627,10 @@ fn acme_error(context: &str, error: &instant_acme::Error) -> Error {
         instant_acme::Error::Timeout(_) => {
             Error::Timeout(format!("{context}: the CA did not answer in time"))
         }
+        other if http::timed_out(other) => Error::Timeout(format!(
+            "{}; the CA or the network path to it is not answering",
+            error_chain(other)
+        )),
         other => Error::Acme(format!("{context}: {}", error_chain(other))),
     }
 }
