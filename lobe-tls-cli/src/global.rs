@@ -125,6 +125,10 @@ impl std::fmt::Debug for Global {
 
 /// Logs go to stderr, filtered by `--log`, coloured only on a terminal (journald and log
 /// files get plain text). A filter that does not parse is an error, not a silent default.
+///
+/// No dependency's target is filtered out: at `trace`, none of them (rustls, hyper-util,
+/// hickory, redis-rs) logs a credential. `tests/secrets.rs` plants secrets and checks
+/// the trace logs, so one that starts to would be caught there.
 pub fn init_logging(global: &Global) -> std::result::Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(&global.log).map_err(|e| {
         format!(
