@@ -12,12 +12,13 @@ use lobe_tls::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DnsProviderName {
     /// Dynamic DNS UPDATE signed with TSIG (BIND, Knot, PowerDNS, Windows DNS);
-    /// settings from LOBE_TLS_RFC2136_* or [rfc2136] in --config.
+    /// settings from LOBE_TLS_RFC2136_* or the rfc2136 table of the --config file.
     Rfc2136,
-    /// Cloudflare's API; token from CLOUDFLARE_API_TOKEN or [cloudflare] in --config.
+    /// Cloudflare's API; token from CLOUDFLARE_API_TOKEN or the cloudflare table of the
+    /// --config file.
     Cloudflare,
-    /// A webhook compatible with lego's httpreq; settings from LOBE_TLS_HTTPREQ_* or
-    /// [httpreq] in --config.
+    /// A webhook compatible with lego's httpreq; settings from LOBE_TLS_HTTPREQ_* or the
+    /// httpreq table of the --config file.
     Httpreq,
     /// Run a program as lego's exec provider does: PROG present|cleanup FQDN VALUE.
     Exec,
@@ -53,8 +54,8 @@ pub struct ChallengeArgs {
     #[arg(long, env = "LOBE_TLS_CHALLTESTSRV")]
     pub challtestsrv: Option<String>,
 
-    /// TOML file with the DNS provider's settings and secrets ([rfc2136], [cloudflare],
-    /// [httpreq] tables). Environment variables win over it.
+    /// TOML file with the DNS provider's settings and secrets, in tables named rfc2136,
+    /// cloudflare and httpreq. Environment variables win over it.
     #[arg(long = "config", env = "LOBE_TLS_CONFIG", value_name = "FILE")]
     pub config_file: Option<PathBuf>,
 

@@ -2,20 +2,25 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use clap::Args;
-use lobe_tls::store::DynStore;
-use lobe_tls::{AcmeConfig, Eab, Error, FileStore, RedisStore, Result};
+use lobe_tls::store::{DynStore, StoreSpec};
+use lobe_tls::{AcmeConfig, Eab, Error, Result};
 
 /// Global options.
-#[derive(Args, Debug, Clone)]
+///
+/// `Debug` is written by hand: the store URL can hold a password, and the EAB HMAC key
+/// is a secret. Options that can carry a secret hide their environment value in `--help`.
+#[derive(Args, Clone)]
 pub struct Global {
-    /// Where certificates live: a directory, or redis://host:port/ for a cluster.
+    /// Where certificates live: a directory, or a Redis URL for a cluster, such as
+    /// redis://:PASSWORD@HOST:6379/0 (rediss:// for TLS). Prefer the env var for a URL
+    /// with a password: the command line shows in ps.
     #[arg(
         long,
         global = true,
         env = "LOBE_TLS_STORE",
+        hide_env_values = true,
         default_value = "/var/lib/lobe-tls"
     )]
     pub store: String,
@@ -25,6 +30,7 @@ pub struct Global {
         long,
         global = true,
         env = "LOBE_TLS_DIRECTORY",
+        hide_env_values = true,
         default_value = "letsencrypt"
     )]
     pub directory: String,
@@ -76,50 +82,53 @@ impl Global {
         Ok(config)
     }
 
-    fn is_redis(&self) -> bool {
-        is_redis_url(&self.store)
+    /// The store `--store` names; its `Display` hides a URL's password.
+    pub fn store_spec(&self) -> Result<StoreSpec> {
+        StoreSpec::parse(&self.store)
     }
 
-    /// The directory a web server reads for certificate `name`, for a file store.
+    /// The directory a web server reads for certificate `name`, for a directory store.
     pub fn live_dir(&self, name: &str) -> Option<PathBuf> {
-        (!self.is_redis()).then(|| PathBuf::from(&self.store).join("live").join(name))
+        self.store_spec().ok()?.live_dir(name)
     }
 
     /// Opens the store named by `--store` for reading: a directory must exist already, so
     /// a mistyped path is an error rather than a new empty store.
     pub async fn open_existing_store(&self) -> Result<DynStore> {
-        if !self.is_redis() && !std::path::Path::new(&self.store).is_dir() {
-            return Err(Error::Config(format!(
-                "store {} does not exist or is not a directory; check --store (env LOBE_TLS_STORE)",
-                self.store
-            )));
-        }
-        self.open_store().await
+        self.store_spec()?.open_existing().await
     }
 
     /// Opens the store named by `--store`, creating a directory store if needed.
     pub async fn open_store(&self) -> Result<DynStore> {
-        open_store_at(&self.store).await
+        self.store_spec()?.open().await
     }
 }
 
-/// Whether `spec` names a Redis store rather than a directory.
-pub fn is_redis_url(spec: &str) -> bool {
-    spec.starts_with("redis://") || spec.starts_with("rediss://")
-}
-
-/// Opens a store from a `--store`-style value: a `redis://` or `rediss://` URL (checked
-/// by a PING, so a wrong URL fails here with a clear message), or a directory, created
-/// if missing.
-pub async fn open_store_at(spec: &str) -> Result<DynStore> {
-    if is_redis_url(spec) {
-        return Ok(Arc::new(RedisStore::connect(spec).await?));
+/// Shows the options with the store's password and the EAB key hidden.
+impl std::fmt::Debug for Global {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let spec = self.store_spec().map(|s| s.to_string());
+        f.debug_struct("Global")
+            .field("store", &spec.as_deref().unwrap_or("<unparsable>"))
+            .field("directory", &lobe_tls::store::redact_url(&self.directory))
+            .field("directory_ca", &self.directory_ca)
+            .field("email", &self.email)
+            .field("eab_kid", &self.eab_kid)
+            .field(
+                "eab_hmac_key",
+                &self.eab_hmac_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("log", &self.log)
+            .finish()
     }
-    Ok(Arc::new(FileStore::open(spec)?))
 }
 
 /// Logs go to stderr, filtered by `--log`, coloured only on a terminal (journald and log
 /// files get plain text). A filter that does not parse is an error, not a silent default.
+///
+/// No dependency's target is filtered out: at `trace`, none of them (rustls, hyper-util,
+/// hickory, redis-rs) logs a credential. `tests/secrets.rs` plants secrets and checks
+/// the trace logs, so one that starts to would be caught there.
 pub fn init_logging(global: &Global) -> std::result::Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(&global.log).map_err(|e| {
         format!(

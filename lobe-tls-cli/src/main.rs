@@ -11,7 +11,8 @@ mod global;
 use global::Global;
 
 /// ACME certificates that issue and renew themselves, and a TLS terminator that serves them.
-#[derive(Parser, Debug)]
+// No `Debug` here or below: options can hold secrets (store URL, EAB key, deploy hook).
+#[derive(Parser)]
 #[command(name = "lobe-tls", version, about, propagate_version = true)]
 struct Cli {
     #[command(flatten)]
@@ -20,7 +21,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 enum Command {
     /// Order a certificate and store it.
     Issue(Box<cmd::issue::Args>),

@@ -478,3 +478,287 @@ async fn serve_with_only_a_store_serves_and_renews_what_it_holds() {
     let listed: serde_json::Value = serde_json::from_slice(&list.output().unwrap().stdout).unwrap();
     assert_eq!(listed[0]["serial"], renewed.as_str());
 }
+
+/// `lobe-tls list --json` on `store`, as a map from name to its report.
+fn listed(store: &Path) -> serde_json::Map<String, serde_json::Value> {
+    let out = lobe_tls(&["list", "--json"])
+        .env("LOBE_TLS_STORE", store)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    reports
+        .into_iter()
+        .map(|r| (r["name"].as_str().unwrap().to_owned(), r))
+        .collect()
+}
+
+/// Waits until a verified handshake for `server_name` works and returns the serial served.
+async fn wait_for_serial(
+    connector: &TlsConnector,
+    addr: &str,
+    server_name: &str,
+    serve: &mut Serve,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let tcp = TcpStream::connect(addr).await;
+        let served = match tcp {
+            Ok(tcp) => connector
+                .connect(ServerName::try_from(server_name.to_owned()).unwrap(), tcp)
+                .await
+                .ok()
+                .and_then(|tls| tls.get_ref().1.peer_certificates()?.first().cloned()),
+            Err(_) => None,
+        };
+        if let Some(leaf) = served {
+            return lobe_tls::CertInfo::from_der(&leaf).unwrap().serial;
+        }
+        if let Some(status) = serve.0.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            serve
+                .0
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("serve exited with {status}: {err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{server_name} was never served on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn serve_stores_a_wildcard_apart_from_its_apex() {
+    use lobe_tls_tests::{Pebble, PebbleOptions};
+    const APEX: &str = "wild.example.com";
+    let pebble = Pebble::start(PebbleOptions::default());
+    let store = tempfile::tempdir().unwrap();
+    let with_pebble = |cmd: &mut Command| {
+        cmd.env("LOBE_TLS_STORE", store.path())
+            .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
+            .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file);
+    };
+    let mut issue = lobe_tls(&["issue", "-d", APEX, "--http-listen", &pebble.http_listen()]);
+    with_pebble(&mut issue);
+    let issued = issue.output().unwrap();
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    let apex_serial = listed(store.path())[APEX]["serial"].clone();
+
+    // The wildcard of the same name, issued by serve: it must not take the apex's place.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let http = format!("127.0.0.1:{}", free_port());
+    let wildcard = format!("*.{APEX}");
+    let dns = pebble.dns_addr.to_string();
+    let mut cmd = lobe_tls(&[
+        "serve",
+        "--listen",
+        &listen,
+        "--upstream",
+        "127.0.0.1:1",
+        "--http-listen",
+        &http,
+        "-d",
+        &wildcard,
+        "--challenge",
+        "dns-01",
+        "--dns-provider",
+        "challtestsrv",
+        "--challtestsrv",
+        &pebble.challtestsrv_url,
+        "--dns-recursive",
+        &dns,
+        "--propagation-timeout",
+        "10",
+    ]);
+    with_pebble(&mut cmd);
+    let mut serve = Serve(cmd.spawn().unwrap());
+    let connector = connector_for(&pebble.issuing_root_pem().await);
+    let wildcard_serial =
+        wait_for_serial(&connector, &listen, &format!("www.{APEX}"), &mut serve).await;
+    let apex_served = wait_for_serial(&connector, &listen, APEX, &mut serve).await;
+    assert_eq!(
+        serde_json::Value::String(apex_served),
+        apex_serial,
+        "the apex must keep its own certificate"
+    );
+
+    let stored = listed(store.path());
+    let wildcard_name = format!("_.{APEX}");
+    assert_eq!(stored[APEX]["serial"], apex_serial, "{stored:?}");
+    assert_eq!(stored[APEX]["domains"], serde_json::json!([APEX]));
+    assert_eq!(
+        stored[&wildcard_name]["serial"],
+        serde_json::Value::String(wildcard_serial)
+    );
+    assert_eq!(
+        stored[&wildcard_name]["domains"],
+        serde_json::json!([wildcard])
+    );
+}
+
+/// Verifies the chain as a browser would, but against `expected` whatever name the
+/// client asked for, so a handshake for an unknown name can still be checked.
+#[derive(Debug)]
+struct ExpectName {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    expected: ServerName<'static>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for ExpectName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.expected, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A client trusting `root_pem` that expects a certificate for `expected`, sending SNI
+/// (the name it connects with) only when `sni` is set.
+fn expecting(root_pem: &str, expected: &str, sni: bool) -> TlsConnector {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ExpectName {
+            inner,
+            expected: ServerName::try_from(expected.to_owned()).unwrap(),
+        }))
+        .with_no_client_auth();
+    config.enable_sni = sni;
+    TlsConnector::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn default_name_serves_clients_without_or_with_an_unknown_name_from_the_store() {
+    use lobe_tls_tests::{Pebble, PebbleOptions};
+    let pebble = Pebble::start(PebbleOptions::default());
+    let store = tempfile::tempdir().unwrap();
+    let with_pebble = |cmd: &mut Command| {
+        cmd.env("LOBE_TLS_STORE", store.path())
+            .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
+            .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file);
+    };
+    // Stored under a name that is not a DNS name: --default-name takes the store's name.
+    let mut issue = lobe_tls(&[
+        "issue",
+        "--name",
+        "site",
+        "-d",
+        NAME,
+        "--http-listen",
+        &pebble.http_listen(),
+    ]);
+    with_pebble(&mut issue);
+    let issued = issue.output().unwrap();
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cmd = lobe_tls(&[
+        "serve",
+        "--listen",
+        &listen,
+        "--upstream",
+        "127.0.0.1:1",
+        "--no-http",
+        "--default-name",
+        "site",
+    ]);
+    with_pebble(&mut cmd);
+    let mut serve = Serve(cmd.spawn().unwrap());
+    let root = pebble.issuing_root_pem().await;
+    let serial = wait_for_serial(&connector_for(&root), &listen, NAME, &mut serve).await;
+    assert_eq!(
+        listed(store.path())["site"]["serial"],
+        serde_json::Value::String(serial.clone())
+    );
+
+    // No SNI at all, and a name nothing serves: both get the default, verified for NAME.
+    let no_sni = wait_for_serial(&expecting(&root, NAME, false), &listen, NAME, &mut serve).await;
+    assert_eq!(no_sni, serial);
+    let unknown = wait_for_serial(
+        &expecting(&root, NAME, true),
+        &listen,
+        "unknown.example.org",
+        &mut serve,
+    )
+    .await;
+    assert_eq!(unknown, serial);
+
+    // A name that is neither stored nor a DNS name is a clear error at start.
+    let mut cmd = lobe_tls(&[
+        "serve",
+        "--listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--upstream",
+        "127.0.0.1:1",
+        "--no-http",
+        "--default-name",
+        "nosuchname",
+    ]);
+    with_pebble(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--default-name \"nosuchname\""), "{stderr}");
+}

@@ -187,6 +187,22 @@ impl std::str::FromStr for DomainName {
     }
 }
 
+/// The store name of a certificate for `domains` when none is given: the first domain,
+/// with a wildcard's `*` as `_`. So `*.example.com` is stored as `_.example.com` and never
+/// overwrites the certificate of `example.com`. `issue` and `serve` both name by it.
+///
+/// ```
+/// use lobe_tls::domain::{parse_all, store_name};
+/// assert_eq!(store_name(&parse_all(&["*.example.com", "example.com"]).unwrap()), "_.example.com");
+/// assert_eq!(store_name(&parse_all(&["example.com"]).unwrap()), "example.com");
+/// ```
+pub fn store_name(domains: &[DomainName]) -> String {
+    domains
+        .first()
+        .map(|d| d.as_str().replace('*', "_"))
+        .unwrap_or_default()
+}
+
 /// Parses and deduplicates a list of names, keeping the order given.
 pub fn parse_all<S: AsRef<str>>(inputs: &[S]) -> Result<Vec<DomainName>, DomainError> {
     let mut out: Vec<DomainName> = Vec::with_capacity(inputs.len());
@@ -205,6 +221,15 @@ pub fn parse_all<S: AsRef<str>>(inputs: &[S]) -> Result<Vec<DomainName>, DomainE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_names_of_a_wildcard_and_its_apex_differ() {
+        let wildcard = store_name(&parse_all(&["*.Example.com", "example.com"]).unwrap());
+        let apex = store_name(&parse_all(&["example.com", "*.example.com"]).unwrap());
+        assert_eq!(wildcard, "_.example.com");
+        assert_eq!(apex, "example.com");
+        assert_eq!(store_name(&[]), "");
+    }
 
     #[test]
     fn idn_becomes_punycode_and_case_folds() {

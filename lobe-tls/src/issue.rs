@@ -78,12 +78,10 @@ impl IssueRequest {
     }
 }
 
-/// The store name derived from the first domain: `*.example.com` becomes `_.example.com`.
+/// The store name derived from the first domain: `*.example.com` becomes `_.example.com`
+/// (the rule of [`crate::domain::store_name`]).
 pub fn default_name(domains: &[DomainName]) -> String {
-    domains
-        .first()
-        .map(|d| d.as_str().replace('*', "_"))
-        .unwrap_or_default()
+    crate::domain::store_name(domains)
 }
 
 /// An issuance that passed every local check and holds its challenge solver (and the

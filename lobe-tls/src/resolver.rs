@@ -27,6 +27,9 @@ struct Snapshot {
     wildcard: NameMap,
     /// Served for no SNI and unknown names.
     default: Option<Arc<CertifiedKey>>,
+    /// The name whose certificate is served for no SNI and unknown names, ahead of
+    /// `default`: looked up at handshake time, so it follows renewals.
+    default_name: Option<String>,
     /// TLS-ALPN-01 challenge certificates by name.
     challenges: NameMap,
 }
@@ -44,23 +47,36 @@ impl Snapshot {
     fn serve(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         match name {
             Some(name) => self.find(name).cloned(),
-            None => self.default.clone(),
+            None => self.fallback().cloned(),
         }
     }
 
     /// Exact name, then a one-label wildcard, then the default. `name` is normalised.
     fn find(&self, name: &str) -> Option<&Arc<CertifiedKey>> {
+        self.named(name).or_else(|| self.fallback())
+    }
+
+    /// Exact name, then a one-label wildcard. `name` is normalised.
+    fn named(&self, name: &str) -> Option<&Arc<CertifiedKey>> {
         if let Some(key) = self.exact.get(name) {
             return Some(key);
         }
         // One label only: `*.example.com` covers `a.example.com`, not `a.b.example.com`
         // and not `example.com`.
-        if let Some((_, parent)) = name.split_once('.')
-            && let Some(key) = self.wildcard.get(parent)
-        {
-            return Some(key);
-        }
-        self.default.as_ref()
+        let (_, parent) = name.split_once('.')?;
+        self.wildcard.get(parent)
+    }
+
+    /// For no SNI and unknown names: the default name's certificate, else the default.
+    fn fallback(&self) -> Option<&Arc<CertifiedKey>> {
+        let by_name = self
+            .default_name
+            .as_deref()
+            .and_then(|name| match name.strip_prefix("*.") {
+                Some(base) => self.wildcard.get(base),
+                None => self.named(name),
+            });
+        by_name.or(self.default.as_ref())
     }
 }
 
@@ -82,6 +98,7 @@ impl fmt::Debug for CertResolver {
             .field("exact", &snap.exact.len())
             .field("wildcard", &snap.wildcard.len())
             .field("default", &snap.default.is_some())
+            .field("default_name", &snap.default_name)
             .field("challenges", &snap.challenges.len())
             .finish()
     }
@@ -154,6 +171,16 @@ impl CertResolver {
     /// one, such handshakes are refused.
     pub fn set_default(&self, key: Option<Arc<CertifiedKey>>) {
         self.update(|snap| snap.default = key.clone());
+    }
+
+    /// Serves the certificate of DNS name `name` (an exact name or a `*.` wildcard) to
+    /// clients that send no SNI or an unknown name. The name is looked up at handshake
+    /// time, so the default follows every later change of that name's certificate (a
+    /// renewal, a reload). While `name` has no certificate, the one from
+    /// [`set_default`](Self::set_default) is served, if any. `None` turns it off.
+    pub fn set_default_name(&self, name: Option<&str>) {
+        let name = name.map(|n| normalize(n).into_owned());
+        self.update(|snap| snap.default_name = name.clone());
     }
 
     /// Serves a TLS-ALPN-01 challenge certificate for `name` to `acme-tls/1` clients.
@@ -373,6 +400,39 @@ mod tests {
             &resolver.lookup(Some("unknown.example")).unwrap(),
             &fallback
         ));
+    }
+
+    #[test]
+    fn default_name_follows_its_certificate_and_yields_to_nothing_else() {
+        let resolver = CertResolver::new();
+        let fallback = key_for("fallback.example");
+        resolver.set_default(Some(fallback.clone()));
+        resolver.set_default_name(Some("App.Example."));
+        // No certificate for the name yet: the plain default still answers.
+        assert!(Arc::ptr_eq(&resolver.lookup(None).unwrap(), &fallback));
+
+        let first = key_for("app.example");
+        resolver.set(&["app.example"], first.clone());
+        assert!(Arc::ptr_eq(&resolver.lookup(None).unwrap(), &first));
+        assert!(Arc::ptr_eq(
+            &resolver.lookup(Some("unknown.example")).unwrap(),
+            &first
+        ));
+        // A renewal swaps the name's key; the default follows without being told.
+        let renewed = key_for("app.example");
+        resolver.set(&["app.example"], renewed.clone());
+        assert!(Arc::ptr_eq(&resolver.lookup(None).unwrap(), &renewed));
+
+        // A wildcard default name is looked up as the wildcard, not as a host under it.
+        let wildcard = key_for("*.wild.example");
+        resolver.set(&["*.wild.example"], wildcard.clone());
+        resolver.set_default_name(Some("*.wild.example"));
+        assert!(Arc::ptr_eq(&resolver.lookup(None).unwrap(), &wildcard));
+
+        resolver.set_default_name(None);
+        assert!(Arc::ptr_eq(&resolver.lookup(None).unwrap(), &fallback));
+        resolver.set_default(None);
+        assert!(resolver.lookup(None).is_none());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     port: u16,
     child: Option<Child>,
+    password: Option<String>,
 }
 
 impl std::fmt::Debug for RedisServer {
@@ -24,11 +25,21 @@ impl std::fmt::Debug for RedisServer {
 impl RedisServer {
     /// Starts redis-server on a free port and waits until it answers.
     pub fn start() -> RedisServer {
+        Self::start_inner(None)
+    }
+
+    /// Starts redis-server with `requirepass password`: clients must authenticate.
+    pub fn start_with_password(password: &str) -> RedisServer {
+        Self::start_inner(Some(password.to_owned()))
+    }
+
+    fn start_inner(password: Option<String>) -> RedisServer {
         crate::require("redis-server");
         let mut server = RedisServer {
             dir: tempfile::tempdir().expect("tempdir"),
             port: crate::free_port(),
             child: None,
+            password,
         };
         server.restart();
         server
@@ -56,7 +67,11 @@ impl RedisServer {
     pub fn restart(&mut self) {
         self.stop();
         let log = std::fs::File::create(self.dir.path().join("redis.log")).expect("log");
-        let mut child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        let mut child = command
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
@@ -84,8 +99,9 @@ impl RedisServer {
     }
 }
 
-/// Whether a server on `addr` answers an inline PING with +PONG (it accepts connections
-/// before it has loaded, so a TCP connect alone is not enough).
+/// Whether a server on `addr` answers an inline PING with +PONG, or with -NOAUTH when it
+/// wants a password (it accepts connections before it has loaded, so a TCP connect alone
+/// is not enough).
 fn answers_ping(addr: SocketAddr) -> bool {
     use std::io::{Read, Write};
     let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
@@ -96,7 +112,7 @@ fn answers_ping(addr: SocketAddr) -> bool {
         return false;
     }
     let mut buf = [0u8; 16];
-    matches!(stream.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    matches!(stream.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
 }
 
 impl Drop for RedisServer {

@@ -14,7 +14,7 @@ use lobe_tls::{
 };
 
 use crate::challenge_args::ChallengeArgs;
-use crate::global::{Global, is_redis_url};
+use crate::global::Global;
 
 /// Options of `lobe-tls issue`.
 #[derive(clap::Args, Debug)]
@@ -56,6 +56,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         request.name = name.clone();
     }
     let acme = global.acme_config()?;
+    let spec = global.store_spec()?;
     // Local errors (names, flags, a busy port) come before the store is created.
     request.validate()?;
     let (issuance, store, _http_listener) = match &request.challenge {
@@ -65,8 +66,8 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
             kind: ChallengeKind::Http01,
             http_listen: Some(addr),
             ..
-        } if is_redis_url(&global.store) => {
-            let store = global.open_store().await?;
+        } if spec.is_redis() => {
+            let store = spec.open().await?;
             let registry = Http01Registry::with_shared_store(store.clone());
             let listener = Http01Listener::bind(addr, registry.service()).await?;
             let issuance = Issuance::prepare(request, Some(registry)).await?;
@@ -74,7 +75,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         }
         _ => {
             let issuance = Issuance::prepare(request, None).await?;
-            (issuance, global.open_store().await?, None)
+            (issuance, spec.open().await?, None)
         }
     };
     let name = issuance.request().name.clone();
@@ -109,7 +110,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
             report.not_after.as_deref().unwrap_or("?"),
             report.serial.as_deref().unwrap_or("?"),
         );
-        if let Some(dir) = global.live_dir(&name) {
+        if let Some(dir) = spec.live_dir(&name) {
             println!("files: {}", dir.display());
         }
     }

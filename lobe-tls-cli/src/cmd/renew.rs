@@ -15,8 +15,8 @@ use time::OffsetDateTime;
 
 use crate::global::Global;
 
-/// Options of `lobe-tls renew`.
-#[derive(clap::Args, Debug)]
+/// Options of `lobe-tls renew`. No `Debug`: the deploy hook can hold a secret.
+#[derive(clap::Args)]
 pub struct Args {
     /// Renew only this certificate; repeat for more. Default: every stored certificate.
     #[arg(long = "name", value_name = "NAME")]
@@ -34,7 +34,12 @@ pub struct Args {
     /// Run this shell command once per renewed certificate, with LOBE_TLS_NAME,
     /// LOBE_TLS_DOMAINS (space-separated), LOBE_TLS_CERT_PATH, LOBE_TLS_KEY_PATH and
     /// LOBE_TLS_FULLCHAIN_PATH set (the paths only for a directory store).
-    #[arg(long, value_name = "CMD", env = "LOBE_TLS_DEPLOY_HOOK")]
+    #[arg(
+        long,
+        value_name = "CMD",
+        env = "LOBE_TLS_DEPLOY_HOOK",
+        hide_env_values = true
+    )]
     pub deploy_hook: Option<String>,
 
     /// Print the results as JSON.
@@ -217,15 +222,16 @@ async fn run_hook(hook: &str, global: &Global, meta: &CertMeta) -> Result<()> {
         cmd.env("LOBE_TLS_KEY_PATH", live.join("privkey.pem"));
         cmd.env("LOBE_TLS_FULLCHAIN_PATH", live.join("fullchain.pem"));
     }
+    // The messages do not repeat the command: it can hold a secret (a token for curl).
     let status = cmd
         .status()
         .await
-        .map_err(|e| Error::Config(format!("cannot run --deploy-hook {hook:?}: {e}")))?;
+        .map_err(|e| Error::Config(format!("cannot run the --deploy-hook command: {e}")))?;
     if status.success() {
         Ok(())
     } else {
         Err(Error::Config(format!(
-            "--deploy-hook {hook:?} exited with {status}"
+            "the --deploy-hook command exited with {status}"
         )))
     }
 }

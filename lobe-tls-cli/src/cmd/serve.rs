@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lobe_tls::cluster::Cluster;
-use lobe_tls::manager::{Event, MaintenanceHandle};
+use lobe_tls::manager::MaintenanceHandle;
 use lobe_tls::metrics::CertExpiry;
 use lobe_tls::store::DynStore;
 use lobe_tls::watch::{CertDirWatcher, WatchOptions};
@@ -15,10 +15,9 @@ use lobe_tls::{
     Metrics, MetricsListener, Result, Terminator, TerminatorConfig, domain,
 };
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::broadcast;
 
 use crate::challenge_args::ChallengeArgs;
-use crate::global::{Global, is_redis_url};
+use crate::global::Global;
 
 /// Options of `lobe-tls serve`.
 #[derive(clap::Args, Debug)]
@@ -36,12 +35,14 @@ pub struct Args {
     #[arg(long = "cert-dir", env = "LOBE_TLS_CERT_DIR", value_delimiter = ',')]
     pub cert_dirs: Vec<PathBuf>,
 
-    /// Certificate (pair name or DNS name) for clients that send no or an unknown server
-    /// name. Without it such handshakes are refused.
+    /// Certificate for clients that send no or an unknown server name: a certificate's
+    /// name in the store, a pair's name under --cert-dir, or a DNS name one of them
+    /// serves. Without it such handshakes are refused.
     #[arg(long, env = "LOBE_TLS_DEFAULT_NAME")]
     pub default_name: Option<String>,
 
-    /// Name of the managed certificate in the store (default: its first domain).
+    /// Name of the managed certificate in the store (default: its first domain, with `*`
+    /// as `_`, as `issue` names it).
     #[arg(long)]
     pub name: Option<String>,
 
@@ -98,6 +99,9 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         .map_err(|e| Error::Config(format!("cannot handle SIGTERM: {e}")))?;
 
     let resolver = CertResolver::new();
+    if let (Some(default), Some(store)) = (&args.default_name, &store) {
+        set_default_name(&resolver, default, managed.as_ref(), store, args).await?;
+    }
     let metrics = Metrics::new();
     let mut watchers = Vec::new();
     for dir in &args.cert_dirs {
@@ -120,9 +124,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     // HTTP-01 through the HTTP listener, TLS-ALPN-01 through the terminator itself.
     // With a Redis store, tokens are shared: any instance of a cluster answers HTTP-01.
     let registry = match &store {
-        Some(store) if is_redis_url(&global.store) => {
-            Http01Registry::with_shared_store(store.clone())
-        }
+        Some(store) if store.is_shared() => Http01Registry::with_shared_store(store.clone()),
         _ => Http01Registry::new(),
     };
     let _http = if args.no_http {
@@ -180,20 +182,52 @@ async fn store_to_serve(global: &Global) -> Result<DynStore> {
             "nothing to serve: {why}; give -d DOMAIN to have a certificate issued, --cert-dir DIR to serve files another tool writes, or run lobe-tls issue first"
         ))
     };
-    if !is_redis_url(&global.store) && !std::path::Path::new(&global.store).is_dir() {
+    // Messages name the store by its spec, which hides a Redis URL's password.
+    let spec = global.store_spec()?;
+    if let Some(dir) = spec.dir()
+        && !dir.is_dir()
+    {
         return Err(nothing(format!(
-            "the store {} does not exist (check --store)",
-            global.store
+            "the store {spec} does not exist (check --store)"
         )));
     }
-    let store = global.open_store().await?;
+    let store = spec.open().await?;
     if store.list_certs().await?.is_empty() {
-        return Err(nothing(format!(
-            "the store {} holds no certificate",
-            global.store
-        )));
+        return Err(nothing(format!("the store {spec} holds no certificate")));
     }
     Ok(store)
+}
+
+/// Serves `--default-name` from the store: the certificate stored (or managed) under that
+/// name, or the one serving that DNS name. It is looked up at each handshake, so the
+/// default follows renewals. A name that is none of these is an error, unless a
+/// `--cert-dir` pair may carry it.
+async fn set_default_name(
+    resolver: &CertResolver,
+    default: &str,
+    managed: Option<&ManagedCert>,
+    store: &DynStore,
+    args: &Args,
+) -> Result<()> {
+    let managed_domain = managed
+        .filter(|cert| cert.name == default)
+        .and_then(|cert| cert.domains.first())
+        .map(|domain| domain.as_str().to_owned());
+    let server_name = match managed_domain {
+        Some(domain) => Some(domain),
+        None => lobe_tls::store::default_server_name(store.as_ref(), default).await,
+    };
+    match server_name {
+        Some(name) => {
+            tracing::info!(default, server_name = name, "default certificate");
+            resolver.set_default_name(Some(&name));
+            Ok(())
+        }
+        None if !args.cert_dirs.is_empty() => Ok(()),
+        None => Err(Error::Config(format!(
+            "--default-name {default:?} is neither a certificate in the store nor a DNS name; see lobe-tls list"
+        ))),
+    }
 }
 
 /// The managed certificate `--name`/`-d` and the challenge options describe, if any.
@@ -202,9 +236,10 @@ fn managed_cert(args: &Args) -> Result<Option<ManagedCert>> {
         return Ok(None);
     }
     let domains = domain::parse_all(&args.domains)?;
+    // The same rule as `issue`: a wildcard never takes its apex's name.
     let name = match &args.name {
         Some(name) => name.clone(),
-        None => domains[0].as_str().trim_start_matches("*.").to_owned(),
+        None => domain::store_name(&domains),
     };
     let mut challenge = args.challenge.to_config()?;
     // TLS-ALPN-01 is answered by the terminator's own listener, not a standalone one.
@@ -265,36 +300,12 @@ async fn start_manager(
         builder = builder.cert(cert);
     }
     let manager = builder.build()?;
-    let mut events = manager.subscribe();
-    let counted = metrics.clone();
-    tokio::spawn(async move {
-        loop {
-            match events.recv().await {
-                Ok(Event::RenewalFailed { name, .. }) => counted.renewal_failed(&name),
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => return,
-            }
-        }
-    });
-    let source = manager.clone();
-    metrics.add_cert_source(move || {
-        source
-            .certificates()
-            .into_iter()
-            .filter_map(|state| {
-                Some(CertExpiry {
-                    not_after: state.info?.not_after.unix_timestamp(),
-                    name: state.name,
-                    source: "managed",
-                })
-            })
-            .collect()
-    });
+    manager.export_metrics(metrics);
     // Followed before start, so no renewal by another instance is missed. A Redis store
     // is followed through its announcements (and a re-sync every 30 s, for announcements
     // lost in an outage); a directory through its watch, which another process's
     // `issue`, `renew` or `revoke` trips, with a re-sync every 10 minutes as a safety net.
-    let resync = if is_redis_url(&global.store) {
+    let resync = if manager.store().is_shared() {
         lobe_tls::cluster::DEFAULT_RESYNC_INTERVAL
     } else {
         Duration::from_secs(600)

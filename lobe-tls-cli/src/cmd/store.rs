@@ -6,24 +6,26 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use lobe_tls::{Error, Result};
 
-use crate::global::{Global, is_redis_url, open_store_at};
+use lobe_tls::store::StoreSpec;
 
-/// Options of `lobe-tls store`.
-#[derive(clap::Args, Debug)]
+use crate::global::Global;
+
+/// Options of `lobe-tls store`. No `Debug`: store URLs can hold passwords.
+#[derive(clap::Args)]
 pub struct Args {
     #[command(subcommand)]
     pub command: StoreCommand,
 }
 
 /// What to do with a store.
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand)]
 pub enum StoreCommand {
     /// Copy every certificate, account and renewal state from one store to another.
     Copy(CopyArgs),
 }
 
 /// Options of `lobe-tls store copy`.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args)]
 pub struct CopyArgs {
     /// The store to read: a directory or redis://... (only read, never changed).
     #[arg(long)]
@@ -51,14 +53,17 @@ async fn run_copy(args: &CopyArgs) -> Result<ExitCode> {
         ));
     }
     // A mistyped source directory must not read as an empty store.
-    if !is_redis_url(&args.from) && !std::path::Path::new(&args.from).is_dir() {
+    let from = StoreSpec::parse(&args.from)?;
+    if let Some(dir) = from.dir()
+        && !dir.is_dir()
+    {
         return Err(Error::Config(format!(
-            "--from {} does not exist or is not a directory",
-            args.from
+            "--from {from} does not exist or is not a directory"
         )));
     }
-    let from = open_store_at(&args.from).await?;
-    let to = open_store_at(&args.to).await?;
+    let to = StoreSpec::parse(&args.to)?;
+    let from = from.open().await?;
+    let to = to.open().await?;
     let report = lobe_tls::store::copy(from.as_ref(), to.as_ref()).await?;
     if args.json {
         let json = serde_json::to_string_pretty(&report)

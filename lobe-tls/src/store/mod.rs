@@ -20,8 +20,10 @@ mod copy;
 pub mod fs;
 mod fs_feed;
 pub mod redis;
+mod spec;
 
 pub use copy::{CopyReport, copy};
+pub use spec::{REDIS_SCHEMES, StoreSpec, default_server_name, redact_url};
 
 pub use fs::FileStore;
 pub use redis::RedisStore;

@@ -612,14 +612,7 @@ fn split_prefix(url: &str) -> (String, Option<String>) {
 
 /// The URL without its password, for messages.
 fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
-        None => url.to_owned(),
-    }
+    super::redact_url(url)
 }
 
 /// Escapes Redis glob characters so a prefix matches literally.

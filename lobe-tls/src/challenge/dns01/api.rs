@@ -46,7 +46,9 @@ impl ApiClient {
         })
     }
 
-    /// Sends one request; `headers` are added as they are. Errors are one-line text.
+    /// Sends one request; `headers` are added as they are, marked sensitive (they carry
+    /// the credentials), so that no `Debug` of the request shows them. Errors are
+    /// one-line text.
     pub async fn send(
         &self,
         method: Method,
@@ -56,6 +58,10 @@ impl ApiClient {
     ) -> std::result::Result<ApiResponse, String> {
         let mut builder = http::Request::builder().method(method.clone()).uri(url);
         for (name, value) in headers {
+            // The message names the header only: its value is a credential.
+            let mut value = http::HeaderValue::from_str(value)
+                .map_err(|_| format!("the {name} header for {url} holds characters HTTP does not allow; check the credentials"))?;
+            value.set_sensitive(true);
             builder = builder.header(name, value);
         }
         let body = match json {

@@ -36,6 +36,14 @@ impl HttpreqProvider {
     /// `credentials` (username, password) are given.
     pub fn new(endpoint: &str, credentials: Option<(String, String)>) -> Result<Self> {
         let endpoint = endpoint.trim_end_matches('/').to_owned();
+        // A password in the URL would show in every message that names the endpoint.
+        if let Some((_, rest)) = endpoint.split_once("://")
+            && rest.contains('@')
+        {
+            return Err(Error::Config(
+                "the httpreq endpoint must not hold a user or password (user:password@): set LOBE_TLS_HTTPREQ_USERNAME and LOBE_TLS_HTTPREQ_PASSWORD instead".into(),
+            ));
+        }
         if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
             return Err(Error::Config(format!(
                 "httpreq endpoint {endpoint:?} must start with https:// or http://"
