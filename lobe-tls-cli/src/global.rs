@@ -105,7 +105,10 @@ impl Global {
 
 /// Whether `spec` names a Redis store rather than a directory.
 pub fn is_redis_url(spec: &str) -> bool {
-    ["redis://", "rediss://", "redis+sentinel://", "rediss+sentinel://"].iter().any(|s| spec.starts_with(s))
+    spec.starts_with("redis://")
+        || spec.starts_with("rediss://")
+        || spec.starts_with("redis+sentinel://")
+        || spec.starts_with("rediss+sentinel://")
 }
 
 /// Opens a store from a `--store`-style value: a `redis://` or `rediss://` URL (checked

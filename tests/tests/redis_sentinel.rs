@@ -29,9 +29,14 @@ async fn event_matching(
     .flatten()
 }
 
-/// Whether data node `port` holds `key`, asked directly.
+/// Whether data node `port` holds `key` in database 0, asked directly.
 async fn node_has(cluster: &SentinelCluster, port: u16, key: &str) -> bool {
-    let Ok(client) = redis::Client::open(cluster.node_url(port)) else {
+    node_has_in(cluster, port, 0, key).await
+}
+
+async fn node_has_in(cluster: &SentinelCluster, port: u16, db: u8, key: &str) -> bool {
+    let url = format!("{}{db}", cluster.node_url(port));
+    let Ok(client) = redis::Client::open(url) else {
         return false;
     };
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
@@ -79,7 +84,8 @@ async fn store_follows_the_master_through_a_failover_after_sigkill() {
     let mut cluster = tokio::task::spawn_blocking(|| SentinelCluster::start(Some(PASSWORD), false))
         .await
         .unwrap();
-    let url = format!("{}?prefix=ha", cluster.url());
+    // Database 2, with a key prefix of its own.
+    let url = format!("{}2?prefix=ha", cluster.url());
     let store = RedisStore::connect(&url).await.unwrap();
     assert!(!format!("{store:?}").contains(PASSWORD), "{store:?}");
     let writer = RedisStore::connect(&url).await.unwrap();
@@ -112,7 +118,7 @@ async fn store_follows_the_master_through_a_failover_after_sigkill() {
     loop {
         let mut on_all = true;
         for port in cluster_data_ports(&cluster, master) {
-            on_all &= node_has(&cluster, port, "ha:cert:site").await;
+            on_all &= node_has_in(&cluster, port, 2, "ha:cert:site").await;
         }
         if on_all {
             break;
@@ -141,7 +147,7 @@ async fn store_follows_the_master_through_a_failover_after_sigkill() {
         writer.save_cert(&newer)
     })
     .await;
-    assert!(node_has(&cluster, new_master, "ha:cert:site").await);
+    assert!(node_has_in(&cluster, new_master, 2, "ha:cert:site").await);
     let loaded = store.load_cert("site").await.unwrap().unwrap();
     assert_eq!(loaded.bundle.fullchain_pem(), newer.bundle.fullchain_pem());
     let (lock, locked) = until_ok(killed_at, Duration::from_secs(30), "locking", || {
@@ -150,7 +156,7 @@ async fn store_follows_the_master_through_a_failover_after_sigkill() {
     .await;
     let lock = lock.expect("a free lock is taken");
     lock.release().await.unwrap();
-    assert!(node_has(&cluster, new_master, "ha:certs").await);
+    assert!(node_has_in(&cluster, new_master, 2, "ha:certs").await);
 
     // The feed reconnects to the new master (and says so: what was announced meanwhile
     // is lost, so followers re-read everything), and keeps delivering.
