@@ -6,6 +6,8 @@
 //! 90 seconds, not 30: `serve`'s maintenance loop still sleeps its whole 60 s check
 //! interval after a renewal (issue 9, item 1), which a 30- or 60-second certificate
 //! does not outlive; that is not what this test is about.
+// Test helpers: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::path::Path;

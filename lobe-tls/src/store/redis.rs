@@ -24,6 +24,7 @@
 //! remade after a failover; see the `sentinel` module.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, PubSub};
@@ -150,7 +151,10 @@ impl RedisStore {
         let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| Error::Store(format!("redis {target}: {e}")))?;
         Ok(RedisStore {
-            conn: Conn::Direct { client, manager },
+            conn: Conn::Direct {
+                client: Arc::new(client),
+                manager,
+            },
             prefix,
             target,
         })
@@ -631,7 +635,7 @@ impl Drop for RedisLock {
 enum Conn {
     Direct {
         /// For the pub/sub feed, which needs its own connection.
-        client: Client,
+        client: Arc<Client>,
         manager: ConnectionManager,
     },
     Sentinel(SentinelConn),
