@@ -279,6 +279,12 @@ impl SentinelCluster {
         self.nodes.iter().map(|(port, _)| *port).collect()
     }
 
+    /// Runs `args` on data node `port` and asserts it answers OK.
+    pub fn command(&self, port: u16, args: &[&str]) {
+        let reply = self.query(port, args);
+        assert_eq!(reply.as_deref(), Some("OK"), "{args:?} on {port}");
+    }
+
     /// What data node `port` says its role is (`master`, `slave`), if it answers.
     pub fn role(&self, port: u16) -> Option<String> {
         self.query(port, &["ROLE"])
@@ -421,6 +427,7 @@ fn run<T: redis::FromRedisValue>(port: u16, password: Option<&str>, args: &[&str
 
 fn text_of(value: &redis::Value) -> Option<String> {
     match value {
+        redis::Value::Okay => Some("OK".to_owned()),
         redis::Value::SimpleString(s) => Some(s.clone()),
         redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
         redis::Value::VerbatimString { text, .. } => Some(text.clone()),

@@ -247,6 +247,43 @@ async fn writes_move_to_the_new_master_after_a_graceful_failover() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_demoted_behind_the_sentinels_back_gets_no_write_and_is_let_go() {
+    let cluster = tokio::task::spawn_blocking(|| SentinelCluster::start(None, false))
+        .await
+        .unwrap();
+    let store = RedisStore::connect(&cluster.url()).await.unwrap();
+    store.save_account("before", b"{}").await.unwrap();
+
+    // Swap the roles by hand: the sentinels still name the old master for a while.
+    let master = cluster.master_port().unwrap();
+    let replica = cluster
+        .data_ports()
+        .into_iter()
+        .find(|port| *port != master)
+        .unwrap();
+    cluster.command(replica, &["REPLICAOF", "NO", "ONE"]);
+    cluster.command(master, &["REPLICAOF", "127.0.0.1", &replica.to_string()]);
+    assert_eq!(cluster.role(master).as_deref(), Some("slave"));
+
+    // The write (a MULTI transaction) is refused, and the connection is let go: the
+    // next attempt asks the sentinels again instead of meeting READONLY again.
+    let first = store
+        .save_account("after", b"{}")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(first.to_lowercase().contains("read only"), "{first}");
+    let second = store
+        .save_account("after", b"{}")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(!second.to_lowercase().contains("read only"), "{second}");
+    assert!(!node_has(&cluster, master, "lobe-tls:account:after").await);
+    assert!(!node_has(&cluster, replica, "lobe-tls:account:after").await);
+}
+
 #[tokio::test]
 async fn a_wrong_service_or_dead_sentinels_fail_fast_with_one_line_and_no_password() {
     let cluster = tokio::task::spawn_blocking(|| SentinelCluster::start(Some(PASSWORD), true))

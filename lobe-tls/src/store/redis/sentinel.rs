@@ -568,9 +568,15 @@ fn needs_new_connection(err: &RedisError) -> bool {
             err.kind(),
             ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
         )
-        // A write queued in MULTI on a demoted master aborts the whole transaction.
-        || (err.kind() == ErrorKind::Server(ServerErrorKind::ExecAbort)
-            && err.detail().is_some_and(|d| d.contains("READONLY")))
+        // A write on a demoted master, alone or queued in a MULTI it aborts.
+        || err.clone().into_server_errors().is_some_and(|errors| {
+            errors.iter().any(|(_, e)| {
+                matches!(
+                    e.kind(),
+                    Some(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+                )
+            })
+        })
 }
 
 #[cfg(test)]
