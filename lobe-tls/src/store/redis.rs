@@ -730,13 +730,13 @@ fn split_prefix(url: &str) -> (String, Option<String>) {
     (out, prefix)
 }
 
-/// The URL without its password, for messages.
+/// The URL without its password, for messages. Everything up to the last `@` goes, so
+/// a password with a stray `/`, `?` or `#` is hidden whole (at worst, more is hidden).
 fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    match rest.rfind('@') {
         Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
         None => url.to_owned(),
     }
@@ -778,6 +778,11 @@ mod tests {
     fn passwords_never_reach_messages() {
         assert_eq!(redact("redis://:s3cret@h:6379/0"), "redis://***@h:6379/0");
         assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redact("redis://:a/b?c@h:6379/0"), "redis://***@h:6379/0");
+        assert_eq!(
+            redact("redis+sentinel://:pw@h1:1,h2:2/svc/0"),
+            "redis+sentinel://***@h1:1,h2:2/svc/0"
+        );
     }
 
     #[test]

@@ -85,17 +85,19 @@ impl SentinelUrl {
         } else {
             return Err("the scheme must be redis+sentinel:// or rediss+sentinel://".into());
         };
+        // Credentials end at the last `@`, so a password with a stray `/`, `?` or `#`
+        // is still taken whole, and nothing after it can echo a piece of it.
+        let (userinfo, rest) = match rest.rsplit_once('@') {
+            Some((userinfo, rest)) => (Some(userinfo), rest),
+            None => (None, rest),
+        };
         if let Some((_, extra)) = rest.split_once(['?', '#']) {
             return Err(format!(
                 "unknown option {:?}: only prefix=NAME is understood",
                 extra.split(['&', '=']).next().unwrap_or(extra)
             ));
         }
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (userinfo, hosts) = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => (Some(userinfo), hosts),
-            None => (None, authority),
-        };
+        let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
         let (username, password) = match userinfo {
             None => (None, None),
             Some(userinfo) => {
@@ -293,6 +295,9 @@ impl SentinelConn {
             last = Some(err);
             if !auth {
                 break;
+            }
+            if i + 1 < clients.len() {
+                tracing::debug!("the sentinels refused the credentials; asking them without");
             }
         }
         Err(last.unwrap_or_else(|| {
@@ -619,6 +624,11 @@ mod tests {
         let url = parse("redis+sentinel://app:pw@h:1/svc");
         assert_eq!(url.username.as_deref(), Some("app"));
         assert_eq!(url.password.as_deref(), Some("pw"));
+
+        // Unencoded, but unambiguous up to the last `@`.
+        let url = parse("redis+sentinel://:p/w?#@h:1/svc");
+        assert_eq!(url.password.as_deref(), Some("p/w?#"));
+        assert_eq!((url.sentinels.len(), url.service.as_str()), (1, "svc"));
     }
 
     #[test]
@@ -634,6 +644,9 @@ mod tests {
             "redis+sentinel://:hunter2@h:1/svc?protocol=resp3",
             "redis+sentinel://:hunter2@[::1/svc",
             "redis+sentinel://:hunter%zz@h:1/svc",
+            "redis+sentinel://:hunter2/x@h:1",
+            "redis+sentinel://:hunter2?x@h:1/svc?protocol=resp3",
+            "redis+sentinel://:hunter2#x@h:x/svc",
             "redis://:hunter2@h:1/svc",
         ] {
             match SentinelUrl::parse(url) {
