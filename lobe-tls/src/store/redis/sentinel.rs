@@ -378,7 +378,9 @@ impl SentinelConn {
     }
 
     async fn connect_to_master(&self) -> RedisResult<MultiplexedConnection> {
-        let client = self.master_client().await?;
+        let client = self.master_client().await.map_err(|e| {
+            RedisError::from((e.kind(), "no master from the sentinels", e.to_string()))
+        })?;
         let mut conn = client
             .get_multiplexed_async_connection_with_config(&self.0.config)
             .await?;
