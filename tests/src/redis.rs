@@ -268,10 +268,22 @@ impl SentinelCluster {
     /// and becomes a replica. Returns the old master's port.
     pub fn failover(&self) -> u16 {
         let old = self.master_port().expect("the sentinels name a master");
-        let (port, _) = self.sentinels[0];
-        let ok: Option<String> = self.sentinel_cmd(port, &["SENTINEL", "FAILOVER", Self::SERVICE]);
+        let (port, _) = self
+            .sentinels
+            .iter()
+            .find(|(_, child)| child.is_some())
+            .expect("a live sentinel");
+        let ok: Option<String> = self.sentinel_cmd(*port, &["SENTINEL", "FAILOVER", Self::SERVICE]);
         assert_eq!(ok.as_deref(), Some("OK"), "SENTINEL FAILOVER refused");
         old
+    }
+
+    /// Kills sentinel `index` (in the order of [`SentinelCluster::url`]) with SIGKILL.
+    pub fn kill_sentinel(&mut self, index: usize) {
+        if let Some(mut child) = self.sentinels[index].1.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// The ports of the data nodes, master first as started.

@@ -203,6 +203,12 @@ async fn writes_move_to_the_new_master_after_a_graceful_failover() {
     let store = RedisStore::connect(&cluster.url()).await.unwrap();
     store.save_account("before", b"{}").await.unwrap();
 
+    // The first sentinel listed, the one the store follows first, dies: the store
+    // moves on to the next to hear the switch.
+    let mut cluster = cluster;
+    cluster.kill_sentinel(0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
     // The old master stays up, still a writable master until the sentinels reconfigure
     // it (at their next look, up to 10 s later). The store hears the switch and moves
     // its writes to the new master well before that.

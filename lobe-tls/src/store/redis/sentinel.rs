@@ -20,8 +20,9 @@ use futures_util::StreamExt;
 use ::redis::aio::{MultiplexedConnection, PubSub};
 use ::redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use ::redis::{
-    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ErrorKind, Pipeline, RedisError,
-    RedisResult, Role, ServerErrorKind, TlsMode, Value,
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind,
+    IntoConnectionInfo, Pipeline, RedisConnectionInfo, RedisError, RedisResult, Role,
+    ServerErrorKind, TlsMode, Value,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -202,8 +203,11 @@ pub(crate) struct SentinelConn(Arc<Inner>);
 
 struct Inner {
     /// Ways to ask the sentinels, the last one that worked first: with the data nodes'
-    /// credentials, then (when there are credentials) without any.
-    sentinels: tokio::sync::Mutex<Vec<SentinelClient>>,
+    /// credentials (`true`), then (when there are credentials) without any.
+    sentinels: tokio::sync::Mutex<Vec<(bool, SentinelClient)>>,
+    /// Each sentinel, with the data nodes' credentials and without, for the task that
+    /// follows their announcements.
+    sentinel_nodes: Vec<(ConnectionInfo, ConnectionInfo)>,
     /// The connection in use and its generation, so a failure seen on an old connection
     /// never discards a newer one.
     current: Mutex<(u64, Option<MultiplexedConnection>)>,
@@ -243,13 +247,29 @@ impl SentinelConn {
         }
         let sentinels = credentials
             .into_iter()
-            .map(|with_auth| sentinel_client(url, with_auth))
+            .map(|with_auth| Ok((with_auth, sentinel_client(url, with_auth)?)))
+            .collect::<RedisResult<Vec<_>>>()?;
+        let sentinel_nodes = url
+            .sentinels
+            .iter()
+            .map(|(host, port)| -> RedisResult<_> {
+                let info = sentinel_addr(url.tls, host, *port).into_connection_info()?;
+                let mut auth = RedisConnectionInfo::default();
+                if let Some(user) = &url.username {
+                    auth = auth.set_username(user);
+                }
+                if let Some(password) = &url.password {
+                    auth = auth.set_password(password);
+                }
+                Ok((info.clone().set_redis_settings(auth), info))
+            })
             .collect::<RedisResult<Vec<_>>>()?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(response_timeout));
         Ok(SentinelConn(Arc::new(Inner {
             sentinels: tokio::sync::Mutex::new(sentinels),
+            sentinel_nodes,
             current: Mutex::new((0, None)),
             connecting: tokio::sync::Mutex::new(None),
             config,
@@ -276,7 +296,8 @@ impl SentinelConn {
         let mut clients = self.0.sentinels.lock().await;
         let mut last = None;
         for i in 0..clients.len() {
-            let found = tokio::time::timeout(RESOLVE_TIMEOUT, clients[i].async_get_client()).await;
+            let found =
+                tokio::time::timeout(RESOLVE_TIMEOUT, clients[i].1.async_get_client()).await;
             let err = match found {
                 Ok(Ok(client)) => {
                     // Remember which credentials the sentinels take.
@@ -409,19 +430,19 @@ impl SentinelConn {
         current.1 = None;
     }
 
-    /// A pub/sub connection to a sentinel, subscribed to failover announcements.
-    async fn sentinel_pubsub(&self) -> RedisResult<PubSub> {
+    /// A pub/sub connection to sentinel `index`, subscribed to failover announcements,
+    /// with the credentials the sentinels took last.
+    async fn sentinel_pubsub(&self, index: usize) -> RedisResult<PubSub> {
         let bound = self.0.connect_timeout;
-        let timed_out = || RedisError::from((ErrorKind::Io, "no sentinel answered in time"));
-        let client = {
-            let mut clients = self.0.sentinels.lock().await;
-            let first = clients.first_mut().ok_or_else(|| {
-                RedisError::from((ErrorKind::InvalidClientConfig, "no sentinel is configured"))
-            })?;
-            tokio::time::timeout(RESOLVE_TIMEOUT, first.async_get_sentinel_client())
-                .await
-                .map_err(|_| timed_out())??
+        let timed_out = || RedisError::from((ErrorKind::Io, "the sentinel did not answer in time"));
+        let with_auth = self.0.sentinels.lock().await.first().is_none_or(|c| c.0);
+        let Some((authed, plain)) = self.0.sentinel_nodes.get(index) else {
+            return Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "no sentinel is configured",
+            )));
         };
+        let client = Client::open(if with_auth { authed } else { plain }.clone())?;
         let mut pubsub = tokio::time::timeout(bound, client.get_async_pubsub())
             .await
             .map_err(|_| timed_out())??;
@@ -473,11 +494,17 @@ impl SentinelConn {
 async fn watch_switches(inner: Weak<Inner>) {
     let mut backoff = WATCH_BACKOFF_MIN;
     let mut subscribed_before = false;
+    // Sentinels are tried in turn: one that is down or drops the subscription gives way
+    // to the next.
+    let mut next = 0;
     loop {
         let Some(conn) = inner.upgrade().map(SentinelConn) else {
             return;
         };
-        let pubsub = conn.sentinel_pubsub().await;
+        let count = conn.0.sentinel_nodes.len().max(1);
+        let index = next % count;
+        next = index + 1;
+        let pubsub = conn.sentinel_pubsub(index).await;
         let service = conn.0.service.clone();
         if pubsub.is_ok() && subscribed_before {
             // An announcement may have been missed while not subscribed.
@@ -487,9 +514,12 @@ async fn watch_switches(inner: Weak<Inner>) {
         let pubsub = match pubsub {
             Ok(pubsub) => pubsub,
             Err(e) => {
-                tracing::debug!(error = %e, "cannot follow the sentinels' announcements; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
+                tracing::debug!(sentinel = index, error = %e, "cannot follow this sentinel's announcements; trying the next");
+                // Back off once every sentinel has been tried.
+                if next % count == 0 {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(WATCH_BACKOFF_MAX);
+                }
                 continue;
             }
         };
@@ -520,18 +550,10 @@ async fn watch_switches(inner: Weak<Inner>) {
 /// A client for asking the sentinels for the master, with or without the data nodes'
 /// credentials for the sentinels themselves.
 fn sentinel_client(url: &SentinelUrl, with_auth: bool) -> RedisResult<SentinelClient> {
-    let addrs = url.sentinels.iter().map(|(host, port)| {
-        if url.tls {
-            ConnectionAddr::TcpTls {
-                host: host.clone(),
-                port: *port,
-                insecure: false,
-                tls_params: None,
-            }
-        } else {
-            ConnectionAddr::Tcp(host.clone(), *port)
-        }
-    });
+    let addrs = url
+        .sentinels
+        .iter()
+        .map(|(host, port)| sentinel_addr(url.tls, host, *port));
     let mut builder = SentinelClientBuilder::new(addrs, &url.service, SentinelServerType::Master)?
         .set_client_to_redis_db(url.db);
     if url.tls {
@@ -550,6 +572,20 @@ fn sentinel_client(url: &SentinelUrl, with_auth: bool) -> RedisResult<SentinelCl
         }
     }
     builder.build()
+}
+
+/// The address of a sentinel, over TLS or not.
+fn sentinel_addr(tls: bool, host: &str, port: u16) -> ConnectionAddr {
+    if tls {
+        ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: false,
+            tls_params: None,
+        }
+    } else {
+        ConnectionAddr::Tcp(host.to_owned(), port)
+    }
 }
 
 /// Whether a sentinel refused the login (wrong credentials, or credentials it does not
