@@ -18,12 +18,17 @@
 //!
 //! Commands go through a `ConnectionManager`, which reconnects by itself: while Redis is
 //! down every call fails fast with a one-line error, and works again once Redis is back.
+//!
+//! Behind Sentinel (`redis+sentinel://`, `rediss+sentinel://`), every connection, the
+//! event feed's included, is made to the master the sentinels name at that moment, and
+//! remade after a failover; see the `sentinel` module.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{AsyncCommands, Client, RedisError, Script};
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, PubSub};
+use ::redis::{AsyncCommands, Client, Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -34,6 +39,11 @@ use super::fs::check_name;
 use super::{CertMeta, RenewalState, Store, StoreEvent, StoreLock, StoreSubscription, StoredCert};
 use crate::cert::CertBundle;
 use crate::error::{Error, Result};
+
+mod sentinel;
+
+use sentinel::is_sentinel_url;
+use sentinel::{SentinelConn, SentinelUrl};
 
 /// The key prefix when the URL names none.
 pub const DEFAULT_PREFIX: &str = "lobe-tls";
@@ -67,13 +77,13 @@ end
 return 0
 "#;
 
-/// A store in Redis (`redis://` or `rediss://`), shared by a cluster.
+/// A store in Redis (`redis://` or `rediss://`, or behind Sentinel with
+/// `redis+sentinel://` or `rediss+sentinel://`), shared by a cluster.
 ///
 /// Cheap to clone: clones share one connection.
 #[derive(Clone)]
 pub struct RedisStore {
-    client: Client,
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
     target: String,
 }
@@ -101,9 +111,32 @@ impl RedisStore {
     ///
     /// The URL is redis-rs's (`redis://[:password@]host[:port][/db]`, `rediss://` for
     /// TLS), plus an optional `prefix=NAME` query parameter for the key prefix.
+    ///
+    /// Behind Sentinel it is
+    /// `redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB][?prefix=NAME]`
+    /// (`rediss+sentinel://` for TLS to the sentinels and the data nodes): the listed
+    /// sentinels are asked for the master of `SERVICE` at every (re)connection. The
+    /// password is the data nodes'; the sentinels are offered it too, and asked without
+    /// it if they have no password.
     pub fn open(url: &str) -> Result<Self> {
         let (url, prefix) = split_prefix(url);
         let target = redact(&url);
+        let prefix = prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
+        if is_sentinel_url(&url) {
+            let parsed = SentinelUrl::parse(&url).map_err(|e| {
+                Error::Config(format!(
+                    "invalid Redis Sentinel URL {target}: {e}; {}",
+                    sentinel::USAGE
+                ))
+            })?;
+            let conn = SentinelConn::new(&parsed, CONNECT_TIMEOUT, RESPONSE_TIMEOUT)
+                .map_err(|e| Error::Store(format!("redis {target}: {e}")))?;
+            return Ok(RedisStore {
+                conn: Conn::Sentinel(conn),
+                prefix,
+                target,
+            });
+        }
         let client = Client::open(url.as_str()).map_err(|e| {
             Error::Config(format!(
                 "invalid Redis URL {target}: {e}; use redis://[:password@]host[:port][/db]"
@@ -115,12 +148,14 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| Error::Store(format!("redis {target}: {e}")))?;
         Ok(RedisStore {
-            client,
-            conn,
-            prefix: prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned()),
+            conn: Conn::Direct {
+                client: Arc::new(client),
+                manager,
+            },
+            prefix,
             target,
         })
     }
@@ -390,7 +425,7 @@ impl Store for RedisStore {
     fn subscribe(&self) -> Option<StoreSubscription> {
         let (tx, rx) = mpsc::channel(256);
         let task = tokio::spawn(feed(
-            self.client.clone(),
+            self.conn.clone(),
             self.channel(),
             self.target.clone(),
             tx,
@@ -402,18 +437,22 @@ impl Store for RedisStore {
 /// Keeps one pub/sub connection open, forwarding announcements as events. After every
 /// (re)connection it sends [`StoreEvent::Resync`], since announcements made while it was
 /// disconnected are lost. Retries with backoff and logs each outage once.
-async fn feed(client: Client, channel: String, target: String, tx: mpsc::Sender<StoreEvent>) {
+async fn feed(conn: Conn, channel: String, target: String, tx: mpsc::Sender<StoreEvent>) {
     let mut backoff = FEED_BACKOFF_MIN;
     let mut outage = false;
+    // Behind Sentinel, a failover moves the feed to the new master, even when the old
+    // one is still up (it would hear nothing published on the new one).
+    let mut switches = conn.switches();
     loop {
+        if let Some(rx) = &mut switches {
+            // Only a switch announced from now on concerns the connection made next.
+            rx.borrow_and_update();
+        }
         let subscribed = async {
-            let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+            let mut pubsub = conn.pubsub().await.map_err(|e| e.to_string())?;
+            tokio::time::timeout(RESPONSE_TIMEOUT, pubsub.subscribe(&channel))
                 .await
-                .map_err(|_| "connection timed out".to_owned())?
-                .map_err(|e| e.to_string())?;
-            pubsub
-                .subscribe(&channel)
-                .await
+                .map_err(|_| "no answer to SUBSCRIBE in time".to_owned())?
                 .map_err(|e| e.to_string())?;
             Ok::<_, String>(pubsub)
         }
@@ -425,7 +464,11 @@ async fn feed(client: Client, channel: String, target: String, tx: mpsc::Sender<
                     tracing::warn!(redis = %target, error = %e, "cluster event feed lost: Redis unreachable; serving what is loaded and retrying");
                     outage = true;
                 }
-                tokio::time::sleep(backoff).await;
+                // A failover announced meanwhile means a master to reach now.
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    Some(()) = switched(&mut switches) => {}
+                }
                 backoff = (backoff * 2).min(FEED_BACKOFF_MAX);
                 continue;
             }
@@ -438,7 +481,21 @@ async fn feed(client: Client, channel: String, target: String, tx: mpsc::Sender<
             return;
         }
         let mut messages = pubsub.into_on_message();
-        while let Some(msg) = messages.next().await {
+        loop {
+            let msg = tokio::select! {
+                msg = messages.next() => msg,
+                Some(()) = switched(&mut switches) => {
+                    tracing::info!(redis = %target, "cluster event feed moving to the new Redis master");
+                    break;
+                }
+            };
+            let Some(msg) = msg else {
+                // The stream ends when the connection drops; the next failure to
+                // reconnect is part of this same outage, already logged.
+                tracing::warn!(redis = %target, "cluster event feed lost: connection closed; reconnecting");
+                outage = true;
+                break;
+            };
             let Ok(payload) = msg.get_payload::<String>() else {
                 continue;
             };
@@ -450,10 +507,14 @@ async fn feed(client: Client, channel: String, target: String, tx: mpsc::Sender<
                 return;
             }
         }
-        // The stream ends when the connection drops; the next failure to reconnect is
-        // part of this same outage, already logged.
-        tracing::warn!(redis = %target, "cluster event feed lost: connection closed; reconnecting");
-        outage = true;
+    }
+}
+
+/// Resolves when the sentinels announce a new master; never without Sentinel.
+async fn switched(switches: &mut Option<tokio::sync::watch::Receiver<u64>>) -> Option<()> {
+    match switches {
+        Some(rx) => rx.changed().await.ok(),
+        None => std::future::pending().await,
     }
 }
 
@@ -472,7 +533,7 @@ fn parse_event(payload: &str) -> Option<StoreEvent> {
 /// lock is released or dropped, so a long order keeps the lock, and a crashed holder
 /// blocks others for one lease at most.
 struct RedisLock {
-    conn: ConnectionManager,
+    conn: Conn,
     key: String,
     token: String,
     target: String,
@@ -500,13 +561,7 @@ impl RedisLock {
     }
 }
 
-async fn renew_lease(
-    mut conn: ConnectionManager,
-    name: String,
-    key: String,
-    token: String,
-    lease: Duration,
-) {
+async fn renew_lease(mut conn: Conn, name: String, key: String, token: String, lease: Duration) {
     let script = Script::new(RENEW_SCRIPT);
     loop {
         tokio::time::sleep(lease / 3).await;
@@ -574,6 +629,71 @@ impl Drop for RedisLock {
     }
 }
 
+/// The connection commands go through: straight to one Redis, or to the master the
+/// sentinels name.
+#[derive(Clone)]
+enum Conn {
+    Direct {
+        /// For the pub/sub feed, which needs its own connection.
+        client: Arc<Client>,
+        manager: ConnectionManager,
+    },
+    Sentinel(SentinelConn),
+}
+
+impl Conn {
+    /// A new pub/sub connection, bounded by [`CONNECT_TIMEOUT`] (plus, behind Sentinel,
+    /// the bounded lookup of the master).
+    async fn pubsub(&self) -> std::result::Result<PubSub, RedisError> {
+        match self {
+            Conn::Direct { client, .. } => {
+                tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+                    .await
+                    .map_err(|_| {
+                        RedisError::from((::redis::ErrorKind::Io, "connection timed out"))
+                    })?
+            }
+            Conn::Sentinel(sentinel) => sentinel.pubsub(CONNECT_TIMEOUT).await,
+        }
+    }
+
+    /// Failover announcements, behind Sentinel.
+    fn switches(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        match self {
+            Conn::Direct { .. } => None,
+            Conn::Sentinel(sentinel) => Some(sentinel.switches()),
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Direct { manager, .. } => manager.req_packed_command(cmd),
+            Conn::Sentinel(sentinel) => Box::pin(sentinel.send(cmd)),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Direct { manager, .. } => manager.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(sentinel) => Box::pin(sentinel.send_pipeline(pipeline, offset, count)),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Direct { manager, .. } => manager.get_db(),
+            Conn::Sentinel(sentinel) => sentinel.db(),
+        }
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -610,7 +730,8 @@ fn split_prefix(url: &str) -> (String, Option<String>) {
     (out, prefix)
 }
 
-/// The URL without its password, for messages.
+/// The URL without its password, for messages. Everything up to the last `@` goes, so
+/// a password with a stray `/`, `?` or `#` is hidden whole (at worst, more is hidden).
 fn redact(url: &str) -> String {
     super::redact_url(url)
 }
@@ -651,6 +772,11 @@ mod tests {
     fn passwords_never_reach_messages() {
         assert_eq!(redact("redis://:s3cret@h:6379/0"), "redis://***@h:6379/0");
         assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redact("redis://:a/b?c@h:6379/0"), "redis://***@h:6379/0");
+        assert_eq!(
+            redact("redis+sentinel://:pw@h1:1,h2:2/svc/0"),
+            "redis+sentinel://***@h1:1,h2:2/svc/0"
+        );
     }
 
     #[test]
