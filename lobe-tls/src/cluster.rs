@@ -297,3 +297,68 @@ impl Follower {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::acme::AcmeConfig;
+    use crate::cert::{CertBundle, KeyType};
+    use crate::domain::DomainName;
+    use crate::store::{CertMeta, FileStore, RenewalState, Store, StoredCert};
+
+    fn sample(name: &str) -> StoredCert {
+        let domain = format!("{name}.example.com");
+        let key = KeyType::EcdsaP256.generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![domain.clone()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        StoredCert {
+            bundle: CertBundle::from_pem(cert.pem(), key.serialize_pem()).unwrap(),
+            meta: CertMeta {
+                name: name.into(),
+                domains: vec![DomainName::parse(&domain).unwrap()],
+                key_type: KeyType::EcdsaP256,
+                challenge: Default::default(),
+                directory: "https://ca.test/dir".into(),
+                issued_at: time::OffsetDateTime::now_utc(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resync_of_a_file_store_reads_in_full_only_what_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(FileStore::open(dir.path()).unwrap());
+        for name in ["a", "b", "c"] {
+            store.save_cert(&sample(name)).await.unwrap();
+        }
+        let manager = Manager::builder(
+            AcmeConfig::new("https://acme.invalid/directory"),
+            store.clone(),
+        )
+        .build()
+        .unwrap();
+        manager.start().await.unwrap();
+        let quiet = resync_certs(&manager).await.unwrap();
+        assert_eq!((quiet.checked, quiet.reloaded), (3, 0));
+
+        let renewed = sample("b");
+        store.save_cert(&renewed).await.unwrap();
+        let state = RenewalState {
+            failures: 1,
+            ..RenewalState::default()
+        };
+        store.save_renewal_state("c", &state).await.unwrap();
+        let changed = resync_certs(&manager).await.unwrap();
+        assert_eq!((changed.reloaded, changed.replaced), (2, 1));
+        assert_eq!(
+            manager.served_version("b").unwrap().serial,
+            renewed.bundle.info().unwrap().serial
+        );
+        assert_eq!(manager.served_version("c").unwrap().state, state);
+        assert_eq!(resync_certs(&manager).await.unwrap().reloaded, 0);
+    }
+}
