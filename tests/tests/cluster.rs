@@ -10,11 +10,11 @@ use lobe_tls::cluster::{Cluster, resync_certs};
 use lobe_tls::manager::{Event, ManagedCert, Manager};
 use lobe_tls::store::DynStore;
 use lobe_tls::{
-    AcmeClient, AcmeConfig, CertResolver, RenewalState, Http01Listener, Http01Registry, Http01Solver, KeyType, OrderRequest,
-    RedisStore, RenewalPolicy, TlsAlpn01Solver, domain,
+    AcmeClient, AcmeConfig, CertResolver, Http01Listener, Http01Registry, Http01Solver, KeyType,
+    OrderRequest, RedisStore, RenewalPolicy, RenewalState, TlsAlpn01Solver, domain,
 };
-use lobe_tls_tests::tls::{TlsServer, client_config, handshake_serial};
 use lobe_tls_tests::redis::sample_cert;
+use lobe_tls_tests::tls::{TlsServer, client_config, handshake_serial};
 use lobe_tls_tests::{Pebble, PebbleOptions, RedisServer, verify_chain};
 use tokio::sync::broadcast;
 

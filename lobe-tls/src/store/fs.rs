@@ -8,11 +8,11 @@
 //! <root>/locks/<name>.lock
 //! ```
 //!
-//! A new certificate is written into a staging directory (`archive/<name>/.tmp-*`), synced,
-//! renamed to its version, and then `live/<name>` is flipped to it with one `rename`: a
-//! reader that opens `live/<name>` once and reads its files relative to that directory
-//! (as this store does) sees the old set or the new set, never a new certificate with an
-//! old key.
+//! A new certificate is written into a staging directory (`archive/.staging/*`), synced,
+//! renamed to its version in `archive/<name>/`, and then `live/<name>` is flipped to it
+//! with one `rename`: a reader that resolves `live/<name>` once and reads its files from
+//! what it found (as this store does) sees the old set or the new set, never a new
+//! certificate with an old key.
 //!
 //! **A plain `live/<name>` directory** (a store copied without its symlinks, or certbot's
 //! layout of per-file links) is replaced the same way: on Linux the new symlink and the
@@ -31,7 +31,9 @@
 //! holds `locks/.staging.lock` shared from before it creates anything temporary until it
 //! has renamed or removed it, and the pruner removes only while it holds that lock
 //! exclusively, and only entries untouched for ten minutes (which covers writers older
-//! than the lock, which do not take it). See [`FileStore::prune_staging`].
+//! than the lock, which do not take it). All staging happens in one directory, so that
+//! the check costs a few directory reads even at 10,000 certificates. See
+//! [`FileStore::prune_staging`].
 //!
 //! [`Store::subscribe`] watches `live/` and `state/`, so a manager following this store
 //! (see [`crate::cluster`]) picks up what other processes on the machine write.
@@ -67,6 +69,13 @@ const PRUNE_WAIT: Duration = Duration::from_secs(2);
 /// Held shared by every save, exclusively by the pruner (under `locks/`). Certificate
 /// names cannot start with a dot, so no certificate's lock file collides with it.
 const STAGING_LOCK: &str = ".staging.lock";
+/// Where saves stage new sets, under `archive/` so that the final rename stays on one
+/// file system. A dot name: no certificate can have it.
+const STAGING_DIR: &str = ".staging";
+/// Written under `locks/` once no staging directory of the older layout
+/// (`archive/<name>/.tmp-*`) is left, so that later opens need not read every
+/// `archive/<name>/`.
+const OLD_STAGING_CLEARED: &str = ".old-staging-cleared";
 
 /// A store on the local file system.
 #[derive(Debug, Clone)]
@@ -98,7 +107,8 @@ impl FileStore {
     }
 
     /// Removes what saves interrupted by a crash left behind: staging directories
-    /// (`archive/<name>/.tmp-*`, holding private keys), swapped-out or half-made
+    /// (`archive/.staging/*` and, from older versions, `archive/<name>/.tmp-*`, holding
+    /// private keys), swapped-out or half-made
     /// `live/.<name>.tmp-*` entries, and half-written `accounts/*.tmp-*` and
     /// `state/*.tmp-*` files. Returns their paths relative to the root, and logs them
     /// (names only).
@@ -114,10 +124,20 @@ impl FileStore {
         let Some(cutoff) = SystemTime::now().checked_sub(STAGING_GRACE) else {
             return Ok(Vec::new());
         };
-        let candidates = self.leftovers(cutoff);
+        let cleared = self.root.join("locks").join(OLD_STAGING_CLEARED);
+        let scan_old_layout = !cleared.exists();
+        let (candidates, young_old_layout) = self.leftovers(cutoff, scan_old_layout);
+        // Once nothing of the older layout is left, later opens skip that scan.
+        let mark_cleared = || {
+            if scan_old_layout && young_old_layout == 0 && self.create_locks_dir().is_ok() {
+                let _ = write_file(&cleared, b"", 0o600);
+            }
+        };
         if candidates.is_empty() {
+            mark_cleared();
             return Ok(Vec::new());
         }
+        let candidates_len = candidates.len();
         let lock = self.open_staging_lock()?;
         let deadline = Instant::now() + PRUNE_WAIT;
         loop {
@@ -159,16 +179,22 @@ impl FileStore {
         if !pruned.is_empty() {
             tracing::info!(store = %self.root.display(), ?pruned, "removed leftovers of interrupted saves");
         }
+        if pruned.len() == candidates_len {
+            mark_cleared();
+        }
         Ok(pruned)
     }
 
-    /// Temporary entries of saves last touched before `cutoff`.
-    fn leftovers(&self, cutoff: SystemTime) -> Vec<PathBuf> {
+    /// Temporary entries of saves last touched before `cutoff`, and how many entries of
+    /// the older staging layout are too young to judge (when `old_layout` is scanned).
+    fn leftovers(&self, cutoff: SystemTime, old_layout: bool) -> (Vec<PathBuf>, usize) {
         let mut found = Vec::new();
+        let mut young = 0;
         let mut scan = |dir: &Path, is_temp: &dyn Fn(&str) -> bool| {
             let Ok(entries) = fs::read_dir(dir) else {
-                return;
+                return 0;
             };
+            let mut young = 0;
             for entry in entries.flatten() {
                 let name = entry.file_name();
                 if !name.to_str().is_some_and(is_temp) {
@@ -179,14 +205,21 @@ impl FileStore {
                     .is_ok_and(|t| t <= cutoff);
                 if old {
                     found.push(entry.path());
+                } else {
+                    young += 1;
                 }
             }
+            young
         };
-        // `archive/<name>/.tmp-<version>-<n>`: versions are digits, never dot files.
-        if let Ok(names) = fs::read_dir(self.root.join("archive")) {
+        let archive = self.root.join("archive");
+        scan(&archive.join(STAGING_DIR), &|_| true);
+        // The older layout, `archive/<name>/.tmp-<version>-<n>`: one directory read per
+        // certificate, so only until none is left.
+        if old_layout && let Ok(names) = fs::read_dir(&archive) {
             for name in names.flatten() {
-                if name.file_type().is_ok_and(|t| t.is_dir()) {
-                    scan(&name.path(), &|n| n.starts_with(".tmp-"));
+                let dot = name.file_name().to_str().is_none_or(|n| n.starts_with('.'));
+                if !dot && name.file_type().is_ok_and(|t| t.is_dir()) {
+                    young += scan(&name.path(), &|n| n.starts_with(".tmp-"));
                 }
             }
         }
@@ -201,13 +234,22 @@ impl FileStore {
                     .is_some_and(|(_, ext)| ext.starts_with("tmp-"))
             });
         }
-        found
+        (found, young)
+    }
+
+    /// Creates `locks/` (mode 0700) but never the root: a pruner that outlives a
+    /// removed store must not bring it back.
+    fn create_locks_dir(&self) -> Result<PathBuf> {
+        let dir = self.root.join("locks");
+        match DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(dir),
+            Err(e) => Err(Error::io(&dir, e)),
+        }
     }
 
     fn open_staging_lock(&self) -> Result<File> {
-        let dir = self.root.join("locks");
-        create_private_dir(&dir)?;
-        let path = dir.join(STAGING_LOCK);
+        let path = self.create_locks_dir()?.join(STAGING_LOCK);
         OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -243,60 +285,59 @@ impl FileStore {
 
     fn load_cert_sync(&self, name: &str) -> Result<Option<StoredCert>> {
         check_name(name)?;
-        let Some(dir) = self.open_live(name)? else {
+        let Some(set) = self.open_live(name)? else {
             return Ok(None);
         };
-        let live = self.live_dir(name);
-        let fullchain = read_at(&dir, &live, "fullchain.pem")?;
-        let key = read_at(&dir, &live, "privkey.pem")?;
-        let meta_path = live.join(META_FILE);
-        let meta: CertMeta =
-            serde_json::from_str(&read_at(&dir, &live, META_FILE)?).map_err(|e| {
-                Error::Store(format!("{}: unreadable metadata: {e}", meta_path.display()))
-            })?;
+        let fullchain = set.read("fullchain.pem")?;
+        let key = set.read("privkey.pem")?;
+        let meta: CertMeta = serde_json::from_str(&set.read(META_FILE)?).map_err(|e| {
+            Error::Store(format!(
+                "{}: unreadable metadata: {e}",
+                set.shown().join(META_FILE).display()
+            ))
+        })?;
         let bundle = CertBundle::from_pem(fullchain, key)
-            .map_err(|e| Error::Store(format!("{}: {e}", live.display())))?;
+            .map_err(|e| Error::Store(format!("{}: {e}", set.shown().display())))?;
         Ok(Some(StoredCert { bundle, meta }))
     }
 
-    /// Opens `live/<name>` once, following the symlink or taking a plain directory as it
-    /// is, so that every file read relative to it comes from the same set whatever is
-    /// flipped or swapped meanwhile. `None` when there is no certificate.
-    fn open_live(&self, name: &str) -> Result<Option<OwnedFd>> {
+    /// Finds the set `live/<name>` holds, so that every file is read from that one set
+    /// whatever a save flips or swaps meanwhile. `None` when there is no certificate.
+    fn open_live(&self, name: &str) -> Result<Option<LiveSet>> {
         use rustix::fs::{Mode, OFlags};
         let live = self.live_dir(name);
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let mut tries = 0;
-        loop {
-            match rustix::fs::open(&live, flags, Mode::empty()) {
-                Ok(fd) => return Ok(Some(fd)),
-                Err(rustix::io::Errno::NOENT) => {
-                    if fs::symlink_metadata(&live).is_err() {
-                        return Ok(None);
-                    }
-                    // Something is there now: a link swapped in since the open (try
-                    // again), or one pointing nowhere (a broken store, not a missing
-                    // certificate).
-                    tries += 1;
-                    if tries == 2 {
-                        return Err(Error::Store(format!(
-                            "{}: the link points to a version that does not exist",
-                            live.display()
-                        )));
+        // A second pass only when a plain directory was swapped out under us.
+        for _ in 0..2 {
+            // One readlink, not a canonicalize: that walks every component of the path,
+            // and start-up does this for every certificate. Versions never change.
+            match fs::read_link(&live) {
+                Ok(target) => {
+                    return Ok(Some(LiveSet::Version(self.root.join("live").join(target))));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                // A plain directory (a copied store), whose files are replaced by swapping
+                // the whole directory out: opened once and read relative to that.
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+                    match rustix::fs::open(&live, flags, Mode::empty()) {
+                        Ok(fd) => return Ok(Some(LiveSet::Plain(fd, live))),
+                        Err(rustix::io::Errno::NOENT) => continue,
+                        Err(e) => return Err(Error::io(&live, e.into())),
                     }
                 }
-                Err(e) => return Err(Error::io(&live, e.into())),
+                Err(e) => return Err(Error::io(&live, e)),
             }
         }
+        Ok(None)
     }
 
     /// The stored certificate's serial and renewal state, without reading its key.
     fn load_version_sync(&self, name: &str) -> Result<Option<CertVersion>> {
         check_name(name)?;
-        let Some(dir) = self.open_live(name)? else {
+        let Some(set) = self.open_live(name)? else {
             return Ok(None);
         };
-        let fullchain = read_at(&dir, &self.live_dir(name), "fullchain.pem")?;
+        let fullchain = set.read("fullchain.pem")?;
         let serial = super::leaf_serial(&fullchain)?;
         let state = self.load_renewal_state_sync(name)?;
         Ok(Some(CertVersion { serial, state }))
@@ -333,7 +374,9 @@ impl FileStore {
             kept
         });
         let version = format!("{next:04}");
-        let staging = archive.join(format!(".tmp-{version}-{}", rand::random::<u32>()));
+        let staging_root = self.root.join("archive").join(STAGING_DIR);
+        create_private_dir(&staging_root)?;
+        let staging = staging_root.join(format!("{name}-{version}-{}", rand::random::<u32>()));
         create_private_dir(&staging)?;
         let result = (|| {
             let bundle = &cert.bundle;
@@ -615,17 +658,40 @@ pub(super) fn create_private_dir(path: &Path) -> Result<()> {
     }
 }
 
-/// Reads `file` in the directory `dir` (opened from `shown`, which errors name).
-fn read_at(dir: &OwnedFd, shown: &Path, file: &str) -> Result<String> {
-    use rustix::fs::{Mode, OFlags};
-    let path = shown.join(file);
-    let fd = rustix::fs::openat(dir, file, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| Error::io(&path, e.into()))?;
-    let mut out = String::new();
-    File::from(fd)
-        .read_to_string(&mut out)
-        .map_err(|e| Error::io(&path, e))?;
-    Ok(out)
+/// The certificate set `live/<name>` held when it was looked at.
+enum LiveSet {
+    /// The version directory the link pointed to. Versions are written once and never
+    /// changed, so reading its files by path reads one set.
+    Version(PathBuf),
+    /// A plain directory, opened (its path kept for messages).
+    Plain(OwnedFd, PathBuf),
+}
+
+impl LiveSet {
+    /// Where the set is, for messages.
+    fn shown(&self) -> &Path {
+        match self {
+            LiveSet::Version(dir) | LiveSet::Plain(_, dir) => dir,
+        }
+    }
+
+    fn read(&self, file: &str) -> Result<String> {
+        use rustix::fs::{Mode, OFlags};
+        let path = self.shown().join(file);
+        match self {
+            LiveSet::Version(_) => fs::read_to_string(&path).map_err(|e| Error::io(&path, e)),
+            LiveSet::Plain(dir, _) => {
+                let fd =
+                    rustix::fs::openat(dir, file, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+                        .map_err(|e| Error::io(&path, e.into()))?;
+                let mut out = String::new();
+                File::from(fd)
+                    .read_to_string(&mut out)
+                    .map_err(|e| Error::io(&path, e))?;
+                Ok(out)
+            }
+        }
+    }
 }
 
 fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
@@ -847,6 +913,13 @@ mod tests {
         assert_eq!(mode(&live.join("lobe-tls.json")), 0o600);
         assert_eq!(mode(store.root()), 0o700);
         assert_eq!(mode(&store.root().join("archive/site")), 0o700);
+        let staging = store.root().join("archive").join(STAGING_DIR);
+        assert_eq!(mode(&staging), 0o700);
+        assert_eq!(
+            fs::read_dir(&staging).unwrap().count(),
+            0,
+            "staging left over"
+        );
         assert_eq!(store.list_certs().await.unwrap(), ["site"]);
     }
 
@@ -962,7 +1035,10 @@ mod tests {
     fn backdate(path: &Path) {
         use rustix::fs::{AtFlags, CWD, Timespec, Timestamps, utimensat};
         let long_ago = SystemTime::now() - STAGING_GRACE - Duration::from_secs(60);
-        let secs = long_ago.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        let secs = long_ago
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let at = Timespec {
             tv_sec: secs as i64,
             tv_nsec: 0,
@@ -990,7 +1066,12 @@ mod tests {
             fs::write(&path, "{}").unwrap();
             backdate(&path);
         }
+        let staged = root.join("archive/.staging/site-0003-42");
+        fs::create_dir_all(&staged).unwrap();
+        fs::write(staged.join("privkey.pem"), "secret").unwrap();
+        backdate(&staged);
         let mut planted: Vec<String> = [
+            "archive/.staging/site-0003-42",
             "archive/site/.tmp-0002-1234",
             "live/.site.tmp-77",
             "accounts/acct.tmp-5",
@@ -1006,7 +1087,10 @@ mod tests {
     async fn pruning_removes_old_leftovers_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         let store = unpruned(dir.path());
-        store.save_cert(&sample("site", "a.example.com")).await.unwrap();
+        store
+            .save_cert(&sample("site", "a.example.com"))
+            .await
+            .unwrap();
         store.save_account("acct", b"{}").await.unwrap();
         store
             .save_renewal_state("site", &RenewalState::default())
@@ -1024,6 +1108,9 @@ mod tests {
         let mut pruned = store.prune_staging().unwrap();
         pruned.sort();
         assert_eq!(pruned, planted);
+        // A young entry of the older layout is left, so that layout is scanned again.
+        let cleared = dir.path().join("locks").join(OLD_STAGING_CLEARED);
+        assert!(!cleared.exists());
         for gone in &planted {
             assert!(
                 fs::symlink_metadata(dir.path().join(gone)).is_err(),
@@ -1031,6 +1118,12 @@ mod tests {
             );
         }
         assert!(fresh.exists());
+        backdate(&fresh);
+        assert_eq!(
+            store.prune_staging().unwrap(),
+            ["archive/site/.tmp-0003-99"]
+        );
+        assert!(cleared.exists());
         assert!(store.load_cert("site").await.unwrap().is_some());
         assert!(store.load_account("acct").await.unwrap().is_some());
         assert_eq!(store.list_certs().await.unwrap(), ["site"]);
@@ -1060,7 +1153,10 @@ mod tests {
         let running = unpruned(dir.path()).staging_guard().unwrap();
         assert!(store.prune_staging().unwrap().is_empty());
         for kept in &planted {
-            assert!(fs::symlink_metadata(dir.path().join(kept)).is_ok(), "{kept}");
+            assert!(
+                fs::symlink_metadata(dir.path().join(kept)).is_ok(),
+                "{kept}"
+            );
         }
         drop(running);
         assert_eq!(store.prune_staging().unwrap().len(), planted.len());
@@ -1097,7 +1193,13 @@ mod tests {
         store.save_cert(&old).await.unwrap();
         make_plain_copy(&store, "site");
         assert_eq!(
-            store.load_cert("site").await.unwrap().unwrap().bundle.key_pem(),
+            store
+                .load_cert("site")
+                .await
+                .unwrap()
+                .unwrap()
+                .bundle
+                .key_pem(),
             old.bundle.key_pem()
         );
 
@@ -1123,9 +1225,16 @@ mod tests {
             fs::read_to_string(archive.join("0002/privkey.pem")).unwrap(),
             old.bundle.key_pem()
         );
-        assert!(hidden_in_live(&store).is_empty(), "{:?}", hidden_in_live(&store));
+        assert!(
+            hidden_in_live(&store).is_empty(),
+            "{:?}",
+            hidden_in_live(&store)
+        );
         // And the next renewal is an ordinary flip.
-        store.save_cert(&sample("site", "a.example.com")).await.unwrap();
+        store
+            .save_cert(&sample("site", "a.example.com"))
+            .await
+            .unwrap();
         assert_eq!(
             fs::read_link(&live).unwrap(),
             Path::new("../archive/site/0004")
@@ -1145,10 +1254,7 @@ mod tests {
         let files = [
             ("fullchain", old.bundle.fullchain_pem().to_owned()),
             ("privkey", old.bundle.key_pem().to_owned()),
-            (
-                "meta",
-                serde_json::to_string(&old.meta).unwrap(),
-            ),
+            ("meta", serde_json::to_string(&old.meta).unwrap()),
         ];
         for (stem, data) in &files {
             let file = archive.join(format!("{stem}1.pem"));
@@ -1202,8 +1308,10 @@ mod tests {
             .build()
             .unwrap();
         let certs: Vec<StoredCert> = (0..2).map(|_| sample("site", "a.example.com")).collect();
-        for round in 0..40 {
-            runtime.block_on(store.save_cert(&certs[round % 2])).unwrap();
+        for round in 0..60 {
+            runtime
+                .block_on(store.save_cert(&certs[round % 2]))
+                .unwrap();
             make_plain_copy(&store, "site");
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             // One reader loads in full (a new certificate with an old key fails to load:
@@ -1231,7 +1339,9 @@ mod tests {
                     missing
                 })
             };
-            runtime.block_on(store.save_cert(&certs[(round + 1) % 2])).unwrap();
+            runtime
+                .block_on(store.save_cert(&certs[(round + 1) % 2]))
+                .unwrap();
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             reader.join().unwrap();
             let missing = prober.join().unwrap();
@@ -1239,7 +1349,10 @@ mod tests {
                 assert_eq!(missing, 0, "live/site went missing in round {round}");
             }
             let loaded = store.load_cert_sync("site").unwrap().unwrap();
-            assert_eq!(loaded.bundle.key_pem(), certs[(round + 1) % 2].bundle.key_pem());
+            assert_eq!(
+                loaded.bundle.key_pem(),
+                certs[(round + 1) % 2].bundle.key_pem()
+            );
         }
     }
 

@@ -251,7 +251,8 @@ impl Store for RedisStore {
         if names.is_empty() {
             return Vec::new();
         }
-        let keys = |kind: &str| -> Vec<String> { names.iter().map(|n| self.key(kind, n)).collect() };
+        let keys =
+            |kind: &str| -> Vec<String> { names.iter().map(|n| self.key(kind, n)).collect() };
         let mut conn = self.conn.clone();
         let fetched: std::result::Result<(Vec<Option<String>>, Vec<Option<String>>), RedisError> =
             ::redis::pipe()
