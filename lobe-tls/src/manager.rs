@@ -1412,6 +1412,19 @@ impl Manager {
         }
         self.wake();
     }
+
+    /// The serial of the certificate served for `name` and the renewal state held for
+    /// it, or `None` when nothing is served: what a re-sync compares with the store's
+    /// [`crate::store::CertVersion`] before it reads anything in full.
+    pub fn served_version(&self, name: &str) -> Option<crate::store::CertVersion> {
+        let slots = self.inner.slots();
+        let slot = slots.get(name)?;
+        let current = slot.current.as_ref()?;
+        Some(crate::store::CertVersion::new(
+            current.info.serial.clone(),
+            slot.state.clone(),
+        ))
+    }
 }
 
 /// The bound on each CA request of an order for a certificate expiring at `not_after`:

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use lobe_tls::cluster::Cluster;
+use lobe_tls::cluster::{Cluster, resync_certs};
 use lobe_tls::manager::{Event, ManagedCert, Manager};
 use lobe_tls::store::DynStore;
 use lobe_tls::{
-    AcmeClient, CertResolver, Http01Listener, Http01Registry, Http01Solver, KeyType, OrderRequest,
-    RedisStore, RenewalPolicy, TlsAlpn01Solver, domain,
+    AcmeClient, AcmeConfig, CertResolver, Http01Listener, Http01Registry, Http01Solver, KeyType,
+    OrderRequest, RedisStore, RenewalPolicy, RenewalState, TlsAlpn01Solver, domain,
 };
+use lobe_tls_tests::redis::sample_cert;
 use lobe_tls_tests::tls::{TlsServer, client_config, handshake_serial};
 use lobe_tls_tests::{Pebble, PebbleOptions, RedisServer, verify_chain};
 use tokio::sync::broadcast;
@@ -524,4 +525,63 @@ async fn instances_that_disagree_on_the_names_converge_with_one_extra_order_and_
     assert!(!new.drain_events().contains(&"conflict"));
     let www = handshake_serial(new.tls.addr(), WWW, client.clone()).await;
     assert_eq!(www, Ok(renewed));
+}
+
+#[tokio::test]
+async fn a_resync_reads_in_full_only_what_changed() {
+    let redis = RedisServer::start();
+    let store = instance_store(&redis).await;
+    let names = ["s0", "s1", "s2"];
+    let mut serials = Vec::new();
+    for name in names {
+        let cert = sample_cert(name, &format!("{name}.example.com"));
+        serials.push(cert.bundle.info().unwrap().serial);
+        store.save_cert(&cert).await.unwrap();
+    }
+    // Serving what is stored only: the CA is never contacted.
+    let manager = Manager::builder(AcmeConfig::new("https://acme.invalid/directory"), store)
+        .build()
+        .unwrap();
+    manager.start().await.unwrap();
+    let quiet = resync_certs(&manager).await.unwrap();
+    assert_eq!((quiet.checked, quiet.reloaded, quiet.replaced), (3, 0, 0));
+
+    // Another instance renews s1 and revokes s2, and the announcements are lost.
+    let other = instance_store(&redis).await;
+    let renewed = sample_cert("s1", "s1.example.com");
+    other.save_cert(&renewed).await.unwrap();
+    let revoked = RenewalState {
+        revoked_serial: Some(serials[2].clone()),
+        ..RenewalState::default()
+    };
+    other.save_renewal_state("s2", &revoked).await.unwrap();
+    let changed = resync_certs(&manager).await.unwrap();
+    assert_eq!(
+        (changed.checked, changed.reloaded, changed.replaced),
+        (3, 2, 1)
+    );
+    assert!(changed.failed.is_empty(), "{:?}", changed.failed);
+    let s1 = manager.served_version("s1").unwrap();
+    assert_eq!(s1.serial, renewed.bundle.info().unwrap().serial);
+    assert_eq!(manager.served_version("s2").unwrap().state, revoked);
+    let again = resync_certs(&manager).await.unwrap();
+    assert_eq!(again.reloaded, 0);
+
+    // Junk stored over s0 is read in full each time and refused; s0 is still served.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("SET")
+        .arg("lobe-tls:cert:s0")
+        .arg("{junk")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let junk = resync_certs(&manager).await.unwrap();
+    assert_eq!((junk.reloaded, junk.replaced), (1, 0));
+    assert_eq!(junk.failed.len(), 1);
+    assert_eq!(junk.failed[0].0, "s0");
+    assert_eq!(manager.served_version("s0").unwrap().serial, serials[0]);
 }

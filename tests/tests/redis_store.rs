@@ -446,3 +446,61 @@ async fn copy_moves_everything_from_files_to_redis_and_back() {
         RenewalState::default()
     );
 }
+
+#[tokio::test]
+async fn versions_are_read_without_the_key_and_batches_load_in_one_trip() {
+    use redis::AsyncCommands;
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let site = sample_cert("site", "a.example.com");
+    store.save_cert(&site).await.unwrap();
+    let revoked = RenewalState {
+        revoked_serial: Some("01".into()),
+        failures: 2,
+        ..RenewalState::default()
+    };
+    store.save_renewal_state("site", &revoked).await.unwrap();
+    // A value as lobe-tls wrote it before the serial led it, and one that is junk.
+    let mut conn = raw(&server).await;
+    let older = sample_cert("older", "b.example.com");
+    let value = serde_json::json!({
+        "fullchain": older.bundle.fullchain_pem(),
+        "key": older.bundle.key_pem(),
+        "meta": older.meta,
+    });
+    let _: () = conn
+        .set("lobe-tls:cert:older", value.to_string())
+        .await
+        .unwrap();
+    let _: () = conn.set("lobe-tls:cert:junk", "{nope").await.unwrap();
+    let _: () = conn
+        .sadd("lobe-tls:certs", &["older", "junk"])
+        .await
+        .unwrap();
+
+    let names = ["site", "older", "junk", "missing"].map(String::from);
+    let versions = store.load_cert_versions(&names).await.unwrap();
+    let site_version = versions[0].as_ref().expect("site");
+    assert_eq!(site_version.serial, site.bundle.info().unwrap().serial);
+    assert_eq!(site_version.state, revoked);
+    let older_version = versions[1].as_ref().expect("older value, read whole");
+    assert_eq!(older_version.serial, older.bundle.info().unwrap().serial);
+    assert_eq!(older_version.state, RenewalState::default());
+    assert!(versions[2].is_none(), "junk is left to a full read");
+    assert!(versions[3].is_none());
+
+    let batch = store.load_cert_batch(&names).await;
+    assert_eq!(batch.len(), names.len());
+    let loaded = batch[0].cert.as_ref().unwrap().as_ref().unwrap();
+    assert_eq!(loaded.bundle.key_pem(), site.bundle.key_pem());
+    assert_eq!(batch[0].state.as_ref().unwrap(), &revoked);
+    let loaded = batch[1].cert.as_ref().unwrap().as_ref().unwrap();
+    assert_eq!(loaded.bundle.key_pem(), older.bundle.key_pem());
+    let err = batch[2].cert.as_ref().unwrap_err().to_string();
+    assert!(err.contains("junk") && err.contains("unreadable"), "{err}");
+    assert!(batch[3].cert.as_ref().unwrap().is_none());
+    for (entry, name) in batch.iter().zip(&names) {
+        let single = store.load_cert(name).await;
+        assert_eq!(entry.cert.is_ok(), single.is_ok(), "{name}");
+    }
+}

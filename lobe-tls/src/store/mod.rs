@@ -101,6 +101,42 @@ pub struct BatchEntry {
     pub state: Result<RenewalState>,
 }
 
+/// What tells one stored certificate from another without parsing its key: the serial of
+/// its leaf and its renewal state. A follower compares it with what it serves (see
+/// [`Store::load_cert_versions`]) and reads in full only what differs.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct CertVersion {
+    /// The leaf certificate's serial number, as [`CertInfo::serial`] gives it.
+    ///
+    /// [`CertInfo::serial`]: crate::cert::CertInfo::serial
+    pub serial: String,
+    /// The certificate's renewal state.
+    pub state: RenewalState,
+}
+
+impl CertVersion {
+    /// A version from its parts.
+    pub fn new(serial: impl Into<String>, state: RenewalState) -> Self {
+        CertVersion {
+            serial: serial.into(),
+            state,
+        }
+    }
+}
+
+/// The serial of the first certificate of a PEM chain, without touching any key: the
+/// cheap half of what [`CertVersion`] compares.
+pub(crate) fn leaf_serial(fullchain_pem: &str) -> Result<String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let leaf = CertificateDer::pem_slice_iter(fullchain_pem.as_bytes())
+        .next()
+        .ok_or_else(|| crate::error::Error::Certificate("no certificate in the chain".into()))?
+        .map_err(|e| crate::error::Error::Certificate(format!("bad certificate PEM: {e}")))?;
+    Ok(crate::cert::CertInfo::from_der(&leaf)?.serial)
+}
+
 /// A held lock on one certificate name. Dropping it releases the lock, best effort;
 /// call [`StoreLock::release`] to release it and learn whether that worked.
 #[async_trait]
@@ -157,6 +193,17 @@ pub trait Store: Send + Sync + fmt::Debug {
             });
         }
         out
+    }
+
+    /// For each of `names`, the stored certificate's [`CertVersion`], read without parsing
+    /// any private key, so that a follower re-syncing thousands of certificates reads in
+    /// full only those that changed. `None` for a name the store cannot tell about
+    /// cheaply (nothing stored, unreadable, or a store without the ability): read that one
+    /// in full. An error only when the store cannot be read at all.
+    ///
+    /// The default knows nothing cheaply.
+    async fn load_cert_versions(&self, names: &[String]) -> Result<Vec<Option<CertVersion>>> {
+        Ok(vec![None; names.len()])
     }
 
     /// Takes the lock on `name`, waiting up to `wait` for another holder. While held,

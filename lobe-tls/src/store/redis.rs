@@ -15,6 +15,9 @@
 //!
 //! A certificate and its key live in one value, so a reader never sees a new certificate
 //! with an old key. Writes that also announce themselves run in one MULTI transaction.
+//! The value starts with the leaf's serial (`{"serial":"…",`), so a re-sync learns what
+//! is stored from the first bytes of each value (`GETRANGE`) and reads and parses in full
+//! only what changed. Key parsing runs on blocking threads, never on the async runtime.
 //!
 //! Commands go through a `ConnectionManager`, which reconnects by itself: while Redis is
 //! down every call fails fast with a one-line error, and works again once Redis is back.
@@ -23,6 +26,7 @@
 //! event feed's included, is made to the master the sentinels name at that moment, and
 //! remade after a failover; see the `sentinel` module.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,7 +40,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::fs::check_name;
-use super::{CertMeta, RenewalState, Store, StoreEvent, StoreLock, StoreSubscription, StoredCert};
+use super::{
+    BatchEntry, CertMeta, CertVersion, RenewalState, Store, StoreEvent, StoreLock,
+    StoreSubscription, StoredCert,
+};
 use crate::cert::CertBundle;
 use crate::error::{Error, Result};
 
@@ -56,6 +63,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const LOCK_POLL: Duration = Duration::from_millis(50);
 /// Shortest lease accepted, so renewal (every third of the lease) stays sane.
 const MIN_LEASE: Duration = Duration::from_secs(1);
+/// How many bytes of a certificate value hold its serial: `{"serial":"` and up to 40
+/// hex digits (a 20-byte serial) and more, with room to spare.
+const SERIAL_HEAD: isize = 127;
+/// Names per round trip when a re-sync reads serials and states.
+const VERSION_CHUNK: usize = 1000;
 /// Reconnect backoff of the event feed.
 const FEED_BACKOFF_MIN: Duration = Duration::from_millis(100);
 const FEED_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -100,9 +112,53 @@ impl fmt::Debug for RedisStore {
 /// The certificate value: one JSON document, so chain and key change together.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct CertRecord {
+    /// The leaf's serial, first so that it is the head of the value (see
+    /// [`serial_from_head`]). Absent from values written before it was added.
+    #[serde(default)]
+    serial: Option<String>,
     fullchain: String,
     key: String,
     meta: CertMeta,
+}
+
+/// A certificate value read for its chain alone (values without a serial at their head).
+#[derive(serde::Deserialize)]
+struct ChainOnly {
+    fullchain: String,
+}
+
+/// The serial at the head of a certificate value, as [`Store::save_cert`] writes it.
+fn serial_from_head(head: &str) -> Option<&str> {
+    let rest = head.strip_prefix(r#"{"serial":""#)?;
+    let (serial, _) = rest.split_once('"')?;
+    let hex = !serial.is_empty() && serial.bytes().all(|b| b.is_ascii_hexdigit());
+    hex.then_some(serial)
+}
+
+/// Parses a certificate value, key included: CPU work, for a blocking thread.
+fn parse_record(target: &str, name: &str, raw: &str) -> Result<StoredCert> {
+    let record: CertRecord = serde_json::from_str(raw).map_err(|e| {
+        Error::Store(format!(
+            "redis {target}: certificate {name} is unreadable: {e}"
+        ))
+    })?;
+    let bundle = CertBundle::from_pem(record.fullchain, record.key)
+        .map_err(|e| Error::Store(format!("redis {target}: certificate {name}: {e}")))?;
+    Ok(StoredCert {
+        bundle,
+        meta: record.meta,
+    })
+}
+
+fn parse_state(target: &str, name: &str, raw: Option<&str>) -> Result<RenewalState> {
+    match raw {
+        None => Ok(RenewalState::default()),
+        Some(raw) => serde_json::from_str(raw).map_err(|e| {
+            Error::Store(format!(
+                "redis {target}: renewal state of {name} is unreadable: {e}"
+            ))
+        }),
+    }
 }
 
 impl RedisStore {
@@ -219,24 +275,150 @@ impl Store for RedisStore {
             .await
             .map_err(|e| self.error(&format!("load certificate {name}"), &e))?;
         let Some(raw) = raw else { return Ok(None) };
-        let record: CertRecord = serde_json::from_str(&raw).map_err(|e| {
-            Error::Store(format!(
-                "redis {}: certificate {name} is unreadable: {e}",
-                self.target
-            ))
-        })?;
-        let bundle = CertBundle::from_pem(record.fullchain, record.key)
-            .map_err(|e| Error::Store(format!("redis {}: certificate {name}: {e}", self.target)))?;
-        Ok(Some(StoredCert {
-            bundle,
-            meta: record.meta,
-        }))
+        let (target, name) = (self.target.clone(), name.to_owned());
+        tokio::task::spawn_blocking(move || parse_record(&target, &name, &raw).map(Some))
+            .await
+            .map_err(|e| Error::Store(format!("store task failed: {e}")))?
+    }
+
+    /// Reads the batch in one round trip, and parses it on a blocking thread.
+    async fn load_cert_batch(&self, names: &[String]) -> Vec<BatchEntry> {
+        if names.is_empty() {
+            return Vec::new();
+        }
+        let keys =
+            |kind: &str| -> Vec<String> { names.iter().map(|n| self.key(kind, n)).collect() };
+        let mut conn = self.conn.clone();
+        let fetched: std::result::Result<(Vec<Option<String>>, Vec<Option<String>>), RedisError> =
+            ::redis::pipe()
+                .cmd("MGET")
+                .arg(keys("cert"))
+                .cmd("MGET")
+                .arg(keys("state"))
+                .query_async(&mut conn)
+                .await;
+        let (certs, states) = match fetched {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                return names
+                    .iter()
+                    .map(|name| BatchEntry {
+                        name: name.clone(),
+                        cert: Err(self.error(&format!("load certificate {name}"), &e)),
+                        state: Ok(RenewalState::default()),
+                    })
+                    .collect();
+            }
+        };
+        let target = self.target.clone();
+        let batch = names.to_vec();
+        let parsed = tokio::task::spawn_blocking(move || {
+            batch
+                .into_iter()
+                .zip(certs)
+                .zip(states)
+                .map(|((name, raw), raw_state)| {
+                    let cert = check_name(&name).and_then(|()| match raw {
+                        None => Ok(None),
+                        Some(raw) => parse_record(&target, &name, &raw).map(Some),
+                    });
+                    let state = match cert {
+                        Ok(Some(_)) => parse_state(&target, &name, raw_state.as_deref()),
+                        _ => Ok(RenewalState::default()),
+                    };
+                    BatchEntry { name, cert, state }
+                })
+                .collect()
+        })
+        .await;
+        parsed.unwrap_or_else(|e| {
+            let why = format!("store task failed: {e}");
+            names
+                .iter()
+                .map(|name| BatchEntry {
+                    name: name.clone(),
+                    cert: Err(Error::Store(why.clone())),
+                    state: Ok(RenewalState::default()),
+                })
+                .collect()
+        })
+    }
+
+    /// Reads the head of each certificate value (its serial) and each renewal state, a
+    /// thousand names per round trip; a value without a serial at its head (written by an
+    /// older lobe-tls) is read whole and its leaf parsed, never its key.
+    async fn load_cert_versions(&self, names: &[String]) -> Result<Vec<Option<CertVersion>>> {
+        let mut out = Vec::with_capacity(names.len());
+        let mut conn = self.conn.clone();
+        for chunk in names.chunks(VERSION_CHUNK) {
+            let mut heads = ::redis::pipe();
+            for name in chunk {
+                heads
+                    .cmd("GETRANGE")
+                    .arg(self.key("cert", name))
+                    .arg(0)
+                    .arg(SERIAL_HEAD);
+            }
+            let heads: Vec<String> = heads
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.error("read certificate serials", &e))?;
+            let state_keys: Vec<String> = chunk.iter().map(|n| self.key("state", n)).collect();
+            let states: Vec<Option<String>> = ::redis::cmd("MGET")
+                .arg(state_keys)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.error("read renewal states", &e))?;
+            let mut serials: Vec<Option<String>> = heads
+                .iter()
+                .map(|h| serial_from_head(h).map(str::to_owned))
+                .collect();
+            let older: Vec<usize> = (0..chunk.len())
+                .filter(|&i| serials[i].is_none() && !heads[i].is_empty())
+                .collect();
+            if !older.is_empty() {
+                let older_keys: Vec<String> =
+                    older.iter().map(|&i| self.key("cert", &chunk[i])).collect();
+                let raws: Vec<Option<String>> = ::redis::cmd("MGET")
+                    .arg(older_keys)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.error("read certificates", &e))?;
+                let found = tokio::task::spawn_blocking(move || {
+                    older
+                        .into_iter()
+                        .zip(raws)
+                        .filter_map(|(i, raw)| {
+                            let chain: ChainOnly = serde_json::from_str(&raw?).ok()?;
+                            Some((i, super::leaf_serial(&chain.fullchain).ok()?))
+                        })
+                        .collect::<HashMap<usize, String>>()
+                })
+                .await
+                .map_err(|e| Error::Store(format!("store task failed: {e}")))?;
+                for (i, serial) in found {
+                    serials[i] = Some(serial);
+                }
+            }
+            for ((name, serial), raw_state) in chunk.iter().zip(serials).zip(states) {
+                // Anything odd is left to a full read, which reports it.
+                let state = parse_state(&self.target, name, raw_state.as_deref()).ok();
+                let version = match (check_name(name), serial, state) {
+                    (Ok(()), Some(serial), Some(state)) => Some(CertVersion { serial, state }),
+                    _ => None,
+                };
+                out.push(version);
+            }
+        }
+        Ok(out)
     }
 
     async fn save_cert(&self, cert: &StoredCert) -> Result<()> {
         let name = cert.meta.name.as_str();
         check_name(name)?;
         let record = CertRecord {
+            // A leaf that x509-parser cannot read still stores; re-syncs then read it whole.
+            serial: cert.bundle.info().ok().map(|info| info.serial),
             fullchain: cert.bundle.fullchain_pem().to_owned(),
             key: cert.bundle.key_pem().to_owned(),
             meta: cert.meta.clone(),
@@ -306,15 +488,7 @@ impl Store for RedisStore {
             .get(self.key("state", name))
             .await
             .map_err(|e| self.error(&format!("load renewal state of {name}"), &e))?;
-        match raw {
-            None => Ok(RenewalState::default()),
-            Some(raw) => serde_json::from_str(&raw).map_err(|e| {
-                Error::Store(format!(
-                    "redis {}: renewal state of {name} is unreadable: {e}",
-                    self.target
-                ))
-            }),
-        }
+        parse_state(&self.target, name, raw.as_deref())
     }
 
     async fn save_renewal_state(&self, name: &str, state: &RenewalState) -> Result<()> {
@@ -777,6 +951,32 @@ mod tests {
             redact("redis+sentinel://:pw@h1:1,h2:2/svc/0"),
             "redis+sentinel://***@h1:1,h2:2/svc/0"
         );
+    }
+
+    #[test]
+    fn the_serial_is_read_from_the_head_of_a_certificate_value() {
+        let record = CertRecord {
+            serial: Some("0a1b2c".into()),
+            fullchain: "chain".into(),
+            key: "key".into(),
+            meta: CertMeta {
+                name: "site".into(),
+                domains: Vec::new(),
+                key_type: crate::cert::KeyType::EcdsaP256,
+                challenge: Default::default(),
+                directory: "https://ca.test/dir".into(),
+                issued_at: time::OffsetDateTime::UNIX_EPOCH,
+            },
+        };
+        let value = serde_json::to_string(&record).unwrap();
+        let head = &value[..(SERIAL_HEAD as usize + 1).min(value.len())];
+        assert_eq!(serial_from_head(head), Some("0a1b2c"));
+        // Values from before the serial, cut-off heads and junk tell nothing.
+        assert_eq!(serial_from_head(r#"{"fullchain":"-----BEGIN"#), None);
+        assert_eq!(serial_from_head(r#"{"serial":"0a1b"#), None);
+        assert_eq!(serial_from_head(r#"{"serial":null,"fullchain""#), None);
+        assert_eq!(serial_from_head(r#"{"serial":"zz","#), None);
+        assert_eq!(serial_from_head(""), None);
     }
 
     #[test]
