@@ -21,6 +21,21 @@ pub enum Error {
     #[error("{0}")]
     Acme(String),
 
+    /// The CA answered a request with an RFC 8555 problem document.
+    #[error("{context}: {message}")]
+    CaProblem {
+        /// What was being done, e.g. "the CA refused the order".
+        context: String,
+        /// The problem type without its `urn:ietf:params:acme:error:` prefix
+        /// (`rateLimited`, `alreadyReplaced`, `serverInternal`, ...), if the CA gave one.
+        kind: Option<String>,
+        /// The CA's detail and subproblems, one line.
+        message: String,
+        /// The error as instant-acme reported it.
+        #[source]
+        source: Box<instant_acme::Error>,
+    },
+
     /// A challenge failed; the message carries the CA's problem detail.
     #[error("{0}")]
     Challenge(String),
@@ -61,6 +76,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// The ACME problem type the CA answered with (`alreadyReplaced`, `rateLimited`,
+    /// ...), if this is a [`Error::CaProblem`].
+    pub fn ca_problem(&self) -> Option<&str> {
+        match self {
+            Error::CaProblem { kind, .. } => kind.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Wraps an I/O error together with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -668,6 +668,10 @@ impl Manager {
                     Err(Unusable { error, meta }) => {
                         tracing::error!(cert = %name, %error, "stored certificate is unusable; not serving it");
                         report.unusable.push((name.clone(), error.to_string()));
+                        events.push(Event::Unusable {
+                            name: name.clone(),
+                            error: error.to_string(),
+                        });
                         // Managing what is stored includes what has expired (a server
                         // that was down for months): order it again, as it was ordered.
                         if let (true, Some(meta)) = (self.inner.manage_stored, meta) {
@@ -1013,6 +1017,10 @@ impl Manager {
             let not_after = slot.current.as_ref().map(|c| c.info.not_after);
             slot.state.failures = slot.state.failures.saturating_add(1);
             slot.state.last_error = Some(error.to_string());
+            if error.ca_problem() == Some("alreadyReplaced") {
+                slot.state.replaces_refused =
+                    slot.current.as_ref().and_then(|c| c.info.ari_id.clone());
+            }
             slot.state.next_attempt = Some(self.inner.policy.next_retry(
                 slot.state.failures,
                 now,
@@ -1053,12 +1061,9 @@ impl Manager {
             let not_after = slot.current.as_ref().map(|c| c.info.not_after);
             // `replaces` only when the CA answered renewalInfo for this very certificate,
             // and not again after the CA said it was already replaced (RFC 9773 §5).
-            let refused = slot
-                .state
-                .last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("alreadyReplaced"));
             let replaces = slot.current.as_ref().and_then(|c| {
+                let refused =
+                    c.info.ari_id.is_some() && slot.state.replaces_refused == c.info.ari_id;
                 let answered = slot.state.ari_renew_at.is_some()
                     && c.info.ari_id.is_some()
                     && slot.state.ari_cert_id == c.info.ari_id

@@ -36,6 +36,8 @@ struct ShimState {
     queries: Vec<String>,
     /// A fault every request meets, for drills.
     fault: Option<Fault>,
+    /// Answer newOrder requests that carry `replaces` with `alreadyReplaced`.
+    refuse_replaces: bool,
 }
 
 /// What every request meets while a drill runs.
@@ -152,6 +154,12 @@ impl AriShim {
         self.lock().queries.clone()
     }
 
+    /// Answers every newOrder that names a certificate in `replaces` with an
+    /// `alreadyReplaced` problem (RFC 9773 §5), as a CA does when another order replaced it.
+    pub fn refuse_replaces(&self, yes: bool) {
+        self.lock().refuse_replaces = yes;
+    }
+
     /// Every request from now on meets `fault`; `None` heals.
     pub fn set_fault(&self, fault: Option<Fault>) {
         self.lock().fault = fault;
@@ -209,6 +217,17 @@ async fn handle(
     } else {
         None
     };
+    if matches!(new_order, Some(Some(_))) && state.lock().expect("shim state").refuse_replaces {
+        let problem = serde_json::json!({
+            "type": "urn:ietf:params:acme:error:alreadyReplaced",
+            "detail": "the certificate named in replaces was already replaced",
+        });
+        return hyper::Response::builder()
+            .status(409)
+            .header("content-type", "application/problem+json")
+            .body(Full::new(Bytes::from(problem.to_string())))
+            .expect("response");
+    }
     let mut forward = hyper::Request::builder()
         .method(parts.method.clone())
         .uri(format!("{upstream}{path}"));

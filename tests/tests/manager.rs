@@ -7,7 +7,7 @@ use std::time::Duration;
 use lobe_tls::challenge::ChallengeConfig;
 use lobe_tls::manager::{Event, ManagedCert, Manager, RenewOutcome};
 use lobe_tls::store::DynStore;
-use lobe_tls::{ChallengeKind, FileStore, Http01Listener, Http01Registry, domain};
+use lobe_tls::{ChallengeKind, FileStore, Http01Listener, Http01Registry, RenewalPolicy, domain};
 use lobe_tls_tests::ari_shim::AriShim;
 use lobe_tls_tests::tls::{TlsServer, client_config, handshake_leaf};
 use lobe_tls_tests::{Pebble, PebbleOptions};
@@ -382,6 +382,66 @@ async fn ari_window_decides_when_to_renew_and_replaces_names_the_old_certificate
     // The new certificate's window is months away: no second renewal.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(shim.new_orders().len(), 2);
+}
+
+#[tokio::test]
+async fn already_replaced_is_retried_without_replaces() {
+    lobe_tls_tests::init_tracing();
+    let pebble = Pebble::start(PebbleOptions::default());
+    let shim = AriShim::start(&pebble).await;
+    let now = OffsetDateTime::now_utc();
+    shim.set_default_window((
+        now + time::Duration::days(300),
+        now + time::Duration::days(301),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
+    let registry = Http01Registry::new();
+    let _http = Http01Listener::bind(&pebble.http_listen(), registry.service())
+        .await
+        .unwrap();
+    let mut acme = pebble.acme_config();
+    acme.directory = shim.directory_url.clone();
+    // A one-second backoff: the default schedule's minute is covered through the CLI
+    // (serve_renewal.rs); this test is about what the retry sends.
+    let policy = RenewalPolicy {
+        backoff: vec![time::Duration::seconds(1)],
+        ..RenewalPolicy::default()
+    };
+    let manager = Manager::builder(acme, store.clone())
+        .http01(registry)
+        .cert(cert("ari", &["ari.example.com"]))
+        .policy(policy)
+        .build()
+        .unwrap();
+    let mut events = manager.subscribe();
+    manager.start().await.unwrap();
+    let first = manager.certificates().remove(0).info.unwrap();
+    let first_id = first.ari_id.clone().unwrap();
+
+    // The CA wants it renewed now, and says another order already replaced it.
+    shim.refuse_replaces(true);
+    let start = OffsetDateTime::now_utc() - time::Duration::seconds(1);
+    shim.set_window(&first_id, (start, start + time::Duration::seconds(2)));
+    let _maintenance = manager.spawn();
+    let error = wait_for(&mut events, Duration::from_secs(20), |e| match e {
+        Event::RenewalFailed { error, .. } => Some(error.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(error.contains("alreadyReplaced"), "{error}");
+    let state = store.load_renewal_state("ari").await.unwrap();
+    assert_eq!(state.replaces_refused.as_deref(), Some(first_id.as_str()));
+    let replaced = wait_for(&mut events, Duration::from_secs(20), |e| match e {
+        Event::Renewed {
+            replaced_serial, ..
+        } => Some(replaced_serial.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(replaced, first.serial);
+    // The successful retry went without `replaces`.
+    assert_eq!(shim.new_orders(), [None, None]);
 }
 
 #[tokio::test]

@@ -363,7 +363,7 @@ impl AcmeClient {
             names(&request.domains)
         ));
         let mut order = retry_bad_nonce!(self.account.new_order(&new_order).await)
-            .map_err(|e| acme_error("the CA refused the order", &e))?;
+            .map_err(|e| acme_error("the CA refused the order", e))?;
 
         fetch_authorizations(&mut order).await?;
 
@@ -372,7 +372,7 @@ impl AcmeClient {
         let kind = solver.kind();
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
-            let mut authz = authz.map_err(|e| acme_error("cannot fetch an authorization", &e))?;
+            let mut authz = authz.map_err(|e| acme_error("cannot fetch an authorization", e))?;
             if !matches!(authz.identifier().identifier, Identifier::Dns(_)) {
                 return Err(Error::Acme(format!(
                     "the CA sent an unexpected identifier {}",
@@ -422,13 +422,13 @@ impl AcmeClient {
 
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
-            let mut authz = authz.map_err(|e| acme_error("cannot fetch an authorization", &e))?;
+            let mut authz = authz.map_err(|e| acme_error("cannot fetch an authorization", e))?;
             if authz.status != AuthorizationStatus::Pending {
                 continue;
             }
             if let Some(mut challenge) = authz.challenge(kind.acme_type()) {
                 retry_bad_nonce!(challenge.set_ready().await)
-                    .map_err(|e| acme_error("the CA refused the challenge answer", &e))?;
+                    .map_err(|e| acme_error("the CA refused the challenge answer", e))?;
             }
         }
 
@@ -444,7 +444,7 @@ impl AcmeClient {
             instant_acme::Error::Api(problem) => {
                 Error::Challenge(format!("validation failed: {}", problem_text(problem)))
             }
-            _ => acme_error("the order failed", &e),
+            _ => acme_error("the order failed", e),
         })?;
         if status == OrderStatus::Invalid {
             return Err(self.explain_invalid(&mut order).await);
@@ -469,11 +469,11 @@ impl AcmeClient {
             .serialize_request(&key)
             .map_err(|e| Error::Certificate(format!("cannot sign the CSR: {e}")))?;
         retry_bad_nonce!(order.finalize_csr(csr.der()).await)
-            .map_err(|e| acme_error("the CA refused to finalize the order", &e))?;
+            .map_err(|e| acme_error("the CA refused to finalize the order", e))?;
         let chain = retry_bad_nonce!(poll_order!(deadline, |policy| order
             .poll_certificate(&policy)
             .await))
-        .map_err(|e| acme_error("cannot download the certificate", &e))?;
+        .map_err(|e| acme_error("cannot download the certificate", e))?;
         let bundle = CertBundle::from_pem(chain, key.serialize_pem())?;
         bundle.validate_for(&request.domains)?;
         say(&format!(
@@ -518,7 +518,7 @@ impl AcmeClient {
             reason: Some(reason),
         };
         retry_bad_nonce!(self.account.revoke(&request).await)
-            .map_err(|e| acme_error("the CA refused to revoke", &e))
+            .map_err(|e| acme_error("the CA refused to revoke", e))
     }
 }
 
@@ -536,7 +536,7 @@ async fn fetch_authorizations(order: &mut instant_acme::Order) -> Result<()> {
                     attempt += 1;
                     continue 'walk;
                 }
-                Err(e) => return Err(acme_error("cannot fetch an authorization", &e)),
+                Err(e) => return Err(acme_error("cannot fetch an authorization", e)),
             }
         }
         return Ok(());
@@ -619,11 +619,17 @@ fn account_problem(problem: &instant_acme::Problem) -> Error {
 }
 
 /// Maps an instant-acme error to one line: the CA's problem detail, or the transport error.
-fn acme_error(context: &str, error: &instant_acme::Error) -> Error {
-    match error {
-        instant_acme::Error::Api(problem) => {
-            Error::Acme(format!("{context}: {}", problem_text(problem)))
-        }
+fn acme_error(context: &str, error: instant_acme::Error) -> Error {
+    match &error {
+        instant_acme::Error::Api(problem) => Error::CaProblem {
+            context: context.to_owned(),
+            kind: problem.r#type.as_deref().map(|t| {
+                t.trim_start_matches("urn:ietf:params:acme:error:")
+                    .to_owned()
+            }),
+            message: problem_text(problem),
+            source: Box::new(error),
+        },
         instant_acme::Error::Timeout(_) => {
             Error::Timeout(format!("{context}: the CA did not answer in time"))
         }

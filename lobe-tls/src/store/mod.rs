@@ -80,6 +80,10 @@ pub struct RenewalState {
     /// and `list`/`check` report it as revoked until it is replaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_serial: Option<String>,
+    /// The ARI identifier of a certificate the CA said was already replaced
+    /// (`alreadyReplaced`, RFC 9773 §5): the next order for it goes without `replaces`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces_refused: Option<String>,
 }
 
 impl RenewalState {
