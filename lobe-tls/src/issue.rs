@@ -196,6 +196,30 @@ impl Issuance {
         store: &dyn Store,
         progress: Option<ProgressFn>,
     ) -> Result<StoredCert> {
+        self.run_inner(client, store, None, progress).await
+    }
+
+    /// [`Issuance::run`] for a caller holding the store's `lock` on the name: the new
+    /// certificate is stored only if the lock is still held when the order ends (see
+    /// [`Store::save_cert_fenced`]), so a holder whose lease ran out never writes over
+    /// what another process stored since.
+    pub async fn run_locked(
+        &self,
+        client: &AcmeClient,
+        store: &dyn Store,
+        lock: &dyn StoreLock,
+        progress: Option<ProgressFn>,
+    ) -> Result<StoredCert> {
+        self.run_inner(client, store, Some(lock), progress).await
+    }
+
+    async fn run_inner(
+        &self,
+        client: &AcmeClient,
+        store: &dyn Store,
+        lock: Option<&dyn StoreLock>,
+        progress: Option<ProgressFn>,
+    ) -> Result<StoredCert> {
         let order = OrderRequest {
             domains: self.request.domains.clone(),
             key_type: self.request.key_type,
@@ -214,7 +238,10 @@ impl Issuance {
                 issued_at: OffsetDateTime::now_utc(),
             },
         };
-        store.save_cert(&stored).await?;
+        match lock {
+            Some(lock) => store.save_cert_fenced(&stored, lock).await?,
+            None => store.save_cert(&stored).await?,
+        }
         Ok(stored)
     }
 }

@@ -476,6 +476,9 @@ async fn instances_that_disagree_on_the_names_converge_with_one_extra_order_and_
     old.manager.start().await.unwrap();
     let _old_loop = old.manager.spawn();
     assert_eq!(pebble.orders_created(), 1);
+    let first = handshake_serial(old.tls.addr(), DOMAIN, client.clone())
+        .await
+        .unwrap();
 
     // A rolling deploy starts an instance that also wants www: its configuration is
     // newer than what is stored, so it re-orders once.
@@ -492,7 +495,8 @@ async fn instances_that_disagree_on_the_names_converge_with_one_extra_order_and_
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (serial, _) = wait_for_same_serial(&both, &client, None, Duration::from_secs(5)).await;
+    let (serial, _) =
+        wait_for_same_serial(&both, &client, Some(&first), Duration::from_secs(5)).await;
     let [mut old, mut new] = both;
 
     // Both loops look every 200 ms: a fight would show as more orders within seconds.

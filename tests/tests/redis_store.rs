@@ -504,3 +504,57 @@ async fn versions_are_read_without_the_key_and_batches_load_in_one_trip() {
         assert_eq!(entry.cert.is_ok(), single.is_ok(), "{name}");
     }
 }
+
+#[tokio::test]
+async fn a_holder_whose_lock_was_lost_does_not_overwrite_the_newer_certificate() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let slow = store.lock("site", LEASE, LEASE).await.unwrap().unwrap();
+    // Its lease runs out (here: the key is dropped) and another instance locks the name,
+    // renews, and stores a newer certificate.
+    let mut conn = raw(&server).await;
+    redis::cmd("DEL")
+        .arg("lobe-tls:lock:site")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let fast = store.lock("site", LEASE, LEASE).await.unwrap().unwrap();
+    let newer = sample_cert("site", "a.example.com");
+    store.save_cert_fenced(&newer, fast.as_ref()).await.unwrap();
+    fast.release().await.unwrap();
+
+    // The first holder's order ends: its save is refused, and the newer one stays.
+    let late = sample_cert("site", "a.example.com");
+    let err = store
+        .save_cert_fenced(&late, slow.as_ref())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("lock on site was lost"), "{err}");
+    assert!(!err.contains('\n'), "one line: {err}");
+    let stored = store.load_cert("site").await.unwrap().unwrap();
+    assert_eq!(stored.bundle.key_pem(), newer.bundle.key_pem());
+    let _ = slow.release().await;
+}
+
+#[tokio::test]
+async fn renewal_state_writes_are_announced() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
+    let mut sub = store.subscribe().unwrap();
+    // Give the subscription a moment to be in place on the server.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let state = RenewalState {
+        revoked_serial: Some("01".into()),
+        ..RenewalState::default()
+    };
+    store.save_renewal_state("site", &state).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let event = next_event(&mut sub, Duration::from_secs(5)).await;
+        if matches!(&event, Some(StoreEvent::CertSaved(name)) if name == "site") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no announcement: {event:?}");
+    }
+}

@@ -87,7 +87,9 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     }
     let issued = async {
         let client = AcmeClient::connect(&acme, store.as_ref()).await?;
-        issuance.run(&client, store.as_ref(), progress).await
+        issuance
+            .run_locked(&client, store.as_ref(), lock.as_ref(), progress)
+            .await
     }
     .await;
     // Released here, not on drop: the process exits next, and a release left to a

@@ -147,6 +147,13 @@ pub(crate) fn leaf_serial(fullchain_pem: &str) -> Result<String> {
 pub trait StoreLock: Send + Sync {
     /// Releases the lock.
     async fn release(self: Box<Self>) -> Result<()>;
+
+    /// The token that fences writes made under this lock, for stores whose locks can be
+    /// lost while their holder lives (a lease that ran out). `None` for locks that end
+    /// only with their holder (a file lock).
+    fn fencing_token(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// A place to keep certificates, accounts and renewal state.
@@ -160,6 +167,15 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Stores a certificate, replacing any previous one atomically.
     async fn save_cert(&self, cert: &StoredCert) -> Result<()>;
+
+    /// Stores a certificate ordered under `lock`, only if `lock` is still held: a holder
+    /// whose lease ran out (and whose name another process may have locked and renewed
+    /// since) must not write over what is stored. Stores whose locks cannot be lost
+    /// while their holder lives save as [`Store::save_cert`] does.
+    async fn save_cert_fenced(&self, cert: &StoredCert, lock: &dyn StoreLock) -> Result<()> {
+        let _ = lock;
+        self.save_cert(cert).await
+    }
 
     /// The names of all stored certificates, sorted.
     async fn list_certs(&self) -> Result<Vec<String>>;

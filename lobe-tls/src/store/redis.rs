@@ -81,6 +81,19 @@ end
 return 0
 "#;
 
+/// Saves a certificate (value, index, announcement) only if the lock still holds our
+/// token: the fencing that keeps a holder whose lease ran out from writing over a newer
+/// certificate. KEYS: lock, cert, index. ARGV: token, value, name, channel.
+const FENCED_SAVE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('PUBLISH', ARGV[4], 'cert ' .. ARGV[3])
+return 1
+"#;
+
 /// Extends the lease only if the lock still holds our token.
 const RENEW_SCRIPT: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -263,6 +276,22 @@ impl RedisStore {
             self.target
         ))
     }
+
+    /// The stored value of `cert`: chain, key and metadata in one JSON document, the
+    /// serial first so a re-sync can read it from the value's head.
+    fn encode_cert(&self, cert: &StoredCert) -> Result<String> {
+        let name = cert.meta.name.as_str();
+        check_name(name)?;
+        let record = CertRecord {
+            // A leaf that x509-parser cannot read still stores; re-syncs then read it whole.
+            serial: cert.bundle.info().ok().map(|info| info.serial),
+            fullchain: cert.bundle.fullchain_pem().to_owned(),
+            key: cert.bundle.key_pem().to_owned(),
+            meta: cert.meta.clone(),
+        };
+        serde_json::to_string(&record)
+            .map_err(|e| Error::Store(format!("cannot encode certificate {name}: {e}")))
+    }
 }
 
 #[async_trait]
@@ -413,18 +442,36 @@ impl Store for RedisStore {
         Ok(out)
     }
 
+    async fn save_cert_fenced(&self, cert: &StoredCert, lock: &dyn StoreLock) -> Result<()> {
+        let Some(token) = lock.fencing_token() else {
+            return self.save_cert(cert).await;
+        };
+        let name = cert.meta.name.as_str();
+        let value = self.encode_cert(cert)?;
+        let mut conn = self.conn.clone();
+        let saved = Script::new(FENCED_SAVE_SCRIPT)
+            .key(self.key("lock", name))
+            .key(self.key("cert", name))
+            .key(self.index("certs"))
+            .arg(token)
+            .arg(value)
+            .arg(name)
+            .arg(self.channel())
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| self.error(&format!("save certificate {name}"), &e))?;
+        if saved == 1 {
+            Ok(())
+        } else {
+            Err(Error::Store(format!(
+                "the lock on {name} was lost before the new certificate was stored (its lease ran out); not overwriting what another instance may have stored since"
+            )))
+        }
+    }
+
     async fn save_cert(&self, cert: &StoredCert) -> Result<()> {
         let name = cert.meta.name.as_str();
-        check_name(name)?;
-        let record = CertRecord {
-            // A leaf that x509-parser cannot read still stores; re-syncs then read it whole.
-            serial: cert.bundle.info().ok().map(|info| info.serial),
-            fullchain: cert.bundle.fullchain_pem().to_owned(),
-            key: cert.bundle.key_pem().to_owned(),
-            meta: cert.meta.clone(),
-        };
-        let value = serde_json::to_string(&record)
-            .map_err(|e| Error::Store(format!("cannot encode certificate {name}: {e}")))?;
+        let value = self.encode_cert(cert)?;
         let mut conn = self.conn.clone();
         ::redis::pipe()
             .atomic()
@@ -496,7 +543,15 @@ impl Store for RedisStore {
         let value = serde_json::to_string(state)
             .map_err(|e| Error::Store(format!("cannot encode renewal state: {e}")))?;
         let mut conn = self.conn.clone();
-        conn.set::<_, _, ()>(self.key("state", name), value)
+        // Announced like a certificate: followers re-read the name and, finding the same
+        // serial, take over the state (a revoke, a failure count, an ARI answer).
+        ::redis::pipe()
+            .atomic()
+            .set(self.key("state", name), value)
+            .ignore()
+            .publish(self.channel(), format!("cert {name}"))
+            .ignore()
+            .query_async::<()>(&mut conn)
             .await
             .map_err(|e| self.error(&format!("save renewal state of {name}"), &e))
     }
@@ -762,6 +817,10 @@ async fn renew_lease(mut conn: Conn, name: String, key: String, token: String, l
 
 #[async_trait]
 impl StoreLock for RedisLock {
+    fn fencing_token(&self) -> Option<&str> {
+        Some(&self.token)
+    }
+
     async fn release(mut self: Box<Self>) -> Result<()> {
         self.renewer.abort();
         self.released = true;

@@ -1,0 +1,312 @@
+//! Ordering one certificate: the permit, the CA, the store lock, the re-check, the
+//! order itself, and the failure bookkeeping.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::acme::AcmeClient;
+use crate::cert::rfc3339;
+use crate::challenge::dns01::Dns01Solver;
+use crate::challenge::http01::Http01Solver;
+use crate::challenge::tls_alpn01::TlsAlpn01Solver;
+use crate::challenge::{ChallengeConfig, ChallengeKind, Solver};
+use crate::error::{Error, Result};
+use crate::issue::{Issuance, IssueRequest, LOCK_LEASE};
+use crate::store::{RenewalState, StoreLock};
+
+use super::*;
+
+impl Manager {
+    pub(super) fn name_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .inner
+            .name_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        locks.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Renews under the local and store locks; reports success or failure in events,
+    /// the log and the persisted renewal state.
+    pub(super) async fn renew_reported(&self, name: &str) -> Result<RenewOutcome> {
+        let lock = self.name_lock(name);
+        let _local = lock.lock().await;
+        self.renew_reported_locked(name).await
+    }
+
+    /// [`Manager::renew_reported`] for a caller that holds the name's local lock.
+    pub(super) async fn renew_reported_locked(&self, name: &str) -> Result<RenewOutcome> {
+        let result = self.renew_locked(name).await;
+        match &result {
+            Ok(RenewOutcome::Ordered {
+                info,
+                replaced_serial,
+            }) => {
+                let event = match replaced_serial {
+                    Some(old) => Event::Renewed {
+                        name: name.to_owned(),
+                        serial: info.serial.clone(),
+                        not_after: info.not_after,
+                        replaced_serial: old.clone(),
+                    },
+                    None => Event::Obtained {
+                        name: name.to_owned(),
+                        serial: info.serial.clone(),
+                        not_after: info.not_after,
+                    },
+                };
+                tracing::info!(cert = %name, serial = %info.serial, not_after = %rfc3339(info.not_after), "certificate issued");
+                self.emit(event);
+            }
+            Ok(RenewOutcome::RenewedElsewhere { info }) => {
+                tracing::info!(cert = %name, serial = %info.serial, "another process renewed the certificate; loaded it");
+                self.emit(Event::Loaded {
+                    name: name.to_owned(),
+                    serial: info.serial.clone(),
+                    not_after: info.not_after,
+                });
+            }
+            Err(e) => self.record_failure(name, e).await,
+        }
+        result
+    }
+
+    async fn record_failure(&self, name: &str, error: &Error) {
+        // What the store holds may carry news from other processes (a `lobe-tls revoke`):
+        // the failure goes into it rather than over it.
+        let stored = self.inner.store.load_renewal_state(name).await.ok();
+        let now = OffsetDateTime::now_utc();
+        let state = {
+            let mut slots = self.inner.slots();
+            let Some(slot) = slots.get_mut(name) else {
+                return;
+            };
+            if let Some(revoked) = stored.and_then(|s| s.revoked_serial) {
+                slot.state.revoked_serial = Some(revoked);
+            }
+            let not_after = slot.current.as_ref().map(|c| c.info.not_after);
+            slot.state.failures = slot.state.failures.saturating_add(1);
+            slot.state.last_error = Some(error.to_string());
+            if error.ca_problem() == Some("alreadyReplaced") {
+                slot.state.replaces_refused =
+                    slot.current.as_ref().and_then(|c| c.info.ari_id.clone());
+            }
+            slot.state.next_attempt = Some(self.inner.policy.next_retry(
+                slot.state.failures,
+                now,
+                not_after,
+            ));
+            slot.state.clone()
+        };
+        let next_attempt = state.next_attempt.unwrap_or(now);
+        tracing::error!(
+            cert = %name,
+            failures = state.failures,
+            next_attempt = %rfc3339(next_attempt),
+            error = %error,
+            "certificate renewal failed; still serving the previous certificate, if any"
+        );
+        if let Err(e) = self.inner.store.save_renewal_state(name, &state).await {
+            tracing::warn!(cert = %name, error = %e, "cannot save renewal state");
+        }
+        self.emit(Event::RenewalFailed {
+            name: name.to_owned(),
+            error: error.to_string(),
+            failures: state.failures,
+            next_attempt,
+        });
+        self.wake();
+    }
+
+    async fn renew_locked(&self, name: &str) -> Result<RenewOutcome> {
+        let (managed, seen, replaces, not_after) = {
+            let slots = self.inner.slots();
+            let slot = slots
+                .get(name)
+                .ok_or_else(|| Error::Config(format!("no managed certificate named {name:?}")))?;
+            let managed = slot
+                .order()
+                .ok_or_else(|| Error::Config(format!("no managed certificate named {name:?}")))?;
+            let seen = slot.current.as_ref().map(|c| c.info.serial.clone());
+            let not_after = slot.current.as_ref().map(|c| c.info.not_after);
+            // `replaces` only when the CA answered renewalInfo for this very certificate,
+            // and not again after the CA said it was already replaced (RFC 9773 §5).
+            let replaces = slot.current.as_ref().and_then(|c| {
+                let refused =
+                    c.info.ari_id.is_some() && slot.state.replaces_refused == c.info.ari_id;
+                let answered = slot.state.ari_renew_at.is_some()
+                    && c.info.ari_id.is_some()
+                    && slot.state.ari_cert_id == c.info.ari_id
+                    && !refused;
+                answered.then(|| c.info.ari_id.clone()).flatten()
+            });
+            (managed, seen, replaces, not_after)
+        };
+
+        // The permit and the CA's directory first, the cluster lock last: a renewal that
+        // queues for a permit, or waits on an unreachable CA, holds no lock meanwhile.
+        let _permit = self
+            .inner
+            .orders
+            .acquire()
+            .await
+            .map_err(|_| Error::Config("the manager is shutting down".into()))?;
+        let bound = request_bound(self.inner.acme.request_timeout, not_after);
+        let client = crate::acme::with_request_bound(bound, self.client()).await?;
+        let order_timeout = self.inner.acme.order_timeout;
+        let lock = self
+            .inner
+            .store
+            .lock(name, LOCK_LEASE, order_timeout + Duration::from_secs(30))
+            .await?
+            .ok_or_else(|| {
+                Error::Timeout(format!(
+                    "another process holds the lock on {name}; try again later"
+                ))
+            })?;
+        let result = crate::acme::with_request_bound(
+            bound,
+            self.order_under_lock(client, lock.as_ref(), &managed, seen, replaces),
+        )
+        .await;
+        if let Err(e) = lock.release().await {
+            tracing::warn!(cert = %name, error = %e, "cannot release the store lock");
+        }
+        result
+    }
+
+    async fn order_under_lock(
+        &self,
+        client: &AcmeClient,
+        lock: &dyn StoreLock,
+        managed: &ManagedCert,
+        seen: Option<String>,
+        replaces: Option<String>,
+    ) -> Result<RenewOutcome> {
+        let name = managed.name.as_str();
+        // Re-check after taking the lock: another process may have renewed already.
+        match load_checked(&self.inner.store, name).await {
+            Ok(Some(loaded))
+                if seen.as_deref() != Some(loaded.info.serial.as_str())
+                    && managed.same_order_as(&loaded.meta) =>
+            {
+                let info = loaded.info.clone();
+                self.install(name, loaded);
+                return Ok(RenewOutcome::RenewedElsewhere { info });
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(cert = %name, error = %e, "stored certificate is unusable; ordering a new one")
+            }
+        }
+
+        let SolverHandle { solver, keep } = self.solver_for(&managed.challenge).await?;
+        let request = IssueRequest {
+            name: name.to_owned(),
+            domains: managed.domains.clone(),
+            key_type: managed.key_type,
+            challenge: managed.challenge.clone(),
+            replaces,
+        };
+        // Orders, validates (key matches, covers the names, not expired) and stores
+        // atomically; nothing is written or served unless every step succeeded.
+        let stored = Issuance::with_solver(request, solver)?
+            .run_locked(client, self.inner.store.as_ref(), lock, None)
+            .await?;
+        drop(keep);
+        let (key, info) = stored.bundle.validated_key_for(&managed.domains)?;
+        let meta = stored.meta;
+        let state = RenewalState::default();
+        if let Err(e) = self.inner.store.save_renewal_state(name, &state).await {
+            tracing::warn!(cert = %name, error = %e, "cannot reset renewal state");
+        }
+        self.install(
+            name,
+            Loaded {
+                meta,
+                info: info.clone(),
+                key,
+                state,
+            },
+        );
+        Ok(RenewOutcome::Ordered {
+            info,
+            replaced_serial: seen,
+        })
+    }
+
+    /// The ACME client, connected on first use.
+    pub(super) async fn client(&self) -> Result<&AcmeClient> {
+        self.inner
+            .client
+            .get_or_try_init(|| AcmeClient::connect(&self.inner.acme, self.inner.store.as_ref()))
+            .await
+    }
+
+    async fn solver_for(&self, challenge: &ChallengeConfig) -> Result<SolverHandle> {
+        let handle = match challenge.kind {
+            ChallengeKind::Http01 => match &self.inner.http01 {
+                Some(registry) => SolverHandle::new(Http01Solver::new(registry.clone())),
+                None => {
+                    let addr = challenge.http_listen.as_deref().unwrap_or("0.0.0.0:80");
+                    let store = &self.inner.store;
+                    let shared = store.is_shared().then(|| store.clone());
+                    let (listener, registry) = self.inner.standalone.http(addr, shared).await?;
+                    let mut handle = SolverHandle::new(Http01Solver::new(registry));
+                    handle.keep.push(listener);
+                    handle
+                }
+            },
+            ChallengeKind::TlsAlpn01 => match &challenge.tls_listen {
+                Some(addr) if !self.inner.tls_alpn01_on_resolver => {
+                    let (listener, resolver) = self.inner.standalone.tls(addr).await?;
+                    let mut handle = SolverHandle::new(TlsAlpn01Solver::new(resolver));
+                    handle.keep.push(listener);
+                    handle
+                }
+                _ => SolverHandle::new(TlsAlpn01Solver::with_shared_store(
+                    self.inner.resolver.clone(),
+                    self.inner.store.clone(),
+                )),
+            },
+            ChallengeKind::Dns01 => {
+                let dns = challenge.dns.as_ref().ok_or_else(|| {
+                    Error::Config(
+                        "dns-01 needs a DNS provider in the certificate's settings".into(),
+                    )
+                })?;
+                SolverHandle::new(Dns01Solver::from_config(dns)?)
+            }
+        };
+        Ok(handle)
+    }
+}
+
+/// The bound on each CA request of an order for a certificate expiring at `not_after`:
+/// the configured timeout, but never more than an eighth of the time left, so that a
+/// renewal stuck on a dead path gives up in time to try again before expiry (the retry
+/// backoff shrinks the same way, see [`RenewalPolicy::next_retry`]).
+pub(super) fn request_bound(configured: Duration, not_after: Option<OffsetDateTime>) -> Duration {
+    let Some(not_after) = not_after else {
+        return configured;
+    };
+    let left = Duration::try_from(not_after - OffsetDateTime::now_utc()).unwrap_or_default();
+    (left / 8).clamp(MIN_REQUEST_BOUND, configured.max(MIN_REQUEST_BOUND))
+}
+
+/// A solver plus whatever must live while it is used (standalone listeners).
+pub(super) struct SolverHandle {
+    pub(super) solver: Box<dyn Solver>,
+    pub(super) keep: Vec<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl SolverHandle {
+    pub(super) fn new(solver: impl Solver + 'static) -> Self {
+        SolverHandle {
+            solver: Box::new(solver),
+            keep: Vec::new(),
+        }
+    }
+}
