@@ -46,7 +46,9 @@ pub mod net;
 pub mod renewal;
 pub mod resolver;
 pub mod store;
+#[cfg(feature = "terminator")]
 pub mod terminator;
+#[cfg(feature = "watch")]
 pub mod watch;
 
 pub use acme::{AcmeClient, AcmeConfig, Eab, OrderRequest};
@@ -62,6 +64,10 @@ pub use manager::{Event, ManagedCert, Manager};
 pub use metrics::{Metrics, MetricsListener};
 pub use renewal::RenewalPolicy;
 pub use resolver::CertResolver;
-pub use store::{CertMeta, FileStore, RedisStore, RenewalState, Store, StoredCert};
+#[cfg(feature = "redis")]
+pub use store::RedisStore;
+pub use store::{CertMeta, FileStore, RenewalState, Store, StoredCert};
+#[cfg(feature = "terminator")]
 pub use terminator::{Terminator, TerminatorConfig};
+#[cfg(feature = "watch")]
 pub use watch::{CertDirWatcher, WatchEvent, WatchOptions};

@@ -171,7 +171,10 @@ impl RenewalPolicy {
         retry_after: std::time::Duration,
         now: OffsetDateTime,
     ) {
-        let (start, end) = window;
+        // A window that reaches past expiry (a CA's mistake, or a clock apart) is cut at
+        // `not_after`: renewing after expiry is never what the CA means.
+        let end = window.1.min(info.not_after);
+        let start = window.0.min(end);
         let same_cert = state.ari_cert_id.is_some() && state.ari_cert_id == info.ari_id;
         let keep = same_cert
             && state
@@ -446,5 +449,27 @@ mod tests {
             ..info(at(1), at(91))
         };
         assert_eq!(policy.due_at(&replacement, &state), at(61));
+    }
+
+    #[test]
+    fn an_ari_window_past_expiry_is_cut_at_not_after() {
+        let policy = RenewalPolicy::default();
+        let mut cert = info(at(0), at(6));
+        cert.ari_id = Some("aki.serial".into());
+        let mut state = RenewalState::default();
+        let window = (at(5), at(30));
+        policy.apply_ari_window(&cert, &mut state, window, std::time::Duration::ZERO, at(1));
+        let renew_at = state.ari_renew_at.unwrap();
+        assert!(renew_at >= at(5) && renew_at <= at(6), "{renew_at}");
+        // A window wholly after expiry means: renew before it expires, now.
+        let mut state = RenewalState::default();
+        policy.apply_ari_window(
+            &cert,
+            &mut state,
+            (at(10), at(20)),
+            std::time::Duration::ZERO,
+            at(1),
+        );
+        assert!(state.ari_renew_at.unwrap() <= at(6));
     }
 }

@@ -47,10 +47,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 
-use super::{
-    BatchEntry, CertMeta, CertVersion, RenewalState, Store, StoreLock, StoreSubscription,
-    StoredCert,
-};
+use super::{BatchEntry, CertMeta, CertVersion, RenewalState, Store, StoreLock, StoredCert};
 use crate::cert::CertBundle;
 use crate::error::{Error, Result};
 
@@ -565,7 +562,8 @@ impl Store for FileStore {
 
     /// Watches `live/` and `state/`: certificates and renewal state that another process
     /// on this machine writes are announced within about 100 ms.
-    fn subscribe(&self) -> Option<StoreSubscription> {
+    #[cfg(feature = "watch")]
+    fn subscribe(&self) -> Option<super::StoreSubscription> {
         match super::fs_feed::subscribe(&self.root) {
             Ok(feed) => Some(feed),
             Err(e) => {

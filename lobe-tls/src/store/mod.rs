@@ -18,7 +18,9 @@ use crate::error::Result;
 
 mod copy;
 pub mod fs;
+#[cfg(feature = "watch")]
 mod fs_feed;
+#[cfg(feature = "redis")]
 pub mod redis;
 mod spec;
 
@@ -26,6 +28,7 @@ pub use copy::{CopyReport, copy};
 pub use spec::{REDIS_SCHEMES, StoreSpec, default_server_name, redact_url};
 
 pub use fs::FileStore;
+#[cfg(feature = "redis")]
 pub use redis::RedisStore;
 
 /// What lobe-tls remembers about a certificate besides the PEM files, so that a later

@@ -13,7 +13,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{DynStore, FileStore, RedisStore, Store};
+#[cfg(feature = "redis")]
+use super::RedisStore;
+use super::{DynStore, FileStore, Store};
 use crate::domain::DomainName;
 use crate::error::{Error, Result};
 
@@ -73,7 +75,12 @@ impl StoreSpec {
     pub async fn open(&self) -> Result<DynStore> {
         match self {
             StoreSpec::Dir(dir) => Ok(Arc::new(FileStore::open(dir)?)),
+            #[cfg(feature = "redis")]
             StoreSpec::Redis(url) => Ok(Arc::new(RedisStore::connect(url).await?)),
+            #[cfg(not(feature = "redis"))]
+            StoreSpec::Redis(_) => Err(crate::error::Error::Config(
+                "this build of lobe-tls has no Redis support (the `redis` feature is off); give a directory as the store".into(),
+            )),
         }
     }
 

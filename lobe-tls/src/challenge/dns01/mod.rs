@@ -14,23 +14,30 @@ use tokio::sync::Mutex;
 use super::{ChallengeData, ChallengeKind, Solver};
 use crate::error::{Error, Result};
 
+#[cfg(feature = "dns-providers")]
 mod api;
 pub mod challtestsrv;
+#[cfg(feature = "dns-providers")]
 pub mod cloudflare;
 pub mod exec;
+#[cfg(feature = "dns-providers")]
 pub mod httpreq;
 pub mod lookup;
 pub mod propagation;
 mod query;
+#[cfg(feature = "dns-providers")]
 pub mod rfc2136;
 pub mod settings;
 
 pub use challtestsrv::ChalltestsrvProvider;
+#[cfg(feature = "dns-providers")]
 pub use cloudflare::CloudflareProvider;
 pub use exec::ExecProvider;
+#[cfg(feature = "dns-providers")]
 pub use httpreq::HttpreqProvider;
 pub use lookup::RecursiveResolvers;
 pub use propagation::PropagationCheck;
+#[cfg(feature = "dns-providers")]
 pub use rfc2136::{Rfc2136Provider, TsigAlgorithm, TsigKey};
 pub use settings::ProviderSettings;
 
@@ -90,15 +97,26 @@ impl DnsProviderConfig {
         Ok(match self {
             DnsProviderConfig::Exec { program } => Arc::new(ExecProvider::new(program)),
             DnsProviderConfig::Challtestsrv { url } => Arc::new(ChalltestsrvProvider::new(url)?),
+            #[cfg(not(feature = "dns-providers"))]
+            DnsProviderConfig::Rfc2136 { .. }
+            | DnsProviderConfig::Cloudflare { .. }
+            | DnsProviderConfig::Httpreq { .. } => {
+                return Err(crate::error::Error::Config(
+                    "this build of lobe-tls has no rfc2136, cloudflare or httpreq provider (the `dns-providers` feature is off); use exec".into(),
+                ));
+            }
+            #[cfg(feature = "dns-providers")]
             DnsProviderConfig::Rfc2136 { config_file } => Arc::new(Rfc2136Provider::from_settings(
                 &ProviderSettings::load("rfc2136", config_file.as_deref())?,
             )?),
+            #[cfg(feature = "dns-providers")]
             DnsProviderConfig::Cloudflare { config_file } => {
                 Arc::new(CloudflareProvider::from_settings(&ProviderSettings::load(
                     "cloudflare",
                     config_file.as_deref(),
                 )?)?)
             }
+            #[cfg(feature = "dns-providers")]
             DnsProviderConfig::Httpreq { config_file } => Arc::new(HttpreqProvider::from_settings(
                 &ProviderSettings::load("httpreq", config_file.as_deref())?,
             )?),
