@@ -184,18 +184,7 @@ impl Store for RedisStore {
             .await
             .map_err(|e| self.error(&format!("load certificate {name}"), &e))?;
         let Some(raw) = raw else { return Ok(None) };
-        let record: CertRecord = serde_json::from_str(&raw).map_err(|e| {
-            Error::Store(format!(
-                "redis {}: certificate {name} is unreadable: {e}",
-                self.target
-            ))
-        })?;
-        let bundle = CertBundle::from_pem(record.fullchain, record.key)
-            .map_err(|e| Error::Store(format!("redis {}: certificate {name}: {e}", self.target)))?;
-        Ok(Some(StoredCert {
-            bundle,
-            meta: record.meta,
-        }))
+        decode_cert(&self.target, name, &raw).map(Some)
     }
 
     async fn save_cert(&self, cert: &StoredCert) -> Result<()> {
@@ -273,12 +262,7 @@ impl Store for RedisStore {
             .map_err(|e| self.error(&format!("load renewal state of {name}"), &e))?;
         match raw {
             None => Ok(RenewalState::default()),
-            Some(raw) => serde_json::from_str(&raw).map_err(|e| {
-                Error::Store(format!(
-                    "redis {}: renewal state of {name} is unreadable: {e}",
-                    self.target
-                ))
-            }),
+            Some(raw) => decode_renewal_state(&self.target, name, &raw),
         }
     }
 
@@ -457,7 +441,36 @@ async fn feed(client: Client, channel: String, target: String, tx: mpsc::Sender<
     }
 }
 
-fn parse_event(payload: &str) -> Option<StoreEvent> {
+/// Decodes the value stored under `<prefix>:cert:<name>`. `target` is the redacted URL
+/// the error names. Public only so the fuzz targets can feed it arbitrary values.
+#[doc(hidden)]
+pub fn decode_cert(target: &str, name: &str, raw: &str) -> Result<StoredCert> {
+    let record: CertRecord = serde_json::from_str(raw).map_err(|e| {
+        Error::Store(format!(
+            "redis {target}: certificate {name} is unreadable: {e}"
+        ))
+    })?;
+    let bundle = CertBundle::from_pem(record.fullchain, record.key)
+        .map_err(|e| Error::Store(format!("redis {target}: certificate {name}: {e}")))?;
+    Ok(StoredCert {
+        bundle,
+        meta: record.meta,
+    })
+}
+
+/// Decodes the value stored under `<prefix>:state:<name>`. Public only for the fuzz targets.
+#[doc(hidden)]
+pub fn decode_renewal_state(target: &str, name: &str, raw: &str) -> Result<RenewalState> {
+    serde_json::from_str(raw).map_err(|e| {
+        Error::Store(format!(
+            "redis {target}: renewal state of {name} is unreadable: {e}"
+        ))
+    })
+}
+
+/// Parses one announcement of the events channel. Public only for the fuzz targets.
+#[doc(hidden)]
+pub fn parse_event(payload: &str) -> Option<StoreEvent> {
     let (kind, arg) = payload.split_once(' ')?;
     let arg = arg.to_owned();
     match kind {
