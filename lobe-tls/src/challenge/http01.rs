@@ -171,14 +171,19 @@ impl Http01Service {
         if path.starts_with(CHALLENGE_PATH) || !self.redirect_to_https {
             return self.registry.respond(path).await;
         }
-        let host = req
+        // Parsed as an authority rather than cut at the last colon, which would cut an
+        // IPv6 literal (`[::1]`) in half and redirect to a URL that does not parse.
+        let authority = req
             .headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
-            .map(|h| h.rsplit_once(':').map_or(h, |(host, _port)| host))
-            .unwrap_or_default();
+            .and_then(|h| h.parse::<http::uri::Authority>().ok());
+        let host = authority.as_ref().map_or("", |a| a.host());
         if host.is_empty() {
-            return text_response(StatusCode::BAD_REQUEST, "missing Host header\n".into());
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                "missing or invalid Host header\n".into(),
+            );
         }
         let path_and_query = req
             .uri()
@@ -340,6 +345,37 @@ mod tests {
             rsp.headers()[header::LOCATION],
             "https://chat.example.com/chat?room=1"
         );
+    }
+
+    /// Found by the property tests: a Host of `[::1]` was cut at its last colon and
+    /// redirected to `https://[:/`.
+    #[tokio::test]
+    async fn redirects_keep_ipv6_hosts_whole_and_refuse_bad_ones() {
+        use tower::ServiceExt;
+        let service = Http01Registry::new().service().redirect_others_to_https();
+        for (host, location) in [
+            ("[::1]", "https://[::1]/a?b"),
+            ("[::1]:8080", "https://[::1]/a?b"),
+            ("example.com", "https://example.com/a?b"),
+        ] {
+            let req = Request::builder()
+                .uri("/a?b")
+                .header("host", host)
+                .body(())
+                .unwrap();
+            let rsp = service.clone().oneshot(req).await.unwrap();
+            assert_eq!(rsp.status(), StatusCode::MOVED_PERMANENTLY, "{host}");
+            assert_eq!(rsp.headers()[header::LOCATION], location, "{host}");
+        }
+        for host in ["", "a b", "example.com/evil", ":80"] {
+            let req = Request::builder()
+                .uri("/a")
+                .header("host", host)
+                .body(())
+                .unwrap();
+            let rsp = service.clone().oneshot(req).await.unwrap();
+            assert_eq!(rsp.status(), StatusCode::BAD_REQUEST, "{host:?}");
+        }
     }
 
     #[tokio::test]
