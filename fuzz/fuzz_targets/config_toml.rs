@@ -36,7 +36,12 @@ fuzz_target!(|data: &[u8]| {
             "rfc2136" => {
                 // `tsig_file` names another file to read: the fuzzer must not pick
                 // /dev/zero or the like. BIND files are fuzzed in the other mode.
-                if settings.get("LOBE_TLS_FUZZ_UNSET", "tsig_file").ok().flatten().is_some() {
+                if settings
+                    .get("LOBE_TLS_FUZZ_UNSET", "tsig_file")
+                    .ok()
+                    .flatten()
+                    .is_some()
+                {
                     continue;
                 }
                 Rfc2136Provider::from_settings(&settings).map(|p| format!("{p:?}"))

@@ -52,9 +52,7 @@ fuzz_target!(|data: &[u8]| {
             service = service.redirect_others_to_https();
         }
         let req = clone_request(&req);
-        let rsp = RUNTIME
-            .block_on(service.oneshot(req))
-            .expect("infallible");
+        let rsp = RUNTIME.block_on(service.oneshot(req)).expect("infallible");
         let status = rsp.status();
         let location = rsp.headers().get(header::LOCATION).cloned();
         let body = RUNTIME

@@ -114,7 +114,11 @@ fn client_hello(sni: Option<&[u8]>, alpn: &[&[u8]]) -> Vec<u8> {
     // supported_versions 1.3 and 1.2; a key_share for x25519.
     ext(&mut exts, 0x000a, &[0, 4, 0, 0x1d, 0, 0x17]);
     ext(&mut exts, 0x000b, &[1, 0]);
-    ext(&mut exts, 0x000d, &[0, 6, 0x04, 0x03, 0x08, 0x04, 0x04, 0x01]);
+    ext(
+        &mut exts,
+        0x000d,
+        &[0, 6, 0x04, 0x03, 0x08, 0x04, 0x04, 0x01],
+    );
     ext(&mut exts, 0x002b, &[4, 3, 4, 3, 3]);
     let mut share = vec![0, 36, 0, 0x1d, 0, 32];
     share.extend_from_slice(&[9u8; 32]);
@@ -172,9 +176,15 @@ fuzz_target!(|data: &[u8]| {
     // Any name can be set and removed again.
     let scratch = CertResolver::new();
     scratch.set(&[name.as_ref()], fixture.key.clone());
-    assert!(scratch.lookup(Some(&name)).is_some(), "{name:?} was just set");
+    assert!(
+        scratch.lookup(Some(&name)).is_some(),
+        "{name:?} was just set"
+    );
     scratch.remove(&[name.as_ref()]);
-    assert!(scratch.lookup(Some(&name)).is_none(), "{name:?} was just removed");
+    assert!(
+        scratch.lookup(Some(&name)).is_none(),
+        "{name:?} was just removed"
+    );
     assert!(scratch.is_empty());
     scratch.set_challenge(&name, fixture.key.clone());
     assert!(scratch.has_challenge(&name));
