@@ -190,7 +190,16 @@ impl Http01Service {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        let location = format!("https://{host}{path_and_query}");
+        let mut location = format!("https://{host}");
+        // The http crate lets bytes outside ASCII through in the path; a Location must be
+        // ASCII, so they go out percent-encoded.
+        for &b in path_and_query.as_bytes() {
+            if b.is_ascii_graphic() {
+                location.push(char::from(b));
+            } else {
+                location.push_str(&format!("%{b:02X}"));
+            }
+        }
         // The http crate accepts some authorities (`z[::1]`) that do not parse back
         // inside a URL: redirect only to a URL that parses, to the host asked for.
         let parses = location
@@ -379,6 +388,18 @@ mod tests {
         }
         // `z[::1]` was found by the `http01` fuzz target: the http crate takes it as an
         // authority, but not inside a URL.
+        // Found by the `http01` fuzz target: a path with bytes outside ASCII went into
+        // the Location as they were.
+        let req = Request::builder()
+            .uri("/caf\u{e9}?q=\u{e9}")
+            .header("host", "example.com")
+            .body(())
+            .unwrap();
+        let rsp = service.clone().oneshot(req).await.unwrap();
+        assert_eq!(
+            rsp.headers()[header::LOCATION],
+            "https://example.com/caf%C3%A9?q=%C3%A9"
+        );
         for host in ["", "a b", "example.com/evil", ":80", "z[::1]"] {
             let req = Request::builder()
                 .uri("/a")

@@ -445,9 +445,19 @@ async fn feed(client: Client, channel: String, target: String, tx: mpsc::Sender<
 /// the error names. Public only so the fuzz targets can feed it arbitrary values.
 #[doc(hidden)]
 pub fn decode_cert(target: &str, name: &str, raw: &str) -> Result<StoredCert> {
+    // serde's own message quotes the offending value, which in this record may be (part
+    // of) the private key: say only what kind of error it is and where.
     let record: CertRecord = serde_json::from_str(raw).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Data => {
+                "a field is missing or has the wrong type or value"
+            }
+            _ => "not valid JSON",
+        };
         Error::Store(format!(
-            "redis {target}: certificate {name} is unreadable: {e}"
+            "redis {target}: certificate {name} is unreadable: {what} at line {} column {}",
+            e.line(),
+            e.column()
         ))
     })?;
     let bundle = CertBundle::from_pem(record.fullchain, record.key)
@@ -671,6 +681,32 @@ mod tests {
     fn passwords_never_reach_messages() {
         assert_eq!(redact("redis://:s3cret@h:6379/0"), "redis://***@h:6379/0");
         assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+    }
+
+    /// Found by the `redis_values` fuzz target: with key material in the wrong field,
+    /// the error quoted it, over several lines.
+    #[test]
+    fn unreadable_records_never_quote_their_values() {
+        let secret = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49\nAwEHBG0wawIBAQQg";
+        let record = serde_json::json!({
+            "fullchain": "x",
+            "key": "y",
+            "meta": {"name": "site", "key_type": secret},
+        });
+        let err = decode_cert("redis://h", "site", &record.to_string())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            !err.contains("MIGHAgEAMBMG") && !err.contains('\n'),
+            "{err}"
+        );
+        assert!(err.contains("certificate site is unreadable"), "{err}");
+        let err = decode_cert("redis://h", "site", "{")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not valid JSON at line 1"), "{err}");
     }
 
     #[test]
