@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use lobe_tls::challenge::{ChallengeConfig, ChallengeKind};
+use lobe_tls::challenge::ChallengeConfig;
 use lobe_tls::manager::Event;
 use lobe_tls::resolver::ACME_TLS_ALPN;
 use lobe_tls::{AcmeConfig, FileStore, ManagedCert, Manager, domain};
@@ -48,10 +48,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // No standalone listener: TLS-ALPN-01 challenges go into the manager's resolver,
     // which the server below uses.
-    let challenge = ChallengeConfig {
-        kind: ChallengeKind::TlsAlpn01,
-        ..ChallengeConfig::default()
-    };
+    let challenge = ChallengeConfig::tls_alpn01(None);
     let cert =
         ManagedCert::new(&domains[0], domain::parse_all(&domains)?).with_challenge(challenge);
     let manager = Manager::builder(acme, store).cert(cert).build()?;

@@ -94,10 +94,8 @@ pub struct ChallengeArgs {
 impl ChallengeArgs {
     /// The library configuration these options describe, with their combinations checked.
     pub fn to_config(&self) -> Result<ChallengeConfig> {
-        let mut config = ChallengeConfig {
-            kind: self.challenge,
-            ..ChallengeConfig::default()
-        };
+        let mut config = ChallengeConfig::default();
+        config.kind = self.challenge;
         match self.challenge {
             ChallengeKind::Http01 => config.http_listen = Some(self.http_listen.clone()),
             ChallengeKind::Dns01 => config.dns = Some(self.dns_config()?),

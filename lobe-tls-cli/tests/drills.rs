@@ -22,8 +22,8 @@ use lobe_tls::cluster::Cluster;
 use lobe_tls::manager::MaintenanceHandle;
 use lobe_tls::store::Store;
 use lobe_tls::{
-    AcmeConfig, CertInfo, ChallengeConfig, ChallengeKind, Event, FileStore, Http01Listener,
-    Http01Registry, ManagedCert, Manager, Metrics, domain,
+    AcmeConfig, CertInfo, ChallengeConfig, Event, FileStore, Http01Listener, Http01Registry,
+    ManagedCert, Manager, Metrics, domain,
 };
 use lobe_tls_tests::ari_shim::{AriShim, Fault};
 use lobe_tls_tests::faulty_path::FaultyPath;
@@ -324,11 +324,7 @@ async fn drill_dns_provider_failing() {
         program: hook.display().to_string(),
     });
     dns.resolvers = vec![pebble.dns_addr];
-    let challenge = ChallengeConfig {
-        kind: ChallengeKind::Dns01,
-        dns: Some(dns),
-        ..ChallengeConfig::default()
-    };
+    let challenge = ChallengeConfig::dns01(dns);
     let directory = pebble.directory_url.clone();
     let mut drill = Drill::start(pebble, &directory, Some(challenge), dir).await;
     loop {

@@ -85,10 +85,11 @@ impl DomainName {
         if trimmed.chars().any(char::is_whitespace) {
             return Err(DomainError::Whitespace(input.to_owned()));
         }
-        if trimmed.parse::<std::net::IpAddr>().is_ok() {
+        let without_dot = trimmed.strip_suffix('.').unwrap_or(trimmed);
+        // After the trailing dot is gone: `127.0.0.1.` is an address too.
+        if without_dot.parse::<std::net::IpAddr>().is_ok() {
             return Err(DomainError::IpAddress(input.to_owned()));
         }
-        let without_dot = trimmed.strip_suffix('.').unwrap_or(trimmed);
         let (wildcard, base) = match without_dot.strip_prefix("*.") {
             Some(rest) => (true, rest),
             None => (false, without_dot),
@@ -114,6 +115,11 @@ impl DomainName {
             name: input.to_owned(),
             reason: "it contains characters not allowed in a host name (letters, digits and hyphens only; no leading or trailing hyphen)".into(),
         })?;
+        // IDN mapping can make an address out of other characters (full-width digits
+        // and dots), and a wildcard must not cover one either.
+        if ascii.parse::<std::net::IpAddr>().is_ok() {
+            return Err(DomainError::IpAddress(input.to_owned()));
+        }
         if let Some(label) = ascii.split('.').find(|l| l.len() > MAX_LABEL_LEN) {
             return Err(DomainError::LabelTooLong {
                 name: input.to_owned(),
@@ -303,6 +309,27 @@ mod tests {
             DomainName::parse("exa_mple.com"),
             Err(DomainError::Invalid { .. })
         ));
+    }
+
+    /// Found by the `domain` fuzz target: an address with a trailing dot, or spelled
+    /// with characters IDN maps to digits and dots, passed as a name (and parsing the
+    /// result again failed).
+    #[test]
+    fn addresses_in_any_spelling_are_refused() {
+        for input in [
+            "127.27.0.0.",
+            "::1.",
+            "\u{ff11}\u{ff12}\u{ff17}\u{ff0e}\u{ff10}\u{ff0e}\u{ff10}\u{ff0e}\u{ff11}",
+            "127\u{3002}0\u{3002}0\u{3002}1",
+            "*.127.0.0.1",
+            "*.10.0.0.1.",
+        ] {
+            assert!(
+                matches!(DomainName::parse(input), Err(DomainError::IpAddress(_))),
+                "{input:?}: {:?}",
+                DomainName::parse(input)
+            );
+        }
     }
 
     #[test]

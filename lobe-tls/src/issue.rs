@@ -25,6 +25,7 @@ use crate::store::{CertMeta, Store, StoreLock, StoredCert};
 
 /// What to issue and how to validate it.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct IssueRequest {
     /// The certificate's name in the store (`live/<name>/`).
     pub name: String,

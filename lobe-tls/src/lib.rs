@@ -13,10 +13,7 @@
 //! let client = AcmeClient::connect(&config, &store).await?;
 //!
 //! // Port 80 must reach the standalone listener, which is bound before the order starts.
-//! let challenge = ChallengeConfig {
-//!     http_listen: Some("0.0.0.0:80".into()),
-//!     ..ChallengeConfig::default()
-//! };
+//! let challenge = ChallengeConfig::http01(Some("0.0.0.0:80".into()));
 //! let request = IssueRequest::new(
 //!     domain::parse_all(&["example.com", "www.example.com"])?,
 //!     KeyType::EcdsaP256,

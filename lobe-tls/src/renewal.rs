@@ -43,6 +43,7 @@ const BACKOFF: [Duration; 10] = [
 /// The tunables of when to renew and how to retry. The defaults suit public CAs; tests
 /// shorten them.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RenewalPolicy {
     /// Delays after the 1st, 2nd, ... consecutive failure; the last one repeats.
     pub backoff: Vec<Duration>,
@@ -77,6 +78,13 @@ impl Default for RenewalPolicy {
 }
 
 impl RenewalPolicy {
+    /// Retries after the 1st, 2nd, ... consecutive failure wait these delays; the last
+    /// repeats.
+    pub fn with_backoff(mut self, backoff: Vec<Duration>) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
     /// When `info` is to be renewed if nothing fails: at once when it was revoked,
     /// at the time picked inside the CA's ARI window for this very certificate, or
     /// else by its lifetime ([`renew_after`]).

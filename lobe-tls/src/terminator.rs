@@ -30,6 +30,7 @@ use crate::resolver::ACME_TLS_ALPN;
 
 /// How the terminator treats connections.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct TerminatorConfig {
     /// The plain TCP address decrypted bytes go to, `host:port`.
     pub upstream: String,

@@ -65,6 +65,7 @@ const PAIR_NAMES: [(&str, &str); 2] = [("fullchain.pem", "privkey.pem"), ("tls.c
 
 /// How the watcher behaves.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct WatchOptions {
     /// How long the directory must be quiet before it is re-read.
     pub debounce: Duration,
@@ -85,6 +86,32 @@ impl Default for WatchOptions {
             rescan_every: Duration::from_secs(60),
             default_name: None,
         }
+    }
+}
+
+impl WatchOptions {
+    /// Serves the pair (by name) or DNS name `name` to clients with no SNI or an unknown one.
+    pub fn with_default_name(mut self, name: Option<String>) -> Self {
+        self.default_name = name;
+        self
+    }
+
+    /// Re-reads the directory once it has been quiet for `debounce`.
+    pub fn with_debounce(mut self, debounce: Duration) -> Self {
+        self.debounce = debounce;
+        self
+    }
+
+    /// Looks again at a pair that failed its check, or vanished, after `retry`.
+    pub fn with_retry(mut self, retry: Duration) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Re-reads everything every `every`, even when no event came.
+    pub fn with_rescan_every(mut self, every: Duration) -> Self {
+        self.rescan_every = every;
+        self
     }
 }
 

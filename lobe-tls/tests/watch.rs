@@ -38,13 +38,11 @@ fn pair_valid_until(names: &[&str], not_after: OffsetDateTime) -> Pair {
 }
 
 fn options() -> WatchOptions {
-    WatchOptions {
-        debounce: Duration::from_millis(100),
-        retry: Duration::from_millis(400),
+    WatchOptions::default()
+        .with_debounce(Duration::from_millis(100))
+        .with_retry(Duration::from_millis(400))
         // Long enough that no test passes through the periodic re-read.
-        rescan_every: Duration::from_secs(3600),
-        default_name: None,
-    }
+        .with_rescan_every(Duration::from_secs(3600))
 }
 
 fn served_der(resolver: &CertResolver, name: &str) -> Option<Vec<u8>> {

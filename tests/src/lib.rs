@@ -254,6 +254,11 @@ impl Pebble {
             &mut pebble,
             "pebble",
         );
+        wait_for_tcp(
+            SocketAddr::from(([127, 0, 0, 1], mgmt_port)),
+            &mut pebble,
+            "pebble's management API",
+        );
         children.push(pebble);
 
         Pebble {
@@ -302,7 +307,18 @@ impl Pebble {
         let uri: hyper::Uri = format!("{}{path}", self.management_url)
             .parse()
             .expect("uri");
-        let rsp = client.get(uri).await.expect("management API unreachable");
+        // Pebble opens its management listener a moment after the ACME one: retry briefly.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let rsp = loop {
+            match client.get(uri.clone()).await {
+                Ok(rsp) => break rsp,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("management API unreachable: {e:?}"),
+            }
+        };
         assert!(
             rsp.status().is_success(),
             "management API: {}",

@@ -97,10 +97,7 @@ impl Instance {
 }
 
 fn fast_retries() -> RenewalPolicy {
-    RenewalPolicy {
-        backoff: vec![time::Duration::seconds(1)],
-        ..RenewalPolicy::default()
-    }
+    RenewalPolicy::default().with_backoff(vec![time::Duration::seconds(1)])
 }
 
 /// The serial each instance serves right now, through a real verified handshake.

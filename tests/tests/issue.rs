@@ -4,17 +4,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use lobe_tls::challenge::{ChallengeConfig, ChallengeKind, DnsConfig, DnsProviderConfig};
+use lobe_tls::challenge::{ChallengeConfig, DnsConfig, DnsProviderConfig};
 use lobe_tls::issue::{Issuance, IssueRequest, issue_and_store};
 use lobe_tls::{AcmeClient, Eab, Error, FileStore, Http01Registry, KeyType, Store, domain};
 use lobe_tls_tests::{EAB_HMAC, EAB_KID, Pebble, PebbleOptions, mode, txt_values, verify_chain};
 
 fn http01(pebble: &Pebble) -> ChallengeConfig {
-    ChallengeConfig {
-        kind: ChallengeKind::Http01,
-        http_listen: Some(pebble.http_listen()),
-        ..ChallengeConfig::default()
-    }
+    ChallengeConfig::http01(Some(pebble.http_listen()))
 }
 
 fn dns01(pebble: &Pebble) -> ChallengeConfig {
@@ -23,11 +19,7 @@ fn dns01(pebble: &Pebble) -> ChallengeConfig {
     });
     dns.resolvers = vec![pebble.dns_addr];
     dns.propagation_timeout_secs = 10;
-    ChallengeConfig {
-        kind: ChallengeKind::Dns01,
-        dns: Some(dns),
-        ..ChallengeConfig::default()
-    }
+    ChallengeConfig::dns01(dns)
 }
 
 fn request(names: &[&str], key_type: KeyType, challenge: ChallengeConfig) -> IssueRequest {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use lobe_tls::challenge::ChallengeConfig;
 use lobe_tls::manager::{Event, ManagedCert, Manager, RenewOutcome};
 use lobe_tls::store::DynStore;
-use lobe_tls::{ChallengeKind, FileStore, Http01Listener, Http01Registry, RenewalPolicy, domain};
+use lobe_tls::{FileStore, Http01Listener, Http01Registry, RenewalPolicy, domain};
 use lobe_tls_tests::ari_shim::AriShim;
 use lobe_tls_tests::tls::{TlsServer, client_config, handshake_leaf};
 use lobe_tls_tests::{Pebble, PebbleOptions};
@@ -19,11 +19,7 @@ fn cert(name: &str, domains: &[&str]) -> ManagedCert {
 }
 
 fn tls_alpn(listen: Option<String>) -> ChallengeConfig {
-    ChallengeConfig {
-        kind: ChallengeKind::TlsAlpn01,
-        tls_listen: listen,
-        ..ChallengeConfig::default()
-    }
+    ChallengeConfig::tls_alpn01(listen)
 }
 
 /// A handshake as a browser trusting only `root_pem` makes it; the leaf it was served.
@@ -404,10 +400,7 @@ async fn already_replaced_is_retried_without_replaces() {
     acme.directory = shim.directory_url.clone();
     // A one-second backoff: the default schedule's minute is covered through the CLI
     // (serve_renewal.rs); this test is about what the retry sends.
-    let policy = RenewalPolicy {
-        backoff: vec![time::Duration::seconds(1)],
-        ..RenewalPolicy::default()
-    };
+    let policy = RenewalPolicy::default().with_backoff(vec![time::Duration::seconds(1)]);
     let manager = Manager::builder(acme, store.clone())
         .http01(registry)
         .cert(cert("ari", &["ari.example.com"]))

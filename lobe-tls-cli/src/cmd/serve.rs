@@ -256,10 +256,7 @@ async fn watch_dir(
     resolver: &CertResolver,
     metrics: &Arc<Metrics>,
 ) -> Result<Arc<CertDirWatcher>> {
-    let options = WatchOptions {
-        default_name: args.default_name.clone(),
-        ..WatchOptions::default()
-    };
+    let options = WatchOptions::default().with_default_name(args.default_name.clone());
     let watcher = Arc::new(CertDirWatcher::start(dir, resolver.clone(), options).await?);
     let source = watcher.clone();
     metrics.add_cert_source(move || {

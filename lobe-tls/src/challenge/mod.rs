@@ -79,6 +79,7 @@ impl std::str::FromStr for ChallengeKind {
 /// How a certificate is validated, as remembered in the store's metadata so that a later
 /// renewal repeats it. Holds no secrets: those come from the environment at run time.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct ChallengeConfig {
     /// The challenge type.
     pub kind: ChallengeKind,
@@ -91,6 +92,37 @@ pub struct ChallengeConfig {
     /// For DNS-01: the provider and propagation check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsConfig>,
+}
+
+impl ChallengeConfig {
+    /// HTTP-01: through the application's registry, or with `listen` set, a standalone
+    /// listener on that address while the order runs.
+    pub fn http01(listen: Option<String>) -> Self {
+        ChallengeConfig {
+            kind: ChallengeKind::Http01,
+            http_listen: listen,
+            ..ChallengeConfig::default()
+        }
+    }
+
+    /// TLS-ALPN-01: through the manager's resolver on the proxy's own port, or with
+    /// `listen` set, a standalone listener on that address while the order runs.
+    pub fn tls_alpn01(listen: Option<String>) -> Self {
+        ChallengeConfig {
+            kind: ChallengeKind::TlsAlpn01,
+            tls_listen: listen,
+            ..ChallengeConfig::default()
+        }
+    }
+
+    /// DNS-01 through `dns`'s provider.
+    pub fn dns01(dns: DnsConfig) -> Self {
+        ChallengeConfig {
+            kind: ChallengeKind::Dns01,
+            dns: Some(dns),
+            ..ChallengeConfig::default()
+        }
+    }
 }
 
 /// One challenge to answer, as the CA gave it.

@@ -22,6 +22,7 @@ use super::*;
 
 /// A certificate the manager keeps issued and renewed.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct ManagedCert {
     /// The name in the store (`live/<name>/`).
     pub name: String,

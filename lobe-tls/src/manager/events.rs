@@ -4,7 +4,7 @@ use time::OffsetDateTime;
 
 use crate::cert::CertInfo;
 
-/// What happened to a certificate, for subscribers (see [`Manager::subscribe`]).
+/// What happened to a certificate, for subscribers (see [`Manager::subscribe`](super::Manager::subscribe)).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
@@ -97,7 +97,7 @@ impl Event {
     }
 }
 
-/// What [`Manager::renew_now`] did.
+/// What [`Manager::renew_now`](super::Manager::renew_now) did.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum RenewOutcome {
@@ -116,7 +116,7 @@ pub enum RenewOutcome {
     },
 }
 
-/// What [`Manager::start`] did.
+/// What [`Manager::start`](super::Manager::start) did.
 #[derive(Debug, Clone, Default)]
 pub struct StartReport {
     /// How many certificates were loaded from the store.
@@ -130,7 +130,7 @@ pub struct StartReport {
     pub failed: Vec<(String, String)>,
 }
 
-/// One certificate's state, as [`Manager::certificates`] reports it.
+/// One certificate's state, as [`Manager::certificates`](super::Manager::certificates) reports it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CertState {
     /// The certificate's name.

@@ -185,3 +185,41 @@ fn building_refuses_duplicate_and_empty_certificates() {
         .unwrap_err();
     assert!(err.to_string().contains("no domains"), "{err}");
 }
+
+#[tokio::test]
+async fn a_reissue_for_a_changed_configuration_follows_the_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(FileStore::open(dir.path()).unwrap());
+    let later = OffsetDateTime::now_utc() + time::Duration::days(30);
+    store
+        .save_cert(&stored("a", &["a.example.com"], later))
+        .await
+        .unwrap();
+    // The configuration now wants a second name; the CA cannot be reached. The loop runs
+    // with its defaults: a failure wakes it, so a reissue that ignored the backoff would
+    // be tried again every round.
+    let domains = crate::domain::parse_all(&["a.example.com", "b.example.com"]).unwrap();
+    let manager = Manager::builder(unreachable_ca(), store)
+        .cert(ManagedCert::new("a", domains))
+        .build()
+        .unwrap();
+    let mut events = manager.subscribe();
+    manager.start().await.unwrap();
+    let maintenance = manager.spawn();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    drop(maintenance);
+    let mut failures = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let Event::RenewalFailed { next_attempt, .. } = event {
+            failures.push(next_attempt);
+        }
+    }
+    assert_eq!(
+        failures.len(),
+        1,
+        "one attempt, then the backoff: {failures:?}"
+    );
+    assert!(failures[0] >= OffsetDateTime::now_utc() + time::Duration::seconds(50));
+    // Still served meanwhile.
+    assert!(manager.resolver().lookup(Some("a.example.com")).is_some());
+}

@@ -149,28 +149,10 @@ fn serial_from_head(head: &str) -> Option<&str> {
 }
 
 /// Parses a certificate value, key included: CPU work, for a blocking thread.
-fn parse_record(target: &str, name: &str, raw: &str) -> Result<StoredCert> {
-    let record: CertRecord = serde_json::from_str(raw).map_err(|e| {
-        Error::Store(format!(
-            "redis {target}: certificate {name} is unreadable: {e}"
-        ))
-    })?;
-    let bundle = CertBundle::from_pem(record.fullchain, record.key)
-        .map_err(|e| Error::Store(format!("redis {target}: certificate {name}: {e}")))?;
-    Ok(StoredCert {
-        bundle,
-        meta: record.meta,
-    })
-}
-
 fn parse_state(target: &str, name: &str, raw: Option<&str>) -> Result<RenewalState> {
     match raw {
         None => Ok(RenewalState::default()),
-        Some(raw) => serde_json::from_str(raw).map_err(|e| {
-            Error::Store(format!(
-                "redis {target}: renewal state of {name} is unreadable: {e}"
-            ))
-        }),
+        Some(raw) => decode_renewal_state(target, name, raw),
     }
 }
 
@@ -305,7 +287,7 @@ impl Store for RedisStore {
             .map_err(|e| self.error(&format!("load certificate {name}"), &e))?;
         let Some(raw) = raw else { return Ok(None) };
         let (target, name) = (self.target.clone(), name.to_owned());
-        tokio::task::spawn_blocking(move || parse_record(&target, &name, &raw).map(Some))
+        tokio::task::spawn_blocking(move || decode_cert(&target, &name, &raw).map(Some))
             .await
             .map_err(|e| Error::Store(format!("store task failed: {e}")))?
     }
@@ -349,7 +331,7 @@ impl Store for RedisStore {
                 .map(|((name, raw), raw_state)| {
                     let cert = check_name(&name).and_then(|()| match raw {
                         None => Ok(None),
-                        Some(raw) => parse_record(&target, &name, &raw).map(Some),
+                        Some(raw) => decode_cert(&target, &name, &raw).map(Some),
                     });
                     let state = match cert {
                         Ok(Some(_)) => parse_state(&target, &name, raw_state.as_deref()),
@@ -747,7 +729,46 @@ async fn switched(switches: &mut Option<tokio::sync::watch::Receiver<u64>>) -> O
     }
 }
 
-fn parse_event(payload: &str) -> Option<StoreEvent> {
+/// Decodes the value stored under `<prefix>:cert:<name>`. `target` is the redacted URL
+/// the error names. Public only so the fuzz targets can feed it arbitrary values.
+#[doc(hidden)]
+pub fn decode_cert(target: &str, name: &str, raw: &str) -> Result<StoredCert> {
+    // serde's own message quotes the offending value, which in this record may be (part
+    // of) the private key: say only what kind of error it is and where.
+    let record: CertRecord = serde_json::from_str(raw).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Data => {
+                "a field is missing or has the wrong type or value"
+            }
+            _ => "not valid JSON",
+        };
+        Error::Store(format!(
+            "redis {target}: certificate {name} is unreadable: {what} at line {} column {}",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let bundle = CertBundle::from_pem(record.fullchain, record.key)
+        .map_err(|e| Error::Store(format!("redis {target}: certificate {name}: {e}")))?;
+    Ok(StoredCert {
+        bundle,
+        meta: record.meta,
+    })
+}
+
+/// Decodes the value stored under `<prefix>:state:<name>`. Public only for the fuzz targets.
+#[doc(hidden)]
+pub fn decode_renewal_state(target: &str, name: &str, raw: &str) -> Result<RenewalState> {
+    serde_json::from_str(raw).map_err(|e| {
+        Error::Store(format!(
+            "redis {target}: renewal state of {name} is unreadable: {e}"
+        ))
+    })
+}
+
+/// Parses one announcement of the events channel. Public only for the fuzz targets.
+#[doc(hidden)]
+pub fn parse_event(payload: &str) -> Option<StoreEvent> {
     let (kind, arg) = payload.split_once(' ')?;
     let arg = arg.to_owned();
     match kind {
@@ -1036,6 +1057,32 @@ mod tests {
         assert_eq!(serial_from_head(r#"{"serial":null,"fullchain""#), None);
         assert_eq!(serial_from_head(r#"{"serial":"zz","#), None);
         assert_eq!(serial_from_head(""), None);
+    }
+
+    /// Found by the `redis_values` fuzz target: with key material in the wrong field,
+    /// the error quoted it, over several lines.
+    #[test]
+    fn unreadable_records_never_quote_their_values() {
+        let secret = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49\nAwEHBG0wawIBAQQg";
+        let record = serde_json::json!({
+            "fullchain": "x",
+            "key": "y",
+            "meta": {"name": "site", "key_type": secret},
+        });
+        let err = decode_cert("redis://h", "site", &record.to_string())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            !err.contains("MIGHAgEAMBMG") && !err.contains('\n'),
+            "{err}"
+        );
+        assert!(err.contains("certificate site is unreadable"), "{err}");
+        let err = decode_cert("redis://h", "site", "{")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not valid JSON at line 1"), "{err}");
     }
 
     #[test]

@@ -126,6 +126,7 @@ impl DnsProviderConfig {
 
 /// DNS-01 settings: the provider and how to check that records are visible.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct DnsConfig {
     /// Which provider writes the records.
     #[serde(flatten)]
