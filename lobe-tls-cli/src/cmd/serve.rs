@@ -328,10 +328,5 @@ async fn start_manager(
     for (unusable, error) in &report.unusable {
         tracing::error!(name = unusable, error, "stored certificate is unusable");
     }
-    // Every managed certificate, also one that could not be issued yet, shows in the
-    // failure counter from the start.
-    for cert in manager.certificates() {
-        metrics.track_renewals(&cert.name);
-    }
     Ok((manager.spawn(), cluster))
 }

@@ -194,7 +194,11 @@ impl Manager {
                 match events.recv().await {
                     Ok(Event::RenewalFailed { name, .. }) => counted.renewal_failed(&name),
                     Ok(Event::ConfigConflict { name, .. }) => counted.config_conflict(&name),
-                    Ok(Event::Unusable { name, .. }) => counted.unusable(&name),
+                    Ok(Event::Unusable { name, .. }) => {
+                        // Still managed (re-ordered when due): its failures count too.
+                        counted.track_renewals(&name);
+                        counted.unusable(&name);
+                    }
                     Ok(Event::Loaded { name, .. } | Event::Obtained { name, .. }) => {
                         counted.track_renewals(&name)
                     }

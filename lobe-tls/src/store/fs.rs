@@ -246,14 +246,7 @@ impl FileStore {
     }
 
     fn open_staging_lock(&self) -> Result<File> {
-        let path = self.create_locks_dir()?.join(STAGING_LOCK);
-        OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))
+        open_lock_file(&self.create_locks_dir()?.join(STAGING_LOCK))
     }
 
     /// Held by a save while it has temporary entries on disk; see
@@ -498,15 +491,7 @@ impl Store for FileStore {
         })
         .await;
         loaded.unwrap_or_else(|e| {
-            let why = format!("store task failed: {e}");
-            names
-                .iter()
-                .map(|name| BatchEntry {
-                    name: name.clone(),
-                    cert: Err(Error::Store(why.clone())),
-                    state: Ok(RenewalState::default()),
-                })
-                .collect()
+            BatchEntry::all_failed(names, |_| Error::Store(format!("store task failed: {e}")))
         })
     }
 
@@ -586,13 +571,7 @@ impl Store for FileStore {
             let path = path.clone();
             move || {
                 create_private_dir(&dir)?;
-                OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|e| Error::io(&path, e))
+                open_lock_file(&path)
             }
         })
         .await?;
@@ -690,6 +669,17 @@ impl LiveSet {
             }
         }
     }
+}
+
+/// Opens (or creates, 0600) a file that only carries an advisory lock.
+fn open_lock_file(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
 }
 
 fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {

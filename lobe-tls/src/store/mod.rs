@@ -108,6 +108,24 @@ pub struct BatchEntry {
     pub state: Result<RenewalState>,
 }
 
+impl BatchEntry {
+    /// The entries of a batch that failed as a whole (the store could not be read, a
+    /// blocking task died): every name gets `error(name)` and the default state.
+    pub(crate) fn all_failed(
+        names: &[String],
+        error: impl Fn(&str) -> crate::error::Error,
+    ) -> Vec<Self> {
+        names
+            .iter()
+            .map(|name| BatchEntry {
+                name: name.clone(),
+                cert: Err(error(name)),
+                state: Ok(RenewalState::default()),
+            })
+            .collect()
+    }
+}
+
 /// What tells one stored certificate from another without parsing its key: the serial of
 /// its leaf and its renewal state. A follower compares it with what it serves (see
 /// [`Store::load_cert_versions`]) and reads in full only what differs.

@@ -311,14 +311,9 @@ impl Store for RedisStore {
         let (certs, states) = match fetched {
             Ok(fetched) => fetched,
             Err(e) => {
-                return names
-                    .iter()
-                    .map(|name| BatchEntry {
-                        name: name.clone(),
-                        cert: Err(self.error(&format!("load certificate {name}"), &e)),
-                        state: Ok(RenewalState::default()),
-                    })
-                    .collect();
+                return BatchEntry::all_failed(names, |name| {
+                    self.error(&format!("load certificate {name}"), &e)
+                });
             }
         };
         let target = self.target.clone();
@@ -343,15 +338,7 @@ impl Store for RedisStore {
         })
         .await;
         parsed.unwrap_or_else(|e| {
-            let why = format!("store task failed: {e}");
-            names
-                .iter()
-                .map(|name| BatchEntry {
-                    name: name.clone(),
-                    cert: Err(Error::Store(why.clone())),
-                    state: Ok(RenewalState::default()),
-                })
-                .collect()
+            BatchEntry::all_failed(names, |_| Error::Store(format!("store task failed: {e}")))
         })
     }
 
