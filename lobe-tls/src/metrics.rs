@@ -1,5 +1,6 @@
-//! Counters for the terminator and the certificates it serves, rendered in the Prometheus
-//! text exposition format, and a small HTTP listener that serves them.
+//! Counters for the terminator and the certificates it serves, kept in a
+//! [`prometheus_client`] registry and rendered in the OpenMetrics text format, and a small
+//! HTTP listener that serves them.
 //!
 //! | metric | type | labels |
 //! |---|---|---|
@@ -11,26 +12,66 @@
 //! | `lobe_tls_active_connections` | gauge | |
 //! | `lobe_tls_connections_total` | counter | |
 //! | `lobe_tls_upstream_errors_total` | counter | |
+//!
+//! An embedder (the edge, or a proxy of its own) adds its families to the same registry
+//! with [`Metrics::register`], so one scrape shows them all.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
 use crate::error::Result;
 use crate::listen::ListenerTask;
 
-/// The content type of the Prometheus text format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The content type of the OpenMetrics text format, which Prometheus scrapes.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The prefix of every metric lobe-tls registers.
+const PREFIX: &str = "lobe_tls";
+
+/// A label value written with the text format's escapes (backslash, double quote,
+/// newline). prometheus-client writes label values as they are, and a name that comes from
+/// a directory on disk may hold any of those characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LabelText(pub String);
+
+impl From<&str> for LabelText {
+    fn from(value: &str) -> Self {
+        LabelText(value.to_owned())
+    }
+}
+
+impl EncodeLabelValue for LabelText {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        let mut rest = self.0.as_str();
+        while let Some(at) = rest.find(['\\', '"', '\n']) {
+            encoder.write_str(&rest[..at])?;
+            encoder.write_str(match rest.as_bytes()[at] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[at + 1..];
+        }
+        encoder.write_str(rest)
+    }
+}
 
 /// One certificate's expiry, as a metrics source reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,29 +85,69 @@ pub struct CertExpiry {
 }
 
 type CertSource = Box<dyn Fn() -> Vec<CertExpiry> + Send + Sync>;
+type NameLabel = [(&'static str, LabelText); 1];
+type ResultLabel = [(&'static str, &'static str); 1];
 
-/// The counters. Shared through an `Arc`; every method is cheap and lock-free except the
-/// per-certificate ones, which are not on the handshake path.
-#[derive(Default)]
+/// The counters. Shared through an `Arc`; every method is cheap and lock-free except
+/// [`Metrics::register`] and the certificate sources, which are not on the handshake path.
 pub struct Metrics {
-    handshakes_ok: AtomicU64,
-    handshakes_failed: AtomicU64,
-    active_connections: AtomicI64,
-    connections_total: AtomicU64,
-    upstream_errors: AtomicU64,
-    renewal_failures: Mutex<BTreeMap<String, u64>>,
-    conflicts: Mutex<BTreeMap<String, u64>>,
-    unusable: Mutex<BTreeMap<String, u64>>,
-    cert_sources: Mutex<Vec<CertSource>>,
+    registry: RwLock<Registry>,
+    // The family's two members, held so that a handshake costs one atomic add.
+    handshakes_ok: Counter,
+    handshakes_failed: Counter,
+    active_connections: Gauge,
+    connections_total: Counter,
+    upstream_errors: Counter,
+    renewal_failures: Family<NameLabel, Counter>,
+    conflicts: Family<NameLabel, Counter>,
+    unusable: Family<NameLabel, Counter>,
+    cert_sources: Arc<CertSources>,
 }
 
 impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (ok, failed) = self.handshakes();
         f.debug_struct("Metrics")
-            .field("handshakes_ok", &self.handshakes_ok)
-            .field("handshakes_failed", &self.handshakes_failed)
-            .field("active_connections", &self.active_connections)
+            .field("handshakes_ok", &ok)
+            .field("handshakes_failed", &failed)
+            .field("active_connections", &self.active_connections())
             .finish_non_exhaustive()
+    }
+}
+
+/// The certificate expiry gauge: asked of its sources at every scrape, so it always shows
+/// what is served now and never a certificate that is gone.
+#[derive(Default)]
+struct CertSources(Mutex<Vec<CertSource>>);
+
+impl std::fmt::Debug for CertSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertSources")
+    }
+}
+
+impl Collector for CertSources {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let mut certs: Vec<CertExpiry> = match self.0.lock() {
+            Ok(sources) => sources.iter().flat_map(|source| source()).collect(),
+            Err(_) => Vec::new(),
+        };
+        certs.sort_by(|a, b| (a.source, &a.name).cmp(&(b.source, &b.name)));
+        let probe = ConstGauge::new(0i64);
+        let mut family = encoder.encode_descriptor(
+            "certificate_expiry_timestamp_seconds",
+            "When each served certificate expires (Unix time)",
+            None,
+            probe.metric_type(),
+        )?;
+        for cert in certs {
+            let labels = [
+                ("name", LabelText(cert.name)),
+                ("source", LabelText(cert.source.to_owned())),
+            ];
+            ConstGauge::new(cert.not_after).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 
@@ -78,10 +159,75 @@ pub struct ActiveConnection {
 
 impl Drop for ActiveConnection {
     fn drop(&mut self) {
-        self.metrics
-            .active_connections
-            .fetch_sub(1, Ordering::Relaxed);
+        self.metrics.active_connections.dec();
     }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let handshakes = Family::<ResultLabel, Counter>::default();
+        let active_connections = Gauge::default();
+        let connections_total = Counter::default();
+        let upstream_errors = Counter::default();
+        let renewal_failures = Family::<NameLabel, Counter>::default();
+        let conflicts = Family::<NameLabel, Counter>::default();
+        let unusable = Family::<NameLabel, Counter>::default();
+        let cert_sources = Arc::new(CertSources::default());
+        registry.register_collector(Box::new(cert_sources.clone()));
+        registry.register(
+            "renewal_failures",
+            "Failed renewal attempts per managed certificate",
+            renewal_failures.clone(),
+        );
+        registry.register(
+            "certificate_conflicts",
+            "Times another instance stored a certificate with a configuration other than this one's",
+            conflicts.clone(),
+        );
+        registry.register(
+            "unusable_certificates",
+            "Times a stored certificate could not be served (unreadable, key mismatch, expired)",
+            unusable.clone(),
+        );
+        registry.register("handshakes", "TLS handshakes by result", handshakes.clone());
+        registry.register(
+            "active_connections",
+            "Connections being forwarded now",
+            active_connections.clone(),
+        );
+        registry.register(
+            "connections",
+            "Connections forwarded since start",
+            connections_total.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Connections whose upstream could not be reached",
+            upstream_errors.clone(),
+        );
+        let handshakes_ok = handshakes.get_or_create(&OK).clone();
+        let handshakes_failed = handshakes.get_or_create(&FAILED).clone();
+        Metrics {
+            registry: RwLock::new(registry),
+            handshakes_ok,
+            handshakes_failed,
+            active_connections,
+            connections_total,
+            upstream_errors,
+            renewal_failures,
+            conflicts,
+            unusable,
+            cert_sources,
+        }
+    }
+}
+
+const OK: ResultLabel = [("result", "ok")];
+const FAILED: ResultLabel = [("result", "failed")];
+
+fn name_label(name: &str) -> NameLabel {
+    [("name", LabelText::from(name))]
 }
 
 impl Metrics {
@@ -90,20 +236,29 @@ impl Metrics {
         Arc::new(Self::default())
     }
 
+    /// Adds families of the embedder's own to the registry behind [`Metrics::render`]
+    /// (names get the `lobe_tls_` prefix). Call it at setup, not per request.
+    pub fn register(&self, add: impl FnOnce(&mut Registry)) {
+        match self.registry.write() {
+            Ok(mut registry) => add(&mut registry),
+            Err(poisoned) => add(&mut poisoned.into_inner()),
+        }
+    }
+
     /// Counts a completed TLS handshake.
     pub fn handshake_ok(&self) {
-        self.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+        self.handshakes_ok.inc();
     }
 
     /// Counts a failed or refused TLS handshake.
     pub fn handshake_failed(&self) {
-        self.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+        self.handshakes_failed.inc();
     }
 
     /// Counts a connection as active for as long as the returned guard lives.
     pub fn connection_opened(self: &Arc<Self>) -> ActiveConnection {
-        self.connections_total.fetch_add(1, Ordering::Relaxed);
-        self.active_connections.fetch_add(1, Ordering::Relaxed);
+        self.connections_total.inc();
+        self.active_connections.inc();
         ActiveConnection {
             metrics: self.clone(),
         }
@@ -111,145 +266,67 @@ impl Metrics {
 
     /// Counts a connection whose upstream could not be reached.
     pub fn upstream_error(&self) {
-        self.upstream_errors.fetch_add(1, Ordering::Relaxed);
+        self.upstream_errors.inc();
     }
 
     /// Connections whose upstream could not be reached, so far.
     pub fn upstream_errors(&self) -> u64 {
-        self.upstream_errors.load(Ordering::Relaxed)
+        self.upstream_errors.get()
     }
 
     /// The number of connections being forwarded now.
     pub fn active_connections(&self) -> i64 {
-        self.active_connections.load(Ordering::Relaxed)
+        self.active_connections.get()
     }
 
     /// Completed and failed handshakes so far.
     pub fn handshakes(&self) -> (u64, u64) {
-        (
-            self.handshakes_ok.load(Ordering::Relaxed),
-            self.handshakes_failed.load(Ordering::Relaxed),
-        )
+        (self.handshakes_ok.get(), self.handshakes_failed.get())
     }
 
     /// Makes `name` appear in the renewal failure counter, at zero if it has not failed.
     pub fn track_renewals(&self, name: &str) {
-        if let Ok(mut failures) = self.renewal_failures.lock() {
-            failures.entry(name.to_owned()).or_insert(0);
-        }
+        let _ = self.renewal_failures.get_or_create(&name_label(name));
     }
 
     /// Counts a failed renewal of `name`.
     pub fn renewal_failed(&self, name: &str) {
-        if let Ok(mut failures) = self.renewal_failures.lock() {
-            *failures.entry(name.to_owned()).or_insert(0) += 1;
-        }
+        self.renewal_failures.get_or_create(&name_label(name)).inc();
     }
 
     /// Counts a configuration conflict on `name`: another instance stored it for other
     /// names or another key type (the manager's `ConfigConflict` event).
     pub fn config_conflict(&self, name: &str) {
-        if let Ok(mut conflicts) = self.conflicts.lock() {
-            *conflicts.entry(name.to_owned()).or_insert(0) += 1;
-        }
+        self.conflicts.get_or_create(&name_label(name)).inc();
     }
 
     /// Counts a stored certificate found unusable (garbage, a key that does not match).
     pub fn unusable(&self, name: &str) {
-        if let Ok(mut unusable) = self.unusable.lock() {
-            *unusable.entry(name.to_owned()).or_insert(0) += 1;
-        }
+        self.unusable.get_or_create(&name_label(name)).inc();
     }
 
     /// Adds a source of certificate expiries, asked at every scrape.
     pub fn add_cert_source(&self, source: impl Fn() -> Vec<CertExpiry> + Send + Sync + 'static) {
-        if let Ok(mut sources) = self.cert_sources.lock() {
+        if let Ok(mut sources) = self.cert_sources.0.lock() {
             sources.push(Box::new(source));
         }
     }
 
-    /// The metrics in the Prometheus text exposition format.
+    /// The metrics in the OpenMetrics text format ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str("# HELP lobe_tls_certificate_expiry_timestamp_seconds When each served certificate expires (Unix time).\n");
-        out.push_str("# TYPE lobe_tls_certificate_expiry_timestamp_seconds gauge\n");
-        let mut certs: Vec<CertExpiry> = match self.cert_sources.lock() {
-            Ok(sources) => sources.iter().flat_map(|source| source()).collect(),
-            Err(_) => Vec::new(),
+        let encoded = match self.registry.read() {
+            Ok(registry) => prometheus_client::encoding::text::encode(&mut out, &registry),
+            Err(poisoned) => {
+                prometheus_client::encoding::text::encode(&mut out, &poisoned.into_inner())
+            }
         };
-        certs.sort_by(|a, b| (a.source, &a.name).cmp(&(b.source, &b.name)));
-        for cert in &certs {
-            let _ = writeln!(
-                out,
-                "lobe_tls_certificate_expiry_timestamp_seconds{{name=\"{}\",source=\"{}\"}} {}",
-                escape_label(&cert.name),
-                cert.source,
-                cert.not_after
-            );
+        if let Err(e) = encoded {
+            // Writing into a String cannot fail; a collector that did is a bug worth a line.
+            tracing::error!(error = %e, "metrics could not be encoded");
         }
-        out.push_str("# HELP lobe_tls_renewal_failures_total Failed renewal attempts per managed certificate.\n");
-        out.push_str("# TYPE lobe_tls_renewal_failures_total counter\n");
-        if let Ok(failures) = self.renewal_failures.lock() {
-            for (name, count) in failures.iter() {
-                let _ = writeln!(
-                    out,
-                    "lobe_tls_renewal_failures_total{{name=\"{}\"}} {count}",
-                    escape_label(name)
-                );
-            }
-        }
-        out.push_str("# HELP lobe_tls_certificate_conflicts_total Times another instance stored a certificate with a configuration other than this one's.\n");
-        out.push_str("# TYPE lobe_tls_certificate_conflicts_total counter\n");
-        if let Ok(conflicts) = self.conflicts.lock() {
-            for (name, count) in conflicts.iter() {
-                let _ = writeln!(
-                    out,
-                    "lobe_tls_certificate_conflicts_total{{name=\"{}\"}} {count}",
-                    escape_label(name)
-                );
-            }
-        }
-        out.push_str("# HELP lobe_tls_unusable_certificates_total Times a stored certificate could not be served (unreadable, key mismatch, expired).\n");
-        out.push_str("# TYPE lobe_tls_unusable_certificates_total counter\n");
-        if let Ok(unusable) = self.unusable.lock() {
-            for (name, count) in unusable.iter() {
-                let _ = writeln!(
-                    out,
-                    "lobe_tls_unusable_certificates_total{{name=\"{}\"}} {count}",
-                    escape_label(name)
-                );
-            }
-        }
-        let (ok, failed) = self.handshakes();
-        let _ = write!(
-            out,
-            "# HELP lobe_tls_handshakes_total TLS handshakes by result.\n\
-             # TYPE lobe_tls_handshakes_total counter\n\
-             lobe_tls_handshakes_total{{result=\"ok\"}} {ok}\n\
-             lobe_tls_handshakes_total{{result=\"failed\"}} {failed}\n\
-             # HELP lobe_tls_active_connections Connections being forwarded now.\n\
-             # TYPE lobe_tls_active_connections gauge\n\
-             lobe_tls_active_connections {}\n\
-             # HELP lobe_tls_connections_total Connections forwarded since start.\n\
-             # TYPE lobe_tls_connections_total counter\n\
-             lobe_tls_connections_total {}\n\
-             # HELP lobe_tls_upstream_errors_total Connections whose upstream could not be reached.\n\
-             # TYPE lobe_tls_upstream_errors_total counter\n\
-             lobe_tls_upstream_errors_total {}\n",
-            self.active_connections(),
-            self.connections_total.load(Ordering::Relaxed),
-            self.upstream_errors()
-        );
         out
     }
-}
-
-/// Label values escape backslash, double quote and newline.
-fn escape_label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// An HTTP listener that serves `GET /metrics`. Stops when dropped.
@@ -345,7 +422,27 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
         }
+        assert!(text.ends_with("# EOF\n"), "not OpenMetrics:\n{text}");
         drop(guard);
         assert!(metrics.render().contains("lobe_tls_active_connections 0\n"));
+    }
+
+    #[test]
+    fn families_an_embedder_registers_show_in_the_same_scrape() {
+        let metrics = Metrics::new();
+        let requests = Family::<[(&'static str, LabelText); 1], Counter>::default();
+        metrics.register(|registry| {
+            registry.register("edge_requests", "Requests", requests.clone());
+        });
+        requests
+            .get_or_create(&[("site", LabelText::from("chat"))])
+            .inc();
+        let text = metrics.render();
+        assert!(
+            text.lines()
+                .any(|l| l == "lobe_tls_edge_requests_total{site=\"chat\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("lobe_tls_handshakes_total{result=\"ok\"} 0"));
     }
 }

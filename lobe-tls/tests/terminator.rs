@@ -405,13 +405,17 @@ async fn metrics_endpoint_serves_prometheus_text() {
         .unwrap()
         .unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    assert!(response.contains("text/plain; version=0.0.4"), "{response}");
+    assert!(
+        response.contains("application/openmetrics-text; version=1.0.0"),
+        "{response}"
+    );
     for line in [
         "lobe_tls_certificate_expiry_timestamp_seconds{name=\"app.example.com\",source=\"dir\"} 1900000000",
         "lobe_tls_handshakes_total{result=\"ok\"} 1",
         "lobe_tls_handshakes_total{result=\"failed\"} 1",
         "lobe_tls_active_connections 1",
-        "# TYPE lobe_tls_renewal_failures_total counter",
+        "# TYPE lobe_tls_handshakes counter",
+        "# EOF",
     ] {
         assert!(
             response.lines().any(|l| l == line),
