@@ -127,6 +127,7 @@ pub(crate) fn account(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aws_lc_rs::encoding::{AsBigEndian, AsDer};
 
     #[test]
     fn sec1_pkcs8_and_jwk_give_the_same_key() {
