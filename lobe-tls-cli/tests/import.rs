@@ -747,3 +747,59 @@ fn import_writes_to_a_redis_store_too() {
     assert_ok(&out);
     assert!(text(&out.stdout).starts_with("exists certificate redis-import.example.com"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_orders_a_managed_name_through_http_webroot() {
+    let pebble = Pebble::start(PebbleOptions::default());
+    let dir = tempfile::tempdir().unwrap();
+    let webroot = dir.path().join("www");
+    std::fs::create_dir(&webroot).unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let _web = serve_webroot(&pebble.http_listen(), webroot.clone(), seen.clone()).await;
+    let store = dir.path().join("store");
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen_addr = listen.local_addr().unwrap().to_string();
+    drop(listen);
+    // No plain HTTP listener at all: the web server serving the webroot answers HTTP-01.
+    let serve = Running(
+        Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("LOBE_TLS_STORE", &store)
+            .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
+            .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file)
+            .args([
+                "serve",
+                "--listen",
+                &listen_addr,
+                "--upstream",
+                "127.0.0.1:9",
+            ])
+            .args([
+                "-d",
+                "serve-webroot.example.com",
+                "--no-http",
+                "--http-webroot",
+            ])
+            .arg(&webroot)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let meta = store.join("live/serve-webroot.example.com/lobe-tls.json");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !meta.is_file() {
+        assert!(Instant::now() < deadline, "serve stored no certificate");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(serve);
+    let meta = stored_meta(&store, "serve-webroot.example.com");
+    assert_eq!(meta["challenge"]["http_webroot"], webroot.to_str().unwrap());
+    assert!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .any(|p| p.starts_with("/.well-known/acme-challenge/"))
+    );
+}
