@@ -61,11 +61,15 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         Source::Caddy { dir } => import::caddy::read(dir)?,
         Source::Traefik { file } => import::traefik::read(file, &global.acme_config()?.directory)?,
     };
-    let store = global.open_store().await?;
+    let spec = global.store_spec()?;
     let options = ImportOptions::new()
         .dry_run(args.dry_run)
         .replace(args.replace);
-    let report = import::apply(found, store.as_ref(), options).await;
+    // A dry run creates no store directory: without one, everything would be new.
+    let report = match spec.dir() {
+        Some(dir) if args.dry_run && !dir.exists() => import::preview_into_empty(found).await,
+        _ => import::apply(found, spec.open().await?.as_ref(), options).await,
+    };
     if args.json {
         let text = serde_json::to_string_pretty(&report)
             .map_err(|e| Error::Config(format!("cannot encode JSON: {e}")))?;

@@ -255,6 +255,16 @@ pub fn describe_challenge(challenge: &ChallengeConfig) -> String {
 /// named by the store's rule ([`crate::domain::store_name`]); when two entries of a source
 /// get the same name, the one valid longest wins.
 pub async fn apply(found: Found, store: &dyn Store, options: ImportOptions) -> Vec<ImportEntry> {
+    run(found, Some(store), options).await
+}
+
+/// What [`apply`] with [`ImportOptions::dry_run`] would report for a store that does not
+/// exist yet (a directory not created), without creating it: every entry is new.
+pub async fn preview_into_empty(found: Found) -> Vec<ImportEntry> {
+    run(found, None, ImportOptions::new().dry_run(true)).await
+}
+
+async fn run(found: Found, store: Option<&dyn Store>, options: ImportOptions) -> Vec<ImportEntry> {
     let mut report = Vec::new();
     let mut certs = found.certs;
     certs.sort_by_key(|c| std::cmp::Reverse(c.cert.bundle.info().map(|i| i.not_after).ok()));
@@ -275,7 +285,7 @@ pub async fn apply(found: Found, store: &dyn Store, options: ImportOptions) -> V
 
 async fn apply_cert(
     found: FoundCert,
-    store: &dyn Store,
+    store: Option<&dyn Store>,
     options: ImportOptions,
     taken: &mut HashSet<String>,
 ) -> ImportEntry {
@@ -302,6 +312,10 @@ async fn apply_cert(
         ));
         return entry;
     }
+    let Some(store) = store else {
+        entry.result = ImportResult::WouldImport;
+        return entry;
+    };
     let existing = match store.load_cert(&name).await {
         Ok(existing) => existing.is_some(),
         // Something unreadable is there: it is not overwritten without --replace either.
@@ -345,7 +359,7 @@ async fn apply_cert(
 /// contact address under the key `--email ADDRESS` looks up.
 async fn apply_account(
     account: FoundAccount,
-    store: &dyn Store,
+    store: Option<&dyn Store>,
     options: ImportOptions,
 ) -> Vec<ImportEntry> {
     let mut keys = vec![crate::acme::account_key(&account.directory, None)];
@@ -358,6 +372,11 @@ async fn apply_account(
             ImportEntry::new(EntryKind::Account, &account.source, ImportResult::Skipped);
         entry.name = Some(key.clone());
         entry.directory = Some(account.directory.clone());
+        let Some(store) = store else {
+            entry.result = ImportResult::WouldImport;
+            out.push(entry);
+            continue;
+        };
         let existing = match store.load_account(&key).await {
             Ok(existing) => existing.is_some(),
             Err(_) => true,
