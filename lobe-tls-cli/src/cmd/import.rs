@@ -32,20 +32,20 @@ pub struct Args {
 /// Where to import from.
 #[derive(clap::Subcommand, Debug)]
 pub enum Source {
-    /// certbot's configuration directory: every renewal/NAME.conf with its live
+    /// From certbot's configuration directory: every renewal/NAME.conf with its live
     /// certificate and key, names, key type, server, authenticator, and its account.
     Certbot {
         /// certbot's configuration directory.
         #[arg(default_value = "/etc/letsencrypt")]
         dir: PathBuf,
     },
-    /// Caddy's file storage: certificates/ISSUER/NAME/NAME.{crt,key,json} and the ACME
+    /// From Caddy's file storage: certificates/ISSUER/NAME/NAME.{crt,key,json} and the ACME
     /// accounts under acme/CA/users/.
     Caddy {
         /// Caddy's storage directory (the one holding certificates/ and acme/).
         dir: PathBuf,
     },
-    /// Traefik's acme.json (v2/v3 layout). It does not name the CA: the certificates are
+    /// From Traefik's acme.json (v2/v3 layout). It does not name the CA: the certificates are
     /// recorded with --directory.
     Traefik {
         /// The acme.json file.
