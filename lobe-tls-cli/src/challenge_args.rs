@@ -37,6 +37,12 @@ pub struct ChallengeArgs {
     #[arg(long, env = "LOBE_TLS_HTTP_LISTEN", default_value = "0.0.0.0:80")]
     pub http_listen: String,
 
+    /// Answer HTTP-01 through the web server that serves DIR: the token is written to
+    /// DIR/.well-known/acme-challenge/ and removed afterwards; no port is bound for it.
+    /// Recorded with the certificate, so renewals use it again.
+    #[arg(long, env = "LOBE_TLS_HTTP_WEBROOT", value_name = "DIR")]
+    pub http_webroot: Option<PathBuf>,
+
     /// Address of the standalone TLS-ALPN-01 listener (port 443 must reach it), for
     /// --challenge tls-alpn-01.
     #[arg(long, env = "LOBE_TLS_TLS_LISTEN")]
@@ -96,8 +102,17 @@ impl ChallengeArgs {
     pub fn to_config(&self) -> Result<ChallengeConfig> {
         let mut config = ChallengeConfig::default();
         config.kind = self.challenge;
+        if self.http_webroot.is_some() && self.challenge != ChallengeKind::Http01 {
+            return Err(Error::Config(format!(
+                "--http-webroot answers http-01, not {}: drop one of them",
+                self.challenge
+            )));
+        }
         match self.challenge {
-            ChallengeKind::Http01 => config.http_listen = Some(self.http_listen.clone()),
+            ChallengeKind::Http01 => match &self.http_webroot {
+                Some(dir) => config.http_webroot = Some(absolute_webroot(dir)?),
+                None => config.http_listen = Some(self.http_listen.clone()),
+            },
             ChallengeKind::Dns01 => config.dns = Some(self.dns_config()?),
             ChallengeKind::TlsAlpn01 => config.tls_listen = self.tls_listen.clone(),
             _ => {}
@@ -151,6 +166,14 @@ impl ChallengeArgs {
             .map(Some)
             .map_err(|e| Error::io(path, e))
     }
+}
+
+/// The webroot as an absolute path (the store's metadata keeps it for renewals started
+/// from anywhere), checked to be a directory now rather than at the CA's first request.
+pub fn absolute_webroot(dir: &std::path::Path) -> Result<PathBuf> {
+    let dir = std::path::absolute(dir).map_err(|e| Error::io(dir, e))?;
+    lobe_tls::challenge::WebrootSolver::new(&dir)?;
+    Ok(dir)
 }
 
 fn interval_ms(seconds: f64) -> Result<u64> {

@@ -35,6 +35,8 @@ enum Command {
     Revoke(cmd::revoke::Args),
     /// Work on a whole store: copy between a directory and Redis.
     Store(cmd::store::Args),
+    /// Move in from certbot, Caddy or Traefik: certificates (same serial), renewal settings, accounts.
+    Import(cmd::import::Args),
     /// Terminate TLS in front of a plain-TCP upstream, with managed certificates and/or a watched directory.
     Serve(Box<cmd::serve::Args>),
 }
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
             Command::Renew(args) => cmd::renew::run(&cli.global, args).await,
             Command::Revoke(args) => cmd::revoke::run(&cli.global, args).await,
             Command::Store(args) => cmd::store::run(&cli.global, args).await,
+            Command::Import(args) => cmd::import::run(&cli.global, args).await,
             Command::Serve(args) => cmd::serve::run(&cli.global, args).await,
         };
         match result {

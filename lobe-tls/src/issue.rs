@@ -17,6 +17,7 @@ use crate::challenge::http01::Http01Listener;
 use crate::challenge::tls_alpn01::{TlsAlpn01Listener, TlsAlpn01Solver};
 use crate::challenge::{
     ChallengeConfig, ChallengeKind, Dns01Solver, Http01Registry, Http01Solver, Solver,
+    WebrootSolver,
 };
 use crate::domain::{DomainError, DomainName};
 use crate::error::{Error, Result};
@@ -118,6 +119,10 @@ impl Issuance {
         let config = &request.challenge;
         let mut tls_listener = None;
         let (solver, listener): (Box<dyn Solver>, _) = match config.kind {
+            ChallengeKind::Http01 if config.http_webroot.is_some() => {
+                let dir = config.http_webroot.clone().unwrap_or_default();
+                (Box::new(WebrootSolver::new(dir)?), None)
+            }
             ChallengeKind::Http01 => match http01 {
                 Some(registry) => (Box::new(Http01Solver::new(registry)), None),
                 None => {

@@ -34,6 +34,7 @@ pub mod challenge;
 pub mod cluster;
 pub mod domain;
 pub mod error;
+pub mod import;
 pub mod inventory;
 pub mod issue;
 mod listen;

@@ -43,9 +43,16 @@ impl HttpServer {
         F: Fn(Request) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = http::Response<String>> + Send + 'static,
     {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        Self::start_on("127.0.0.1:0", handler).await
+    }
+
+    /// Serves `handler` on `addr` (a port a CA validates on, say).
+    pub async fn start_on<F, Fut>(addr: &str, handler: F) -> HttpServer
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = http::Response<String>> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let handler = Arc::new(handler);
         let task = tokio::spawn(async move {
@@ -99,4 +106,38 @@ pub fn json_response(status: u16, body: serde_json::Value) -> http::Response<Str
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(body.to_string())
         .expect("response")
+}
+
+/// A static file server for `root`, as a web server serving a webroot would be: GET
+/// `/PATH` answers the file `root/PATH`, 404 when there is none. Every path asked for is
+/// pushed to `seen`.
+pub async fn serve_webroot(
+    addr: &str,
+    root: std::path::PathBuf,
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+) -> HttpServer {
+    HttpServer::start_on(addr, move |req: Request| {
+        let root = root.clone();
+        let seen = seen.clone();
+        async move {
+            let path = req
+                .path_and_query
+                .split('?')
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            seen.lock().unwrap().push(path.clone());
+            let file = (!path.contains(".."))
+                .then(|| root.join(path.trim_start_matches('/')))
+                .and_then(|f| std::fs::read_to_string(f).ok());
+            match file {
+                Some(body) => http::Response::new(body),
+                None => http::Response::builder()
+                    .status(404)
+                    .body(String::new())
+                    .expect("response"),
+            }
+        }
+    })
+    .await
 }

@@ -1,6 +1,7 @@
 //! One module per command.
 
 pub mod check;
+pub mod import;
 pub mod issue;
 pub mod list;
 pub mod renew;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use lobe_tls::cert::rfc3339;
 use lobe_tls::manager::{ManagedCert, Manager, RenewOutcome};
-use lobe_tls::{CertMeta, Error, Result};
+use lobe_tls::{CertMeta, ChallengeConfig, Error, Result};
 use time::OffsetDateTime;
 
 use crate::global::Global;
@@ -41,6 +41,11 @@ pub struct Args {
         hide_env_values = true
     )]
     pub deploy_hook: Option<String>,
+
+    /// Answer HTTP-01 through the web server that serves DIR for the certificates renewed
+    /// now (see `issue --http-webroot`); recorded with them for later renewals.
+    #[arg(long, env = "LOBE_TLS_HTTP_WEBROOT", value_name = "DIR")]
+    pub http_webroot: Option<std::path::PathBuf>,
 
     /// Print the results as JSON.
     #[arg(long)]
@@ -98,6 +103,10 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     } else {
         args.names.clone()
     };
+    let webroot = match &args.http_webroot {
+        Some(dir) => Some(crate::challenge_args::absolute_webroot(dir)?),
+        None => None,
+    };
     let mut results = Vec::new();
     // Each certificate renews at the CA it came from: one manager per directory.
     let mut by_directory: BTreeMap<String, Vec<CertMeta>> = BTreeMap::new();
@@ -119,7 +128,11 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         acme.directory = directory;
         let mut builder = Manager::builder(acme, store.clone());
         for meta in &metas {
-            builder = builder.cert(ManagedCert::from_meta(meta));
+            let mut cert = ManagedCert::from_meta(meta);
+            if let Some(dir) = &webroot {
+                cert = cert.with_challenge(ChallengeConfig::http01_webroot(dir));
+            }
+            builder = builder.cert(cert);
         }
         let manager = builder.build()?;
         for meta in &metas {

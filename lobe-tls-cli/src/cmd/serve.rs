@@ -79,7 +79,11 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         ));
     }
     let managed = managed_cert(args)?;
-    if managed.is_some() && args.challenge.challenge == ChallengeKind::Http01 && args.no_http {
+    if managed.is_some()
+        && args.challenge.challenge == ChallengeKind::Http01
+        && args.challenge.http_webroot.is_none()
+        && args.no_http
+    {
         return Err(Error::Config(
             "--challenge http-01 answers on --http-listen: drop --no-http or use another challenge"
                 .into(),

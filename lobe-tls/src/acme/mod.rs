@@ -157,6 +157,14 @@ impl AcmeConfig {
 
     /// The store key of the account for this directory and email.
     fn account_key(&self) -> String {
+        account_key(&self.directory, self.email.as_deref())
+    }
+}
+
+/// The store key of the account for `directory` and `email` (`default` without one), as
+/// [`AcmeClient::connect`] looks it up.
+pub(crate) fn account_key(directory: &str, email: Option<&str>) -> String {
+    {
         let clean = |s: &str| -> String {
             s.chars()
                 .map(|c| {
@@ -168,15 +176,10 @@ impl AcmeConfig {
                 })
                 .collect()
         };
-        let dir = self
-            .directory
+        let dir = directory
             .trim_start_matches("https://")
             .trim_start_matches("http://");
-        let mut key = format!(
-            "{}@{}",
-            clean(self.email.as_deref().unwrap_or("default")),
-            clean(dir)
-        );
+        let mut key = format!("{}@{}", clean(email.unwrap_or("default")), clean(dir));
         key.truncate(200);
         key
     }

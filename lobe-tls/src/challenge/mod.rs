@@ -13,10 +13,12 @@ pub mod dns01;
 pub mod http01;
 pub(crate) mod standalone;
 pub mod tls_alpn01;
+pub mod webroot;
 
 pub use dns01::{Dns01Solver, DnsConfig, DnsProvider, DnsProviderConfig};
 pub use http01::{Http01Registry, Http01Solver};
 pub use tls_alpn01::{TlsAlpn01Listener, TlsAlpn01Solver};
+pub use webroot::WebrootSolver;
 
 /// The ACME challenge types lobe-tls can answer.
 #[derive(
@@ -86,6 +88,10 @@ pub struct ChallengeConfig {
     /// For HTTP-01 with the standalone listener: the address it listens on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_listen: Option<String>,
+    /// For HTTP-01 through a web server that serves this directory: the token goes to
+    /// `DIR/.well-known/acme-challenge/TOKEN`. Takes precedence over any listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_webroot: Option<std::path::PathBuf>,
     /// For TLS-ALPN-01 with the standalone listener: the address it listens on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_listen: Option<String>,
@@ -101,6 +107,16 @@ impl ChallengeConfig {
         ChallengeConfig {
             kind: ChallengeKind::Http01,
             http_listen: listen,
+            ..ChallengeConfig::default()
+        }
+    }
+
+    /// HTTP-01 through a webroot: another web server serves `dir`, lobe-tls writes the
+    /// token files into it (see [`WebrootSolver`]).
+    pub fn http01_webroot(dir: impl Into<std::path::PathBuf>) -> Self {
+        ChallengeConfig {
+            kind: ChallengeKind::Http01,
+            http_webroot: Some(dir.into()),
             ..ChallengeConfig::default()
         }
     }

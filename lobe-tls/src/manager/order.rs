@@ -11,6 +11,7 @@ use crate::cert::rfc3339;
 use crate::challenge::dns01::Dns01Solver;
 use crate::challenge::http01::Http01Solver;
 use crate::challenge::tls_alpn01::TlsAlpn01Solver;
+use crate::challenge::webroot::WebrootSolver;
 use crate::challenge::{ChallengeConfig, ChallengeKind, Solver};
 use crate::error::{Error, Result};
 use crate::issue::{Issuance, IssueRequest, LOCK_LEASE};
@@ -247,6 +248,12 @@ impl Manager {
 
     async fn solver_for(&self, challenge: &ChallengeConfig) -> Result<SolverHandle> {
         let handle = match challenge.kind {
+            // A webroot wins over the manager's registry: the certificate was set up (or
+            // imported) to be validated by the web server that serves that directory.
+            ChallengeKind::Http01 if challenge.http_webroot.is_some() => {
+                let dir = challenge.http_webroot.clone().unwrap_or_default();
+                SolverHandle::new(WebrootSolver::new(dir)?)
+            }
             ChallengeKind::Http01 => match &self.inner.http01 {
                 Some(registry) => SolverHandle::new(Http01Solver::new(registry.clone())),
                 None => {
