@@ -135,6 +135,7 @@ fn cert_meta() -> impl Strategy<Value = CertMeta> {
                 challenge,
                 directory,
                 issued_at,
+                profile: None,
             },
         )
 }

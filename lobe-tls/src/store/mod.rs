@@ -48,6 +48,10 @@ pub struct CertMeta {
     /// When lobe-tls stored this certificate.
     #[serde(with = "time::serde::rfc3339")]
     pub issued_at: OffsetDateTime,
+    /// The ACME profile asked for, used again on renewal; `None` for the CA's default
+    /// (and in metadata written before profiles existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 /// A certificate with its metadata, as one unit of the store.
@@ -72,6 +76,21 @@ pub struct RenewalState {
     /// The renewal time picked inside the CA's ARI window, if the CA offers ARI.
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub ari_renew_at: Option<OffsetDateTime>,
+    /// The CA's last suggested ARI window (start, end), as it answered it, for the
+    /// certificate `ari_cert_id` names.
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ari_window_start: Option<OffsetDateTime>,
+    /// See [`RenewalState::ari_window_start`].
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ari_window_end: Option<OffsetDateTime>,
     /// When to ask the CA's renewalInfo endpoint again.
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub ari_next_poll: Option<OffsetDateTime>,
@@ -93,6 +112,17 @@ impl RenewalState {
     /// Whether `serial` is the certificate recorded as revoked.
     pub fn is_revoked(&self, serial: &str) -> bool {
         self.revoked_serial.as_deref() == Some(serial)
+    }
+
+    /// The ARI window the CA suggested for `info`, if the recorded answer is about it.
+    pub fn ari_window_for(
+        &self,
+        info: &crate::cert::CertInfo,
+    ) -> Option<(OffsetDateTime, OffsetDateTime)> {
+        if info.ari_id.is_none() || self.ari_cert_id != info.ari_id {
+            return None;
+        }
+        self.ari_window_start.zip(self.ari_window_end)
     }
 }
 
