@@ -262,9 +262,15 @@ impl Issuance {
             domains: self.request.domains.clone(),
             key_type: self.request.key_type,
             replaces: self.request.replaces.clone(),
-            profile: self.request.profile.clone(),
         };
-        let bundle = client.issue(&order, self.solver.as_ref(), progress).await?;
+        let bundle = client
+            .issue_with_profile(
+                &order,
+                self.request.profile.as_deref(),
+                self.solver.as_ref(),
+                progress,
+            )
+            .await?;
         bundle.validate_for(&self.request.domains)?;
         let stored = StoredCert {
             bundle,

@@ -192,8 +192,6 @@ pub struct OrderRequest {
     pub key_type: KeyType,
     /// The ARI identifier of the certificate this one replaces, if the CA offers ARI.
     pub replaces: Option<String>,
-    /// The ACME profile to order under; see [`AcmeClient::order_profile`].
-    pub profile: Option<String>,
 }
 
 /// The profile Let's Encrypt issues IP address certificates under.
@@ -333,9 +331,24 @@ impl AcmeClient {
 
     /// Orders a certificate for `request`, answering challenges with `solver`, within the
     /// whole-order deadline. Every presented challenge is cleaned up, whatever happens.
+    /// The order goes under the CA's default profile, or `shortlived` for an IP address
+    /// when the CA lists it (see [`AcmeClient::issue_with_profile`]).
     pub async fn issue(
         &self,
         request: &OrderRequest,
+        solver: &dyn Solver,
+        progress: Option<ProgressFn>,
+    ) -> Result<CertBundle> {
+        self.issue_with_profile(request, None, solver, progress)
+            .await
+    }
+
+    /// [`AcmeClient::issue`] under the ACME profile `profile`, which the CA's directory
+    /// must list (checked before anything is ordered, see [`AcmeClient::order_profile`]).
+    pub async fn issue_with_profile(
+        &self,
+        request: &OrderRequest,
+        profile: Option<&str>,
         solver: &dyn Solver,
         progress: Option<ProgressFn>,
     ) -> Result<CertBundle> {
@@ -358,7 +371,7 @@ impl AcmeClient {
             }
         }
         // Checked against the directory before anything is ordered.
-        let profile = self.order_profile(request.profile.as_deref(), &request.domains)?;
+        let profile = self.order_profile(profile, &request.domains)?;
         let mut presented = Vec::new();
         let deadline = self.config.order_timeout;
         let outcome = tokio::time::timeout(
