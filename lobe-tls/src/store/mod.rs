@@ -373,3 +373,34 @@ impl Drop for StoreSubscription {
 
 /// A shared handle to any store.
 pub type DynStore = Arc<dyn Store>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Metadata written before profiles and ARI windows existed still loads, and writes
+    /// the new fields only when they are set.
+    #[test]
+    fn metadata_and_state_from_before_profiles_still_load() {
+        let old = r#"{"name":"a","domains":["a.example.com"],"key_type":"ecdsa-p256",
+            "challenge":{"kind":"http-01"},"directory":"https://ca.test/dir",
+            "issued_at":"2026-01-01T00:00:00Z"}"#;
+        let meta: CertMeta = serde_json::from_str(old).unwrap();
+        assert_eq!(meta.profile, None);
+        assert!(!serde_json::to_string(&meta).unwrap().contains("profile"));
+        let with = CertMeta {
+            profile: Some("shortlived".into()),
+            ..meta
+        };
+        let json = serde_json::to_string(&with).unwrap();
+        assert_eq!(serde_json::from_str::<CertMeta>(&json).unwrap(), with);
+
+        let state: RenewalState = serde_json::from_str(r#"{"failures":0}"#).unwrap();
+        assert_eq!(state, RenewalState::default());
+        assert!(
+            !serde_json::to_string(&state)
+                .unwrap()
+                .contains("ari_window")
+        );
+    }
+}
