@@ -318,7 +318,12 @@ impl AcmeClient {
             Some(profile) => Err(Error::Config(format!(
                 "the CA at {} does not list the profile {profile:?}; it lists {}",
                 self.config.directory,
-                offered.join(", ")
+                // The CA's names, escaped: the message stays one line whatever it sends.
+                offered
+                    .iter()
+                    .map(|p| p.escape_debug().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ))),
             None if domains.iter().any(|d| d.ip().is_some())
                 && offered.iter().any(|p| p == SHORTLIVED_PROFILE) =>
