@@ -61,7 +61,8 @@ pub struct ChallengeArgs {
     pub challtestsrv: Option<String>,
 
     /// TOML file with the DNS provider's settings and secrets, in tables named rfc2136,
-    /// cloudflare and httpreq. Environment variables win over it.
+    /// cloudflare and httpreq, and a top-level `profile` for --profile. Environment
+    /// variables and flags win over it.
     #[arg(long = "config", env = "LOBE_TLS_CONFIG", value_name = "FILE")]
     pub config_file: Option<PathBuf>,
 

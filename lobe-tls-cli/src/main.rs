@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod challenge_args;
 mod cmd;
 mod global;
+mod profile_args;
 
 use global::Global;
 

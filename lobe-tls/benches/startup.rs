@@ -110,6 +110,7 @@ async fn fill(root: &str) {
             challenge: Default::default(),
             directory: "https://acme.invalid/directory".into(),
             issued_at: time::OffsetDateTime::now_utc(),
+            profile: None,
         };
         store.save_cert(&StoredCert { bundle, meta }).await.unwrap();
     }

@@ -211,6 +211,15 @@ impl CertBundle {
     }
 }
 
+/// The address in an `iPAddress` SAN: 4 or 16 bytes; anything else is no address.
+fn ip_from_san(bytes: &[u8]) -> Option<std::net::IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(std::net::IpAddr::from),
+        _ => None,
+    }
+}
+
 /// Parses a PEM chain and key and builds the `CertifiedKey`, refusing a key that does
 /// not match the leaf.
 fn build_certified_key(fullchain_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>> {
@@ -269,8 +278,17 @@ impl CertInfo {
         let mut domains = Vec::new();
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {
-                if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
-                    domains.push(dns.to_ascii_lowercase());
+                match name {
+                    x509_parser::extensions::GeneralName::DNSName(dns) => {
+                        domains.push(dns.to_ascii_lowercase());
+                    }
+                    // IP address SANs in the form `DomainName` keeps them in (RFC 8738).
+                    x509_parser::extensions::GeneralName::IPAddress(bytes) => {
+                        if let Some(ip) = ip_from_san(bytes) {
+                            domains.push(ip.to_canonical().to_string());
+                        }
+                    }
+                    _ => {}
                 }
             }
         }

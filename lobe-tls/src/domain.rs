@@ -2,8 +2,14 @@
 //!
 //! Every name is checked here before anything is sent to a CA, so a typo costs a
 //! clear message instead of a failed order counted against rate limits.
+//!
+//! A [`DomainName`] may also be an IP address (RFC 8738), written plainly as
+//! `192.0.2.10` or `2001:db8::1`: it travels through the store, the resolver and the
+//! challenges like a name, and becomes an `ip` identifier only when ordered. Keeping one
+//! type means stored metadata, `-d` flags and every API taking names stay as they were.
 
 use std::fmt;
+use std::net::IpAddr;
 
 /// The longest name DNS allows, without the trailing dot (RFC 1035).
 const MAX_NAME_LEN: usize = 253;
@@ -46,9 +52,15 @@ pub enum DomainError {
     /// A single label such as `localhost`, which no public CA issues for.
     #[error("invalid domain name {0:?}: it needs at least two labels, as in example.com")]
     SingleLabel(String),
-    /// An IP address, which this tool does not order certificates for.
-    #[error("{0:?} is an IP address: lobe-tls issues certificates for domain names only")]
+    /// An IP address in a spelling other than the plain one (a trailing dot, a wildcard,
+    /// characters that IDN maps to digits and dots).
+    #[error(
+        "{0:?} is an IP address in a form a certificate cannot name: write it plainly, as 192.0.2.10 or 2001:db8::1"
+    )]
     IpAddress(String),
+    /// An IP address together with DNS-01, which cannot validate one (RFC 8738 §7).
+    #[error("{0:?} is an IP address: validate it with --challenge http-01 or tls-alpn-01")]
+    IpNeedsHttpOrAlpn(String),
     /// Characters that are not allowed in a host name, after IDN mapping.
     #[error("invalid domain name {name:?}: {reason}")]
     Invalid {
@@ -63,7 +75,8 @@ pub enum DomainError {
 }
 
 /// A domain name that passed validation: lower-case ASCII (punycode), no trailing dot,
-/// optionally with a `*.` wildcard as its leftmost label.
+/// optionally with a `*.` wildcard as its leftmost label; or an IP address in its
+/// canonical text form (`192.0.2.10`, `2001:db8::1`), see [`DomainName::ip`].
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct DomainName(String);
@@ -85,9 +98,14 @@ impl DomainName {
         if trimmed.chars().any(char::is_whitespace) {
             return Err(DomainError::Whitespace(input.to_owned()));
         }
+        // An address written plainly is an IP identifier, kept in its canonical form
+        // (`2001:DB8:0::1` becomes `2001:db8::1`), so it compares like the SAN it gets.
+        if let Ok(ip) = trimmed.parse::<IpAddr>() {
+            return Ok(DomainName(ip.to_canonical().to_string()));
+        }
         let without_dot = trimmed.strip_suffix('.').unwrap_or(trimmed);
         // After the trailing dot is gone: `127.0.0.1.` is an address too.
-        if without_dot.parse::<std::net::IpAddr>().is_ok() {
+        if without_dot.parse::<IpAddr>().is_ok() {
             return Err(DomainError::IpAddress(input.to_owned()));
         }
         let (wildcard, base) = match without_dot.strip_prefix("*.") {
@@ -117,7 +135,7 @@ impl DomainName {
         })?;
         // IDN mapping can make an address out of other characters (full-width digits
         // and dots), and a wildcard must not cover one either.
-        if ascii.parse::<std::net::IpAddr>().is_ok() {
+        if ascii.parse::<IpAddr>().is_ok() {
             return Err(DomainError::IpAddress(input.to_owned()));
         }
         if let Some(label) = ascii.split('.').find(|l| l.len() > MAX_LABEL_LEN) {
@@ -159,6 +177,46 @@ impl DomainName {
     pub fn acme_challenge_fqdn(&self) -> String {
         format!("_acme-challenge.{}.", self.base())
     }
+
+    /// The address, if this is an IP address rather than a DNS name.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.0.parse().ok()
+    }
+
+    /// The server name a TLS-ALPN-01 validation sends for this name: the name itself, or
+    /// for an address its reverse-DNS name (RFC 8738 §6), `10.2.0.192.in-addr.arpa` for
+    /// `192.0.2.10` and the `ip6.arpa` nibble name for an IPv6 address.
+    pub fn tls_alpn_server_name(&self) -> String {
+        match self.ip() {
+            Some(ip) => reverse_dns_name(ip),
+            None => self.0.clone(),
+        }
+    }
+}
+
+/// The reverse-DNS name of `ip` (RFC 1035 §3.5, RFC 3596 §2.5), without a trailing dot.
+pub fn reverse_dns_name(ip: IpAddr) -> String {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let [a, b, c, d] = v4.octets();
+            format!("{d}.{c}.{b}.{a}.in-addr.arpa")
+        }
+        IpAddr::V6(v6) => {
+            let mut name = String::with_capacity(72);
+            for byte in v6.octets().iter().rev() {
+                name.push(hex_digit(byte & 0x0f));
+                name.push('.');
+                name.push(hex_digit(byte >> 4));
+                name.push('.');
+            }
+            name.push_str("ip6.arpa");
+            name
+        }
+    }
+}
+
+fn hex_digit(nibble: u8) -> char {
+    char::from_digit(u32::from(nibble), 16).unwrap_or('0')
 }
 
 impl fmt::Display for DomainName {
@@ -197,15 +255,20 @@ impl std::str::FromStr for DomainName {
 /// with a wildcard's `*` as `_`. So `*.example.com` is stored as `_.example.com` and never
 /// overwrites the certificate of `example.com`. `issue` and `serve` both name by it.
 ///
+/// An IPv6 address has its colons as `_` too (`2001:db8::1` is stored as
+/// `2001_db8__1`): a colon is not safe in file names everywhere, and no DNS name
+/// contains `_` in that place, so the names cannot collide.
+///
 /// ```
 /// use lobe_tls::domain::{parse_all, store_name};
 /// assert_eq!(store_name(&parse_all(&["*.example.com", "example.com"]).unwrap()), "_.example.com");
 /// assert_eq!(store_name(&parse_all(&["example.com"]).unwrap()), "example.com");
+/// assert_eq!(store_name(&parse_all(&["2001:db8::1"]).unwrap()), "2001_db8__1");
 /// ```
 pub fn store_name(domains: &[DomainName]) -> String {
     domains
         .first()
-        .map(|d| d.as_str().replace('*', "_"))
+        .map(|d| d.as_str().replace(['*', ':'], "_"))
         .unwrap_or_default()
 }
 
@@ -302,10 +365,6 @@ mod tests {
             Err(DomainError::SingleLabel(_))
         ));
         assert!(matches!(
-            DomainName::parse("127.0.0.1"),
-            Err(DomainError::IpAddress(_))
-        ));
-        assert!(matches!(
             DomainName::parse("exa_mple.com"),
             Err(DomainError::Invalid { .. })
         ));
@@ -329,6 +388,46 @@ mod tests {
                 "{input:?}: {:?}",
                 DomainName::parse(input)
             );
+        }
+    }
+
+    #[test]
+    fn plain_addresses_are_ip_identifiers_in_canonical_form() {
+        let v4 = DomainName::parse("192.0.2.10").unwrap();
+        assert_eq!(v4.ip(), Some("192.0.2.10".parse().unwrap()));
+        assert_eq!(v4.tls_alpn_server_name(), "10.2.0.192.in-addr.arpa");
+        let v6 = DomainName::parse(" 2001:DB8:0::1 ").unwrap();
+        assert_eq!(v6.as_str(), "2001:db8::1");
+        assert_eq!(
+            v6.tls_alpn_server_name(),
+            "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa"
+        );
+        // An IPv4-mapped address is the IPv4 address.
+        assert_eq!(DomainName::parse("::ffff:192.0.2.10").unwrap(), v4);
+        assert!(!v4.is_wildcard());
+        assert_eq!(DomainName::parse("example.com").unwrap().ip(), None);
+        assert_eq!(
+            DomainName::parse("example.com")
+                .unwrap()
+                .tls_alpn_server_name(),
+            "example.com"
+        );
+        // Parsed again, and through JSON, it stays the same.
+        assert_eq!(DomainName::parse(v6.as_str()).unwrap(), v6);
+        let json = serde_json::to_string(&v6).unwrap();
+        assert_eq!(serde_json::from_str::<DomainName>(&json).unwrap(), v6);
+    }
+
+    #[test]
+    fn ip_store_names_are_valid_file_names() {
+        for (input, stored) in [
+            ("192.0.2.10", "192.0.2.10"),
+            ("2001:db8::1", "2001_db8__1"),
+            ("::1", "__1"),
+        ] {
+            let name = store_name(&parse_all(&[input]).unwrap());
+            assert_eq!(name, stored);
+            crate::store::fs::check_name(&name).unwrap();
         }
     }
 

@@ -36,6 +36,9 @@ pub struct CertReport {
     /// Why the certificate is invalid, when it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The ACME profile the certificate is ordered under, when one was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 impl CertReport {
@@ -76,6 +79,7 @@ impl CertReport {
             renew_after: Some(rfc3339(renew_at)),
             status,
             error: None,
+            profile: cert.meta.profile.clone(),
         }
     }
 
@@ -92,6 +96,7 @@ impl CertReport {
             renew_after: None,
             status: CertStatus::Invalid,
             error: Some(error),
+            profile: None,
         }
     }
 }
@@ -185,6 +190,7 @@ mod tests {
                 challenge: ChallengeConfig::default(),
                 directory: "https://ca.test/dir".into(),
                 issued_at: now,
+                profile: None,
             },
         }
     }

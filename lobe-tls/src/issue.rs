@@ -38,6 +38,10 @@ pub struct IssueRequest {
     pub challenge: ChallengeConfig,
     /// The ARI identifier of the certificate this one replaces, if any.
     pub replaces: Option<String>,
+    /// The ACME profile to order under (`classic`, `tlsserver`, `shortlived`, ...), which
+    /// the CA's directory must list. `None`: the CA's default, or `shortlived` for an
+    /// order with an IP address when the CA lists it.
+    pub profile: Option<String>,
 }
 
 impl IssueRequest {
@@ -49,7 +53,14 @@ impl IssueRequest {
             key_type,
             challenge,
             replaces: None,
+            profile: None,
         }
+    }
+
+    /// Orders under the ACME profile `profile`.
+    pub fn with_profile(mut self, profile: Option<String>) -> Self {
+        self.profile = profile;
+        self
     }
 
     /// A request that repeats the order a stored certificate came from.
@@ -60,6 +71,7 @@ impl IssueRequest {
             key_type: meta.key_type,
             challenge: meta.challenge.clone(),
             replaces: None,
+            profile: meta.profile.clone(),
         }
     }
 
@@ -76,7 +88,32 @@ impl IssueRequest {
         {
             return Err(DomainError::WildcardNeedsDns(wildcard.to_string()).into());
         }
+        if self.challenge.kind == ChallengeKind::Dns01
+            && let Some(ip) = self.domains.iter().find(|d| d.ip().is_some())
+        {
+            return Err(DomainError::IpNeedsHttpOrAlpn(ip.to_string()).into());
+        }
+        if let Some(profile) = &self.profile {
+            check_profile_name(profile)?;
+        }
         Ok(())
+    }
+}
+
+/// Refuses a profile name that no directory could list: empty, or with characters
+/// beyond letters, digits, `-`, `_` and `.` (it ends up in logs and metadata).
+pub fn check_profile_name(profile: &str) -> Result<()> {
+    let ok = !profile.is_empty()
+        && profile.len() <= 64
+        && profile
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "invalid --profile {profile:?}: give a profile name the CA lists, such as classic or shortlived"
+        )))
     }
 }
 
@@ -231,7 +268,14 @@ impl Issuance {
             key_type: self.request.key_type,
             replaces: self.request.replaces.clone(),
         };
-        let bundle = client.issue(&order, self.solver.as_ref(), progress).await?;
+        let bundle = client
+            .issue_with_profile(
+                &order,
+                self.request.profile.as_deref(),
+                self.solver.as_ref(),
+                progress,
+            )
+            .await?;
         bundle.validate_for(&self.request.domains)?;
         let stored = StoredCert {
             bundle,
@@ -242,6 +286,7 @@ impl Issuance {
                 challenge: self.request.challenge.clone(),
                 directory: client.config().directory.clone(),
                 issued_at: OffsetDateTime::now_utc(),
+                profile: self.request.profile.clone(),
             },
         };
         match lock {
@@ -320,6 +365,43 @@ mod tests {
         request.name = "../etc".into();
         let err = request.validate().unwrap_err().to_string();
         assert!(err.contains("invalid certificate name"), "{err}");
+    }
+
+    #[test]
+    fn ip_addresses_with_dns01_and_bad_profile_names_are_refused() {
+        let challenge = ChallengeConfig {
+            kind: ChallengeKind::Dns01,
+            ..ChallengeConfig::default()
+        };
+        let request = IssueRequest::new(
+            parse_all(&["192.0.2.10"]).unwrap(),
+            KeyType::default(),
+            challenge,
+        );
+        let err = request.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("http-01") && err.contains("192.0.2.10"),
+            "{err}"
+        );
+        let request = IssueRequest::new(
+            parse_all(&["192.0.2.10"]).unwrap(),
+            KeyType::default(),
+            ChallengeConfig::default(),
+        );
+        request.validate().unwrap();
+        for bad in ["", "short lived", "a\nb"] {
+            let err = request
+                .clone()
+                .with_profile(Some(bad.into()))
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--profile") && !err.contains('\n'), "{err}");
+        }
+        request
+            .with_profile(Some("shortlived".into()))
+            .validate()
+            .unwrap();
     }
 
     #[tokio::test]

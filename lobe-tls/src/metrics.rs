@@ -82,6 +82,8 @@ pub struct CertExpiry {
     pub source: &'static str,
     /// Its expiry as a Unix timestamp in seconds.
     pub not_after: i64,
+    /// The renewal window (start, end) the CA suggested through ARI, Unix seconds.
+    pub ari_window: Option<(i64, i64)>,
 }
 
 type CertSource = Box<dyn Fn() -> Vec<CertExpiry> + Send + Sync>;
@@ -140,12 +142,31 @@ impl Collector for CertSources {
             None,
             probe.metric_type(),
         )?;
-        for cert in certs {
-            let labels = [
-                ("name", LabelText(cert.name)),
+        let labels = |cert: &CertExpiry| {
+            [
+                ("name", LabelText(cert.name.clone())),
                 ("source", LabelText(cert.source.to_owned())),
-            ];
-            ConstGauge::new(cert.not_after).encode(family.encode_family(&labels)?)?;
+            ]
+        };
+        for cert in &certs {
+            ConstGauge::new(cert.not_after).encode(family.encode_family(&labels(cert))?)?;
+        }
+        for (edge, pick) in [("start", 0), ("end", 1)] {
+            let name = format!("certificate_ari_window_{edge}_timestamp_seconds");
+            let help =
+                format!("The {edge} of the renewal window the CA suggests through ARI (Unix time)");
+            let mut family = encoder.encode_descriptor(
+                &name,
+                &help,
+                None,
+                probe.metric_type(),
+            )?;
+            for cert in &certs {
+                if let Some(window) = cert.ari_window {
+                    let at = if pick == 0 { window.0 } else { window.1 };
+                    ConstGauge::new(at).encode(family.encode_family(&labels(cert))?)?;
+                }
+            }
         }
         Ok(())
     }
@@ -400,11 +421,20 @@ mod tests {
     fn render_lists_every_certificate_and_counter() {
         let metrics = Metrics::new();
         metrics.add_cert_source(|| {
-            vec![CertExpiry {
-                name: "a\"b".into(),
-                source: "dir",
-                not_after: 1_800_000_000,
-            }]
+            vec![
+                CertExpiry {
+                    name: "a\"b".into(),
+                    source: "dir",
+                    not_after: 1_800_000_000,
+                    ari_window: None,
+                },
+                CertExpiry {
+                    name: "m".into(),
+                    source: "managed",
+                    not_after: 1_800_000_000,
+                    ari_window: Some((1_700_000_000, 1_700_086_400)),
+                },
+            ]
         });
         metrics.track_renewals("managed.example");
         metrics.renewal_failed("managed.example");
@@ -416,6 +446,8 @@ mod tests {
         for line in [
             "lobe_tls_certificate_expiry_timestamp_seconds{name=\"a\\\"b\",source=\"dir\"} 1800000000",
             "lobe_tls_renewal_failures_total{name=\"managed.example\"} 1",
+            "lobe_tls_certificate_ari_window_start_timestamp_seconds{name=\"m\",source=\"managed\"} 1700000000",
+            "lobe_tls_certificate_ari_window_end_timestamp_seconds{name=\"m\",source=\"managed\"} 1700086400",
             "lobe_tls_handshakes_total{result=\"ok\"} 1",
             "lobe_tls_handshakes_total{result=\"failed\"} 2",
             "lobe_tls_active_connections 1",

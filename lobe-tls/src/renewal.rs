@@ -184,32 +184,42 @@ impl RenewalPolicy {
         let end = window.1.min(info.not_after);
         let start = window.0.min(end);
         let same_cert = state.ari_cert_id.is_some() && state.ari_cert_id == info.ari_id;
+        // A window that has already opened (a mass-revocation drill moves it into the
+        // past) means now, whatever was picked before.
         let keep = same_cert
+            && start > now
             && state
                 .ari_renew_at
-                .is_some_and(|at| at >= start && at <= end && (at >= now || end <= now));
+                .is_some_and(|at| at >= start && at <= end);
         if !keep {
             state.ari_renew_at = Some(pick_in_window(start, end, now));
         }
         state.ari_cert_id = info.ari_id.clone();
+        state.ari_window_start = Some(window.0);
+        state.ari_window_end = Some(window.1);
         state.ari_next_poll = Some(self.next_ari_poll(retry_after, now));
     }
 }
 
-/// A uniformly random time inside the ARI window that is not in the past. A window that
-/// has already ended means "now" (RFC 9773 §4.2).
+/// A uniformly random time inside an ARI window that lies ahead; `now` for a window that
+/// has already opened. RFC 9773 §4.2 picks uniformly over the whole window and renews at
+/// once when the pick is in the past; a window that opened before `now` is the CA asking
+/// for a renewal now (a mass revocation), so it is acted on at once rather than by
+/// chance.
 pub fn pick_in_window(
     start: OffsetDateTime,
     end: OffsetDateTime,
     now: OffsetDateTime,
 ) -> OffsetDateTime {
-    let from = start.max(now);
-    if end <= from {
-        return from.min(end.max(now));
+    if start <= now {
+        return now;
     }
-    let span = (end - from).whole_milliseconds();
+    if end <= start {
+        return end.max(now);
+    }
+    let span = (end - start).whole_milliseconds();
     let offset = rand::rng().random_range(0..=span.clamp(0, i64::MAX as i128) as i64);
-    from + Duration::milliseconds(offset)
+    start + Duration::milliseconds(offset)
 }
 
 /// A certificate's state, as `list` and `check` report it.
@@ -457,6 +467,94 @@ mod tests {
             ..info(at(1), at(91))
         };
         assert_eq!(policy.due_at(&replacement, &state), at(61));
+    }
+
+    /// A certificate of any lifetime, fresh from the CA, is not due: it is due after half
+    /// its lifetime (under ten days), and its replacement again half a lifetime later, so
+    /// renewals come once per half lifetime and never back to back.
+    #[test]
+    fn short_lived_certificates_renew_by_their_lifetime_never_in_a_loop() {
+        let policy = RenewalPolicy::default();
+        for lifetime in [
+            Duration::days(6),
+            Duration::hours(160),
+            Duration::seconds(30),
+        ] {
+            let mut now = at(100);
+            let mut cert = CertInfo {
+                ari_id: Some("aki.0".into()),
+                ..info(now, now + lifetime)
+            };
+            let mut state = RenewalState::default();
+            let mut renewals = 0;
+            let end = now + lifetime * 10;
+            while now < end {
+                let due = policy.due_at(&cert, &state);
+                assert!(due > now, "{lifetime}: a fresh certificate is due at once");
+                assert_eq!(due - cert.not_before, lifetime / 2, "{lifetime}");
+                assert!(due < cert.not_after);
+                assert_eq!(
+                    CertStatus::of(&cert, &state, policy.warning_window(&cert), now),
+                    CertStatus::Valid,
+                    "{lifetime}"
+                );
+                // Renewed when due; the new certificate starts then, with state reset
+                // as the manager resets it after an order.
+                now = due;
+                renewals += 1;
+                cert = CertInfo {
+                    serial: format!("{renewals:02}"),
+                    ari_id: Some(format!("aki.{renewals}")),
+                    ..info(now, now + lifetime)
+                };
+                state = RenewalState::default();
+            }
+            assert_eq!(renewals, 20, "{lifetime}");
+        }
+    }
+
+    /// An ARI answer about the replaced certificate (its window open, say) does not make
+    /// the replacement due: the answer names the old certificate.
+    #[test]
+    fn an_ari_window_for_the_replaced_certificate_does_not_make_the_new_one_due() {
+        let policy = RenewalPolicy::default();
+        let old = info(at(0), at(6));
+        let mut state = RenewalState::default();
+        policy.apply_ari_window(
+            &old,
+            &mut state,
+            (at(-1), at(1)),
+            std::time::Duration::ZERO,
+            at(3),
+        );
+        assert_eq!(policy.due_at(&old, &state), at(3));
+        let new = CertInfo {
+            serial: "02".into(),
+            ari_id: Some("aki.new".into()),
+            ..info(at(3), at(9))
+        };
+        assert_eq!(policy.due_at(&new, &state), at(6));
+    }
+
+    /// A mass-revocation drill moves the window into the past: the earlier pick, even if
+    /// inside the new window, gives way to now.
+    #[test]
+    fn a_window_that_opened_already_means_now_over_an_earlier_pick() {
+        let policy = RenewalPolicy::default();
+        let cert = info(at(0), at(90));
+        let retry = std::time::Duration::from_secs(3600);
+        let mut state = RenewalState::default();
+        policy.apply_ari_window(&cert, &mut state, (at(50), at(52)), retry, at(10));
+        let picked = state.ari_renew_at.unwrap();
+        assert!(picked >= at(50));
+        let now = at(11);
+        policy.apply_ari_window(&cert, &mut state, (at(5), at(60)), retry, now);
+        assert_eq!(state.ari_renew_at, Some(now));
+        assert_eq!(policy.due_at(&cert, &state), now);
+        assert_eq!(state.ari_window_for(&cert), Some((at(5), at(60))));
+        for _ in 0..100 {
+            assert_eq!(pick_in_window(at(10), at(12), at(11)), at(11));
+        }
     }
 
     #[test]

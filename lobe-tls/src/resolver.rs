@@ -3,8 +3,11 @@
 //! one-label wildcard, then an optional default.
 //! TLS-ALPN-01 challenge certificates are served to clients that offer only `acme-tls/1`.
 
+mod local_addr;
 mod name_map;
 mod published;
+
+pub use local_addr::{LocalAddrConfigs, LocalAddrResolver};
 
 use std::borrow::Cow;
 use std::fmt;

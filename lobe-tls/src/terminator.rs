@@ -26,7 +26,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::resolver::ACME_TLS_ALPN;
+use crate::resolver::{ACME_TLS_ALPN, CertResolver, LocalAddrConfigs};
 
 /// How the terminator treats connections.
 #[derive(Debug, Clone)]
@@ -67,6 +67,8 @@ pub struct Terminator {
     listener: TcpListener,
     local_addr: SocketAddr,
     acceptor: TlsAcceptor,
+    /// Per-local-address configurations for IP address certificates, if asked for.
+    ip_configs: Option<Arc<LocalAddrConfigs>>,
     config: Arc<TerminatorConfig>,
     metrics: Arc<Metrics>,
 }
@@ -102,9 +104,19 @@ impl Terminator {
             listener,
             local_addr,
             acceptor: TlsAcceptor::from(Arc::new(tls)),
+            ip_configs: None,
             config: Arc::new(config),
             metrics,
         })
+    }
+
+    /// Serves the IP address certificates `certs` holds (RFC 8738) to clients that send
+    /// no server name, chosen by the local address each connection arrived on (see
+    /// [`LocalAddrConfigs`]). Everything else is resolved as before.
+    pub fn with_ip_certs(mut self, certs: CertResolver) -> Self {
+        let base = self.acceptor.config().clone();
+        self.ip_configs = Some(Arc::new(LocalAddrConfigs::new(base, certs)));
+        self
     }
 
     /// The address actually bound (useful with port 0).
@@ -119,6 +131,7 @@ impl Terminator {
             listener,
             local_addr,
             acceptor,
+            ip_configs,
             config,
             metrics,
         } = self;
@@ -129,7 +142,11 @@ impl Terminator {
                 _ = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        connections.spawn(handle(stream, peer, acceptor.clone(), config.clone(), metrics.clone()));
+                        let acceptor = match (&ip_configs, stream.local_addr()) {
+                            (Some(configs), Ok(local)) => TlsAcceptor::from(configs.config_for(local.ip())),
+                            _ => acceptor.clone(),
+                        };
+                        connections.spawn(handle(stream, peer, acceptor, config.clone(), metrics.clone()));
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: wait instead of spinning.

@@ -58,9 +58,10 @@ fn renewal_state() -> impl Strategy<Value = RenewalState> {
         proptest::option::of(any::<String>()),
         proptest::option::of("[0-9a-f]{0,40}"),
         proptest::option::of(any::<String>()),
+        proptest::option::of((time(), time())),
     )
         .prop_map(
-            |(failures, last_error, next, ari, poll, id, revoked, refused)| RenewalState {
+            |(failures, last_error, next, ari, poll, id, revoked, refused, window)| RenewalState {
                 failures,
                 last_error,
                 next_attempt: next,
@@ -69,6 +70,8 @@ fn renewal_state() -> impl Strategy<Value = RenewalState> {
                 ari_cert_id: id,
                 revoked_serial: revoked,
                 replaces_refused: refused,
+                ari_window_start: window.map(|w| w.0),
+                ari_window_end: window.map(|w| w.1),
             },
         )
 }
@@ -135,6 +138,7 @@ fn cert_meta() -> impl Strategy<Value = CertMeta> {
                 challenge,
                 directory,
                 issued_at,
+                profile: None,
             },
         )
 }

@@ -383,6 +383,7 @@ async fn metrics_endpoint_serves_prometheus_text() {
             name: NAME.into(),
             source: "dir",
             not_after: 1_900_000_000,
+            ari_window: None,
         }]
     });
     let listener = MetricsListener::bind("127.0.0.1:0", running.metrics.clone())

@@ -186,6 +186,7 @@ async fn fill(store: &DynStore) {
                 challenge: Default::default(),
                 directory: "https://acme.invalid/directory".into(),
                 issued_at: time::OffsetDateTime::now_utc(),
+                profile: None,
             };
             store.save_cert(&StoredCert { bundle, meta }).await.unwrap();
         });

@@ -4,7 +4,9 @@
 //! Everything is forwarded to Pebble with the client's `Host` header kept, so Pebble
 //! builds its URLs (and checks the JWS `url`) against the shim's address. The shim adds
 //! `renewalInfo` to the directory, answers it with the window the test chose for each
-//! certificate, and records the `replaces` field of every newOrder request.
+//! certificate, and records the `replaces` field of every newOrder request. It can also
+//! list ACME profiles in the directory's `meta.profiles` (Pebble 2.4 has none) and
+//! records the `profile` field of every newOrder.
 //!
 //! For fault drills it can also answer every request with an error status, or hold every
 //! request for a while before forwarding it (a CA that is slow, not down).
@@ -38,6 +40,11 @@ struct ShimState {
     fault: Option<Fault>,
     /// Answer newOrder requests that carry `replaces` with `alreadyReplaced`.
     refuse_replaces: bool,
+    /// Profiles listed in the directory's `meta.profiles` (name, description); none when
+    /// empty, as Pebble 2.4 lists none.
+    profiles: Vec<(String, String)>,
+    /// The `profile` field of each newOrder the CA accepted, `None` when absent.
+    order_profiles: Vec<Option<String>>,
 }
 
 /// What every request meets while a drill runs.
@@ -160,6 +167,20 @@ impl AriShim {
         self.lock().refuse_replaces = yes;
     }
 
+    /// Lists `profiles` (names) in the directory's `meta.profiles`, as a CA with the
+    /// ACME profiles extension does. Pebble itself issues the same way for any of them.
+    pub fn set_profiles(&self, profiles: &[&str]) {
+        self.lock().profiles = profiles
+            .iter()
+            .map(|p| ((*p).to_owned(), format!("the {p} profile")))
+            .collect();
+    }
+
+    /// The `profile` field of every newOrder the CA accepted, in order (`None`: absent).
+    pub fn order_profiles(&self) -> Vec<Option<String>> {
+        self.lock().order_profiles.clone()
+    }
+
     /// Every request from now on meets `fault`; `None` heals.
     pub fn set_fault(&self, fault: Option<Fault>) {
         self.lock().fault = fault;
@@ -217,6 +238,11 @@ async fn handle(
     } else {
         None
     };
+    let order_profile = if new_order.is_some() {
+        new_order_profile(&body)
+    } else {
+        None
+    };
     if matches!(new_order, Some(Some(_))) && state.lock().expect("shim state").refuse_replaces {
         let problem = serde_json::json!({
             "type": "urn:ietf:params:acme:error:alreadyReplaced",
@@ -256,11 +282,9 @@ async fn handle(
     if let Some(sent) = new_order
         && parts.status.is_success()
     {
-        state
-            .lock()
-            .expect("shim state")
-            .new_orders
-            .push(sent.clone());
+        let mut state = state.lock().expect("shim state");
+        state.new_orders.push(sent.clone());
+        state.order_profiles.push(order_profile.clone());
         replaces = sent;
     }
     let mut body = body
@@ -277,6 +301,14 @@ async fn handle(
             )
         });
         dir["renewalInfo"] = serde_json::json!(format!("https://{addr}{RENEWAL_INFO_PATH}"));
+        let profiles = state.lock().expect("shim state").profiles.clone();
+        if !profiles.is_empty() {
+            let listed: serde_json::Map<String, serde_json::Value> = profiles
+                .into_iter()
+                .map(|(name, description)| (name, serde_json::Value::String(description)))
+                .collect();
+            dir["meta"]["profiles"] = serde_json::Value::Object(listed);
+        }
         body = Bytes::from(dir.to_string());
     }
     // A CA that accepts `replaces` reflects it in the order (RFC 9773 §5); Pebble
@@ -286,6 +318,15 @@ async fn handle(
         && order.get("status").is_some()
     {
         order["replaces"] = serde_json::json!(replaces);
+        body = Bytes::from(order.to_string());
+    }
+    // Likewise the profile the order was placed under.
+    if let Some(profile) = order_profile
+        && parts.status.is_success()
+        && let Ok(mut order) = serde_json::from_slice::<serde_json::Value>(&body)
+        && order.get("status").is_some()
+    {
+        order["profile"] = serde_json::json!(profile);
         body = Bytes::from(order.to_string());
     }
     let mut out = hyper::Response::builder().status(parts.status);
@@ -319,6 +360,16 @@ fn renewal_info(id: &str, state: &Mutex<ShimState>) -> hyper::Response<Full<Byte
         .header("retry-after", state.retry_after_secs.to_string())
         .body(Full::new(Bytes::from(body.to_string())))
         .expect("response")
+}
+
+/// The `profile` field of the newOrder JWS `body`, if it has one.
+fn new_order_profile(body: &[u8]) -> Option<String> {
+    let jws = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(jws["payload"].as_str()?)
+        .ok()?;
+    let payload = serde_json::from_slice::<serde_json::Value>(&payload).ok()?;
+    payload["profile"].as_str().map(str::to_owned)
 }
 
 /// If `body` is a JWS whose payload is a newOrder: `Some(replaces)`.

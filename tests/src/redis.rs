@@ -140,6 +140,7 @@ pub fn sample_cert(name: &str, domain: &str) -> lobe_tls::StoredCert {
             issued_at: time::OffsetDateTime::now_utc()
                 .replace_nanosecond(0)
                 .expect("time"),
+            profile: None,
         },
     }
 }

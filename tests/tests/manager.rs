@@ -463,6 +463,7 @@ async fn managing_stored_certificates_orders_one_that_expired_while_nothing_ran(
         challenge: ChallengeConfig::default(),
         directory: pebble.acme_config().directory,
         issued_at: OffsetDateTime::now_utc() - time::Duration::days(91),
+        profile: None,
     };
     store
         .save_cert(&lobe_tls::StoredCert {

@@ -15,6 +15,7 @@ use lobe_tls::{
 
 use crate::challenge_args::ChallengeArgs;
 use crate::global::Global;
+use crate::profile_args::ProfileArgs;
 
 /// Options of `lobe-tls issue`.
 #[derive(clap::Args, Debug)]
@@ -37,6 +38,9 @@ pub struct Args {
 
     #[command(flatten)]
     pub challenge: ChallengeArgs,
+
+    #[command(flatten)]
+    pub profile: ProfileArgs,
 }
 
 /// How long to wait for another process that is issuing the same name.
@@ -51,7 +55,10 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         // Standalone, like http-01's default: the CA validates on port 443.
         challenge.tls_listen = Some("0.0.0.0:443".into());
     }
-    let mut request = IssueRequest::new(domains, args.key_type, challenge);
+    let profile = args
+        .profile
+        .resolve(args.challenge.config_file.as_deref())?;
+    let mut request = IssueRequest::new(domains, args.key_type, challenge).with_profile(profile);
     if let Some(name) = &args.name {
         request.name = name.clone();
     }

@@ -18,6 +18,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::challenge_args::ChallengeArgs;
 use crate::global::Global;
+use crate::profile_args::ProfileArgs;
 
 /// Options of `lobe-tls serve`.
 #[derive(clap::Args, Debug)]
@@ -54,6 +55,9 @@ pub struct Args {
     #[command(flatten)]
     pub challenge: ChallengeArgs,
 
+    #[command(flatten)]
+    pub profile: ProfileArgs,
+
     /// Do not listen for plain HTTP (challenges and the redirect to https) on --http-listen.
     #[arg(long, env = "LOBE_TLS_NO_HTTP")]
     pub no_http: bool,
@@ -76,6 +80,11 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     if args.name.is_some() && args.domains.is_empty() {
         return Err(Error::Config(
             "--name needs the certificate's domains: add -d DOMAIN (repeatable)".into(),
+        ));
+    }
+    if args.profile.profile.is_some() && args.domains.is_empty() {
+        return Err(Error::Config(
+            "--profile applies to the certificate -d names: add -d DOMAIN (stored certificates keep their own profile)".into(),
         ));
     }
     let managed = managed_cert(args)?;
@@ -121,7 +130,9 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         config,
         metrics.clone(),
     )
-    .await?;
+    .await?
+    // Certificates for IP addresses go to clients that connect to that address without SNI.
+    .with_ip_certs(resolver.clone());
     let listen = terminator.local_addr();
 
     // The listeners are up before the manager orders, so the CA can reach the challenges:
@@ -248,8 +259,13 @@ fn managed_cert(args: &Args) -> Result<Option<ManagedCert>> {
     let mut challenge = args.challenge.to_config()?;
     // TLS-ALPN-01 is answered by the terminator's own listener, not a standalone one.
     challenge.tls_listen = None;
+    let profile = args
+        .profile
+        .resolve(args.challenge.config_file.as_deref())?;
     Ok(Some(
-        ManagedCert::new(name, domains).with_challenge(challenge),
+        ManagedCert::new(name, domains)
+            .with_challenge(challenge)
+            .with_profile(profile),
     ))
 }
 
@@ -271,6 +287,7 @@ async fn watch_dir(
                 name: cert.name,
                 source: "dir",
                 not_after: cert.info.not_after.unix_timestamp(),
+                ari_window: None,
             })
             .collect()
     });

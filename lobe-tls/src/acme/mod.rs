@@ -19,6 +19,7 @@ use crate::domain::DomainName;
 use crate::error::{Error, Result};
 use crate::store::Store;
 
+mod csr;
 mod http;
 
 pub use http::RequestTimedOut;
@@ -196,6 +197,9 @@ pub struct OrderRequest {
     pub replaces: Option<String>,
 }
 
+/// The profile Let's Encrypt issues IP address certificates under.
+pub const SHORTLIVED_PROFILE: &str = "shortlived";
+
 /// A progress report, for a terminal that wants to show what an order is waiting on.
 pub type ProgressFn = Arc<dyn Fn(&str) + Send + Sync>;
 
@@ -291,11 +295,68 @@ impl AcmeClient {
         &self.config
     }
 
+    /// The profiles the CA's directory lists (`meta.profiles`), sorted by name.
+    pub fn profiles(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.account.profiles().map(|p| p.name.to_owned()).collect();
+        names.sort_unstable();
+        names
+    }
+
+    /// The profile an order for `domains` goes under: `requested` if the CA lists it (an
+    /// error otherwise, before anything is ordered); without a request, `shortlived`
+    /// for an order that holds an IP address when the CA lists it; else none, the CA's
+    /// default.
+    pub fn order_profile(
+        &self,
+        requested: Option<&str>,
+        domains: &[DomainName],
+    ) -> Result<Option<String>> {
+        let offered = self.profiles();
+        match requested {
+            Some(profile) if offered.iter().any(|p| p == profile) => Ok(Some(profile.to_owned())),
+            Some(profile) if offered.is_empty() => Err(Error::Config(format!(
+                "the CA at {} lists no profiles, so it cannot issue under --profile {profile:?}; drop --profile",
+                self.config.directory
+            ))),
+            Some(profile) => Err(Error::Config(format!(
+                "the CA at {} does not list the profile {profile:?}; it lists {}",
+                self.config.directory,
+                // The CA's names, escaped: the message stays one line whatever it sends.
+                offered
+                    .iter()
+                    .map(|p| p.escape_debug().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+            None if domains.iter().any(|d| d.ip().is_some())
+                && offered.iter().any(|p| p == SHORTLIVED_PROFILE) =>
+            {
+                Ok(Some(SHORTLIVED_PROFILE.to_owned()))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// Orders a certificate for `request`, answering challenges with `solver`, within the
     /// whole-order deadline. Every presented challenge is cleaned up, whatever happens.
+    /// The order goes under the CA's default profile, or `shortlived` for an IP address
+    /// when the CA lists it (see [`AcmeClient::issue_with_profile`]).
     pub async fn issue(
         &self,
         request: &OrderRequest,
+        solver: &dyn Solver,
+        progress: Option<ProgressFn>,
+    ) -> Result<CertBundle> {
+        self.issue_with_profile(request, None, solver, progress)
+            .await
+    }
+
+    /// [`AcmeClient::issue`] under the ACME profile `profile`, which the CA's directory
+    /// must list (checked before anything is ordered, see [`AcmeClient::order_profile`]).
+    pub async fn issue_with_profile(
+        &self,
+        request: &OrderRequest,
+        profile: Option<&str>,
         solver: &dyn Solver,
         progress: Option<ProgressFn>,
     ) -> Result<CertBundle> {
@@ -311,12 +372,19 @@ impl AcmeClient {
                     crate::domain::DomainError::WildcardNeedsDns(domain.to_string()).into(),
                 );
             }
+            if domain.ip().is_some() && solver.kind() == crate::challenge::ChallengeKind::Dns01 {
+                return Err(
+                    crate::domain::DomainError::IpNeedsHttpOrAlpn(domain.to_string()).into(),
+                );
+            }
         }
+        // Checked against the directory before anything is ordered.
+        let profile = self.order_profile(profile, &request.domains)?;
         let mut presented = Vec::new();
         let deadline = self.config.order_timeout;
         let outcome = tokio::time::timeout(
             deadline,
-            self.run_order(request, solver, &mut presented, &say),
+            self.run_order(request, profile.as_deref(), solver, &mut presented, &say),
         )
         .await;
         for challenge in &presented {
@@ -337,6 +405,7 @@ impl AcmeClient {
     async fn run_order(
         &self,
         request: &OrderRequest,
+        profile: Option<&str>,
         solver: &dyn Solver,
         presented: &mut Vec<ChallengeData>,
         say: &(dyn Fn(&str) + Sync),
@@ -345,9 +414,15 @@ impl AcmeClient {
         let identifiers: Vec<Identifier> = request
             .domains
             .iter()
-            .map(|d| Identifier::Dns(d.as_str().to_owned()))
+            .map(|d| match d.ip() {
+                Some(ip) => Identifier::Ip(ip),
+                None => Identifier::Dns(d.as_str().to_owned()),
+            })
             .collect();
         let mut new_order = NewOrder::new(&identifiers);
+        if let Some(profile) = profile {
+            new_order = new_order.profile(profile);
+        }
         let replaces = match &request.replaces {
             Some(id) => Some(
                 serde_json::from_str::<instant_acme::CertificateIdentifier<'_>>(
@@ -362,8 +437,11 @@ impl AcmeClient {
             new_order = new_order.replaces(replaces);
         }
         say(&format!(
-            "ordering a certificate for {}",
-            names(&request.domains)
+            "ordering a certificate for {}{}",
+            names(&request.domains),
+            profile
+                .map(|p| format!(" (profile {p})"))
+                .unwrap_or_default()
         ));
         let mut order = retry_bad_nonce!(self.account.new_order(&new_order).await)
             .map_err(|e| acme_error("the CA refused the order", e))?;
@@ -376,7 +454,10 @@ impl AcmeClient {
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
             let mut authz = authz.map_err(|e| acme_error("cannot fetch an authorization", e))?;
-            if !matches!(authz.identifier().identifier, Identifier::Dns(_)) {
+            if !matches!(
+                authz.identifier().identifier,
+                Identifier::Dns(_) | Identifier::Ip(_)
+            ) {
                 return Err(Error::Acme(format!(
                     "the CA sent an unexpected identifier {}",
                     authz.identifier()
@@ -459,19 +540,8 @@ impl AcmeClient {
         let key = tokio::task::spawn_blocking(move || key_type.generate())
             .await
             .map_err(|e| Error::Certificate(format!("key generation stopped: {e}")))??;
-        let mut params = rcgen::CertificateParams::new(
-            request
-                .domains
-                .iter()
-                .map(|d| d.as_str().to_owned())
-                .collect::<Vec<_>>(),
-        )
-        .map_err(|e| Error::Certificate(format!("cannot build the CSR: {e}")))?;
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        let csr = params
-            .serialize_request(&key)
-            .map_err(|e| Error::Certificate(format!("cannot sign the CSR: {e}")))?;
-        retry_bad_nonce!(order.finalize_csr(csr.der()).await)
+        let csr = csr::build(&request.domains, &key)?;
+        retry_bad_nonce!(order.finalize_csr(&csr).await)
             .map_err(|e| acme_error("the CA refused to finalize the order", e))?;
         let chain = retry_bad_nonce!(poll_order!(deadline, |policy| order
             .poll_certificate(&policy)

@@ -56,7 +56,8 @@ impl std::fmt::Debug for ChallengeCert {
 
 impl ChallengeCert {
     /// Builds the challenge certificate for `domain` with the key authorization's
-    /// SHA-256 `digest` (RFC 8737 §3), on a fresh P-256 key.
+    /// SHA-256 `digest` (RFC 8737 §3), on a fresh P-256 key. For an IP address the
+    /// certificate names it in an `iPAddress` SAN (RFC 8738 §6).
     pub fn new(domain: &DomainName, digest: &[u8; 32]) -> Result<Self> {
         let key = KeyType::EcdsaP256.generate()?;
         let mut params = rcgen::CertificateParams::new(vec![domain.as_str().to_owned()])
@@ -169,26 +170,24 @@ impl Solver for TlsAlpn01Solver {
 
     async fn present(&self, challenge: &ChallengeData) -> Result<()> {
         let cert = ChallengeCert::new(&challenge.domain, &challenge.digest)?;
+        // The name the CA's validation handshake sends: for an IP address its
+        // reverse-DNS name (RFC 8738 §6).
+        let server_name = challenge.domain.tls_alpn_server_name();
         self.resolver
-            .set_challenge(challenge.domain.as_str(), cert.certified_key()?);
+            .set_challenge(&server_name, cert.certified_key()?);
         if let Some(store) = &self.shared {
             store
-                .put_challenge(
-                    &store_key(challenge.domain.as_str()),
-                    &cert.to_store_value(),
-                    SHARED_TTL,
-                )
+                .put_challenge(&store_key(&server_name), &cert.to_store_value(), SHARED_TTL)
                 .await?;
         }
         Ok(())
     }
 
     async fn cleanup(&self, challenge: &ChallengeData) -> Result<()> {
-        self.resolver.remove_challenge(challenge.domain.as_str());
+        let server_name = challenge.domain.tls_alpn_server_name();
+        self.resolver.remove_challenge(&server_name);
         if let Some(store) = &self.shared {
-            store
-                .delete_challenge(&store_key(challenge.domain.as_str()))
-                .await?;
+            store.delete_challenge(&store_key(&server_name)).await?;
         }
         Ok(())
     }

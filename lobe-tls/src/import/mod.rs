@@ -455,6 +455,7 @@ pub(crate) fn make_cert(
         domains,
         challenge,
         directory,
+        profile: None,
         issued_at: time::OffsetDateTime::now_utc(),
     };
     Ok(StoredCert { bundle, meta })

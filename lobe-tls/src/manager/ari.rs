@@ -45,11 +45,13 @@ impl Manager {
                     Ok((answer, retry_after)) => {
                         let window = (answer.suggested_window.start, answer.suggested_window.end);
                         policy.apply_ari_window(&info, &mut state, window, retry_after, now);
-                        tracing::debug!(cert = %name, renew_at = ?state.ari_renew_at.map(rfc3339), "ARI window");
+                        tracing::debug!(cert = %name, start = %rfc3339(window.0), end = %rfc3339(window.1), renew_at = ?state.ari_renew_at.map(rfc3339), "ARI window");
                     }
                     Err(instant_acme::Error::Unsupported(_)) => {
                         state.ari_cert_id = None;
                         state.ari_renew_at = None;
+                        state.ari_window_start = None;
+                        state.ari_window_end = None;
                         state.ari_next_poll = Some(now + policy.ari_poll);
                     }
                     Err(e) => {
@@ -87,6 +89,8 @@ impl Manager {
                     merged.ari_renew_at = state.ari_renew_at;
                     merged.ari_next_poll = state.ari_next_poll;
                     merged.ari_cert_id = state.ari_cert_id;
+                    merged.ari_window_start = state.ari_window_start;
+                    merged.ari_window_end = state.ari_window_end;
                     slot.state = merged.clone();
                     merged
                 }

@@ -32,6 +32,8 @@ pub struct ManagedCert {
     pub key_type: KeyType,
     /// How to validate the names.
     pub challenge: ChallengeConfig,
+    /// The ACME profile to order under (see [`crate::issue::IssueRequest::profile`]).
+    pub profile: Option<String>,
 }
 
 impl ManagedCert {
@@ -43,7 +45,14 @@ impl ManagedCert {
             domains,
             key_type: KeyType::default(),
             challenge: ChallengeConfig::default(),
+            profile: None,
         }
+    }
+
+    /// Orders under the ACME profile `profile` (`None`: the CA's default).
+    pub fn with_profile(mut self, profile: Option<String>) -> Self {
+        self.profile = profile;
+        self
     }
 
     /// Uses `key_type` for new keys.
@@ -65,11 +74,14 @@ impl ManagedCert {
             domains: meta.domains.clone(),
             key_type: meta.key_type,
             challenge: meta.challenge.clone(),
+            profile: meta.profile.clone(),
         }
     }
 
     pub(super) fn same_order_as(&self, meta: &CertMeta) -> bool {
-        same_names(&self.domains, &meta.domains) && self.key_type == meta.key_type
+        same_names(&self.domains, &meta.domains)
+            && self.key_type == meta.key_type
+            && self.profile == meta.profile
     }
 }
 
@@ -90,6 +102,7 @@ pub struct ManagerBuilder {
     resolver: CertResolver,
     http01: Option<Http01Registry>,
     certs: Vec<ManagedCert>,
+    profile: Option<String>,
     policy: RenewalPolicy,
     manage_stored: bool,
     tls_alpn01_on_resolver: bool,
@@ -118,6 +131,14 @@ impl ManagerBuilder {
     /// Keeps `cert` issued and renewed. Repeatable.
     pub fn cert(mut self, cert: ManagedCert) -> Self {
         self.certs.push(cert);
+        self
+    }
+
+    /// Orders every certificate given to [`ManagerBuilder::cert`] without a profile of its
+    /// own under the ACME profile `profile`. Stored certificates keep the profile they
+    /// were ordered under.
+    pub fn profile(mut self, profile: Option<String>) -> Self {
+        self.profile = profile;
         self
     }
 
@@ -168,7 +189,13 @@ impl ManagerBuilder {
     /// until [`Manager::start`].
     pub fn build(self) -> Result<Manager> {
         let mut slots = HashMap::new();
-        for cert in self.certs {
+        for mut cert in self.certs {
+            if cert.profile.is_none() {
+                cert.profile = self.profile.clone();
+            }
+            if let Some(profile) = &cert.profile {
+                crate::issue::check_profile_name(profile)?;
+            }
             if cert.domains.is_empty() {
                 return Err(Error::Config(format!(
                     "certificate {:?} has no domains",
@@ -222,6 +249,7 @@ impl Manager {
             resolver: CertResolver::new(),
             http01: None,
             certs: Vec::new(),
+            profile: None,
             policy: RenewalPolicy::default(),
             manage_stored: false,
             tls_alpn01_on_resolver: false,

@@ -143,4 +143,6 @@ pub struct CertState {
     pub failures: u32,
     /// The last failure's message.
     pub last_error: Option<String>,
+    /// The renewal window the CA suggested for the served certificate through ARI.
+    pub ari_window: Option<(OffsetDateTime, OffsetDateTime)>,
 }

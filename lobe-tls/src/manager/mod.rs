@@ -173,6 +173,10 @@ impl Manager {
                 },
                 failures: slot.state.failures,
                 last_error: slot.state.last_error.clone(),
+                ari_window: slot
+                    .current
+                    .as_ref()
+                    .and_then(|c| slot.state.ari_window_for(&c.info)),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -221,6 +225,9 @@ impl Manager {
                         not_after: state.info?.not_after.unix_timestamp(),
                         name: state.name,
                         source: "managed",
+                        ari_window: state
+                            .ari_window
+                            .map(|(start, end)| (start.unix_timestamp(), end.unix_timestamp())),
                     })
                 })
                 .collect()

@@ -210,6 +210,7 @@ impl Manager {
             key_type: managed.key_type,
             challenge: managed.challenge.clone(),
             replaces,
+            profile: managed.profile.clone(),
         };
         // Orders, validates (key matches, covers the names, not expired) and stores
         // atomically; nothing is written or served unless every step succeeded.

@@ -26,6 +26,7 @@ fn stored(name: &str, domains: &[&str], not_after: OffsetDateTime) -> StoredCert
             challenge: ChallengeConfig::default(),
             directory: "https://ca.invalid/dir".into(),
             issued_at: OffsetDateTime::now_utc(),
+            profile: None,
         },
     }
 }

@@ -879,6 +879,7 @@ mod tests {
                 challenge: ChallengeConfig::default(),
                 directory: "https://ca.test/dir".into(),
                 issued_at: time::OffsetDateTime::now_utc(),
+                profile: None,
             },
         }
     }

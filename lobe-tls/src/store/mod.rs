@@ -48,6 +48,10 @@ pub struct CertMeta {
     /// When lobe-tls stored this certificate.
     #[serde(with = "time::serde::rfc3339")]
     pub issued_at: OffsetDateTime,
+    /// The ACME profile asked for, used again on renewal; `None` for the CA's default
+    /// (and in metadata written before profiles existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 /// A certificate with its metadata, as one unit of the store.
@@ -72,6 +76,21 @@ pub struct RenewalState {
     /// The renewal time picked inside the CA's ARI window, if the CA offers ARI.
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub ari_renew_at: Option<OffsetDateTime>,
+    /// The CA's last suggested ARI window (start, end), as it answered it, for the
+    /// certificate `ari_cert_id` names.
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ari_window_start: Option<OffsetDateTime>,
+    /// See [`RenewalState::ari_window_start`].
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ari_window_end: Option<OffsetDateTime>,
     /// When to ask the CA's renewalInfo endpoint again.
     #[serde(with = "time::serde::rfc3339::option", default)]
     pub ari_next_poll: Option<OffsetDateTime>,
@@ -93,6 +112,17 @@ impl RenewalState {
     /// Whether `serial` is the certificate recorded as revoked.
     pub fn is_revoked(&self, serial: &str) -> bool {
         self.revoked_serial.as_deref() == Some(serial)
+    }
+
+    /// The ARI window the CA suggested for `info`, if the recorded answer is about it.
+    pub fn ari_window_for(
+        &self,
+        info: &crate::cert::CertInfo,
+    ) -> Option<(OffsetDateTime, OffsetDateTime)> {
+        if info.ari_id.is_none() || self.ari_cert_id != info.ari_id {
+            return None;
+        }
+        self.ari_window_start.zip(self.ari_window_end)
     }
 }
 
@@ -343,3 +373,34 @@ impl Drop for StoreSubscription {
 
 /// A shared handle to any store.
 pub type DynStore = Arc<dyn Store>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Metadata written before profiles and ARI windows existed still loads, and writes
+    /// the new fields only when they are set.
+    #[test]
+    fn metadata_and_state_from_before_profiles_still_load() {
+        let old = r#"{"name":"a","domains":["a.example.com"],"key_type":"ecdsa-p256",
+            "challenge":{"kind":"http-01"},"directory":"https://ca.test/dir",
+            "issued_at":"2026-01-01T00:00:00Z"}"#;
+        let meta: CertMeta = serde_json::from_str(old).unwrap();
+        assert_eq!(meta.profile, None);
+        assert!(!serde_json::to_string(&meta).unwrap().contains("profile"));
+        let with = CertMeta {
+            profile: Some("shortlived".into()),
+            ..meta
+        };
+        let json = serde_json::to_string(&with).unwrap();
+        assert_eq!(serde_json::from_str::<CertMeta>(&json).unwrap(), with);
+
+        let state: RenewalState = serde_json::from_str(r#"{"failures":0}"#).unwrap();
+        assert_eq!(state, RenewalState::default());
+        assert!(
+            !serde_json::to_string(&state)
+                .unwrap()
+                .contains("ari_window")
+        );
+    }
+}

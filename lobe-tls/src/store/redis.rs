@@ -1033,6 +1033,7 @@ mod tests {
                 challenge: Default::default(),
                 directory: "https://ca.test/dir".into(),
                 issued_at: time::OffsetDateTime::UNIX_EPOCH,
+                profile: None,
             },
         };
         let value = serde_json::to_string(&record).unwrap();

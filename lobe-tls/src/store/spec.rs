@@ -288,6 +288,7 @@ mod tests {
                     challenge: Default::default(),
                     directory: "https://ca.test/dir".into(),
                     issued_at: time::OffsetDateTime::now_utc(),
+                    profile: None,
                 },
             })
             .await
