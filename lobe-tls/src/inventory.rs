@@ -36,6 +36,9 @@ pub struct CertReport {
     /// Why the certificate is invalid, when it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The ACME directory URL of the CA that issued it (a fallback CA's, if one did).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub directory: Option<String>,
 }
 
 impl CertReport {
@@ -76,6 +79,7 @@ impl CertReport {
             renew_after: Some(rfc3339(renew_at)),
             status,
             error: None,
+            directory: Some(crate::store::redact_url(&cert.meta.directory)),
         }
     }
 
@@ -92,6 +96,7 @@ impl CertReport {
             renew_after: None,
             status: CertStatus::Invalid,
             error: Some(error),
+            directory: None,
         }
     }
 }
