@@ -38,6 +38,25 @@ struct ShimState {
     fault: Option<Fault>,
     /// Answer newOrder requests that carry `replaces` with `alreadyReplaced`.
     refuse_replaces: bool,
+    /// A problem every newOrder is answered with, for pre-flight drills.
+    new_order_problem: Option<NewOrderProblem>,
+    /// newOrder requests answered with `new_order_problem`.
+    refused_new_orders: usize,
+    /// `meta.caaIdentities` added to the directory, when not empty.
+    caa_identities: Vec<String>,
+}
+
+/// A problem document the shim answers newOrder with (a rate limit, a paused account).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOrderProblem {
+    /// The HTTP status.
+    pub status: u16,
+    /// The problem type without `urn:ietf:params:acme:error:`.
+    pub kind: String,
+    /// The problem's detail.
+    pub detail: String,
+    /// A `Retry-After` header value, if any.
+    pub retry_after: Option<String>,
 }
 
 /// What every request meets while a drill runs.
@@ -165,6 +184,22 @@ impl AriShim {
         self.lock().fault = fault;
     }
 
+    /// Every newOrder from now on is answered with `problem`; `None` heals.
+    pub fn set_new_order_problem(&self, problem: Option<NewOrderProblem>) {
+        self.lock().new_order_problem = problem;
+    }
+
+    /// How many newOrder requests were answered with the problem of
+    /// [`AriShim::set_new_order_problem`].
+    pub fn refused_new_orders(&self) -> usize {
+        self.lock().refused_new_orders
+    }
+
+    /// Adds `meta.caaIdentities` to the directory (Pebble lists none).
+    pub fn set_caa_identities(&self, identities: &[&str]) {
+        self.lock().caa_identities = identities.iter().map(|s| s.to_string()).collect();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ShimState> {
         self.state.lock().expect("shim state")
     }
@@ -217,6 +252,26 @@ async fn handle(
     } else {
         None
     };
+    if new_order.is_some() {
+        let mut state = state.lock().expect("shim state");
+        if let Some(problem) = state.new_order_problem.clone() {
+            state.refused_new_orders += 1;
+            let body = serde_json::json!({
+                "type": format!("urn:ietf:params:acme:error:{}", problem.kind),
+                "detail": problem.detail,
+                "status": problem.status,
+            });
+            let mut rsp = hyper::Response::builder()
+                .status(problem.status)
+                .header("content-type", "application/problem+json");
+            if let Some(retry_after) = &problem.retry_after {
+                rsp = rsp.header("retry-after", retry_after);
+            }
+            return rsp
+                .body(Full::new(Bytes::from(body.to_string())))
+                .expect("response");
+        }
+    }
     if matches!(new_order, Some(Some(_))) && state.lock().expect("shim state").refuse_replaces {
         let problem = serde_json::json!({
             "type": "urn:ietf:params:acme:error:alreadyReplaced",
@@ -277,6 +332,10 @@ async fn handle(
             )
         });
         dir["renewalInfo"] = serde_json::json!(format!("https://{addr}{RENEWAL_INFO_PATH}"));
+        let caa_identities = state.lock().expect("shim state").caa_identities.clone();
+        if !caa_identities.is_empty() {
+            dir["meta"]["caaIdentities"] = serde_json::json!(caa_identities);
+        }
         body = Bytes::from(dir.to_string());
     }
     // A CA that accepts `replaces` reflects it in the order (RFC 9773 §5); Pebble
