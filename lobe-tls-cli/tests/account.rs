@@ -70,13 +70,16 @@ fn account_life(store: &str, pebble: &Pebble, key_file: Option<&Path>) {
     assert_eq!(shown["directory"], pebble.directory_url.as_str());
     assert_eq!(shown["status"], "valid");
     assert_eq!(shown["key_type"], "ecdsa-p256");
-    assert_eq!(shown["contacts"], serde_json::json!(["mailto:ops@example.com"]));
+    assert_eq!(
+        shown["contacts"],
+        serde_json::json!(["mailto:ops@example.com"])
+    );
     let url = shown["url"].as_str().expect("url").to_owned();
     assert!(url.starts_with("https://"), "{url}");
     let text_out = lobe(store, pebble, &["account", "show"]);
     assert_ok(&text_out);
     assert!(text(&text_out.stdout).contains(&format!("account:   {url}")));
-    let key_before = key_file.map(|f| std::fs::read_to_string(f).unwrap());
+    let key_before = key_file.map(|f| std::fs::read_to_string(f).expect("test step"));
 
     let out = lobe(store, pebble, &["account", "rollover", "--json"]);
     assert_ok(&out);
@@ -84,8 +87,10 @@ fn account_life(store: &str, pebble: &Pebble, key_file: Option<&Path>) {
     assert_eq!(rolled["url"], url.as_str(), "same account, new key");
     assert_eq!(rolled["status"], "valid");
     if let (Some(file), Some(before)) = (key_file, key_before) {
-        let after = std::fs::read_to_string(file).unwrap();
-        let key = |json: &str| serde_json::from_str::<Value>(json).unwrap()["key_pkcs8"].clone();
+        let after = std::fs::read_to_string(file).expect("test step");
+        let key = |json: &str| {
+            serde_json::from_str::<Value>(json).expect("test step")["key_pkcs8"].clone()
+        };
         assert_ne!(key(&before), key(&after), "the stored key changed");
         assert_eq!(mode(file), 0o600);
     }
@@ -109,16 +114,18 @@ fn account_life(store: &str, pebble: &Pebble, key_file: Option<&Path>) {
 #[test]
 fn account_show_rollover_and_deactivate_with_the_file_store() {
     let pebble = Pebble::start(PebbleOptions::default());
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("test step");
     let store = dir.path().join("store");
     let port = pebble
         .directory_url
         .trim_start_matches("https://127.0.0.1:")
         .trim_end_matches("/dir")
         .to_owned();
-    let key_file = store.join(format!("accounts/ops_example.com@127.0.0.1_{port}_dir.json"));
-    std::fs::create_dir(&store).unwrap();
-    account_life(store.to_str().unwrap(), &pebble, Some(&key_file));
+    let key_file = store.join(format!(
+        "accounts/ops_example.com@127.0.0.1_{port}_dir.json"
+    ));
+    std::fs::create_dir(&store).expect("test step");
+    account_life(store.to_str().expect("test step"), &pebble, Some(&key_file));
 }
 
 #[test]

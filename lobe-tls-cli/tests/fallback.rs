@@ -72,7 +72,7 @@ fn ca_config(dir: &Path, b: &Pebble) -> String {
             b.ca_file.display()
         ),
     )
-    .unwrap();
+    .expect("test step");
     path.display().to_string()
 }
 
@@ -80,11 +80,11 @@ fn ca_config(dir: &Path, b: &Pebble) -> String {
 async fn issue_falls_back_from_a_primary_that_refuses_connections() {
     let b = tokio::task::spawn_blocking(|| Pebble::start(PebbleOptions::default()))
         .await
-        .unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let primary = format!("https://{}/dir", closed.local_addr().unwrap());
+        .expect("test step");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("test step");
+    let primary = format!("https://{}/dir", closed.local_addr().expect("test step"));
     drop(closed);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("test step");
     let store = dir.path().join("store");
     let config = ca_config(dir.path(), &b);
     let started = Instant::now();
@@ -119,7 +119,7 @@ async fn issue_falls_back_from_a_primary_that_refuses_connections() {
 async fn issue_falls_back_from_a_primary_that_hangs_and_renew_returns_to_it() {
     let b = tokio::task::spawn_blocking(|| Pebble::start(PebbleOptions::default()))
         .await
-        .unwrap();
+        .expect("test step");
     let dns = b.dns_addr;
     let a = tokio::task::spawn_blocking(move || {
         Pebble::start(PebbleOptions {
@@ -128,16 +128,16 @@ async fn issue_falls_back_from_a_primary_that_hangs_and_renew_returns_to_it() {
         })
     })
     .await
-    .unwrap();
+    .expect("test step");
     let a_addr = a
         .directory_url
         .trim_start_matches("https://")
         .trim_end_matches("/dir")
         .parse()
-        .unwrap();
+        .expect("test step");
     let path = FaultyPath::start(a_addr).await;
     let primary = format!("https://{}/dir", path.addr);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("test step");
     let store = dir.path().join("store");
     let config = ca_config(dir.path(), &b);
     let ca_file = a.ca_file.display().to_string();
@@ -192,16 +192,22 @@ async fn issue_falls_back_from_a_primary_that_hangs_and_renew_returns_to_it() {
 async fn a_paused_account_and_a_rate_limit_are_one_line_errors_with_what_to_do() {
     let pebble = tokio::task::spawn_blocking(|| Pebble::start(PebbleOptions::default()))
         .await
-        .unwrap();
+        .expect("test step");
     let shim = AriShim::start(&pebble).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("test step");
     let store = dir.path().join("store");
     let ca_file = pebble.ca_file.display().to_string();
     let env = [
         ("LOBE_TLS_DIRECTORY", shim.directory_url.as_str()),
         ("LOBE_TLS_DIRECTORY_CA", ca_file.as_str()),
     ];
-    let issue = ["issue", "-d", "paused.example.com", "--http-listen", &pebble.http_listen()];
+    let issue = [
+        "issue",
+        "-d",
+        "paused.example.com",
+        "--http-listen",
+        &pebble.http_listen(),
+    ];
 
     let url = "https://portal.letsencrypt.org/sfe/v1/unpause?jwt=eyJhbGciOiJIUzI1NiJ9.e30.sig";
     shim.set_new_order_problem(Some(NewOrderProblem {
@@ -225,10 +231,7 @@ async fn a_paused_account_and_a_rate_limit_are_one_line_errors_with_what_to_do()
         retry_after: Some("120".into()),
     }));
     let out = lobe(&store, &env, &issue).await;
-    assert_one_line_error(
-        &out,
-        &["rateLimited", "the CA asks not to retry before 20"],
-    );
+    assert_one_line_error(&out, &["rateLimited", "the CA asks not to retry before 20"]);
     assert_eq!(shim.refused_new_orders(), 2);
 }
 
@@ -245,7 +248,7 @@ fn add_caa(dns: &DnsTestbed, records: &[&str]) {
     }
     script.push_str("send\n");
     let path = dns.dir().join("caa.nsupdate");
-    std::fs::write(&path, script).unwrap();
+    std::fs::write(&path, script).expect("test step");
     let out = std::process::Command::new("knsupdate")
         .arg(&path)
         .output()
@@ -255,10 +258,12 @@ fn add_caa(dns: &DnsTestbed, records: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn caa_that_forbids_the_ca_stops_the_order_and_caa_that_allows_it_issues() {
-    let dns = tokio::task::spawn_blocking(DnsTestbed::start).await.unwrap();
+    let dns = tokio::task::spawn_blocking(DnsTestbed::start)
+        .await
+        .expect("test step");
     let pebble = tokio::task::spawn_blocking(|| Pebble::start(PebbleOptions::default()))
         .await
-        .unwrap();
+        .expect("test step");
     add_caa(
         &dns,
         &[
@@ -270,7 +275,7 @@ async fn caa_that_forbids_the_ca_stops_the_order_and_caa_that_allows_it_issues()
     // The shim gives Pebble's directory the identity it lacks.
     let shim = AriShim::start(&pebble).await;
     shim.set_caa_identities(&["pebble.test"]);
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("test step");
     let store = dir.path().join("store");
     let ca_file = pebble.ca_file.display().to_string();
     let resolver = dns.resolver_addr.to_string();
@@ -283,7 +288,12 @@ async fn caa_that_forbids_the_ca_stops_the_order_and_caa_that_allows_it_issues()
 
     // The record sits on a parent of the name: the check climbs to it.
     let denied = format!("www.caa-deny.{ZONE}");
-    let out = lobe(&store, &env, &["issue", "-d", &denied, "--http-listen", &http_listen]).await;
+    let out = lobe(
+        &store,
+        &env,
+        &["issue", "-d", &denied, "--http-listen", &http_listen],
+    )
+    .await;
     assert_one_line_error(
         &out,
         &[
@@ -295,7 +305,12 @@ async fn caa_that_forbids_the_ca_stops_the_order_and_caa_that_allows_it_issues()
     assert!(shim.new_orders().is_empty(), "an order was placed");
 
     let allowed = format!("www.caa-allow.{ZONE}");
-    let out = lobe(&store, &env, &["issue", "-d", &allowed, "--http-listen", &http_listen]).await;
+    let out = lobe(
+        &store,
+        &env,
+        &["issue", "-d", &allowed, "--http-listen", &http_listen],
+    )
+    .await;
     assert_ok(&out);
     assert_eq!(shim.new_orders().len(), 1);
 }

@@ -41,8 +41,11 @@ fn dns01(pebble: &Pebble) -> ChallengeConfig {
 }
 
 fn cert(name: &str, b: &Pebble) -> ManagedCert {
-    ManagedCert::new(name, domain::parse_all(&[&format!("{name}.example.com")]).unwrap())
-        .with_challenge(dns01(b))
+    ManagedCert::new(
+        name,
+        domain::parse_all(&[&format!("{name}.example.com")]).unwrap(),
+    )
+    .with_challenge(dns01(b))
 }
 
 async fn directory_of(store: &dyn Store, name: &str) -> String {
@@ -122,12 +125,18 @@ async fn a_rate_limited_primary_falls_back_and_is_not_asked_again_before_its_ret
         .unwrap();
 
     ordered(manager.renew_now("limited").await.unwrap());
-    assert_eq!(directory_of(store.as_ref(), "limited").await, b.directory_url);
+    assert_eq!(
+        directory_of(store.as_ref(), "limited").await,
+        b.directory_url
+    );
     assert_eq!(shim.refused_new_orders(), 1);
     // Within the hour the primary asked for, it is not asked again.
     ordered(manager.renew_now("limited").await.unwrap());
     assert_eq!(shim.refused_new_orders(), 1, "the primary was asked again");
-    assert_eq!(directory_of(store.as_ref(), "limited").await, b.directory_url);
+    assert_eq!(
+        directory_of(store.as_ref(), "limited").await,
+        b.directory_url
+    );
 }
 
 #[tokio::test]

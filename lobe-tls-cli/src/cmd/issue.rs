@@ -9,9 +9,7 @@ use lobe_tls::acme::{CaChain, ProgressFn};
 use lobe_tls::challenge::ChallengeConfig;
 use lobe_tls::inventory::CertReport;
 use lobe_tls::issue::{Issuance, IssueRequest};
-use lobe_tls::{
-    ChallengeKind, Http01Listener, Http01Registry, KeyType, Result, domain,
-};
+use lobe_tls::{ChallengeKind, Http01Listener, Http01Registry, KeyType, Result, domain};
 
 use crate::challenge_args::ChallengeArgs;
 use crate::global::Global;

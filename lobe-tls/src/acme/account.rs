@@ -91,11 +91,7 @@ impl Stored {
 
 /// The contacts an account is registered with, as stored next to its credentials.
 pub(crate) fn contacts_for(config: &AcmeConfig) -> Vec<String> {
-    config
-        .email
-        .iter()
-        .map(|e| format!("mailto:{e}"))
-        .collect()
+    config.email.iter().map(|e| format!("mailto:{e}")).collect()
 }
 
 /// Adds lobe-tls's own fields to freshly created credentials.

@@ -124,7 +124,11 @@ impl CaTable {
 fn read_tables(path: &Path) -> Result<Vec<CaTable>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        Error::Config(format!("{}: not valid TOML: {}", path.display(), e.message()))
+        Error::Config(format!(
+            "{}: not valid TOML: {}",
+            path.display(),
+            e.message()
+        ))
     })?;
     let Some(cas) = doc.get("ca") else {
         return Ok(Vec::new());
@@ -196,14 +200,23 @@ mod tests {
         let mut primary = AcmeConfig::new("https://a.test/dir");
         primary.email = Some("ops@example.com".into());
         primary.directory_ca = Some("/a.pem".into());
-        let flags = ["https://c.test/dir".to_owned(), "https://b.test/dir".to_owned()];
+        let flags = [
+            "https://c.test/dir".to_owned(),
+            "https://b.test/dir".to_owned(),
+        ];
         let fallbacks = fallbacks_from(&primary, &flags, Some(file.path())).unwrap();
         assert_eq!(fallbacks.len(), 2);
         assert_eq!(fallbacks[0].directory, "https://c.test/dir");
-        assert_eq!(fallbacks[0].directory_ca.as_deref(), Some(Path::new("/a.pem")));
+        assert_eq!(
+            fallbacks[0].directory_ca.as_deref(),
+            Some(Path::new("/a.pem"))
+        );
         assert!(fallbacks[0].eab.is_none());
         assert_eq!(fallbacks[1].eab.as_ref().unwrap().kid, "kid");
-        assert_eq!(fallbacks[1].directory_ca.as_deref(), Some(Path::new("/b.pem")));
+        assert_eq!(
+            fallbacks[1].directory_ca.as_deref(),
+            Some(Path::new("/b.pem"))
+        );
         assert_eq!(fallbacks[1].email.as_deref(), Some("ops@example.com"));
         // Without flags, every table in file order.
         let all = fallbacks_from(&primary, &[], Some(file.path())).unwrap();
@@ -212,16 +225,30 @@ mod tests {
 
     #[test]
     fn errors_name_the_table_but_never_the_secret() {
-        let file = write("[[ca]]\ndirectory = \"https://b.test/dir\"\neab_hmac_key = \"c2VjcmV0\"\n");
-        let err = fallbacks_from(&AcmeConfig::new("https://a.test/dir"), &[], Some(file.path()))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("[[ca]] number 1") && err.contains("eab_kid"), "{err}");
+        let file =
+            write("[[ca]]\ndirectory = \"https://b.test/dir\"\neab_hmac_key = \"c2VjcmV0\"\n");
+        let err = fallbacks_from(
+            &AcmeConfig::new("https://a.test/dir"),
+            &[],
+            Some(file.path()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("[[ca]] number 1") && err.contains("eab_kid"),
+            "{err}"
+        );
         assert!(!err.contains("c2VjcmV0"), "{err}");
-        let file = write("[[ca]]\ndirectory = \"https://b.test/dir\"\neab_kid = \"k\"\neab_hmac_key_env = \"LOBE_TLS_TEST_UNSET_VAR\"\n");
-        let err = fallbacks_from(&AcmeConfig::new("https://a.test/dir"), &[], Some(file.path()))
-            .unwrap_err()
-            .to_string();
+        let file = write(
+            "[[ca]]\ndirectory = \"https://b.test/dir\"\neab_kid = \"k\"\neab_hmac_key_env = \"LOBE_TLS_TEST_UNSET_VAR\"\n",
+        );
+        let err = fallbacks_from(
+            &AcmeConfig::new("https://a.test/dir"),
+            &[],
+            Some(file.path()),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("LOBE_TLS_TEST_UNSET_VAR"), "{err}");
         let same = ["https://a.test/dir".to_owned()];
         assert!(fallbacks_from(&AcmeConfig::new("https://a.test/dir"), &same, None).is_err());

@@ -240,10 +240,7 @@ pub(crate) fn evaluate(
         None => forbidden(
             domain,
             records[0],
-            &format!(
-                "does not name this CA ({})",
-                subject.identities.join(", ")
-            ),
+            &format!("does not name this CA ({})", subject.identities.join(", ")),
         ),
     })
 }
@@ -311,7 +308,10 @@ mod tests {
         let err = run("a.example.com", false, &set, ChallengeKind::Http01)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("example.com. CAA 0 issue \"pki.goog\""), "{err}");
+        assert!(
+            err.contains("example.com. CAA 0 issue \"pki.goog\""),
+            "{err}"
+        );
         assert!(err.contains("a.example.com"), "{err}");
         assert!(!err.contains('\n'));
         let set = [issue(Property::Issue, None, &[])];

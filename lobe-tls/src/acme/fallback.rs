@@ -277,12 +277,17 @@ mod tests {
             "status": status,
         }))
         .unwrap();
-        super::super::acme_error("the CA refused the order", instant_acme::Error::Api(problem))
+        super::super::acme_error(
+            "the CA refused the order",
+            instant_acme::Error::Api(problem),
+        )
     }
 
     #[test]
     fn only_the_cas_own_failures_fall_back() {
-        assert!(falls_back(&Error::CaUnavailable("connection refused".into())));
+        assert!(falls_back(&Error::CaUnavailable(
+            "connection refused".into()
+        )));
         assert!(falls_back(&problem("rateLimited", 429)));
         assert!(falls_back(&problem("serverInternal", 500)));
         assert!(falls_back(&problem("badCSR", 503)));
@@ -291,7 +296,9 @@ mod tests {
         assert!(!falls_back(&problem("caa", 403)));
         assert!(!falls_back(&Error::Challenge("validation failed".into())));
         assert!(!falls_back(&Error::Dns("CAA forbids".into())));
-        assert!(!falls_back(&Error::Timeout("the order did not finish".into())));
+        assert!(!falls_back(&Error::Timeout(
+            "the order did not finish".into()
+        )));
     }
 
     #[test]
@@ -302,7 +309,11 @@ mod tests {
         let chain = CaChain::new(&config);
         assert_eq!(
             chain.directories().collect::<Vec<_>>(),
-            ["https://a.test/dir", "https://b.test/dir", "https://c.test/dir"]
+            [
+                "https://a.test/dir",
+                "https://b.test/dir",
+                "https://c.test/dir"
+            ]
         );
         assert!(chain.contains("https://c.test/dir"));
         assert!(!chain.contains("https://d.test/dir"));
@@ -319,9 +330,15 @@ mod tests {
         *chain.cas[1].not_before.lock().unwrap() = Some((at, "slow down".into()));
         let err = chain.cas[1].waiting(true).unwrap().unwrap();
         assert_eq!(err.retry_after(), Some(at));
-        assert!(err.to_string().contains("not asking https://b.test/dir again"), "{err}");
-        *chain.cas[0].not_before.lock().unwrap() =
-            Some((OffsetDateTime::now_utc() - time::Duration::seconds(1), "x".into()));
+        assert!(
+            err.to_string()
+                .contains("not asking https://b.test/dir again"),
+            "{err}"
+        );
+        *chain.cas[0].not_before.lock().unwrap() = Some((
+            OffsetDateTime::now_utc() - time::Duration::seconds(1),
+            "x".into(),
+        ));
         assert!(chain.cas[0].waiting(false).is_none());
     }
 }

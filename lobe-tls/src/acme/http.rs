@@ -141,9 +141,7 @@ pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<SystemTi
 /// balancer, say) becomes a `serverInternal` problem carrying the status, so that it
 /// reads as the CA's failure rather than as a JSON parse error.
 fn server_error_problem(status: http::StatusCode, body: &[u8]) -> Option<Bytes> {
-    if !status.is_server_error()
-        || serde_json::from_slice::<instant_acme::Problem>(body).is_ok()
-    {
+    if !status.is_server_error() || serde_json::from_slice::<instant_acme::Problem>(body).is_ok() {
         return None;
     }
     let problem = serde_json::json!({
@@ -226,7 +224,9 @@ mod tests {
         );
         let date = parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now).unwrap();
         assert_eq!(
-            date.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            date.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
             784_111_777
         );
         assert_eq!(parse_retry_after("soon", now), None);

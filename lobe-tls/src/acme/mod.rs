@@ -20,8 +20,8 @@ use crate::error::{Error, Result};
 use crate::store::Store;
 
 pub mod account;
-pub mod caa;
 mod ca_file;
+pub mod caa;
 pub mod fallback;
 mod http;
 
@@ -830,10 +830,19 @@ mod tests {
         }))
         .unwrap();
         let url = unpause_url(&problem).unwrap();
-        assert_eq!(url, "https://portal.letsencrypt.org/sfe/v1/unpause?jwt=abc.def");
-        let err = acme_error("the CA refused the order", instant_acme::Error::Api(problem));
+        assert_eq!(
+            url,
+            "https://portal.letsencrypt.org/sfe/v1/unpause?jwt=abc.def"
+        );
+        let err = acme_error(
+            "the CA refused the order",
+            instant_acme::Error::Api(problem),
+        );
         let text = err.to_string();
-        assert!(text.contains("unpause at https://portal.letsencrypt.org/sfe/v1/unpause?jwt=abc.def"), "{text}");
+        assert!(
+            text.contains("unpause at https://portal.letsencrypt.org/sfe/v1/unpause?jwt=abc.def"),
+            "{text}"
+        );
         assert!(text.contains("a.example.com"), "{text}");
         assert!(falls_back(&err), "a paused CA is worth a fallback");
         let other: instant_acme::Problem = serde_json::from_value(serde_json::json!({
@@ -846,7 +855,8 @@ mod tests {
 
     #[test]
     fn caa_identities_come_from_the_directory_meta() {
-        let dir = serde_json::json!({"newOrder": "x", "meta": {"caaIdentities": ["letsencrypt.org"]}});
+        let dir =
+            serde_json::json!({"newOrder": "x", "meta": {"caaIdentities": ["letsencrypt.org"]}});
         assert_eq!(caa_identities_of(&dir), ["letsencrypt.org"]);
         assert!(caa_identities_of(&serde_json::json!({"meta": {}})).is_empty());
     }

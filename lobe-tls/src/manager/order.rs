@@ -225,7 +225,13 @@ impl Manager {
         let stored = self
             .inner
             .chain
-            .issue_from(start, &issuance, self.inner.store.as_ref(), Some(lock), None)
+            .issue_from(
+                start,
+                &issuance,
+                self.inner.store.as_ref(),
+                Some(lock),
+                None,
+            )
             .await?;
         drop(keep);
         let (key, info) = stored.bundle.validated_key_for(&managed.domains)?;
