@@ -314,3 +314,56 @@ async fn caa_that_forbids_the_ca_stops_the_order_and_caa_that_allows_it_issues()
     assert_ok(&out);
     assert_eq!(shim.new_orders().len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_obtains_its_certificate_from_the_fallback_when_the_primary_refuses() {
+    let b = tokio::task::spawn_blocking(|| Pebble::start(PebbleOptions::default()))
+        .await
+        .expect("test step");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("test step");
+    let primary = format!("https://{}/dir", closed.local_addr().expect("test step"));
+    drop(closed);
+    let dir = tempfile::tempdir().expect("test step");
+    let store = dir.path().join("store");
+    let config = ca_config(dir.path(), &b);
+    let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("LOBE_TLS_STORE", &store)
+        .env("LOBE_TLS_DIRECTORY", &primary)
+        .env("LOBE_TLS_FALLBACK_DIRECTORY", &b.directory_url)
+        .env("LOBE_TLS_CONFIG", &config)
+        .args(["serve", "--listen", &listen, "--upstream", "127.0.0.1:9"])
+        .args([
+            "-d",
+            "served.example.com",
+            "--http-listen",
+            &b.http_listen(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start serve");
+    let started = Instant::now();
+    let directory = loop {
+        let out = lobe(&store, &[], &["list", "--json"]).await;
+        let listed: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(entry) = listed.iter().find(|e| e["name"] == "served.example.com") {
+            break entry["directory"].as_str().unwrap_or_default().to_owned();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "serve stored nothing within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!(
+        "serve, primary refusing connections: stored from the fallback after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(directory, b.directory_url);
+    let _ = serve.kill().await;
+}
