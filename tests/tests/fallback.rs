@@ -9,7 +9,7 @@ use lobe_tls::challenge::{ChallengeConfig, DnsConfig, DnsProviderConfig};
 use lobe_tls::manager::{ManagedCert, Manager, RenewOutcome};
 use lobe_tls::store::DynStore;
 use lobe_tls::{AcmeConfig, FileStore, Store, domain};
-use lobe_tls_tests::ari_shim::{AriShim, NewOrderProblem};
+use lobe_tls_tests::ari_shim::{AriShim, Fault, NewOrderProblem};
 use lobe_tls_tests::faulty_path::FaultyPath;
 use lobe_tls_tests::{Pebble, PebbleOptions};
 
@@ -102,19 +102,24 @@ async fn the_manager_falls_back_from_a_hung_primary_and_returns_to_it_at_the_nex
     ordered(manager.renew_now("hang").await.unwrap());
     assert_eq!(directory_of(store.as_ref(), "hang").await, primary_url);
     assert_eq!(a.orders_created(), 1);
+
+    // A primary that goes dead after it was connected hangs the order itself: the
+    // request timeout ends it there, and the fallback issues.
+    path.go_dead();
+    let started = Instant::now();
+    ordered(manager.renew_now("hang").await.unwrap());
+    let took = started.elapsed();
+    eprintln!("primary hung mid-order (1 s request timeout): issued by the fallback in {took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(directory_of(store.as_ref(), "hang").await, b.directory_url);
 }
 
 #[tokio::test]
-async fn a_rate_limited_primary_falls_back_and_is_not_asked_again_before_its_retry_after() {
+async fn a_failing_or_rate_limited_primary_falls_back_and_is_not_asked_again_before_its_retry_after()
+ {
     lobe_tls_tests::init_tracing();
     let (a, b) = two_pebbles().await;
     let shim = AriShim::start(&a).await;
-    shim.set_new_order_problem(Some(NewOrderProblem {
-        status: 429,
-        kind: "rateLimited".into(),
-        detail: "too many certificates (5) already issued for this exact set of identifiers".into(),
-        retry_after: Some("3600".into()),
-    }));
     let mut primary = AcmeConfig::new(shim.directory_url.clone()).with_fallback(b.acme_config());
     primary.directory_ca = Some(a.ca_file.clone());
     let dir = tempfile::tempdir().unwrap();
@@ -124,6 +129,21 @@ async fn a_rate_limited_primary_falls_back_and_is_not_asked_again_before_its_ret
         .build()
         .unwrap();
 
+    // A primary that answers 5xx to everything: the fallback issues.
+    shim.set_fault(Some(Fault::Status(503)));
+    ordered(manager.renew_now("limited").await.unwrap());
+    assert_eq!(
+        directory_of(store.as_ref(), "limited").await,
+        b.directory_url
+    );
+    shim.set_fault(None);
+
+    shim.set_new_order_problem(Some(NewOrderProblem {
+        status: 429,
+        kind: "rateLimited".into(),
+        detail: "too many certificates (5) already issued for this exact set of identifiers".into(),
+        retry_after: Some("3600".into()),
+    }));
     ordered(manager.renew_now("limited").await.unwrap());
     assert_eq!(
         directory_of(store.as_ref(), "limited").await,

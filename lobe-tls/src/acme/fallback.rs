@@ -107,6 +107,7 @@ impl CaChain {
             match ca.connect(store).await {
                 Ok(_) => return Ok(index),
                 Err(e) if falls_back(&e) && !last => {
+                    tracing::warn!(directory = %ca.config.directory, error = %e, "the CA failed; trying the next one");
                     self.note(index, &e);
                     failed.push((ca.config.directory.clone(), e.to_string()));
                 }
