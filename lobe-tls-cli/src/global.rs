@@ -64,6 +64,7 @@ pub struct Global {
         long = "fallback-directory",
         global = true,
         env = "LOBE_TLS_FALLBACK_DIRECTORY",
+        hide_env_values = true,
         value_delimiter = ',',
         value_name = "URL"
     )]
@@ -165,7 +166,14 @@ impl std::fmt::Debug for Global {
                 "eab_hmac_key",
                 &self.eab_hmac_key.as_ref().map(|_| "<redacted>"),
             )
-            .field("fallback_directories", &self.fallback_directories)
+            .field(
+                "fallback_directories",
+                &self
+                    .fallback_directories
+                    .iter()
+                    .map(|d| lobe_tls::store::redact_url(d))
+                    .collect::<Vec<_>>(),
+            )
             .field("caa_resolvers", &self.caa_resolvers)
             .field("no_caa_check", &self.no_caa_check)
             .field("log", &self.log)
