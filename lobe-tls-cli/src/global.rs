@@ -1,7 +1,8 @@
 //! Options every command takes, each also readable from its environment variable.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use lobe_tls::store::{DynStore, StoreSpec};
@@ -56,6 +57,34 @@ pub struct Global {
     )]
     pub eab_hmac_key: Option<String>,
 
+    /// A CA to order from when the one before fails for reasons of its own (unreachable,
+    /// no answer in time, 5xx, rateLimited, paused); repeat for more, tried in order.
+    /// Its EAB and trust root come from a [[ca]] table of the --config file.
+    #[arg(
+        long = "fallback-directory",
+        global = true,
+        env = "LOBE_TLS_FALLBACK_DIRECTORY",
+        hide_env_values = true,
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub fallback_directories: Vec<String>,
+
+    /// Recursive resolver (IP:PORT, repeatable) for the CAA check before each order.
+    /// Default: --dns-recursive if given, else the system's (/etc/resolv.conf).
+    #[arg(
+        long = "caa-resolver",
+        global = true,
+        env = "LOBE_TLS_CAA_RESOLVER",
+        value_delimiter = ',',
+        value_name = "IP:PORT"
+    )]
+    pub caa_resolvers: Vec<SocketAddr>,
+
+    /// Skip the CAA check before ordering (the CA still checks CAA).
+    #[arg(long, global = true)]
+    pub no_caa_check: bool,
+
     /// Log filter (error, warn, info, debug, trace, or a tracing directive).
     #[arg(long, global = true, env = "LOBE_TLS_LOG", default_value = "warn")]
     pub log: String,
@@ -79,6 +108,25 @@ impl Global {
                 ));
             }
         };
+        config.caa.disabled = self.no_caa_check;
+        config.caa.resolvers = self.caa_resolvers.clone();
+        Ok(config)
+    }
+
+    /// [`Global::acme_config`] with the fallback CAs (`--fallback-directory`, `[[ca]]`
+    /// tables of `config_file`), and `dns_recursive` for the CAA check unless
+    /// `--caa-resolver` was given.
+    pub fn acme_config_with_fallbacks(
+        &self,
+        config_file: Option<&Path>,
+        dns_recursive: &[SocketAddr],
+    ) -> Result<AcmeConfig> {
+        let mut config = self.acme_config()?;
+        if config.caa.resolvers.is_empty() {
+            config.caa.resolvers = dns_recursive.to_vec();
+        }
+        config.fallbacks =
+            lobe_tls::acme::fallbacks_from(&config, &self.fallback_directories, config_file)?;
         Ok(config)
     }
 
@@ -118,6 +166,16 @@ impl std::fmt::Debug for Global {
                 "eab_hmac_key",
                 &self.eab_hmac_key.as_ref().map(|_| "<redacted>"),
             )
+            .field(
+                "fallback_directories",
+                &self
+                    .fallback_directories
+                    .iter()
+                    .map(|d| lobe_tls::store::redact_url(d))
+                    .collect::<Vec<_>>(),
+            )
+            .field("caa_resolvers", &self.caa_resolvers)
+            .field("no_caa_check", &self.no_caa_check)
             .field("log", &self.log)
             .finish()
     }

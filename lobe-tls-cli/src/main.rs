@@ -40,6 +40,8 @@ enum Command {
     Import(cmd::import::Args),
     /// Terminate TLS in front of a plain-TCP upstream, with managed certificates and/or a watched directory.
     Serve(Box<cmd::serve::Args>),
+    /// Show the ACME account, roll its key over, or deactivate it.
+    Account(cmd::account::Args),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
             Command::Store(args) => cmd::store::run(&cli.global, args).await,
             Command::Import(args) => cmd::import::run(&cli.global, args).await,
             Command::Serve(args) => cmd::serve::run(&cli.global, args).await,
+            Command::Account(args) => cmd::account::run(&cli.global, args).await,
         };
         match result {
             Ok(code) => code,

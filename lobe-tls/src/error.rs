@@ -34,7 +34,15 @@ pub enum Error {
         /// The error as instant-acme reported it.
         #[source]
         source: Box<instant_acme::Error>,
+        /// When the CA said to try again (`Retry-After`), if it did.
+        retry_after: Option<time::OffsetDateTime>,
     },
+
+    /// The CA could not be reached, did not answer within the request timeout, or failed
+    /// on its side: a fault of the CA or of the path to it, not of the request, so a
+    /// fallback CA is worth trying.
+    #[error("{0}")]
+    CaUnavailable(String),
 
     /// A challenge failed; the message carries the CA's problem detail.
     #[error("{0}")]
@@ -81,6 +89,15 @@ impl Error {
     pub fn ca_problem(&self) -> Option<&str> {
         match self {
             Error::CaProblem { kind, .. } => kind.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// When the CA asked not to be asked again before (`Retry-After` on a problem such
+    /// as `rateLimited`), if this is a [`Error::CaProblem`] that carried one.
+    pub fn retry_after(&self) -> Option<time::OffsetDateTime> {
+        match self {
+            Error::CaProblem { retry_after, .. } => *retry_after,
             _ => None,
         }
     }

@@ -39,6 +39,9 @@ pub struct CertReport {
     /// The ACME profile the certificate is ordered under, when one was asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
+    /// The ACME directory URL of the CA that issued it (a fallback CA's, if one did).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub directory: Option<String>,
 }
 
 impl CertReport {
@@ -80,6 +83,7 @@ impl CertReport {
             status,
             error: None,
             profile: cert.meta.profile.clone(),
+            directory: Some(crate::store::redact_url(&cert.meta.directory)),
         }
     }
 
@@ -97,6 +101,7 @@ impl CertReport {
             status: CertStatus::Invalid,
             error: Some(error),
             profile: None,
+            directory: None,
         }
     }
 }

@@ -256,7 +256,7 @@ impl Issuance {
         self.run_inner(client, store, Some(lock), progress).await
     }
 
-    async fn run_inner(
+    pub(crate) async fn run_inner(
         &self,
         client: &AcmeClient,
         store: &dyn Store,

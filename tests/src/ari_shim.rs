@@ -45,6 +45,25 @@ struct ShimState {
     profiles: Vec<(String, String)>,
     /// The `profile` field of each newOrder the CA accepted, `None` when absent.
     order_profiles: Vec<Option<String>>,
+    /// A problem every newOrder is answered with, for pre-flight drills.
+    new_order_problem: Option<NewOrderProblem>,
+    /// newOrder requests answered with `new_order_problem`.
+    refused_new_orders: usize,
+    /// `meta.caaIdentities` added to the directory, when not empty.
+    caa_identities: Vec<String>,
+}
+
+/// A problem document the shim answers newOrder with (a rate limit, a paused account).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOrderProblem {
+    /// The HTTP status.
+    pub status: u16,
+    /// The problem type without `urn:ietf:params:acme:error:`.
+    pub kind: String,
+    /// The problem's detail.
+    pub detail: String,
+    /// A `Retry-After` header value, if any.
+    pub retry_after: Option<String>,
 }
 
 /// What every request meets while a drill runs.
@@ -186,6 +205,22 @@ impl AriShim {
         self.lock().fault = fault;
     }
 
+    /// Every newOrder from now on is answered with `problem`; `None` heals.
+    pub fn set_new_order_problem(&self, problem: Option<NewOrderProblem>) {
+        self.lock().new_order_problem = problem;
+    }
+
+    /// How many newOrder requests were answered with the problem of
+    /// [`AriShim::set_new_order_problem`].
+    pub fn refused_new_orders(&self) -> usize {
+        self.lock().refused_new_orders
+    }
+
+    /// Adds `meta.caaIdentities` to the directory (Pebble lists none).
+    pub fn set_caa_identities(&self, identities: &[&str]) {
+        self.lock().caa_identities = identities.iter().map(|s| s.to_string()).collect();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, ShimState> {
         self.state.lock().expect("shim state")
     }
@@ -243,6 +278,26 @@ async fn handle(
     } else {
         None
     };
+    if new_order.is_some() {
+        let mut state = state.lock().expect("shim state");
+        if let Some(problem) = state.new_order_problem.clone() {
+            state.refused_new_orders += 1;
+            let body = serde_json::json!({
+                "type": format!("urn:ietf:params:acme:error:{}", problem.kind),
+                "detail": problem.detail,
+                "status": problem.status,
+            });
+            let mut rsp = hyper::Response::builder()
+                .status(problem.status)
+                .header("content-type", "application/problem+json");
+            if let Some(retry_after) = &problem.retry_after {
+                rsp = rsp.header("retry-after", retry_after);
+            }
+            return rsp
+                .body(Full::new(Bytes::from(body.to_string())))
+                .expect("response");
+        }
+    }
     if matches!(new_order, Some(Some(_))) && state.lock().expect("shim state").refuse_replaces {
         let problem = serde_json::json!({
             "type": "urn:ietf:params:acme:error:alreadyReplaced",
@@ -308,6 +363,10 @@ async fn handle(
                 .map(|(name, description)| (name, serde_json::Value::String(description)))
                 .collect();
             dir["meta"]["profiles"] = serde_json::Value::Object(listed);
+        }
+        let caa_identities = state.lock().expect("shim state").caa_identities.clone();
+        if !caa_identities.is_empty() {
+            dir["meta"]["caaIdentities"] = serde_json::json!(caa_identities);
         }
         body = Bytes::from(dir.to_string());
     }

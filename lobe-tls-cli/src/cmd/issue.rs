@@ -5,13 +5,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lobe_tls::acme::ProgressFn;
+use lobe_tls::acme::{CaChain, ProgressFn};
 use lobe_tls::challenge::ChallengeConfig;
 use lobe_tls::inventory::CertReport;
 use lobe_tls::issue::{Issuance, IssueRequest};
-use lobe_tls::{
-    AcmeClient, ChallengeKind, Http01Listener, Http01Registry, KeyType, Result, domain,
-};
+use lobe_tls::{ChallengeKind, Http01Listener, Http01Registry, KeyType, Result, domain};
 
 use crate::challenge_args::ChallengeArgs;
 use crate::global::Global;
@@ -62,7 +60,10 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     if let Some(name) = &args.name {
         request.name = name.clone();
     }
-    let acme = global.acme_config()?;
+    let acme = global.acme_config_with_fallbacks(
+        args.challenge.config_file.as_deref(),
+        &args.challenge.dns_recursive,
+    )?;
     let spec = global.store_spec()?;
     // Local errors (names, flags, a busy port) come before the store is created.
     request.validate()?;
@@ -93,9 +94,9 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         say(&format!("connecting to {}", acme.directory));
     }
     let issued = async {
-        let client = AcmeClient::connect(&acme, store.as_ref()).await?;
-        issuance
-            .run_locked(&client, store.as_ref(), lock.as_ref(), progress)
+        // The primary CA first, then each fallback while the one before fails.
+        CaChain::new(&acme)
+            .issue(&issuance, store.as_ref(), Some(lock.as_ref()), progress)
             .await
     }
     .await;

@@ -50,6 +50,10 @@ pub struct Args {
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
+
+    /// TOML file with the fallback CAs' settings ([[ca]] tables, see the README).
+    #[arg(long = "config", env = "LOBE_TLS_CONFIG", value_name = "FILE")]
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 /// What happened to one certificate.
@@ -91,7 +95,8 @@ impl RenewResult {
 /// Runs the command.
 pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     let store = global.open_existing_store().await?;
-    let base = global.acme_config()?;
+    let base = global.acme_config_with_fallbacks(args.config_file.as_deref(), &[])?;
+    let chain = lobe_tls::acme::CaChain::new(&base);
     if args.jitter > 0 {
         let secs = rand::random_range(0..=args.jitter);
         tracing::info!(secs, "waiting before renewing (--jitter)");
@@ -112,8 +117,14 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     let mut by_directory: BTreeMap<String, Vec<CertMeta>> = BTreeMap::new();
     for name in &names {
         match store.load_cert(name).await {
+            // A certificate from any CA of the chain renews through the chain, primary
+            // first, so one that came from a fallback goes back to the primary.
             Ok(Some(stored)) => by_directory
-                .entry(stored.meta.directory.clone())
+                .entry(if chain.contains(&stored.meta.directory) {
+                    base.directory.clone()
+                } else {
+                    stored.meta.directory.clone()
+                })
                 .or_default()
                 .push(stored.meta),
             Ok(None) => results.push(RenewResult::failed(
@@ -125,7 +136,11 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     }
     for (directory, metas) in by_directory {
         let mut acme = base.clone();
-        acme.directory = directory;
+        if directory != base.directory {
+            // A CA outside the chain: renewed there, without fallbacks.
+            acme.directory = directory;
+            acme.fallbacks.clear();
+        }
         let mut builder = Manager::builder(acme, store.clone());
         for meta in &metas {
             let mut cert = ManagedCert::from_meta(meta);

@@ -46,6 +46,11 @@ pub struct Args {
     /// Why.
     #[arg(long, value_enum, default_value = "unspecified")]
     pub reason: Reason,
+
+    /// TOML file with the fallback CAs' settings ([[ca]] tables), for a certificate
+    /// that came from a fallback CA.
+    #[arg(long = "config", env = "LOBE_TLS_CONFIG", value_name = "FILE")]
+    pub config_file: Option<std::path::PathBuf>,
 }
 
 /// Runs the command. The certificate stays in the store, recorded as revoked: `check`
@@ -59,7 +64,16 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         ))
     })?;
     // Revoke at the CA that issued it, with this account.
-    let mut acme = global.acme_config()?;
+    let base = global.acme_config_with_fallbacks(args.config_file.as_deref(), &[])?;
+    // A fallback CA's account, EAB and trust root, if it came from one.
+    let mut acme = match base
+        .fallbacks
+        .iter()
+        .find(|f| f.directory == stored.meta.directory)
+    {
+        Some(fallback) => fallback.clone(),
+        None => base,
+    };
     acme.directory = stored.meta.directory.clone();
     let client = AcmeClient::connect(&acme, store.as_ref()).await?;
     client.revoke(&stored.bundle, args.reason.to_acme()).await?;

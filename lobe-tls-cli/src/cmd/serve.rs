@@ -169,7 +169,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     let mut signalled = false;
     if let Some(store) = store {
         tokio::select! {
-            started = start_manager(global, store, managed, &resolver, &registry, &metrics) => {
+            started = start_manager(global, args, store, managed, &resolver, &registry, &metrics) => {
                 maintenance = Some(started?);
             }
             _ = &mut shutdown => signalled = true,
@@ -301,6 +301,7 @@ async fn watch_dir(
 /// renewals and challenges, and orders only when it wins the store's lock.
 async fn start_manager(
     global: &Global,
+    args: &Args,
     store: DynStore,
     cert: Option<ManagedCert>,
     resolver: &CertResolver,
@@ -309,7 +310,11 @@ async fn start_manager(
 ) -> Result<(MaintenanceHandle, Option<Cluster>)> {
     // Everything in the store is renewed here too, so `serve` needs no cron job beside
     // it; TLS-ALPN-01 is answered on this process's own TLS port for all of them.
-    let mut builder = Manager::builder(global.acme_config()?, store)
+    let acme = global.acme_config_with_fallbacks(
+        args.challenge.config_file.as_deref(),
+        &args.challenge.dns_recursive,
+    )?;
+    let mut builder = Manager::builder(acme, store)
         .resolver(resolver.clone())
         .http01(registry.clone())
         .manage_stored(true)

@@ -13,7 +13,8 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -79,6 +80,10 @@ pub(crate) fn timed_out(error: &instant_acme::Error) -> bool {
 pub(crate) struct BoundedClient {
     inner: Client<HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>,
     timeout: Duration,
+    /// The `Retry-After` of the last error answer that carried one. instant-acme drops
+    /// the header from the problems it returns, so it is kept here for the error message
+    /// and for the renewal state.
+    retry_after: Arc<Mutex<Option<SystemTime>>>,
 }
 
 impl BoundedClient {
@@ -86,8 +91,65 @@ impl BoundedClient {
         inner: Client<HttpsConnector<HttpConnector>, BodyWrapper<Bytes>>,
         timeout: Duration,
     ) -> Self {
-        BoundedClient { inner, timeout }
+        BoundedClient {
+            inner,
+            timeout,
+            retry_after: Arc::default(),
+        }
     }
+
+    /// The slot where the `Retry-After` of error answers lands.
+    pub(crate) fn retry_after_slot(&self) -> Arc<Mutex<Option<SystemTime>>> {
+        self.retry_after.clone()
+    }
+
+    /// GETs `url` within the client's bound and returns the body of a 2xx answer: for
+    /// the directory's `meta`, which instant-acme does not expose.
+    pub(crate) async fn get_json(&self, url: &str) -> Result<serde_json::Value, String> {
+        let req = http::Request::get(url)
+            .body(BodyWrapper::default())
+            .map_err(|e| e.to_string())?;
+        let exchange = async {
+            let rsp = self.inner.request(req).await.map_err(|e| e.to_string())?;
+            if !rsp.status().is_success() {
+                return Err(format!("HTTP {}", rsp.status()));
+            }
+            let body = rsp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            serde_json::from_slice(&body).map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .map_err(|_| format!("no answer within {:.1}s", self.timeout.as_secs_f64()))?
+    }
+}
+
+/// Reads a `Retry-After` header: delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
+pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<SystemTime> {
+    let value = value.trim();
+    match value.parse::<u64>() {
+        Ok(secs) => now.checked_add(Duration::from_secs(secs)),
+        Err(_) => httpdate::parse_http_date(value).ok(),
+    }
+}
+
+/// A server error with a body that is not an ACME problem (an HTML page from a load
+/// balancer, say) becomes a `serverInternal` problem carrying the status, so that it
+/// reads as the CA's failure rather than as a JSON parse error.
+fn server_error_problem(status: http::StatusCode, body: &[u8]) -> Option<Bytes> {
+    if !status.is_server_error() || serde_json::from_slice::<instant_acme::Problem>(body).is_ok() {
+        return None;
+    }
+    let problem = serde_json::json!({
+        "type": "urn:ietf:params:acme:error:serverInternal",
+        "detail": format!("the CA answered HTTP {status}"),
+        "status": status.as_u16(),
+    });
+    Some(Bytes::from(problem.to_string()))
 }
 
 impl instant_acme::HttpClient for BoundedClient {
@@ -96,6 +158,7 @@ impl instant_acme::HttpClient for BoundedClient {
         req: http::Request<BodyWrapper<Bytes>>,
     ) -> Pin<Box<dyn Future<Output = Result<BytesResponse, instant_acme::Error>> + Send>> {
         let timeout = self.timeout;
+        let retry_slot = self.retry_after.clone();
         let what = format!("{} {}", req.method(), req.uri().path());
         let exchange = self.inner.request(req);
         Box::pin(async move {
@@ -110,11 +173,24 @@ impl instant_acme::HttpClient for BoundedClient {
                 let (parts, body) = response.into_parts();
                 // The whole body inside the bound: a CA that sends headers and then
                 // stalls is as hung as one that sends nothing.
-                let body = body
+                let mut body = body
                     .collect()
                     .await
                     .map_err(instant_acme::Error::Hyper)?
                     .to_bytes();
+                if parts.status.is_client_error() || parts.status.is_server_error() {
+                    let retry_after = parts
+                        .headers
+                        .get(http::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                    if let Some(at) = retry_after {
+                        *retry_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
+                    }
+                    if let Some(problem) = server_error_problem(parts.status, &body) {
+                        body = problem;
+                    }
+                }
                 Ok(BytesResponse {
                     parts,
                     body: Box::new(body),
@@ -138,6 +214,37 @@ impl instant_acme::HttpClient for BoundedClient {
 mod tests {
     use super::*;
     use instant_acme::HttpClient;
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(
+            parse_retry_after(" 120 ", now),
+            Some(now + Duration::from_secs(120))
+        );
+        let date = parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now).unwrap();
+        assert_eq!(
+            date.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+            784_111_777
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn a_server_error_page_becomes_a_server_internal_problem() {
+        let body = server_error_problem(http::StatusCode::BAD_GATEWAY, b"<html>").unwrap();
+        let problem: instant_acme::Problem = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            problem.r#type.as_deref(),
+            Some("urn:ietf:params:acme:error:serverInternal")
+        );
+        assert_eq!(problem.status, Some(502));
+        let real = br#"{"type":"urn:ietf:params:acme:error:serverInternal","detail":"x"}"#;
+        assert!(server_error_problem(http::StatusCode::INTERNAL_SERVER_ERROR, real).is_none());
+        assert!(server_error_problem(http::StatusCode::NOT_FOUND, b"<html>").is_none());
+    }
 
     /// A listener that accepts and never answers: a dead network path.
     async fn black_hole() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {

@@ -3,8 +3,8 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use instant_acme::{
@@ -20,8 +20,15 @@ use crate::error::{Error, Result};
 use crate::store::Store;
 
 mod csr;
+pub mod account;
+mod ca_file;
+pub mod caa;
+pub mod fallback;
 mod http;
 
+pub use ca_file::fallbacks_from;
+pub use caa::CaaCheck;
+pub use fallback::{CaChain, falls_back};
 pub use http::RequestTimedOut;
 pub(crate) use http::with_request_bound;
 pub use instant_acme::RevocationReason;
@@ -129,6 +136,12 @@ pub struct AcmeConfig {
     /// The bound on each request to the CA (directory, nonce, account, order,
     /// authorization, challenge, finalize, download, renewalInfo, revoke), answer included.
     pub request_timeout: Duration,
+    /// CAs to try in turn when this one fails for reasons of its own (unreachable, no
+    /// answer within the request timeout, 5xx, `rateLimited`, paused); each has its own
+    /// account, EAB and trust root. Their own `fallbacks` are ignored. See [`CaChain`].
+    pub fallbacks: Vec<AcmeConfig>,
+    /// The CAA pre-flight before each order.
+    pub caa: CaaCheck,
 }
 
 impl AcmeConfig {
@@ -141,7 +154,15 @@ impl AcmeConfig {
             eab: None,
             order_timeout: DEFAULT_ORDER_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            fallbacks: Vec::new(),
+            caa: CaaCheck::default(),
         }
+    }
+
+    /// Adds a CA to try when the ones before it fail for reasons of their own.
+    pub fn with_fallback(mut self, fallback: AcmeConfig) -> Self {
+        self.fallbacks.push(fallback);
+        self
     }
 
     /// Bounds each request to the CA by `timeout` (default 30 s).
@@ -157,7 +178,7 @@ impl AcmeConfig {
     }
 
     /// The store key of the account for this directory and email.
-    fn account_key(&self) -> String {
+    pub fn account_key(&self) -> String {
         account_key(&self.directory, self.email.as_deref())
     }
 }
@@ -208,6 +229,11 @@ pub type ProgressFn = Arc<dyn Fn(&str) + Send + Sync>;
 pub struct AcmeClient {
     account: Account,
     config: AcmeConfig,
+    http: http::BoundedClient,
+    /// The last `Retry-After` the CA sent with an error answer.
+    retry_after: Arc<Mutex<Option<SystemTime>>>,
+    /// The directory's `meta.caaIdentities`, read on first use.
+    caa_identities: Arc<tokio::sync::OnceCell<Vec<String>>>,
 }
 
 impl fmt::Debug for AcmeClient {
@@ -227,12 +253,18 @@ impl AcmeClient {
         let http =
             http::BoundedClient::new(crate::net::http_client(roots)?, config.request_timeout);
         let key = config.account_key();
-        let unreachable = |e: instant_acme::Error| {
-            Error::Acme(format!(
+        let unreachable = |e: instant_acme::Error| match e {
+            // A 5xx answer (made a `serverInternal` problem by the HTTP client) is the
+            // CA's failure, as an unreachable directory is.
+            instant_acme::Error::Api(_) => acme_error(
+                &format!("the ACME directory {} failed", config.directory),
+                e,
+            ),
+            e => Error::CaUnavailable(format!(
                 "cannot reach the ACME directory {}: {}; check --directory, --directory-ca and that the CA is up",
                 config.directory,
                 error_chain(&e)
-            ))
+            )),
         };
         if let Some(saved) = store.load_account(&key).await? {
             let credentials: AccountCredentials = serde_json::from_slice(&saved).map_err(|e| {
@@ -240,14 +272,11 @@ impl AcmeClient {
                     "account {key} is unreadable ({e}); move it aside to register anew"
                 ))
             })?;
-            let account = Account::builder_with_http(Box::new(http))
+            let account = Account::builder_with_http(Box::new(http.clone()))
                 .from_credentials(credentials)
                 .await
                 .map_err(unreachable)?;
-            return Ok(AcmeClient {
-                account,
-                config: config.clone(),
-            });
+            return Ok(AcmeClient::new(account, config, http));
         }
 
         let contact = config.email.as_ref().map(|e| format!("mailto:{e}"));
@@ -272,17 +301,69 @@ impl AcmeClient {
                 .await
         )
         .map_err(|e| match &e {
-            instant_acme::Error::Api(problem) => account_problem(problem),
+            instant_acme::Error::Api(problem) if !ca_side(problem) => account_problem(problem),
             _ => unreachable(e),
         })?;
-        let saved = serde_json::to_vec(&credentials)
-            .map_err(|e| Error::Store(format!("cannot encode account: {e}")))?;
+        let saved = account::with_contacts(&credentials, &account::contacts_for(config))?;
         store.save_account(&key, &saved).await?;
         tracing::info!(directory = %config.directory, "registered a new ACME account");
-        Ok(AcmeClient {
+        Ok(AcmeClient::new(account, config, http))
+    }
+
+    fn new(account: Account, config: &AcmeConfig, http: http::BoundedClient) -> Self {
+        AcmeClient {
             account,
             config: config.clone(),
-        })
+            retry_after: http.retry_after_slot(),
+            http,
+            caa_identities: Arc::default(),
+        }
+    }
+
+    /// [`acme_error`] with the `Retry-After` the CA sent along, if it sent one.
+    fn ca_error(&self, context: &str, error: instant_acme::Error) -> Error {
+        let mut error = acme_error(context, error);
+        let sent = self
+            .retry_after
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let (
+            Error::CaProblem {
+                message,
+                retry_after,
+                ..
+            },
+            Some(at),
+        ) = (&mut error, sent)
+        {
+            let at = time::OffsetDateTime::from(at);
+            message.push_str(&format!(
+                "; the CA asks not to retry before {}",
+                crate::cert::rfc3339(at)
+            ));
+            *retry_after = Some(at);
+        }
+        error
+    }
+
+    /// The CA's CAA identities: the configured ones, else the directory's
+    /// `meta.caaIdentities` (empty when it lists none or cannot be read).
+    async fn caa_identities(&self) -> &[String] {
+        if !self.config.caa.identities.is_empty() {
+            return &self.config.caa.identities;
+        }
+        self.caa_identities
+            .get_or_init(|| async {
+                match self.http.get_json(&self.config.directory).await {
+                    Ok(directory) => caa_identities_of(&directory),
+                    Err(e) => {
+                        tracing::warn!(directory = %self.config.directory, error = %e, "cannot read the directory's caaIdentities");
+                        Vec::new()
+                    }
+                }
+            })
+            .await
     }
 
     /// The instant-acme account, for ARI queries and the like.
@@ -380,6 +461,17 @@ impl AcmeClient {
         }
         // Checked against the directory before anything is ordered.
         let profile = self.order_profile(profile, &request.domains)?;
+        let identities = self.caa_identities().await;
+        caa::check(
+            &self.config.caa,
+            &request.domains,
+            &caa::CaaSubject {
+                identities,
+                account_uri: self.account.id(),
+                method: solver.kind(),
+            },
+        )
+        .await?;
         let mut presented = Vec::new();
         let deadline = self.config.order_timeout;
         let outcome = tokio::time::timeout(
@@ -444,7 +536,7 @@ impl AcmeClient {
                 .unwrap_or_default()
         ));
         let mut order = retry_bad_nonce!(self.account.new_order(&new_order).await)
-            .map_err(|e| acme_error("the CA refused the order", e))?;
+            .map_err(|e| self.ca_error("the CA refused the order", e))?;
 
         fetch_authorizations(&mut order).await?;
 
@@ -542,7 +634,7 @@ impl AcmeClient {
             .map_err(|e| Error::Certificate(format!("key generation stopped: {e}")))??;
         let csr = csr::build(&request.domains, &key)?;
         retry_bad_nonce!(order.finalize_csr(&csr).await)
-            .map_err(|e| acme_error("the CA refused to finalize the order", e))?;
+            .map_err(|e| self.ca_error("the CA refused to finalize the order", e))?;
         let chain = retry_bad_nonce!(poll_order!(deadline, |policy| order
             .poll_certificate(&policy)
             .await))
@@ -672,6 +764,15 @@ fn problem_text(problem: &instant_acme::Problem) -> String {
     text.replace('\n', " ")
 }
 
+/// A problem that is the CA's failure rather than the request's.
+fn ca_side(problem: &instant_acme::Problem) -> bool {
+    problem.status.is_some_and(|s| s >= 500)
+        || problem
+            .r#type
+            .as_deref()
+            .is_some_and(|t| t.ends_with(":rateLimited") || t.ends_with(":serverInternal"))
+}
+
 fn account_problem(problem: &instant_acme::Problem) -> Error {
     let kind = problem.r#type.as_deref().unwrap_or_default();
     if kind.ends_with("externalAccountRequired") {
@@ -692,6 +793,7 @@ fn account_problem(problem: &instant_acme::Problem) -> Error {
 }
 
 /// Maps an instant-acme error to one line: the CA's problem detail, or the transport error.
+/// A request that got no answer, or no connection, is [`Error::CaUnavailable`].
 fn acme_error(context: &str, error: instant_acme::Error) -> Error {
     match &error {
         instant_acme::Error::Api(problem) => Error::CaProblem {
@@ -700,18 +802,78 @@ fn acme_error(context: &str, error: instant_acme::Error) -> Error {
                 t.trim_start_matches("urn:ietf:params:acme:error:")
                     .to_owned()
             }),
-            message: problem_text(problem),
+            message: match unpause_url(problem) {
+                Some(url) => paused_text(problem, &url),
+                None if problem
+                    .detail
+                    .as_deref()
+                    .is_some_and(|d| d.contains("deactivated")) =>
+                {
+                    format!(
+                        "{}; the ACME account is deactivated: give another --email to register a new one",
+                        problem_text(problem)
+                    )
+                }
+                None => problem_text(problem),
+            },
             source: Box::new(error),
+            retry_after: None,
         },
         instant_acme::Error::Timeout(_) => {
             Error::Timeout(format!("{context}: the CA did not answer in time"))
         }
-        other if http::timed_out(other) => Error::Timeout(format!(
-            "{}; the CA or the network path to it is not answering",
+        other if http::timed_out(other) => Error::CaUnavailable(format!(
+            "timed out: {}; the CA or the network path to it is not answering",
             error_chain(other)
         )),
+        instant_acme::Error::Other(_) | instant_acme::Error::Hyper(_) => {
+            Error::CaUnavailable(format!("{context}: {}", error_chain(&error)))
+        }
         other => Error::Acme(format!("{context}: {}", error_chain(other))),
     }
+}
+
+/// The self-service unpause URL of Let's Encrypt's refusal for a paused account and
+/// name pair ("Your account is temporarily prevented from requesting certificates for
+/// ... Please visit: https://portal.letsencrypt.org/sfe/v1/unpause?jwt=..."), whatever
+/// problem type carries it.
+pub(crate) fn unpause_url(problem: &instant_acme::Problem) -> Option<String> {
+    let detail = problem.detail.as_deref()?;
+    let start = detail.find("https://")?;
+    let url: String = detail[start..]
+        .chars()
+        .take_while(|c| !c.is_whitespace())
+        .collect();
+    let url = url.trim_end_matches(['.', ',', ';', ')']).to_owned();
+    url.contains("/unpause").then_some(url)
+}
+
+fn paused_text(problem: &instant_acme::Problem, url: &str) -> String {
+    let detail = problem.detail.as_deref().unwrap_or_default();
+    let what = detail
+        .split("Please visit")
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .trim_end_matches('.');
+    format!(
+        "issuance is paused after repeated failed validations ({what}); fix validation, then unpause at {url}"
+    )
+    .replace('\n', " ")
+}
+
+/// The `meta.caaIdentities` of a directory document.
+fn caa_identities_of(directory: &serde_json::Value) -> Vec<String> {
+    directory
+        .get("meta")
+        .and_then(|m| m.get("caaIdentities"))
+        .and_then(|ids| ids.as_array())
+        .map(|ids| {
+            ids.iter()
+                .filter_map(|id| id.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Joins an error and its sources into one line, skipping repeats.
@@ -731,6 +893,46 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_paused_refusal_names_its_unpause_url() {
+        let problem: instant_acme::Problem = serde_json::from_value(serde_json::json!({
+            "type": "urn:ietf:params:acme:error:unauthorized",
+            "detail": "Your account is temporarily prevented from requesting certificates for a.example.com and possibly others. Please visit: https://portal.letsencrypt.org/sfe/v1/unpause?jwt=abc.def",
+            "status": 403,
+        }))
+        .unwrap();
+        let url = unpause_url(&problem).unwrap();
+        assert_eq!(
+            url,
+            "https://portal.letsencrypt.org/sfe/v1/unpause?jwt=abc.def"
+        );
+        let err = acme_error(
+            "the CA refused the order",
+            instant_acme::Error::Api(problem),
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("unpause at https://portal.letsencrypt.org/sfe/v1/unpause?jwt=abc.def"),
+            "{text}"
+        );
+        assert!(text.contains("a.example.com"), "{text}");
+        assert!(falls_back(&err), "a paused CA is worth a fallback");
+        let other: instant_acme::Problem = serde_json::from_value(serde_json::json!({
+            "type": "urn:ietf:params:acme:error:unauthorized",
+            "detail": "see https://example.com/docs",
+        }))
+        .unwrap();
+        assert!(unpause_url(&other).is_none());
+    }
+
+    #[test]
+    fn caa_identities_come_from_the_directory_meta() {
+        let dir =
+            serde_json::json!({"newOrder": "x", "meta": {"caaIdentities": ["letsencrypt.org"]}});
+        assert_eq!(caa_identities_of(&dir), ["letsencrypt.org"]);
+        assert!(caa_identities_of(&serde_json::json!({"meta": {}})).is_empty());
+    }
 
     #[test]
     fn named_directories_resolve() {

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use time::OffsetDateTime;
-use tokio::sync::{Notify, OnceCell, Semaphore, broadcast};
+use tokio::sync::{Notify, Semaphore, broadcast};
 
 use crate::acme::AcmeConfig;
 use crate::cert::KeyType;
@@ -218,6 +218,7 @@ impl ManagerBuilder {
         let (events, _) = broadcast::channel(self.event_capacity);
         Ok(Manager {
             inner: Arc::new(Inner {
+                chain: crate::acme::CaChain::new(&self.acme),
                 acme: self.acme,
                 store: self.store,
                 resolver: self.resolver,
@@ -229,7 +230,6 @@ impl ManagerBuilder {
                 events,
                 wake: Notify::new(),
                 started: OffsetDateTime::now_utc(),
-                client: OnceCell::new(),
                 slots: Mutex::new(slots),
                 name_locks: Mutex::default(),
                 orders: Semaphore::new(self.max_orders),

@@ -56,10 +56,10 @@ use std::time::Duration;
 
 use rustls::sign::CertifiedKey;
 use time::OffsetDateTime;
-use tokio::sync::{Notify, OnceCell, Semaphore, broadcast};
+use tokio::sync::{Notify, Semaphore, broadcast};
 use tokio::task::JoinSet;
 
-use crate::acme::{AcmeClient, AcmeConfig};
+use crate::acme::AcmeConfig;
 use crate::cert::CertInfo;
 use crate::challenge::http01::Http01Registry;
 use crate::challenge::standalone::Standalone;
@@ -119,7 +119,8 @@ struct Inner {
     /// When this manager was built. A certificate another process stored since then
     /// for a different order is a peer's newer decision, not a stale configuration.
     started: OffsetDateTime,
-    client: OnceCell<AcmeClient>,
+    /// The primary CA and its fallbacks, each connected on first use.
+    chain: crate::acme::CaChain,
     slots: Mutex<HashMap<String, Slot>>,
     /// One async lock per name, so that one process never runs two orders for a name.
     name_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,

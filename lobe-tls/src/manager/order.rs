@@ -94,11 +94,15 @@ impl Manager {
                 slot.state.replaces_refused =
                     slot.current.as_ref().and_then(|c| c.info.ari_id.clone());
             }
-            slot.state.next_attempt = Some(self.inner.policy.next_retry(
-                slot.state.failures,
-                now,
-                not_after,
-            ));
+            let backoff = self
+                .inner
+                .policy
+                .next_retry(slot.state.failures, now, not_after);
+            // Never before the CA's own Retry-After.
+            slot.state.next_attempt = Some(match error.retry_after() {
+                Some(at) if at > backoff => at,
+                _ => backoff,
+            });
             slot.state.clone()
         };
         let next_attempt = state.next_attempt.unwrap_or(now);
@@ -155,7 +159,12 @@ impl Manager {
             .await
             .map_err(|_| Error::Config("the manager is shutting down".into()))?;
         let bound = request_bound(self.inner.acme.request_timeout, not_after);
-        let client = crate::acme::with_request_bound(bound, self.client()).await?;
+        // The first CA of the chain that answers; the order falls back from there.
+        let start = crate::acme::with_request_bound(
+            bound,
+            self.inner.chain.warm(self.inner.store.as_ref()),
+        )
+        .await?;
         let order_timeout = self.inner.acme.order_timeout;
         let lock = self
             .inner
@@ -169,7 +178,7 @@ impl Manager {
             })?;
         let result = crate::acme::with_request_bound(
             bound,
-            self.order_under_lock(client, lock.as_ref(), &managed, seen, replaces),
+            self.order_under_lock(start, lock.as_ref(), &managed, seen, replaces),
         )
         .await;
         if let Err(e) = lock.release().await {
@@ -180,7 +189,7 @@ impl Manager {
 
     async fn order_under_lock(
         &self,
-        client: &AcmeClient,
+        start: usize,
         lock: &dyn StoreLock,
         managed: &ManagedCert,
         seen: Option<String>,
@@ -214,8 +223,17 @@ impl Manager {
         };
         // Orders, validates (key matches, covers the names, not expired) and stores
         // atomically; nothing is written or served unless every step succeeded.
-        let stored = Issuance::with_solver(request, solver)?
-            .run_locked(client, self.inner.store.as_ref(), lock, None)
+        let issuance = Issuance::with_solver(request, solver)?;
+        let stored = self
+            .inner
+            .chain
+            .issue_from(
+                start,
+                &issuance,
+                self.inner.store.as_ref(),
+                Some(lock),
+                None,
+            )
             .await?;
         drop(keep);
         let (key, info) = stored.bundle.validated_key_for(&managed.domains)?;
@@ -239,12 +257,9 @@ impl Manager {
         })
     }
 
-    /// The ACME client, connected on first use.
+    /// The primary CA's client, connected on first use.
     pub(super) async fn client(&self) -> Result<&AcmeClient> {
-        self.inner
-            .client
-            .get_or_try_init(|| AcmeClient::connect(&self.inner.acme, self.inner.store.as_ref()))
-            .await
+        self.inner.chain.primary(self.inner.store.as_ref()).await
     }
 
     async fn solver_for(&self, challenge: &ChallengeConfig) -> Result<SolverHandle> {

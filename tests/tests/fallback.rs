@@ -1,0 +1,200 @@
+//! Fallback to a second CA and the pre-flight checks, through the renewal manager, against
+//! two real Pebbles: a primary that hangs, one that is rate limited (through the shim),
+//! and the return to the primary at the next renewal.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lobe_tls::challenge::{ChallengeConfig, DnsConfig, DnsProviderConfig};
+use lobe_tls::manager::{ManagedCert, Manager, RenewOutcome};
+use lobe_tls::store::DynStore;
+use lobe_tls::{AcmeConfig, FileStore, Store, domain};
+use lobe_tls_tests::ari_shim::{AriShim, Fault, NewOrderProblem};
+use lobe_tls_tests::faulty_path::FaultyPath;
+use lobe_tls_tests::{Pebble, PebbleOptions};
+
+/// Two Pebbles started side by side: the fallback `b`, and `a`, which validates against
+/// `b`'s DNS so that one DNS-01 solver (on `b`'s challtestsrv) serves both.
+async fn two_pebbles() -> (Pebble, Pebble) {
+    let b = tokio::task::spawn_blocking(|| Pebble::start(PebbleOptions::default()))
+        .await
+        .unwrap();
+    let dns = b.dns_addr;
+    let a = tokio::task::spawn_blocking(move || {
+        Pebble::start(PebbleOptions {
+            dns_server: Some(dns),
+            ..PebbleOptions::default()
+        })
+    })
+    .await
+    .unwrap();
+    (a, b)
+}
+
+fn dns01(pebble: &Pebble) -> ChallengeConfig {
+    let mut dns = DnsConfig::new(DnsProviderConfig::Challtestsrv {
+        url: pebble.challtestsrv_url.clone(),
+    });
+    dns.resolvers = vec![pebble.dns_addr];
+    dns.propagation_timeout_secs = 10;
+    ChallengeConfig::dns01(dns)
+}
+
+fn cert(name: &str, b: &Pebble) -> ManagedCert {
+    ManagedCert::new(
+        name,
+        domain::parse_all(&[&format!("{name}.example.com")]).unwrap(),
+    )
+    .with_challenge(dns01(b))
+}
+
+async fn directory_of(store: &dyn Store, name: &str) -> String {
+    store
+        .load_cert(name)
+        .await
+        .unwrap()
+        .expect("stored")
+        .meta
+        .directory
+}
+
+fn ordered(outcome: RenewOutcome) {
+    assert!(
+        matches!(outcome, RenewOutcome::Ordered { .. }),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_manager_falls_back_from_a_hung_primary_and_returns_to_it_at_the_next_renewal() {
+    lobe_tls_tests::init_tracing();
+    let (a, b) = two_pebbles().await;
+    let a_addr: std::net::SocketAddr = a
+        .directory_url
+        .trim_start_matches("https://")
+        .trim_end_matches("/dir")
+        .parse()
+        .unwrap();
+    let path = FaultyPath::start(a_addr).await;
+    let primary_url = format!("https://{}/dir", path.addr);
+    let mut primary = AcmeConfig::new(primary_url.clone()).with_fallback(b.acme_config());
+    primary.directory_ca = Some(a.ca_file.clone());
+    // Short so that the test is quick; the CLI tests hang a primary with the defaults.
+    primary.request_timeout = Duration::from_secs(1);
+    let dir = tempfile::tempdir().unwrap();
+    let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
+    let manager = Manager::builder(primary, store.clone())
+        .cert(cert("hang", &b))
+        .build()
+        .unwrap();
+
+    path.go_dead();
+    let started = Instant::now();
+    ordered(manager.renew_now("hang").await.unwrap());
+    let took = started.elapsed();
+    eprintln!("hung primary (1 s request timeout): issued by the fallback in {took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(directory_of(store.as_ref(), "hang").await, b.directory_url);
+    assert_eq!(a.orders_created(), 0);
+
+    // The next renewal goes to the primary first, which answers again.
+    path.heal();
+    ordered(manager.renew_now("hang").await.unwrap());
+    assert_eq!(directory_of(store.as_ref(), "hang").await, primary_url);
+    assert_eq!(a.orders_created(), 1);
+
+    // A primary that goes dead after it was connected hangs the order itself: the
+    // request timeout ends it there, and the fallback issues.
+    path.go_dead();
+    let started = Instant::now();
+    ordered(manager.renew_now("hang").await.unwrap());
+    let took = started.elapsed();
+    eprintln!("primary hung mid-order (1 s request timeout): issued by the fallback in {took:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(directory_of(store.as_ref(), "hang").await, b.directory_url);
+}
+
+#[tokio::test]
+async fn a_failing_or_rate_limited_primary_falls_back_and_is_not_asked_again_before_its_retry_after()
+ {
+    lobe_tls_tests::init_tracing();
+    let (a, b) = two_pebbles().await;
+    let shim = AriShim::start(&a).await;
+    let mut primary = AcmeConfig::new(shim.directory_url.clone()).with_fallback(b.acme_config());
+    primary.directory_ca = Some(a.ca_file.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
+    let manager = Manager::builder(primary, store.clone())
+        .cert(cert("limited", &b))
+        .build()
+        .unwrap();
+
+    // A primary that answers 5xx to everything: the fallback issues.
+    shim.set_fault(Some(Fault::Status(503)));
+    ordered(manager.renew_now("limited").await.unwrap());
+    assert_eq!(
+        directory_of(store.as_ref(), "limited").await,
+        b.directory_url
+    );
+    shim.set_fault(None);
+
+    shim.set_new_order_problem(Some(NewOrderProblem {
+        status: 429,
+        kind: "rateLimited".into(),
+        detail: "too many certificates (5) already issued for this exact set of identifiers".into(),
+        retry_after: Some("3600".into()),
+    }));
+    ordered(manager.renew_now("limited").await.unwrap());
+    assert_eq!(
+        directory_of(store.as_ref(), "limited").await,
+        b.directory_url
+    );
+    assert_eq!(shim.refused_new_orders(), 1);
+    // Within the hour the primary asked for, it is not asked again.
+    ordered(manager.renew_now("limited").await.unwrap());
+    assert_eq!(shim.refused_new_orders(), 1, "the primary was asked again");
+    assert_eq!(
+        directory_of(store.as_ref(), "limited").await,
+        b.directory_url
+    );
+}
+
+#[tokio::test]
+async fn a_rate_limit_is_honoured_and_reported_in_the_error_and_the_renewal_state() {
+    lobe_tls_tests::init_tracing();
+    let pebble = tokio::task::spawn_blocking(|| Pebble::start(PebbleOptions::default()))
+        .await
+        .unwrap();
+    let shim = AriShim::start(&pebble).await;
+    shim.set_new_order_problem(Some(NewOrderProblem {
+        status: 429,
+        kind: "rateLimited".into(),
+        detail: "too many new orders recently".into(),
+        retry_after: Some("600".into()),
+    }));
+    let mut config = AcmeConfig::new(shim.directory_url.clone());
+    config.directory_ca = Some(pebble.ca_file.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
+    let manager = Manager::builder(config, store.clone())
+        .cert(cert("slow", &pebble))
+        .build()
+        .unwrap();
+
+    let before = time::OffsetDateTime::now_utc();
+    let err = manager.renew_now("slow").await.unwrap_err();
+    let text = err.to_string();
+    assert_eq!(err.ca_problem(), Some("rateLimited"), "{text}");
+    assert!(text.contains("the CA asks not to retry before"), "{text}");
+    let at = err.retry_after().expect("Retry-After kept");
+    assert!(at >= before + time::Duration::seconds(590), "{at}");
+    assert!(at <= before + time::Duration::seconds(610), "{at}");
+    let state = store.load_renewal_state("slow").await.unwrap();
+    assert!(state.next_attempt.expect("next attempt") >= at, "{state:?}");
+    assert!(state.last_error.unwrap().contains("rateLimited"));
+
+    // Asked again within the window: refused here, without a request to the CA.
+    let again = manager.renew_now("slow").await.unwrap_err();
+    assert_eq!(again.retry_after(), Some(at), "{again}");
+    assert_eq!(shim.refused_new_orders(), 1);
+}
