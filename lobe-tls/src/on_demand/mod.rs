@@ -150,6 +150,9 @@ pub enum OnDemandError {
     },
 }
 
+/// How long a validation handshake may wait for the store to hand over a challenge.
+const CHALLENGE_FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+
 type Flight = Shared<BoxFuture<'static, Result<(), OnDemandError>>>;
 
 /// On-demand issuance over a [`Manager`]; cheap to clone.
@@ -215,6 +218,10 @@ impl OnDemand {
     /// offering only `acme-tls/1`), handshakes without SNI and names already served pass
     /// at once. An error means: refuse the handshake.
     ///
+    /// A validation handshake for a challenge that a peer sharing the store published
+    /// a moment ago (its announcement not yet followed here) picks the challenge up from
+    /// the store first, so that whichever instance the CA reaches can answer it.
+    ///
     /// The future owns what it needs, so the ClientHello can be dropped meanwhile.
     pub fn before_handshake(
         &self,
@@ -222,16 +229,48 @@ impl OnDemand {
     ) -> impl Future<Output = Result<(), OnDemandError>> + Send + 'static {
         let mut alpn = hello.alpn().into_iter().flatten();
         let acme_only = matches!((alpn.next(), alpn.next()), (Some(ACME_TLS_ALPN), None));
-        let name = match hello.server_name() {
-            Some(name) if !acme_only => Some(name.to_owned()),
-            _ => None,
-        };
+        let name = hello.server_name().map(str::to_owned);
         let this = self.clone();
         async move {
             match name {
+                Some(name) if acme_only => {
+                    this.fetch_challenge(&name).await;
+                    Ok(())
+                }
                 Some(name) => this.ensure(&name).await,
                 None => Ok(()),
             }
+        }
+    }
+
+    /// Installs the TLS-ALPN-01 challenge a peer published for `name`, when this
+    /// instance has none yet and the store is shared. Bounded; failures only cost the
+    /// validation handshake (the CA retries or the order fails and is retried).
+    async fn fetch_challenge(&self, name: &str) {
+        let manager = &self.inner.manager;
+        let store = manager.store();
+        if !store.is_shared()
+            || manager.resolver().has_challenge(name)
+            || DomainName::parse(name).is_err()
+        {
+            return;
+        }
+        let key = crate::challenge::tls_alpn01::store_key(name);
+        let fetched = tokio::time::timeout(CHALLENGE_FETCH_TIMEOUT, store.get_challenge(&key)).await;
+        let cert = match fetched {
+            Ok(Ok(Some(value))) => {
+                crate::challenge::tls_alpn01::ChallengeCert::from_store_value(&value)
+                    .and_then(|cert| cert.certified_key())
+            }
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Timeout(format!(
+                "reading the shared TLS-ALPN-01 challenge for {name}"
+            ))),
+        };
+        match cert {
+            Ok(key) => manager.resolver().set_challenge(name, key),
+            Err(e) => tracing::debug!(domain = name, error = %e, "cannot pick up a shared TLS-ALPN-01 challenge"),
         }
     }
 
