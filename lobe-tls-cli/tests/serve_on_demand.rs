@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use lobe_tls_tests::http_server::HttpServer;
+use lobe_tls_tests::http_server::{HttpServer, json_response};
 use lobe_tls_tests::{Pebble, PebbleOptions};
 use rustls::HandshakeKind;
 use rustls::pki_types::ServerName;
@@ -82,7 +82,13 @@ fn start_serve(dir: &Path, pebble: &Pebble, ask: &str, upstream: &str) -> Serve 
     let log = dir.join("serve.log");
     // On Pebble's TLS-ALPN-01 port: on-demand certificates are validated there.
     let child = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
-        .args(["serve", "--listen", &pebble.tls_listen(), "--upstream", upstream])
+        .args([
+            "serve",
+            "--listen",
+            &pebble.tls_listen(),
+            "--upstream",
+            upstream,
+        ])
         .args(["--on-demand-ask", ask, "--no-http"])
         .env("LOBE_TLS_STORE", dir.join("store"))
         .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
@@ -106,12 +112,7 @@ async fn serve_issues_an_allowed_name_on_its_first_request_and_resumes_sessions(
     let ask = HttpServer::start(move |req| {
         counted.fetch_add(1, Ordering::SeqCst);
         let allowed = req.path_and_query == format!("/check?domain={ALLOWED}");
-        async move {
-            http::Response::builder()
-                .status(if allowed { 200 } else { 404 })
-                .body(String::new())
-                .unwrap()
-        }
+        async move { json_response(if allowed { 200 } else { 404 }, serde_json::json!({})) }
     })
     .await;
     let upstream = greeting_upstream().await;
@@ -124,7 +125,11 @@ async fn serve_issues_an_allowed_name_on_its_first_request_and_resumes_sessions(
     let listen = pebble.tls_listen();
     let deadline = Instant::now() + Duration::from_secs(15);
     while TcpStream::connect(&listen).await.is_err() {
-        assert!(Instant::now() < deadline, "serve did not listen\n{}", serve.log());
+        assert!(
+            Instant::now() < deadline,
+            "serve did not listen\n{}",
+            serve.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -164,7 +169,13 @@ async fn serve_issues_an_allowed_name_on_its_first_request_and_resumes_sessions(
 fn serve_refuses_an_empty_guard() {
     let dir = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:9"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+        ])
         .args(["--on-demand-allow", "", "--no-http"])
         .env("LOBE_TLS_STORE", dir.path().join("store"))
         .stdin(Stdio::null())

@@ -44,10 +44,10 @@ pub mod on_demand;
 pub mod renewal;
 pub mod resolver;
 pub mod store;
-pub mod tickets;
-pub mod tls_config;
 #[cfg(feature = "terminator")]
 pub mod terminator;
+pub mod tickets;
+pub mod tls_config;
 #[cfg(feature = "watch")]
 pub mod watch;
 

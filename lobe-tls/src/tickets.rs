@@ -283,7 +283,11 @@ impl ProducesTickets for SharedTicketer {
         let (_, key) = sealer.accepted.iter().find(|(k, _)| *k == wanted)?;
         let mut buf = sealed.to_vec();
         let plain = key
-            .open_in_place(Nonce::assume_unique_for_key(*nonce), Aad::from(*id), &mut buf)
+            .open_in_place(
+                Nonce::assume_unique_for_key(*nonce),
+                Aad::from(*id),
+                &mut buf,
+            )
             .ok()?;
         Some(plain.to_vec())
     }
@@ -468,7 +472,12 @@ mod tests {
     fn debug_output_holds_no_key_material() {
         let keys = set(7);
         let text = format!("{keys:?} {:?}", ticketer(&keys));
-        let hex: String = keys.current.bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = keys
+            .current
+            .bytes
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert!(!text.contains(&hex));
         assert!(!text.contains(&format!("{:?}", keys.current.bytes.as_ref())));
     }
@@ -486,7 +495,10 @@ mod tests {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let ticket = a.ticketer().encrypt(b"state").unwrap_or_default();
-        assert_eq!(b.ticketer().decrypt(&ticket).as_deref(), Some(&b"state"[..]));
+        assert_eq!(
+            b.ticketer().decrypt(&ticket).as_deref(),
+            Some(&b"state"[..])
+        );
         let path = dir.path().join("secrets").join(SECRET_NAME);
         let mode = std::fs::metadata(&path)
             .unwrap_or_else(|e| panic!("{e}"))

@@ -10,9 +10,10 @@ use crate::error::{Error, Result};
 use crate::resolver::ACME_TLS_ALPN;
 
 /// A server configuration over `resolver` offering `alpn` (plus `acme-tls/1`, so that
-/// TLS-ALPN-01 validations work; an empty list turns ALPN off altogether). TLS 1.3 clients resume through tickets sealed by `ticketer`
-/// (see [`crate::tickets`]); without one, through rustls's own per-process rotating
-/// ticketer. TLS 1.2 clients resume through rustls's in-memory session cache.
+/// TLS-ALPN-01 validations work; an empty list turns ALPN off altogether). Clients
+/// resume through tickets sealed by `ticketer` (see [`crate::tickets`]) or, without one,
+/// by rustls's own per-process rotating ticketer; TLS 1.2 clients without ticket support
+/// through rustls's in-memory session cache.
 pub fn server_config(
     resolver: Arc<dyn ResolvesServerCert>,
     alpn: &[Vec<u8>],

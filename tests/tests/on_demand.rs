@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use lobe_tls::cluster::Cluster;
 use lobe_tls::store::DynStore;
 use lobe_tls::{
-    FileStore, Manager, Metrics, OnDemand, OnDemandConfig, RedisStore, Terminator,
-    TerminatorConfig,
+    FileStore, Manager, Metrics, OnDemand, OnDemandConfig, RedisStore, Terminator, TerminatorConfig,
 };
 use lobe_tls_tests::http_server::HttpServer;
 use lobe_tls_tests::tls::client_config;

@@ -130,13 +130,21 @@ async fn a_ticket_from_one_instance_resumes_on_another_sharing_redis_or_a_direct
         let a = edge(&s.resolver, &s.upstream, Some(&tickets_a)).await;
         let b = edge(&s.resolver, &s.upstream, Some(&tickets_b)).await;
         let client = fresh(&s.client);
-        assert_eq!(request(a.addr, &client).await, HandshakeKind::Full, "{kind}");
+        assert_eq!(
+            request(a.addr, &client).await,
+            HandshakeKind::Full,
+            "{kind}"
+        );
         assert_eq!(
             request(b.addr, &client).await,
             HandshakeKind::Resumed,
             "{kind}: a ticket from A must resume on B"
         );
-        assert_eq!(request(a.addr, &client).await, HandshakeKind::Resumed, "{kind}");
+        assert_eq!(
+            request(a.addr, &client).await,
+            HandshakeKind::Resumed,
+            "{kind}"
+        );
     }
     // The same store's key blob is private.
     assert_eq!(

@@ -81,7 +81,13 @@ pub struct Args {
 pub struct OnDemandArgs {
     /// Issue a certificate during the first handshake for a name nothing serves, if
     /// GET URL?domain=NAME answers 2xx (validated through TLS-ALPN-01 on --listen).
-    #[arg(long, env = "LOBE_TLS_ON_DEMAND_ASK", value_name = "URL")]
+    // The URL may carry a token: its value stays out of --help.
+    #[arg(
+        long,
+        env = "LOBE_TLS_ON_DEMAND_ASK",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub on_demand_ask: Option<String>,
 
     /// Issue on demand only names matching PATTERN (example.com, or *.example.com for one
@@ -129,9 +135,8 @@ impl OnDemandArgs {
         config.ask = self.on_demand_ask.clone();
         config.allow = self.on_demand_allow.clone();
         config.issue_timeout = Duration::from_secs(self.on_demand_timeout.max(1));
-        config.global_per_minute = std::num::NonZeroU32::new(self.on_demand_rate).ok_or_else(|| {
-            Error::Config("--on-demand-rate must be at least 1".into())
-        })?;
+        config.global_per_minute = std::num::NonZeroU32::new(self.on_demand_rate)
+            .ok_or_else(|| Error::Config("--on-demand-rate must be at least 1".into()))?;
         Ok(Some(config))
     }
 }
@@ -189,13 +194,15 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     };
     // Sessions resume on any instance sharing the store: the ticket keys live there.
     let tickets = match &manager {
-        Some(manager) => match SharedTickets::start(manager.store().clone(), TicketConfig::default()).await {
-            Ok(tickets) => Some(tickets),
-            Err(e) => {
-                tracing::warn!(error = %e, "session ticket keys are not shared; sessions resume on this instance only");
-                None
+        Some(manager) => {
+            match SharedTickets::start(manager.store().clone(), TicketConfig::default()).await {
+                Ok(tickets) => Some(tickets),
+                Err(e) => {
+                    tracing::warn!(error = %e, "session ticket keys are not shared; sessions resume on this instance only");
+                    None
+                }
             }
-        },
+        }
         None => None,
     };
 

@@ -97,11 +97,18 @@ mod tests {
     async fn urls_get_the_domain_appended_and_bad_urls_are_refused() {
         let ask = Ask::new("http://127.0.0.1:9/check", Duration::from_secs(1))
             .unwrap_or_else(|e| panic!("{e}"));
-        let url = ask.url_for("a.example.com").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(url.to_string(), "http://127.0.0.1:9/check?domain=a.example.com");
+        let url = ask
+            .url_for("a.example.com")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            url.to_string(),
+            "http://127.0.0.1:9/check?domain=a.example.com"
+        );
         let ask = Ask::new("https://h.example/check?token=x", Duration::from_secs(1))
             .unwrap_or_else(|e| panic!("{e}"));
-        let url = ask.url_for("a.example.com").unwrap_or_else(|e| panic!("{e}"));
+        let url = ask
+            .url_for("a.example.com")
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             url.to_string(),
             "https://h.example/check?token=x&domain=a.example.com"

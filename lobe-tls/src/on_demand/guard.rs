@@ -51,14 +51,18 @@ impl Limits {
 
     /// Takes one attempt for `name`, or says which limit refused it.
     pub(super) fn check(&self, name: &str) -> Result<(), &'static str> {
+        // The global limit first, so that a flood of distinct names never reaches the
+        // per-name map; that map is capped as well.
+        self.global.check().map_err(|_| "global")?;
         if self.per_name.len() >= TRACKED_NAMES {
             self.per_name.retain_recent();
+            if self.per_name.len() >= TRACKED_NAMES {
+                return Err("tracked names");
+            }
         }
-        // The name first: a name over its own limit does not use up the global one.
         self.per_name
             .check_key(&name.to_owned())
-            .map_err(|_| "per-name")?;
-        self.global.check().map_err(|_| "global")
+            .map_err(|_| "per-name")
     }
 }
 
@@ -144,7 +148,7 @@ mod tests {
 
     #[test]
     fn limits_refuse_past_the_per_name_and_global_allowance() {
-        let limits = Limits::new(nz(3), nz(2));
+        let limits = Limits::new(nz(4), nz(2));
         assert_eq!(limits.check("a.example.com"), Ok(()));
         assert_eq!(limits.check("a.example.com"), Ok(()));
         assert_eq!(limits.check("a.example.com"), Err("per-name"));

@@ -56,7 +56,7 @@ use ask::Ask;
 use guard::{Limits, Pattern, Refusals};
 
 /// How on-demand issuance is guarded and bounded.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct OnDemandConfig {
     /// The ask endpoint: `GET URL?domain=NAME` must answer 2xx before a name is issued.
@@ -84,6 +84,23 @@ pub struct OnDemandConfig {
     pub challenge: ChallengeConfig,
     /// The key type of new certificates.
     pub key_type: KeyType,
+}
+
+impl std::fmt::Debug for OnDemandConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The ask URL may carry a token: only whether there is one.
+        f.debug_struct("OnDemandConfig")
+            .field("ask", &self.ask.as_ref().map(|_| "<set>"))
+            .field("allow", &self.allow)
+            .field("ask_timeout", &self.ask_timeout)
+            .field("issue_timeout", &self.issue_timeout)
+            .field("refusal_ttl", &self.refusal_ttl)
+            .field("global_per_minute", &self.global_per_minute)
+            .field("per_name_per_hour", &self.per_name_per_hour)
+            .field("max_pending", &self.max_pending)
+            .field("challenge", &self.challenge)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for OnDemandConfig {
@@ -256,7 +273,8 @@ impl OnDemand {
             return;
         }
         let key = crate::challenge::tls_alpn01::store_key(name);
-        let fetched = tokio::time::timeout(CHALLENGE_FETCH_TIMEOUT, store.get_challenge(&key)).await;
+        let fetched =
+            tokio::time::timeout(CHALLENGE_FETCH_TIMEOUT, store.get_challenge(&key)).await;
         let cert = match fetched {
             Ok(Ok(Some(value))) => {
                 crate::challenge::tls_alpn01::ChallengeCert::from_store_value(&value)
@@ -270,7 +288,9 @@ impl OnDemand {
         };
         match cert {
             Ok(key) => manager.resolver().set_challenge(name, key),
-            Err(e) => tracing::debug!(domain = name, error = %e, "cannot pick up a shared TLS-ALPN-01 challenge"),
+            Err(e) => {
+                tracing::debug!(domain = name, error = %e, "cannot pick up a shared TLS-ALPN-01 challenge")
+            }
         }
     }
 
@@ -311,11 +331,7 @@ impl OnDemand {
 
     /// The flight for `name`: the one under way, or a new one.
     fn flight(&self, name: &str, domain: DomainName) -> Result<Flight, OnDemandError> {
-        let mut flights = self
-            .inner
-            .flights
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut flights = self.inner.flights.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(flight) = flights.get(name) {
             return Ok(flight.clone());
         }
@@ -422,11 +438,25 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("needs a guard"), "{err}");
+        let secret = OnDemandConfig {
+            ask: Some("https://h.example/ask?token=hunter2".into()),
+            ..OnDemandConfig::default()
+        };
+        assert!(!format!("{secret:?}").contains("hunter2"));
 
-        let mut config = OnDemandConfig::default();
-        config.allow = vec!["*.example.com".into()];
+        let config = OnDemandConfig {
+            allow: vec!["*.example.com".into()],
+            ..OnDemandConfig::default()
+        };
         let on_demand = OnDemand::new(manager(&dir), config).unwrap_or_else(|e| panic!("{e}"));
-        for junk in ["127.0.0.1", "::1", "a..b", "-x.example.com", "", "*.example.com"] {
+        for junk in [
+            "127.0.0.1",
+            "::1",
+            "a..b",
+            "-x.example.com",
+            "",
+            "*.example.com",
+        ] {
             let refused = on_demand.ensure(junk).await;
             assert!(refused.is_err(), "{junk}: {refused:?}");
         }
