@@ -31,6 +31,13 @@
 //!
 //! Without an ask URL and without an allow-list, [`OnDemand::new`] refuses: anyone
 //! pointing a name at the server could otherwise make it order certificates.
+//!
+//! Build the manager with [`ManagerBuilder::manage_stored`] so that certificates issued
+//! on demand are renewed after a restart too, and with
+//! [`ManagerBuilder::tls_alpn01_on_resolver`] for the default challenge.
+//!
+//! [`ManagerBuilder::manage_stored`]: crate::manager::ManagerBuilder::manage_stored
+//! [`ManagerBuilder::tls_alpn01_on_resolver`]: crate::manager::ManagerBuilder::tls_alpn01_on_resolver
 
 mod ask;
 mod guard;
