@@ -41,11 +41,14 @@ mod listen;
 pub mod manager;
 pub mod metrics;
 pub mod net;
+pub mod on_demand;
 pub mod renewal;
 pub mod resolver;
 pub mod store;
 #[cfg(feature = "terminator")]
 pub mod terminator;
+pub mod tickets;
+pub mod tls_config;
 #[cfg(feature = "watch")]
 pub mod watch;
 
@@ -60,6 +63,7 @@ pub use inventory::CertReport;
 pub use issue::{Issuance, IssueRequest, issue_and_store};
 pub use manager::{Event, ManagedCert, Manager};
 pub use metrics::{Metrics, MetricsListener};
+pub use on_demand::{OnDemand, OnDemandConfig};
 pub use renewal::RenewalPolicy;
 pub use resolver::CertResolver;
 #[cfg(feature = "redis")]

@@ -155,12 +155,7 @@ impl Collector for CertSources {
             let name = format!("certificate_ari_window_{edge}_timestamp_seconds");
             let help =
                 format!("The {edge} of the renewal window the CA suggests through ARI (Unix time)");
-            let mut family = encoder.encode_descriptor(
-                &name,
-                &help,
-                None,
-                probe.metric_type(),
-            )?;
+            let mut family = encoder.encode_descriptor(&name, &help, None, probe.metric_type())?;
             for cert in &certs {
                 if let Some(window) = cert.ari_window {
                     let at = if pick == 0 { window.0 } else { window.1 };

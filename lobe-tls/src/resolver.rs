@@ -208,6 +208,14 @@ impl CertResolver {
         self.published.read(|snap| snap.serve(name.as_deref()))
     }
 
+    /// Whether `name` has a certificate of its own (an exact name or a one-label
+    /// wildcard), not counting the default: what on-demand issuance asks before it
+    /// orders.
+    pub fn covers(&self, name: &str) -> bool {
+        let name = normalize(name);
+        self.published.read(|snap| snap.named(&name).is_some())
+    }
+
     /// Whether a TLS-ALPN-01 challenge certificate is installed for `name`.
     pub fn has_challenge(&self, name: &str) -> bool {
         self.published

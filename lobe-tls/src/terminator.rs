@@ -18,14 +18,15 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use rustls::ServerConfig;
-use rustls::server::ResolvesServerCert;
+use rustls::server::{Acceptor, ResolvesServerCert};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::metrics::Metrics;
+use crate::on_demand::OnDemand;
 use crate::resolver::{ACME_TLS_ALPN, CertResolver, LocalAddrConfigs};
 
 /// How the terminator treats connections.
@@ -66,9 +67,10 @@ impl TerminatorConfig {
 pub struct Terminator {
     listener: TcpListener,
     local_addr: SocketAddr,
-    acceptor: TlsAcceptor,
+    tls: Arc<ServerConfig>,
     /// Per-local-address configurations for IP address certificates, if asked for.
     ip_configs: Option<Arc<LocalAddrConfigs>>,
+    on_demand: Option<OnDemand>,
     config: Arc<TerminatorConfig>,
     metrics: Arc<Metrics>,
 }
@@ -83,28 +85,34 @@ impl std::fmt::Debug for Terminator {
 }
 
 impl Terminator {
-    /// Binds `listen` and builds the TLS configuration around `resolver`.
+    /// Binds `listen` and builds the TLS configuration around `resolver` (see
+    /// [`crate::tls_config::server_config`]; sessions resume on this process only).
     pub async fn bind(
         listen: &str,
         resolver: Arc<dyn ResolvesServerCert>,
         config: TerminatorConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
-        let mut tls = ServerConfig::builder_with_provider(crate::cert::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| Error::Config(format!("cannot build the TLS configuration: {e}")))?
-            .with_no_client_auth()
-            .with_cert_resolver(resolver);
-        if !config.alpn.is_empty() {
-            tls.alpn_protocols = config.alpn.clone();
-            tls.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
-        }
+        let tls = crate::tls_config::server_config(resolver, &config.alpn, None)?;
+        Self::bind_with(listen, Arc::new(tls), config, metrics).await
+    }
+
+    /// Binds `listen` and serves with `tls`, built by
+    /// [`crate::tls_config::server_config`] (with shared session tickets, say). Its ALPN
+    /// list is used as it is; `config.alpn` is not.
+    pub async fn bind_with(
+        listen: &str,
+        tls: Arc<ServerConfig>,
+        config: TerminatorConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
         let (listener, local_addr) = crate::listen::bind(listen).await?;
         Ok(Terminator {
             listener,
             local_addr,
-            acceptor: TlsAcceptor::from(Arc::new(tls)),
+            tls,
             ip_configs: None,
+            on_demand: None,
             config: Arc::new(config),
             metrics,
         })
@@ -114,8 +122,15 @@ impl Terminator {
     /// no server name, chosen by the local address each connection arrived on (see
     /// [`LocalAddrConfigs`]). Everything else is resolved as before.
     pub fn with_ip_certs(mut self, certs: CertResolver) -> Self {
-        let base = self.acceptor.config().clone();
+        let base = self.tls.clone();
         self.ip_configs = Some(Arc::new(LocalAddrConfigs::new(base, certs)));
+        self
+    }
+
+    /// Issues certificates for names nothing serves yet, during their first handshake,
+    /// as `on_demand`'s guard allows.
+    pub fn with_on_demand(mut self, on_demand: OnDemand) -> Self {
+        self.on_demand = Some(on_demand);
         self
     }
 
@@ -130,8 +145,9 @@ impl Terminator {
         let Terminator {
             listener,
             local_addr,
-            acceptor,
+            tls,
             ip_configs,
+            on_demand,
             config,
             metrics,
         } = self;
@@ -142,11 +158,11 @@ impl Terminator {
                 _ = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let acceptor = match (&ip_configs, stream.local_addr()) {
-                            (Some(configs), Ok(local)) => TlsAcceptor::from(configs.config_for(local.ip())),
-                            _ => acceptor.clone(),
+                        let tls = match (&ip_configs, stream.local_addr()) {
+                            (Some(configs), Ok(local)) => configs.config_for(local.ip()),
+                            _ => tls.clone(),
                         };
-                        connections.spawn(handle(stream, peer, acceptor, config.clone(), metrics.clone()));
+                        connections.spawn(handle(stream, peer, tls, on_demand.clone(), config.clone(), metrics.clone()));
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: wait instead of spinning.
@@ -184,26 +200,17 @@ impl Terminator {
 async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
+    tls: Arc<ServerConfig>,
+    on_demand: Option<OnDemand>,
     config: Arc<TerminatorConfig>,
     metrics: Arc<Metrics>,
 ) {
     // Interactive traffic (WebSocket frames, SSE events) must not wait for Nagle.
     let _ = stream.set_nodelay(true);
-    let mut tls =
-        match tokio::time::timeout(config.handshake_timeout, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                metrics.handshake_failed();
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                return;
-            }
-            Err(_) => {
-                metrics.handshake_failed();
-                tracing::debug!(%peer, "TLS handshake timed out");
-                return;
-            }
-        };
+    let Some(mut tls) = accept(stream, peer, tls, on_demand.as_ref(), &config).await else {
+        metrics.handshake_failed();
+        return;
+    };
     metrics.handshake_ok();
     if tls.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
         // A TLS-ALPN-01 validation: the handshake was the whole point (RFC 8737).
@@ -230,6 +237,48 @@ async fn handle(
     match forward(tls, upstream, config.idle_timeout).await {
         Ok((up, down)) => tracing::debug!(%peer, up, down, "connection closed"),
         Err(e) => tracing::debug!(%peer, error = %e, "connection ended"),
+    }
+}
+
+/// The TLS handshake: the ClientHello first, then on-demand issuance when it is on (its
+/// own bound), then the rest of the handshake. The handshake timeout applies to the
+/// ClientHello and to the rest separately, so that an issuance does not eat into it.
+async fn accept(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Arc<ServerConfig>,
+    on_demand: Option<&OnDemand>,
+    config: &TerminatorConfig,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let bound = config.handshake_timeout;
+    let hello = LazyConfigAcceptor::new(Acceptor::default(), stream);
+    let start = match tokio::time::timeout(bound, hello).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "cannot read the ClientHello");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no ClientHello in time");
+            return None;
+        }
+    };
+    if let Some(on_demand) = on_demand
+        && let Err(e) = on_demand.before_handshake(&start.client_hello()).await
+    {
+        tracing::debug!(%peer, error = %e, "handshake refused");
+        return None;
+    }
+    match tokio::time::timeout(bound, start.into_stream(tls)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
     }
 }
 

@@ -9,10 +9,12 @@ use lobe_tls::cluster::Cluster;
 use lobe_tls::manager::MaintenanceHandle;
 use lobe_tls::metrics::CertExpiry;
 use lobe_tls::store::DynStore;
+use lobe_tls::tickets::{SharedTickets, TicketConfig};
 use lobe_tls::watch::{CertDirWatcher, WatchOptions};
 use lobe_tls::{
     CertResolver, ChallengeKind, Error, Http01Listener, Http01Registry, ManagedCert, Manager,
-    Metrics, MetricsListener, Result, Terminator, TerminatorConfig, domain,
+    Metrics, MetricsListener, OnDemand, OnDemandConfig, Result, Terminator, TerminatorConfig,
+    domain,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -73,6 +75,74 @@ pub struct Args {
     /// On SIGTERM, seconds to let open connections finish before cutting them.
     #[arg(long, env = "LOBE_TLS_DRAIN_TIMEOUT", default_value_t = 30)]
     pub drain_timeout: u64,
+
+    #[command(flatten)]
+    pub on_demand: OnDemandArgs,
+}
+
+/// On-demand TLS: certificates issued during the first handshake for a new name.
+#[derive(clap::Args)]
+pub struct OnDemandArgs {
+    /// Issue a certificate during the first handshake for a name nothing serves, if
+    /// GET URL?domain=NAME answers 2xx (validated through TLS-ALPN-01 on --listen).
+    // The URL may carry a token: its value stays out of --help.
+    #[arg(
+        long,
+        env = "LOBE_TLS_ON_DEMAND_ASK",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub on_demand_ask: Option<String>,
+
+    /// Issue on demand only names matching PATTERN (example.com, or *.example.com for one
+    /// label under it); repeatable. Alone it turns on-demand issuance on; with
+    /// --on-demand-ask a name must pass both.
+    #[arg(
+        long,
+        env = "LOBE_TLS_ON_DEMAND_ALLOW",
+        value_name = "PATTERN",
+        value_delimiter = ','
+    )]
+    pub on_demand_allow: Vec<String>,
+
+    /// Seconds a handshake waits for its on-demand certificate.
+    #[arg(long, env = "LOBE_TLS_ON_DEMAND_TIMEOUT", default_value_t = 20)]
+    pub on_demand_timeout: u64,
+
+    /// New names issued on demand per minute, in all.
+    #[arg(long, env = "LOBE_TLS_ON_DEMAND_RATE", default_value_t = 20)]
+    pub on_demand_rate: u32,
+}
+
+impl std::fmt::Debug for OnDemandArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The ask URL may carry a token.
+        f.debug_struct("OnDemandArgs")
+            .field("on_demand_ask", &self.on_demand_ask.is_some())
+            .field("on_demand_allow", &self.on_demand_allow)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OnDemandArgs {
+    /// The library configuration, when on-demand issuance is asked for.
+    fn to_config(&self) -> Result<Option<OnDemandConfig>> {
+        if self.on_demand_ask.is_none() && self.on_demand_allow.is_empty() {
+            return Ok(None);
+        }
+        // Checked before the store is opened: a bad pattern is a typo, not a reason to
+        // create anything.
+        for pattern in &self.on_demand_allow {
+            domain::DomainName::parse(pattern)?;
+        }
+        let mut config = OnDemandConfig::default();
+        config.ask = self.on_demand_ask.clone();
+        config.allow = self.on_demand_allow.clone();
+        config.issue_timeout = Duration::from_secs(self.on_demand_timeout.max(1));
+        config.global_per_minute = std::num::NonZeroU32::new(self.on_demand_rate)
+            .ok_or_else(|| Error::Config("--on-demand-rate must be at least 1".into()))?;
+        Ok(Some(config))
+    }
 }
 
 /// Runs the command until SIGTERM or SIGINT.
@@ -88,6 +158,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         ));
     }
     let managed = managed_cert(args)?;
+    let on_demand = args.on_demand.to_config()?;
     if managed.is_some()
         && args.challenge.challenge == ChallengeKind::Http01
         && args.challenge.http_webroot.is_none()
@@ -100,7 +171,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     }
     // The store is served (and everything in it renewed) with managed names, and when
     // nothing else is given.
-    let store = if managed.is_some() {
+    let store = if managed.is_some() || on_demand.is_some() {
         Some(global.open_store().await?)
     } else if args.cert_dirs.is_empty() {
         Some(store_to_serve(global).await?)
@@ -121,27 +192,56 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         watchers.push(watch_dir(dir, args, &resolver, &metrics).await?);
     }
 
-    let mut config = TerminatorConfig::new(&args.upstream);
-    config.idle_timeout = Duration::from_secs(args.idle_timeout);
-    config.drain_timeout = Duration::from_secs(args.drain_timeout);
-    let terminator = Terminator::bind(
-        &args.listen,
-        Arc::new(resolver.clone()),
-        config,
-        metrics.clone(),
-    )
-    .await?
-    // Certificates for IP addresses go to clients that connect to that address without SNI.
-    .with_ip_certs(resolver.clone());
-    let listen = terminator.local_addr();
-
-    // The listeners are up before the manager orders, so the CA can reach the challenges:
-    // HTTP-01 through the HTTP listener, TLS-ALPN-01 through the terminator itself.
     // With a Redis store, tokens are shared: any instance of a cluster answers HTTP-01.
     let registry = match &store {
         Some(store) if store.is_shared() => Http01Registry::with_shared_store(store.clone()),
         _ => Http01Registry::new(),
     };
+    let manager = match store {
+        Some(store) => Some(build_manager(
+            global, args, store, managed, &resolver, &registry,
+        )?),
+        None => None,
+    };
+    let on_demand = match (on_demand, &manager) {
+        (Some(config), Some(manager)) => Some(OnDemand::new(manager.clone(), config)?),
+        _ => None,
+    };
+    // Sessions resume on any instance sharing the store: the ticket keys live there.
+    let tickets = match &manager {
+        Some(manager) => {
+            match SharedTickets::start(manager.store().clone(), TicketConfig::default()).await {
+                Ok(tickets) => Some(tickets),
+                Err(e) => {
+                    tracing::warn!(error = %e, "session ticket keys are not shared; sessions resume on this instance only");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+
+    let mut config = TerminatorConfig::new(&args.upstream);
+    config.idle_timeout = Duration::from_secs(args.idle_timeout);
+    config.drain_timeout = Duration::from_secs(args.drain_timeout);
+    let tls = lobe_tls::tls_config::server_config(
+        Arc::new(resolver.clone()),
+        &config.alpn,
+        tickets.as_ref().map(SharedTickets::ticketer),
+    )?;
+    let mut terminator =
+        Terminator::bind_with(&args.listen, Arc::new(tls), config, metrics.clone())
+            .await?
+            // Certificates for IP addresses go to clients that connect to that address
+            // without SNI.
+            .with_ip_certs(resolver.clone());
+    if let Some(on_demand) = on_demand {
+        terminator = terminator.with_on_demand(on_demand);
+    }
+    let listen = terminator.local_addr();
+
+    // The listeners are up before the manager orders, so the CA can reach the challenges:
+    // HTTP-01 through the HTTP listener, TLS-ALPN-01 through the terminator itself.
     let _http = if args.no_http {
         None
     } else {
@@ -167,9 +267,9 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     // A signal during the first order (which can take minutes) stops at once.
     let mut maintenance = None;
     let mut signalled = false;
-    if let Some(store) = store {
+    if let Some(manager) = manager {
         tokio::select! {
-            started = start_manager(global, args, store, managed, &resolver, &registry, &metrics) => {
+            started = start_manager(manager, &metrics) => {
                 maintenance = Some(started?);
             }
             _ = &mut shutdown => signalled = true,
@@ -186,6 +286,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     let _ = serving.await;
     drop(maintenance);
     drop(watchers);
+    drop(tickets);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -294,20 +395,15 @@ async fn watch_dir(
     Ok(watcher)
 }
 
-/// Loads the store, issues `cert` if it is missing, and renews in the background. Renewal
-/// failures and expiries go to the metrics.
-///
-/// With a Redis store the instance joins the cluster: it follows the other instances'
-/// renewals and challenges, and orders only when it wins the store's lock.
-async fn start_manager(
+/// The manager of the store's certificates and of `cert`, serving into `resolver`.
+fn build_manager(
     global: &Global,
     args: &Args,
     store: DynStore,
     cert: Option<ManagedCert>,
     resolver: &CertResolver,
     registry: &Http01Registry,
-    metrics: &Arc<Metrics>,
-) -> Result<(MaintenanceHandle, Option<Cluster>)> {
+) -> Result<Manager> {
     // Everything in the store is renewed here too, so `serve` needs no cron job beside
     // it; TLS-ALPN-01 is answered on this process's own TLS port for all of them.
     let acme = global.acme_config_with_fallbacks(
@@ -322,7 +418,18 @@ async fn start_manager(
     if let Some(cert) = cert {
         builder = builder.cert(cert);
     }
-    let manager = builder.build()?;
+    builder.build()
+}
+
+/// Loads the store, issues what is missing, and renews in the background. Renewal
+/// failures and expiries go to the metrics.
+///
+/// With a Redis store the instance joins the cluster: it follows the other instances'
+/// renewals and challenges, and orders only when it wins the store's lock.
+async fn start_manager(
+    manager: Manager,
+    metrics: &Arc<Metrics>,
+) -> Result<(MaintenanceHandle, Option<Cluster>)> {
     manager.export_metrics(metrics);
     // Followed before start, so no renewal by another instance is missed. A Redis store
     // is followed through its announcements (and a re-sync every 30 s, for announcements

@@ -19,10 +19,10 @@ use crate::domain::DomainName;
 use crate::error::{Error, Result};
 use crate::store::Store;
 
-mod csr;
 pub mod account;
 mod ca_file;
 pub mod caa;
+mod csr;
 pub mod fallback;
 mod http;
 

@@ -193,21 +193,7 @@ impl ManagerBuilder {
             if cert.profile.is_none() {
                 cert.profile = self.profile.clone();
             }
-            if let Some(profile) = &cert.profile {
-                crate::issue::check_profile_name(profile)?;
-            }
-            if cert.domains.is_empty() {
-                return Err(Error::Config(format!(
-                    "certificate {:?} has no domains",
-                    cert.name
-                )));
-            }
-            if cert.challenge.kind == ChallengeKind::Dns01 && cert.challenge.dns.is_none() {
-                return Err(Error::Config(format!(
-                    "certificate {:?} uses dns-01 but names no DNS provider",
-                    cert.name
-                )));
-            }
+            check_cert(&cert)?;
             let name = cert.name.clone();
             if slots.insert(name.clone(), Slot::managed(cert)).is_some() {
                 return Err(Error::Config(format!(
@@ -238,6 +224,52 @@ impl ManagerBuilder {
             }),
         })
     }
+}
+
+impl Manager {
+    /// Adds `cert` to the managed set while the manager runs (on-demand issuance does):
+    /// it is renewed like a configured certificate from then on. Nothing is ordered
+    /// here; call [`Manager::renew_now`] to issue it at once. Returns `false` when a
+    /// certificate of that name is already managed (it is left as it is).
+    pub fn add(&self, cert: ManagedCert) -> Result<bool> {
+        check_cert(&cert)?;
+        let added = {
+            let mut slots = self.inner.slots();
+            let slot = slots
+                .entry(cert.name.clone())
+                .or_insert_with(|| Slot::new(None));
+            if slot.managed.is_some() {
+                false
+            } else {
+                slot.managed = Some(cert);
+                true
+            }
+        };
+        if added {
+            self.wake();
+        }
+        Ok(added)
+    }
+}
+
+/// What a certificate needs before it can be managed.
+fn check_cert(cert: &ManagedCert) -> Result<()> {
+    if let Some(profile) = &cert.profile {
+        crate::issue::check_profile_name(profile)?;
+    }
+    if cert.domains.is_empty() {
+        return Err(Error::Config(format!(
+            "certificate {:?} has no domains",
+            cert.name
+        )));
+    }
+    if cert.challenge.kind == ChallengeKind::Dns01 && cert.challenge.dns.is_none() {
+        return Err(Error::Config(format!(
+            "certificate {:?} uses dns-01 but names no DNS provider",
+            cert.name
+        )));
+    }
+    Ok(())
 }
 
 impl Manager {

@@ -6,6 +6,7 @@
 //! <root>/accounts/<key>.json
 //! <root>/state/<name>.json      renewal bookkeeping
 //! <root>/locks/<name>.lock
+//! <root>/secrets/<name>       shared secrets (session ticket keys), mode 0600
 //! ```
 //!
 //! A new certificate is written into a staging directory (`archive/.staging/*`), synced,
@@ -461,6 +462,26 @@ impl Store for FileStore {
             create_private_dir(&dir)?;
             let _staging_guard = this.staging_guard()?;
             atomic_write(&dir.join(format!("{key}.json")), &data, 0o600)
+        })
+        .await
+    }
+
+    async fn load_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        check_name(name)?;
+        let path = self.root.join("secrets").join(name);
+        blocking(move || read_optional(&path)).await
+    }
+
+    async fn save_secret(&self, name: &str, data: &[u8]) -> Result<()> {
+        check_name(name)?;
+        let dir = self.root.join("secrets");
+        let path = dir.join(name);
+        let data = zeroize::Zeroizing::new(data.to_vec());
+        let this = self.clone();
+        blocking(move || {
+            create_private_dir(&dir)?;
+            let _staging_guard = this.staging_guard()?;
+            atomic_write(&path, &data, 0o600)
         })
         .await
     }

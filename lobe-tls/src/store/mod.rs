@@ -312,6 +312,22 @@ pub trait Store: Send + Sync + fmt::Debug {
         Ok(Vec::new())
     }
 
+    /// Loads a small secret blob shared by the processes using this store (the session
+    /// ticket keys). `Ok(None)` when there is none, or the store cannot keep secrets.
+    async fn load_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let _ = name;
+        Ok(None)
+    }
+
+    /// Stores a small secret blob, readable only by this user (file mode 0600). The
+    /// default refuses: such a store keeps its secrets per process.
+    async fn save_secret(&self, name: &str, data: &[u8]) -> Result<()> {
+        let _ = data;
+        Err(crate::error::Error::Store(format!(
+            "this store cannot keep the secret {name:?}; use a file or Redis store"
+        )))
+    }
+
     /// The keys of all stored accounts, sorted (for `lobe-tls store copy`).
     async fn list_accounts(&self) -> Result<Vec<String>>;
 

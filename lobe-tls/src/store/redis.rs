@@ -10,6 +10,7 @@
 //! <prefix>:state:<name>       renewal state (JSON)
 //! <prefix>:challenge:<key>    challenge response, with a TTL (http-01/<token>, tls-alpn-01/<domain>)
 //! <prefix>:lock:<name>        lock token, with a lease (PX)
+//! <prefix>:secret:<name>      shared secret blob (session ticket keys)
 //! <prefix>:events             pub/sub channel: "cert <name>", "challenge-put <key>", "challenge-del <key>"
 //! ```
 //!
@@ -485,6 +486,22 @@ impl Store for RedisStore {
             .query_async::<()>(&mut conn)
             .await
             .map_err(|e| self.error(&format!("save account {key}"), &e))
+    }
+
+    async fn load_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        check_name(name)?;
+        let mut conn = self.conn.clone();
+        conn.get(self.key("secret", name))
+            .await
+            .map_err(|e| self.error(&format!("load secret {name}"), &e))
+    }
+
+    async fn save_secret(&self, name: &str, data: &[u8]) -> Result<()> {
+        check_name(name)?;
+        let mut conn = self.conn.clone();
+        conn.set(self.key("secret", name), data)
+            .await
+            .map_err(|e| self.error(&format!("save secret {name}"), &e))
     }
 
     async fn list_accounts(&self) -> Result<Vec<String>> {
