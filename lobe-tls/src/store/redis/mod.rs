@@ -48,7 +48,12 @@ use super::{
 use crate::cert::CertBundle;
 use crate::error::{Error, Result};
 
+mod feed;
+mod lock;
 mod sentinel;
+
+use feed::feed;
+use lock::RedisLock;
 
 use sentinel::is_sentinel_url;
 use sentinel::{SentinelConn, SentinelUrl};
@@ -649,90 +654,6 @@ impl Store for RedisStore {
     }
 }
 
-/// Keeps one pub/sub connection open, forwarding announcements as events. After every
-/// (re)connection it sends [`StoreEvent::Resync`], since announcements made while it was
-/// disconnected are lost. Retries with backoff and logs each outage once.
-async fn feed(conn: Conn, channel: String, target: String, tx: mpsc::Sender<StoreEvent>) {
-    let mut backoff = FEED_BACKOFF_MIN;
-    let mut outage = false;
-    // Behind Sentinel, a failover moves the feed to the new master, even when the old
-    // one is still up (it would hear nothing published on the new one).
-    let mut switches = conn.switches();
-    loop {
-        if let Some(rx) = &mut switches {
-            // Only a switch announced from now on concerns the connection made next.
-            rx.borrow_and_update();
-        }
-        let subscribed = async {
-            let mut pubsub = conn.pubsub().await.map_err(|e| e.to_string())?;
-            tokio::time::timeout(RESPONSE_TIMEOUT, pubsub.subscribe(&channel))
-                .await
-                .map_err(|_| "no answer to SUBSCRIBE in time".to_owned())?
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(pubsub)
-        }
-        .await;
-        let pubsub = match subscribed {
-            Ok(pubsub) => pubsub,
-            Err(e) => {
-                if !outage {
-                    tracing::warn!(redis = %target, error = %e, "cluster event feed lost: Redis unreachable; serving what is loaded and retrying");
-                    outage = true;
-                }
-                // A failover announced meanwhile means a master to reach now.
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    Some(()) = switched(&mut switches) => {}
-                }
-                backoff = (backoff * 2).min(FEED_BACKOFF_MAX);
-                continue;
-            }
-        };
-        if outage {
-            tracing::info!(redis = %target, "cluster event feed reconnected");
-        }
-        backoff = FEED_BACKOFF_MIN;
-        if tx.send(StoreEvent::Resync).await.is_err() {
-            return;
-        }
-        let mut messages = pubsub.into_on_message();
-        loop {
-            let msg = tokio::select! {
-                msg = messages.next() => msg,
-                Some(()) = switched(&mut switches) => {
-                    tracing::info!(redis = %target, "cluster event feed moving to the new Redis master");
-                    break;
-                }
-            };
-            let Some(msg) = msg else {
-                // The stream ends when the connection drops; the next failure to
-                // reconnect is part of this same outage, already logged.
-                tracing::warn!(redis = %target, "cluster event feed lost: connection closed; reconnecting");
-                outage = true;
-                break;
-            };
-            let Ok(payload) = msg.get_payload::<String>() else {
-                continue;
-            };
-            let Some(event) = parse_event(&payload) else {
-                tracing::debug!(payload, "ignoring an unknown cluster event");
-                continue;
-            };
-            if tx.send(event).await.is_err() {
-                return;
-            }
-        }
-    }
-}
-
-/// Resolves when the sentinels announce a new master; never without Sentinel.
-async fn switched(switches: &mut Option<tokio::sync::watch::Receiver<u64>>) -> Option<()> {
-    match switches {
-        Some(rx) => rx.changed().await.ok(),
-        None => std::future::pending().await,
-    }
-}
-
 /// Decodes the value stored under `<prefix>:cert:<name>`. `target` is the redacted URL
 /// the error names. Public only so the fuzz targets can feed it arbitrary values.
 #[doc(hidden)]
@@ -780,110 +701,6 @@ pub fn parse_event(payload: &str) -> Option<StoreEvent> {
         "challenge-put" => Some(StoreEvent::ChallengePut(arg)),
         "challenge-del" => Some(StoreEvent::ChallengeDeleted(arg)),
         _ => None,
-    }
-}
-
-/// A held Redis lock. A background task renews the lease every third of it until the
-/// lock is released or dropped, so a long order keeps the lock, and a crashed holder
-/// blocks others for one lease at most.
-struct RedisLock {
-    conn: Conn,
-    key: String,
-    token: String,
-    target: String,
-    renewer: JoinHandle<()>,
-    released: bool,
-}
-
-impl RedisLock {
-    fn held(store: &RedisStore, name: &str, key: String, token: String, lease: Duration) -> Self {
-        let renewer = tokio::spawn(renew_lease(
-            store.conn.clone(),
-            name.to_owned(),
-            key.clone(),
-            token.clone(),
-            lease,
-        ));
-        RedisLock {
-            conn: store.conn.clone(),
-            key,
-            token,
-            target: store.target.clone(),
-            renewer,
-            released: false,
-        }
-    }
-}
-
-async fn renew_lease(mut conn: Conn, name: String, key: String, token: String, lease: Duration) {
-    let script = Script::new(RENEW_SCRIPT);
-    loop {
-        tokio::time::sleep(lease / 3).await;
-        let renewed: std::result::Result<i64, RedisError> = script
-            .key(&key)
-            .arg(&token)
-            .arg(millis(lease))
-            .invoke_async(&mut conn)
-            .await;
-        match renewed {
-            Ok(1) => {}
-            Ok(_) => {
-                tracing::warn!(
-                    name,
-                    "the cluster lock expired before it could be renewed; another instance may take over"
-                );
-                return;
-            }
-            // The lease may still be valid: keep trying until it is clearly lost.
-            Err(e) => tracing::warn!(name, error = %e, "cannot renew the cluster lock lease"),
-        }
-    }
-}
-
-#[async_trait]
-impl StoreLock for RedisLock {
-    fn fencing_token(&self) -> Option<&str> {
-        Some(&self.token)
-    }
-
-    async fn release(mut self: Box<Self>) -> Result<()> {
-        self.renewer.abort();
-        self.released = true;
-        let mut conn = self.conn.clone();
-        Script::new(RELEASE_SCRIPT)
-            .key(&self.key)
-            .arg(&self.token)
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map(|_| ())
-            .map_err(|e| {
-                Error::Store(format!(
-                    "redis {}: cannot release lock {}: {e}; it expires with its lease",
-                    self.target, self.key
-                ))
-            })
-    }
-}
-
-impl Drop for RedisLock {
-    fn drop(&mut self) {
-        self.renewer.abort();
-        if self.released {
-            return;
-        }
-        // Best effort: without a runtime the lease simply runs out.
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let mut conn = self.conn.clone();
-            let key = std::mem::take(&mut self.key);
-            let token = std::mem::take(&mut self.token);
-            handle.spawn(async move {
-                let _ = Script::new(RELEASE_SCRIPT)
-                    .key(&key)
-                    .arg(&token)
-                    .invoke_async::<i64>(&mut conn)
-                    .await;
-            });
-        }
     }
 }
 
@@ -1007,99 +824,4 @@ fn escape_glob(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prefix_is_taken_out_of_the_url() {
-        assert_eq!(
-            split_prefix("redis://h:1/0?prefix=app1"),
-            ("redis://h:1/0".to_owned(), Some("app1".to_owned()))
-        );
-        assert_eq!(
-            split_prefix("rediss://h/?protocol=resp3&prefix=x#insecure"),
-            (
-                "rediss://h/?protocol=resp3#insecure".to_owned(),
-                Some("x".to_owned())
-            )
-        );
-        assert_eq!(split_prefix("redis://h"), ("redis://h".to_owned(), None));
-    }
-
-    #[test]
-    fn passwords_never_reach_messages() {
-        assert_eq!(redact("redis://:s3cret@h:6379/0"), "redis://***@h:6379/0");
-        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
-        assert_eq!(redact("redis://:a/b?c@h:6379/0"), "redis://***@h:6379/0");
-        assert_eq!(
-            redact("redis+sentinel://:pw@h1:1,h2:2/svc/0"),
-            "redis+sentinel://***@h1:1,h2:2/svc/0"
-        );
-    }
-
-    #[test]
-    fn the_serial_is_read_from_the_head_of_a_certificate_value() {
-        let record = CertRecord {
-            serial: Some("0a1b2c".into()),
-            fullchain: "chain".into(),
-            key: "key".into(),
-            meta: CertMeta {
-                name: "site".into(),
-                domains: Vec::new(),
-                key_type: crate::cert::KeyType::EcdsaP256,
-                challenge: Default::default(),
-                directory: "https://ca.test/dir".into(),
-                issued_at: time::OffsetDateTime::UNIX_EPOCH,
-                profile: None,
-            },
-        };
-        let value = serde_json::to_string(&record).unwrap();
-        let head = &value[..(SERIAL_HEAD as usize + 1).min(value.len())];
-        assert_eq!(serial_from_head(head), Some("0a1b2c"));
-        // Values from before the serial, cut-off heads and junk tell nothing.
-        assert_eq!(serial_from_head(r#"{"fullchain":"-----BEGIN"#), None);
-        assert_eq!(serial_from_head(r#"{"serial":"0a1b"#), None);
-        assert_eq!(serial_from_head(r#"{"serial":null,"fullchain""#), None);
-        assert_eq!(serial_from_head(r#"{"serial":"zz","#), None);
-        assert_eq!(serial_from_head(""), None);
-    }
-
-    /// Found by the `redis_values` fuzz target: with key material in the wrong field,
-    /// the error quoted it, over several lines.
-    #[test]
-    fn unreadable_records_never_quote_their_values() {
-        let secret = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49\nAwEHBG0wawIBAQQg";
-        let record = serde_json::json!({
-            "fullchain": "x",
-            "key": "y",
-            "meta": {"name": "site", "key_type": secret},
-        });
-        let err = decode_cert("redis://h", "site", &record.to_string())
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            !err.contains("MIGHAgEAMBMG") && !err.contains('\n'),
-            "{err}"
-        );
-        assert!(err.contains("certificate site is unreadable"), "{err}");
-        let err = decode_cert("redis://h", "site", "{")
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(err.contains("not valid JSON at line 1"), "{err}");
-    }
-
-    #[test]
-    fn announcements_parse_into_events() {
-        assert_eq!(
-            parse_event("cert site"),
-            Some(StoreEvent::CertSaved("site".into()))
-        );
-        assert_eq!(
-            parse_event("challenge-put tls-alpn-01/a.example"),
-            Some(StoreEvent::ChallengePut("tls-alpn-01/a.example".into()))
-        );
-        assert_eq!(parse_event("bogus"), None);
-    }
-}
+mod tests;

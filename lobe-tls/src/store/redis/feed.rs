@@ -1,0 +1,94 @@
+//! The event feed: one pub/sub connection that turns announcements into store events.
+
+use super::*;
+
+/// Keeps one pub/sub connection open, forwarding announcements as events. After every
+/// (re)connection it sends [`StoreEvent::Resync`], since announcements made while it was
+/// disconnected are lost. Retries with backoff and logs each outage once.
+pub(super) async fn feed(
+    conn: Conn,
+    channel: String,
+    target: String,
+    tx: mpsc::Sender<StoreEvent>,
+) {
+    let mut backoff = FEED_BACKOFF_MIN;
+    let mut outage = false;
+    // Behind Sentinel, a failover moves the feed to the new master, even when the old
+    // one is still up (it would hear nothing published on the new one).
+    let mut switches = conn.switches();
+    loop {
+        if let Some(rx) = &mut switches {
+            // Only a switch announced from now on concerns the connection made next.
+            rx.borrow_and_update();
+        }
+        let subscribed = async {
+            let mut pubsub = conn.pubsub().await.map_err(|e| e.to_string())?;
+            tokio::time::timeout(RESPONSE_TIMEOUT, pubsub.subscribe(&channel))
+                .await
+                .map_err(|_| "no answer to SUBSCRIBE in time".to_owned())?
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(pubsub)
+        }
+        .await;
+        let pubsub = match subscribed {
+            Ok(pubsub) => pubsub,
+            Err(e) => {
+                if !outage {
+                    tracing::warn!(redis = %target, error = %e, "cluster event feed lost: Redis unreachable; serving what is loaded and retrying");
+                    outage = true;
+                }
+                // A failover announced meanwhile means a master to reach now.
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    Some(()) = switched(&mut switches) => {}
+                }
+                backoff = (backoff * 2).min(FEED_BACKOFF_MAX);
+                continue;
+            }
+        };
+        if outage {
+            tracing::info!(redis = %target, "cluster event feed reconnected");
+        }
+        backoff = FEED_BACKOFF_MIN;
+        if tx.send(StoreEvent::Resync).await.is_err() {
+            return;
+        }
+        let mut messages = pubsub.into_on_message();
+        loop {
+            let msg = tokio::select! {
+                msg = messages.next() => msg,
+                Some(()) = switched(&mut switches) => {
+                    tracing::info!(redis = %target, "cluster event feed moving to the new Redis master");
+                    break;
+                }
+            };
+            let Some(msg) = msg else {
+                // The stream ends when the connection drops; the next failure to
+                // reconnect is part of this same outage, already logged.
+                tracing::warn!(redis = %target, "cluster event feed lost: connection closed; reconnecting");
+                outage = true;
+                break;
+            };
+            let Ok(payload) = msg.get_payload::<String>() else {
+                continue;
+            };
+            let Some(event) = parse_event(&payload) else {
+                tracing::debug!(payload, "ignoring an unknown cluster event");
+                continue;
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Resolves when the sentinels announce a new master; never without Sentinel.
+pub(super) async fn switched(
+    switches: &mut Option<tokio::sync::watch::Receiver<u64>>,
+) -> Option<()> {
+    match switches {
+        Some(rx) => rx.changed().await.ok(),
+        None => std::future::pending().await,
+    }
+}
