@@ -17,7 +17,13 @@ pub(super) struct Pattern(DomainName);
 
 impl Pattern {
     pub(super) fn parse(input: &str) -> crate::Result<Self> {
-        Ok(Pattern(DomainName::parse(input)?))
+        let name = DomainName::parse(input)?;
+        if name.ip().is_some() {
+            return Err(crate::Error::Config(format!(
+                "on-demand pattern {input:?} is an IP address: patterns name DNS names (example.com or *.example.com)"
+            )));
+        }
+        Ok(Pattern(name))
     }
 
     pub(super) fn matches(&self, name: &str) -> bool {

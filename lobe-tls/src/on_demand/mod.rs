@@ -319,6 +319,12 @@ impl OnDemand {
                 why: "a wildcard is never issued on demand".into(),
             });
         }
+        if domain.ip().is_some() {
+            return Err(OnDemandError::NotAllowed {
+                name,
+                why: "an IP address is never issued on demand".into(),
+            });
+        }
         if !inner.allow.is_empty() && !inner.allow.iter().any(|p| p.matches(&name)) {
             return Err(OnDemandError::NotAllowed {
                 name,
