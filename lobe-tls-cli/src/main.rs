@@ -35,7 +35,7 @@ enum Command {
     Revoke(cmd::revoke::Args),
     /// Work on a whole store: copy between a directory and Redis.
     Store(cmd::store::Args),
-    /// Terminate TLS in front of a plain-TCP upstream, with managed certificates and/or a watched directory.
+    /// A TLS edge in front of upstreams (HTTP proxy or TCP forwarder), with managed certificates and/or a watched directory.
     Serve(Box<cmd::serve::Args>),
 }
 

@@ -118,6 +118,9 @@ async fn serve_forwards_redirects_reports_metrics_and_drains_on_sigterm() {
             "serve",
             "--listen",
             &listen,
+            // Byte forwarding to an echo server: the tcp mode.
+            "--mode",
+            "tcp",
             "--upstream",
             &upstream_addr,
             "--cert-dir",
@@ -300,6 +303,8 @@ async fn managed_name_is_issued_and_served(challenge: &str) {
         "serve",
         "--listen",
         &listen,
+        "--mode",
+        "tcp",
         "--upstream",
         &upstream_addr,
         "-d",

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::error::Result;
@@ -44,6 +44,7 @@ pub struct CertExpiry {
 }
 
 type CertSource = Box<dyn Fn() -> Vec<CertExpiry> + Send + Sync>;
+type TextSource = Box<dyn Fn() -> String + Send + Sync>;
 
 /// The counters. Shared through an `Arc`; every method is cheap and lock-free except the
 /// per-certificate ones, which are not on the handshake path.
@@ -58,6 +59,7 @@ pub struct Metrics {
     conflicts: Mutex<BTreeMap<String, u64>>,
     unusable: Mutex<BTreeMap<String, u64>>,
     cert_sources: Mutex<Vec<CertSource>>,
+    text_sources: Mutex<Vec<TextSource>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -168,6 +170,14 @@ impl Metrics {
         }
     }
 
+    /// Appends what `source` renders (families in the text format, e.g. the edge's) to
+    /// every scrape.
+    pub fn add_text_source(&self, source: impl Fn() -> String + Send + Sync + 'static) {
+        if let Ok(mut sources) = self.text_sources.lock() {
+            sources.push(Box::new(source));
+        }
+    }
+
     /// The metrics in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -240,6 +250,15 @@ impl Metrics {
             self.connections_total.load(Ordering::Relaxed),
             self.upstream_errors()
         );
+        if let Ok(sources) = self.text_sources.lock() {
+            for source in sources.iter() {
+                let text = source();
+                out.push_str(text.trim_end());
+                if !text.trim_end().is_empty() {
+                    out.push('\n');
+                }
+            }
+        }
         out
     }
 }
@@ -288,10 +307,12 @@ async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 let metrics = metrics.clone();
                 async move { Ok::<_, Infallible>(respond(&metrics, req.method(), req.uri().path())) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let builder = crate::listen::http_builder();
+            let _ = tokio::time::timeout(
+                crate::listen::HTTP_CONNECTION_LIMIT,
+                builder.serve_connection(TokioIo::new(stream), service),
+            )
+            .await;
         });
     }
 }
