@@ -17,11 +17,14 @@ use super::forwarded::canonical;
 /// and, if that is not enough, new addresses are limited until it is.
 const MAX_RATE_KEYS: usize = 100_000;
 
+/// Open connections per client address.
+type OpenMap = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
 #[derive(Debug)]
 pub(crate) struct Limits {
     total: Option<Arc<Semaphore>>,
     per_ip: Option<usize>,
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    open: OpenMap,
     rate: Option<DefaultKeyedRateLimiter<IpAddr>>,
 }
 
@@ -45,7 +48,7 @@ impl Refused {
 #[derive(Debug)]
 pub(crate) struct ConnPermit {
     _total: Option<OwnedSemaphorePermit>,
-    ip: Option<(IpAddr, Arc<Mutex<HashMap<IpAddr, usize>>>)>,
+    ip: Option<(IpAddr, OpenMap)>,
 }
 
 impl Drop for ConnPermit {

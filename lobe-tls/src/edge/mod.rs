@@ -143,6 +143,9 @@ pub(crate) struct Shared {
     /// are drained with the others on shutdown.
     detached: Mutex<JoinSet<()>>,
     reload_lock: Mutex<()>,
+    /// Turns true when the edge stops accepting: HTTP connections finish their requests
+    /// and close.
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -237,6 +240,7 @@ impl Edge {
                 cert_metrics: metrics,
                 detached: Mutex::new(JoinSet::new()),
                 reload_lock: Mutex::new(()),
+                draining: tokio::sync::watch::Sender::new(false),
             }),
         })
     }
@@ -271,8 +275,6 @@ impl Edge {
             accept,
             shared,
         } = self;
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let graceful = Arc::new(graceful);
         let mut connections = JoinSet::new();
         let mut prune = tokio::time::interval(Duration::from_secs(10));
         tokio::pin!(shutdown);
@@ -291,9 +293,9 @@ impl Edge {
                             }
                         };
                         let local = stream.local_addr().unwrap_or(local_addr);
-                        let (accept, shared, graceful) = (accept.clone(), shared.clone(), graceful.clone());
+                        let (accept, shared) = (accept.clone(), shared.clone());
                         connections.spawn(async move {
-                            connection(stream, peer, local, accept, shared, graceful).await;
+                            connection(stream, peer, local, accept, shared).await;
                             drop(permit);
                         });
                     }
@@ -319,12 +321,9 @@ impl Edge {
                 "stopped accepting; waiting up to {drain:?} for connections to finish"
             );
         }
-        // The watcher's shutdown signals every HTTP connection; the tasks are awaited below.
-        let signal = Arc::try_unwrap(graceful).ok();
+        // HTTP connections finish the request in flight and close.
+        shared.draining.send_replace(true);
         let drained = tokio::time::timeout(drain, async {
-            if let Some(graceful) = signal {
-                let _ = tokio::spawn(graceful.shutdown());
-            }
             while connections.join_next().await.is_some() {}
             while detached.join_next().await.is_some() {}
             // WebSockets upgraded during the drain.
@@ -350,7 +349,6 @@ async fn connection(
     local: SocketAddr,
     accept: Arc<accept::TlsAccept>,
     shared: Arc<Shared>,
-    graceful: Arc<hyper_util::server::graceful::GracefulShutdown>,
 ) {
     // Interactive traffic (WebSocket frames, SSE events) must not wait for Nagle.
     let _ = stream.set_nodelay(true);
@@ -378,17 +376,13 @@ async fn connection(
     let _gauge = metrics::GaugeGuard::new(shared.metrics.connections.clone());
     match shared.config.mode {
         Mode::Tcp => tcp::serve(accepted, shared).await,
-        Mode::Http => serve_http(accepted, shared, &graceful).await,
+        Mode::Http => serve_http(accepted, shared).await,
     }
 }
 
 /// Serves HTTP/1.1 and h2 on one TLS connection, with timers for slow header reads and
 /// a watchdog that closes it after the longest idle timeout without a byte.
-async fn serve_http(
-    accepted: accept::Accepted,
-    shared: Arc<Shared>,
-    graceful: &hyper_util::server::graceful::GracefulShutdown,
-) {
+async fn serve_http(accepted: accept::Accepted, shared: Arc<Shared>) {
     let client = accepted.client;
     let idle = shared.router.load().longest_idle();
     let _active = shared.cert_metrics.connection_opened();
@@ -414,12 +408,10 @@ async fn serve_http(
         .max_concurrent_streams(256)
         .keep_alive_interval(Some(Duration::from_secs(60)))
         .keep_alive_timeout(Duration::from_secs(20));
-    let served = graceful.watch(
-        builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned(),
-    );
+    let served = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(served);
+    let mut draining = shared.draining.subscribe();
+    let mut asked_to_close = false;
     loop {
         let deadline = clock.last() + idle;
         tokio::select! {
@@ -434,6 +426,10 @@ async fn serve_http(
                     tracing::debug!(%client, "idle connection closed");
                     return;
                 }
+            }
+            _ = draining.wait_for(|d| *d), if !asked_to_close => {
+                asked_to_close = true;
+                served.as_mut().graceful_shutdown();
             }
         }
     }

@@ -308,10 +308,7 @@ async fn forward(
     let idle = site.config.idle();
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = None;
-    loop {
-        let Some(choice) = pool.choose(&cx, cookie.as_deref(), &tried) else {
-            break;
-        };
+    while let Some(choice) = pool.choose(&cx, cookie.as_deref(), &tried) {
         if !tried.is_empty() {
             shared
                 .metrics
@@ -375,9 +372,12 @@ async fn forward(
     }
     if let Some(error) = last_error {
         tracing::warn!(site = site.name, error, "no upstream answered");
-        return plain(
-            StatusCode::BAD_GATEWAY,
-            "lobe-tls: the upstream servers did not answer",
+        return retry_after(
+            plain(
+                StatusCode::BAD_GATEWAY,
+                "lobe-tls: the upstream servers did not answer",
+            ),
+            Duration::from_secs(1),
         );
     }
     // Every upstream is out: say so at once, with a hint to come back soon.
