@@ -859,3 +859,117 @@ async fn metrics_count_requests_by_site_and_class_and_upstream_state() {
         );
     }
 }
+
+#[tokio::test]
+async fn websockets_over_h2_extended_connect_reach_an_http1_upstream() {
+    let backend = Backend::start("a");
+    let edge = Edge::start(&["--upstream", &backend.addr], None).await;
+    let tcp = TcpStream::connect(&edge.listen).await.unwrap();
+    let tls = edge
+        .client
+        .h2
+        .connect(ServerName::try_from(NAME).unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut request = Request::connect(format!("https://{NAME}/ws"))
+        .header("sec-websocket-version", "13")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    request
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let response = tokio::time::timeout(STEP, send.send_request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let upgraded = hyper::upgrade::on(response).await.unwrap();
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    ws.send("over h2".into()).await.unwrap();
+    let message = tokio::time::timeout(STEP, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(message.into_text().unwrap().as_str(), "a: over h2");
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_are_refused_and_others_pass() {
+    let backend = Backend::start("a");
+    let edge = Edge::start(
+        &["--upstream", &backend.addr, "--max-body-size", "1000"],
+        None,
+    )
+    .await;
+    for (size, expected) in [
+        (500usize, StatusCode::OK),
+        (2000, StatusCode::PAYLOAD_TOO_LARGE),
+    ] {
+        let tls = edge.client.connect().await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let request = Request::post("/upload")
+            .header("host", NAME)
+            .body(http_body_util::Full::new(Bytes::from(vec![b'x'; size])))
+            .unwrap();
+        let response = send.send_request(request).await.unwrap();
+        assert_eq!(response.status(), expected);
+        if expected == StatusCode::OK {
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"500\n");
+        }
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_open_stream_finish_then_exits() {
+    let backend = Backend::start("a");
+    let mut edge = Edge::start(&["--upstream", &backend.addr], None).await;
+    let tls = edge.client.connect().await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get("/sse?n=3&gap_ms=700")
+        .header("host", NAME)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let mut body = send.send_request(request).await.unwrap().into_body();
+    edge.signal("-TERM");
+    let deadline = Instant::now() + STEP;
+    while TcpStream::connect(&edge.listen).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut events = 0;
+    while let Some(frame) = tokio::time::timeout(STEP, body.frame()).await.unwrap() {
+        if frame.unwrap().is_data() {
+            events += 1;
+        }
+    }
+    assert_eq!(events, 3, "the stream was cut by the shutdown");
+    let deadline = Instant::now() + STEP;
+    let status = loop {
+        if let Some(status) = edge.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "did not exit after draining");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}

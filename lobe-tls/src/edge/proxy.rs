@@ -274,7 +274,8 @@ async fn forward(
     // The body: replayable when empty or small, streamed (one attempt) otherwise.
     let mut replayable: Option<Bytes> = None;
     let mut streamed: Option<BoxBody> = None;
-    if body.is_end_stream() {
+    if body.is_end_stream() || !matches!(upgrade, Upgrade::None) {
+        // An upgrade's bytes follow the exchange (h2: the CONNECT stream itself).
         replayable = Some(Bytes::new());
     } else if declared.is_some_and(|n| n <= REPLAYABLE_BODY) {
         let read = tokio::time::timeout(
