@@ -1,6 +1,6 @@
 //! A small HTTP/1.1 upstream on hyper, run as a separate process by the edge's tests.
 //!
-//! Routes: `/healthz` (200, or 503 after `/sick`), `/whoami` (its name), `/headers`
+//! Routes: `/healthz` (200, or 503 after `/sick` until `/well`), `/whoami` (its name), `/headers`
 //! (the request's headers, one per line, then `peer: ADDR`), `/page` (100 bytes),
 //! `/sse?n=N&gap_ms=M` (N events, M ms apart, each flushed), `/ws` (WebSocket echo),
 //! `/status/CODE`, `/slow?ms=M`, `/upload` (the body's length).
@@ -72,6 +72,10 @@ async fn respond(
         "/sick" => {
             sick.store(true, Ordering::Relaxed);
             status(200, "now sick")
+        }
+        "/well" => {
+            sick.store(false, Ordering::Relaxed);
+            status(200, "well again")
         }
         p if p.ends_with("/whoami") => status(200, name),
         "/headers" => {
