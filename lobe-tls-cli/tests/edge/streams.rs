@@ -122,6 +122,8 @@ async fn slowloris_clients_are_cut_at_the_default_header_timeout() {
             .unwrap();
         slow.push(tls);
     }
+    // And one that says nothing at all after its handshake.
+    let mut silent = edge.client.connect().await.unwrap();
     let started = Instant::now();
     let mut cut = 0;
     for mut tls in slow {
@@ -147,6 +149,12 @@ async fn slowloris_clients_are_cut_at_the_default_header_timeout() {
         cut += 1;
     }
     assert_eq!(cut, 5);
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "a silent connection stayed open: {closed:?}"
+    );
     let elapsed = started.elapsed();
     assert!(
         elapsed >= Duration::from_secs(8) && elapsed < Duration::from_secs(16),

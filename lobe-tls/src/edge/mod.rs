@@ -11,6 +11,7 @@
 pub mod accept;
 pub mod forwarded;
 pub mod health;
+mod http;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
@@ -25,9 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use rustls::server::ResolvesServerCert;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -87,6 +85,9 @@ pub struct EdgeConfig {
     pub max_header_size: usize,
     /// On shutdown, how long open connections may take to finish before they are cut.
     pub drain_timeout: Duration,
+    /// How long an HTTP connection may wait, with no request in flight, for its next
+    /// request (its first one: `header_read_timeout`).
+    pub keepalive_timeout: Duration,
     /// Connections open at once, in total.
     pub max_conns: Option<usize>,
     /// Connections open at once from one client address.
@@ -102,8 +103,8 @@ pub struct EdgeConfig {
 }
 
 impl EdgeConfig {
-    /// The defaults for `sites`: http mode, 10 s handshakes and header reads, 16 KiB
-    /// heads, 30 s drain, no connection or rate limits.
+    /// The defaults for `sites`: http mode, 10 s handshakes and header reads, 75 s
+    /// keep-alive, 16 KiB heads, 30 s drain, no connection or rate limits.
     pub fn new(sites: Vec<SiteConfig>) -> Self {
         EdgeConfig {
             mode: Mode::Http,
@@ -113,6 +114,7 @@ impl EdgeConfig {
             header_read_timeout: Duration::from_secs(10),
             max_header_size: 16 * 1024,
             drain_timeout: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(75),
             max_conns: None,
             max_conns_per_ip: None,
             rate_limit: None,
@@ -376,61 +378,6 @@ async fn connection(
     let _gauge = metrics::GaugeGuard::new(shared.metrics.connections.clone());
     match shared.config.mode {
         Mode::Tcp => tcp::serve(accepted, shared).await,
-        Mode::Http => serve_http(accepted, shared).await,
-    }
-}
-
-/// Serves HTTP/1.1 and h2 on one TLS connection, with timers for slow header reads and
-/// a watchdog that closes it after the longest idle timeout without a byte.
-async fn serve_http(accepted: accept::Accepted, shared: Arc<Shared>) {
-    let client = accepted.client;
-    let idle = shared.router.load().longest_idle();
-    let _active = shared.cert_metrics.connection_opened();
-    let clock = Arc::new(tcp::ActivityClock::new());
-    let io = TokioIo::new(tcp::Tracked::new(accepted.tls, clock.clone()));
-    let conn = proxy::ConnInfo { client };
-    let service_shared = shared.clone();
-    let service = service_fn(move |req| {
-        let (shared, conn) = (service_shared.clone(), conn.clone());
-        async move { Ok::<_, std::convert::Infallible>(proxy::handle(shared, conn, req).await) }
-    });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(shared.config.header_read_timeout)
-        .max_buf_size(shared.config.max_header_size.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .enable_connect_protocol()
-        .max_header_list_size(u32::try_from(shared.config.max_header_size).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(60)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let served = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(served);
-    let mut draining = shared.draining.subscribe();
-    let mut asked_to_close = false;
-    loop {
-        let deadline = clock.last() + idle;
-        tokio::select! {
-            done = &mut served => {
-                if let Err(e) = done {
-                    tracing::debug!(%client, error = %e, "connection ended");
-                }
-                return;
-            }
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                if clock.last() + idle <= std::time::Instant::now() {
-                    tracing::debug!(%client, "idle connection closed");
-                    return;
-                }
-            }
-            _ = draining.wait_for(|d| *d), if !asked_to_close => {
-                asked_to_close = true;
-                served.as_mut().graceful_shutdown();
-            }
-        }
+        Mode::Http => http::serve(accepted, shared).await,
     }
 }

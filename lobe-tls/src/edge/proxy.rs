@@ -32,6 +32,7 @@ const REPLAYABLE_BODY: u64 = 64 * 1024;
 #[derive(Debug, Clone)]
 pub(crate) struct ConnInfo {
     pub client: SocketAddr,
+    pub tracker: Arc<super::http::RequestTracker>,
 }
 
 fn boxed<B>(body: B) -> BoxBody
@@ -152,12 +153,50 @@ fn upgrade_of(req: &Request<Incoming>) -> Upgrade {
     }
 }
 
-/// Answers one request.
+/// Answers one request; it counts as in flight on its connection until its response
+/// body is done.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     conn: ConnInfo,
     req: Request<Incoming>,
 ) -> Response<BoxBody> {
+    let guard = conn.tracker.start();
+    let response = answer(shared, &conn, req).await;
+    response.map(|inner| {
+        boxed(Guarded {
+            inner,
+            _guard: guard,
+        })
+    })
+}
+
+/// A body that holds a guard until it is done or dropped.
+struct Guarded<G> {
+    inner: BoxBody,
+    _guard: G,
+}
+
+impl<G: Unpin> Body for Guarded<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+async fn answer(shared: Arc<Shared>, conn: &ConnInfo, req: Request<Incoming>) -> Response<BoxBody> {
     let started = Instant::now();
     let host = request_host(&req);
     let router = shared.router.load_full();
@@ -187,7 +226,7 @@ pub(crate) async fn handle(
             wait,
         );
     }
-    let mut response = forward(&shared, &site, &conn, host.as_deref(), req).await;
+    let mut response = forward(&shared, &site, conn, host.as_deref(), req).await;
     shared.metrics.response(
         &site.name,
         response.status(),
@@ -343,12 +382,15 @@ async fn forward(
                 } else {
                     upstream.succeeded();
                 }
+                // An upgraded connection stays in flight on its client connection (an
+                // h2 one carries other requests) for as long as it is open.
+                let in_flight = client_upgrade.as_ref().map(|_| conn.tracker.start());
                 return respond(
                     shared,
                     site,
                     &pool,
                     choice,
-                    guard,
+                    (guard, in_flight),
                     response,
                     client_upgrade,
                     &upgrade,
@@ -397,7 +439,7 @@ fn respond(
     site: &Arc<Site>,
     pool: &Arc<Pool>,
     choice: Choice,
-    guard: ActiveGuard,
+    (guard, in_flight): (ActiveGuard, Option<super::http::RequestGuard>),
     mut response: Response<Incoming>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     upgrade: &Upgrade,
@@ -426,7 +468,7 @@ fn respond(
             let moved =
                 super::tcp::forward(TokioIo::new(client), TokioIo::new(upstream), idle).await;
             tracing::debug!(?moved, "upgraded connection closed");
-            drop((guard, websockets));
+            drop((guard, websockets, in_flight));
         };
         shared.spawn_detached(task);
         let (mut parts, _) = response.into_parts();
