@@ -35,7 +35,7 @@ pub struct Args {
     pub mode: Mode,
 
     /// Upstream address (host:port) of the site these flags describe, which answers every
-    /// Host no [[site]] of --config claims. Repeatable.
+    /// Host that no site of the --config file claims. Repeatable.
     #[arg(long, env = "LOBE_TLS_UPSTREAM", value_delimiter = ',')]
     pub upstream: Vec<String>,
 
@@ -126,7 +126,7 @@ pub struct Args {
     pub metrics_listen: Option<String>,
 
     /// Close connections, streams and WebSockets of the --upstream site that move no byte
-    /// for this many seconds ([[site]] tables set their own idle_timeout).
+    /// for this many seconds (sites of the --config file set their own idle_timeout).
     #[arg(long, env = "LOBE_TLS_IDLE_TIMEOUT", default_value_t = 3600)]
     pub idle_timeout: u64,
 

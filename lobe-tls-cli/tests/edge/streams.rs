@@ -169,7 +169,8 @@ async fn sighup_reloads_sites_while_a_websocket_stays_open_and_a_broken_file_is_
     let old = Backend::start("old");
     let new = Backend::start("new");
     let site = |addr: &str| format!("[[site]]\ndomains = [\"{NAME}\"]\nupstreams = [\"{addr}\"]\n");
-    let mut edge = Edge::start(&[], Some(&site(&old.addr))).await;
+    let metrics = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let mut edge = Edge::start(&["--metrics-listen", &metrics], Some(&site(&old.addr))).await;
     let mut ws = edge.client.websocket("/ws").await;
     assert_eq!(echo(&mut ws, "one").await, "old: one");
     assert_eq!(served_by(&edge.client.get("/whoami", &[]).await), "old");
@@ -183,6 +184,15 @@ async fn sighup_reloads_sites_while_a_websocket_stays_open_and_a_broken_file_is_
     }
     // The WebSocket opened before the reload is still up, on its old upstream.
     assert_eq!(echo(&mut ws, "two").await, "old: two");
+    // The gauge lists the new upstream only.
+    let scraped = plain_get(&metrics, "/metrics").await.1;
+    let gauge =
+        |addr: &str| format!("lobe_tls_edge_upstream_up{{site=\"{NAME}\",upstream=\"{addr}\"}}");
+    assert!(
+        scraped.contains(&format!("{} 1", gauge(&new.addr))),
+        "{scraped}"
+    );
+    assert!(!scraped.contains(&gauge(&old.addr)), "{scraped}");
 
     std::fs::write(edge.config_path(), "[[site]]\nupstreams = 42\n").unwrap();
     edge.signal("-HUP");

@@ -87,7 +87,7 @@ impl HealthTask {
                         }
                     }
                 }
-                metrics.set_up(&site, &upstream.addr, upstream.is_up());
+                metrics.refresh_up(&site, &upstream.addr, upstream.is_up());
                 let wake = if path.is_some() {
                     next_check.min(tokio::time::Instant::now() + tick)
                 } else {

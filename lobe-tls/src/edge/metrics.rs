@@ -153,6 +153,18 @@ impl EdgeMetrics {
             .set(i64::from(up));
     }
 
+    /// As `set_up`, for an upstream still listed: a pool draining after a reload does not
+    /// bring back the label of an upstream the reload removed.
+    pub(crate) fn refresh_up(&self, site: &str, upstream: &str, up: bool) {
+        let labels = UpstreamLabels {
+            site: site.to_owned(),
+            upstream: upstream.to_owned(),
+        };
+        if let Some(gauge) = self.upstream_up.get(&labels) {
+            gauge.set(i64::from(up));
+        }
+    }
+
     pub(crate) fn response(&self, site: &str, status: http::StatusCode, seconds: f64) {
         let class = format!("{}xx", status.as_u16() / 100);
         self.requests

@@ -183,6 +183,17 @@ impl EdgeHandle {
             .unwrap_or_else(|e| e.into_inner());
         let current = self.shared.router.load_full();
         let router = Router::build(&sites, Some(&current), &self.shared.metrics)?;
+        // Upstreams that are gone leave the up/down gauge (their old pools still drain).
+        let kept = router.upstream_labels();
+        for (site, upstream) in current.upstream_labels().difference(&kept) {
+            self.shared
+                .metrics
+                .upstream_up
+                .remove(&metrics::UpstreamLabels {
+                    site: site.clone(),
+                    upstream: upstream.clone(),
+                });
+        }
         self.shared.router.store(Arc::new(router));
         Ok(())
     }

@@ -22,7 +22,7 @@ use super::Shared;
 use super::forwarded;
 use super::metrics::GaugeGuard;
 use super::site::{Site, secs};
-use super::upstream::{ActiveGuard, BoxBody, BoxError, Choice, PickContext, Pool};
+use super::upstream::{ActiveGuard, BoxBody, BoxError, Choice, PickContext};
 
 /// Bodies up to this size are read before sending, so the request can be sent again to
 /// another upstream if the first cannot take it; larger ones stream through, once.
@@ -388,7 +388,6 @@ async fn forward(
                 return respond(
                     shared,
                     site,
-                    &pool,
                     choice,
                     (guard, in_flight),
                     response,
@@ -437,14 +436,12 @@ async fn forward(
 fn respond(
     shared: &Arc<Shared>,
     site: &Arc<Site>,
-    pool: &Arc<Pool>,
     choice: Choice,
     (guard, in_flight): (ActiveGuard, Option<super::http::RequestGuard>),
     mut response: Response<Incoming>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     upgrade: &Upgrade,
 ) -> Response<BoxBody> {
-    let _ = pool;
     let idle = site.config.idle();
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade

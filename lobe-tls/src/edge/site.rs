@@ -344,6 +344,18 @@ impl Router {
             .collect()
     }
 
+    /// (site, upstream address) of every pool member, for the metrics' labels.
+    pub fn upstream_labels(&self) -> std::collections::HashSet<(String, String)> {
+        self.all()
+            .flat_map(|site| {
+                std::iter::once(&site.default)
+                    .chain(site.routes.iter().map(|(_, pool)| pool))
+                    .flat_map(|pool| pool.members().iter())
+                    .map(|m| (site.name.clone(), m.upstream.addr.clone()))
+            })
+            .collect()
+    }
+
     /// The site for `host` (no port, any case), or the site without domains.
     pub fn site(&self, host: Option<&str>) -> Option<&Arc<Site>> {
         let found = host.and_then(|host| {

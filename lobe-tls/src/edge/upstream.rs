@@ -329,14 +329,14 @@ impl UpstreamSet {
             .chain(config.routes.iter().flat_map(|r| &r.upstreams))
         {
             let addr = spec.addr();
-            by_addr.entry(addr.to_owned()).or_insert_with(|| {
+            let upstream = by_addr.entry(addr.to_owned()).or_insert_with(|| {
                 known
                     .iter()
                     .find(|u| u.addr == addr)
                     .cloned()
                     .unwrap_or_else(|| Arc::new(Upstream::new(addr)))
             });
-            metrics.set_up(site, addr, true);
+            metrics.set_up(site, addr, upstream.is_up());
         }
         UpstreamSet {
             by_addr,
