@@ -9,6 +9,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::*;
@@ -436,4 +437,51 @@ async fn active_health_checks_take_a_failing_upstream_out_and_back_in_rotation()
         seen.push(served_by(&edge.client.get("/whoami", &[]).await));
     }
     assert!(seen.iter().any(|s| s == "sick"), "{seen:?}");
+}
+
+#[tokio::test]
+async fn tcp_mode_sends_a_proxy_v2_header_with_the_client_address_then_the_bytes() {
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap().to_string();
+    let edge = Edge::start(
+        &[
+            "--mode",
+            "tcp",
+            "--send-proxy-v2",
+            "--upstream",
+            &upstream_addr,
+        ],
+        None,
+    )
+    .await;
+    let mut tls = edge.client.connect().await.unwrap();
+    let client_port = tls.get_ref().0.local_addr().unwrap().port();
+    tls.write_all(b"hello").await.unwrap();
+    // The readiness probe's connection may come first: take the one that sends bytes.
+    let deadline = Instant::now() + STEP;
+    let received = loop {
+        let (mut stream, _) = tokio::time::timeout(STEP, upstream.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut buf = vec![0u8; 28 + 5];
+        if tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut buf))
+            .await
+            .is_ok_and(|r| r.is_ok())
+            && &buf[28..] == b"hello"
+        {
+            break buf;
+        }
+        assert!(Instant::now() < deadline, "no proxied connection");
+    };
+    // v2 signature, PROXY command, TCP over IPv4, 12 address bytes.
+    assert_eq!(&received[..12], b"\r\n\r\n\0\r\nQUIT\n");
+    assert_eq!(received[12], 0x21);
+    assert_eq!(received[13], 0x11);
+    assert_eq!(u16::from_be_bytes([received[14], received[15]]), 12);
+    assert_eq!(&received[16..20], &[127, 0, 0, 1]);
+    assert_eq!(
+        u16::from_be_bytes([received[24], received[25]]),
+        client_port
+    );
 }
