@@ -99,6 +99,22 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// h2 clients may send one `cookie` field per cookie; an HTTP/1.1 upstream expects one
+/// (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<&str> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if let Ok(value) = HeaderValue::from_str(&joined.join("; ")) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
@@ -274,6 +290,7 @@ async fn forward(
         .cookie_name()
         .and_then(|name| cookie_value(&parts.headers, name));
     strip_hop_by_hop(&mut parts.headers);
+    join_cookies(&mut parts.headers);
     match &upgrade {
         Upgrade::Http1(protocol) => {
             parts
@@ -572,6 +589,16 @@ mod tests {
         headers.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1, "{headers:?}");
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_into_one() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        join_cookies(&mut headers);
+        assert_eq!(headers.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(headers[header::COOKIE], "a=1; b=2");
     }
 
     #[test]
