@@ -187,6 +187,49 @@ impl EdgeMetrics {
     }
 }
 
+/// One site's metrics, looked up once when the site is built, so a request touches
+/// atomics only (no label lookup).
+#[derive(Debug, Clone)]
+pub(crate) struct SiteMetrics {
+    requests: [Counter; 5],
+    latency: Histogram,
+    pub retries: Counter,
+    pub rate_limited: Counter,
+    pub websockets: Gauge,
+    pub streams: Gauge,
+}
+
+impl SiteMetrics {
+    /// Counts a response by status class and records its latency.
+    pub fn response(&self, status: http::StatusCode, seconds: f64) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.requests[class].inc();
+        self.latency.observe(seconds);
+    }
+}
+
+impl EdgeMetrics {
+    pub(crate) fn for_site(&self, site: &str) -> SiteMetrics {
+        let labels = self.site(site);
+        let class = |n: u16| {
+            self.requests
+                .get_or_create(&StatusLabels {
+                    site: site.to_owned(),
+                    class: format!("{n}xx"),
+                })
+                .clone()
+        };
+        SiteMetrics {
+            requests: [class(1), class(2), class(3), class(4), class(5)],
+            latency: self.latency.get_or_create(&labels).clone(),
+            retries: self.retries.get_or_create(&labels).clone(),
+            rate_limited: self.rate_limited.get_or_create(&labels).clone(),
+            websockets: self.websockets.get_or_create(&labels).clone(),
+            streams: self.streams.get_or_create(&labels).clone(),
+        }
+    }
+}
+
 /// Keeps a gauge one higher while alive.
 #[derive(Debug)]
 pub(crate) struct GaugeGuard(Gauge);

@@ -226,14 +226,8 @@ async fn answer(shared: Arc<Shared>, conn: &ConnInfo, req: Request<Incoming>) ->
         );
     };
     if let Err(wait) = shared.limits.check_rate(conn.client.ip()) {
-        shared
-            .metrics
-            .rate_limited
-            .get_or_create(&shared.metrics.site(&site.name))
-            .inc();
-        shared
-            .metrics
-            .response(&site.name, StatusCode::TOO_MANY_REQUESTS, 0.0);
+        site.metrics.rate_limited.inc();
+        site.metrics.response(StatusCode::TOO_MANY_REQUESTS, 0.0);
         return retry_after(
             plain(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -243,11 +237,8 @@ async fn answer(shared: Arc<Shared>, conn: &ConnInfo, req: Request<Incoming>) ->
         );
     }
     let mut response = forward(&shared, &site, conn, host.as_deref(), req).await;
-    shared.metrics.response(
-        &site.name,
-        response.status(),
-        started.elapsed().as_secs_f64(),
-    );
+    site.metrics
+        .response(response.status(), started.elapsed().as_secs_f64());
     if let Some(max_age) = site.config.hsts {
         response.headers_mut().insert(
             header::STRICT_TRANSPORT_SECURITY,
@@ -367,11 +358,7 @@ async fn forward(
     let mut last_error = None;
     while let Some(choice) = pool.choose(&cx, cookie.as_deref(), &tried) {
         if !tried.is_empty() {
-            shared
-                .metrics
-                .retries
-                .get_or_create(&shared.metrics.site(&site.name))
-                .inc();
+            site.metrics.retries.inc();
         }
         tried.push(choice.index);
         let upstream = pool.members()[choice.index].upstream.clone();
@@ -464,13 +451,7 @@ fn respond(
         && let Some(client_upgrade) = client_upgrade
     {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
-        let websockets = GaugeGuard::new(
-            shared
-                .metrics
-                .websockets
-                .get_or_create(&shared.metrics.site(&site.name))
-                .clone(),
-        );
+        let websockets = GaugeGuard::new(site.metrics.websockets.clone());
         let task = async move {
             let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
                 (Ok(client), Ok(upstream)) => (client, upstream),
@@ -513,15 +494,7 @@ fn respond(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"))
-        .then(|| {
-            GaugeGuard::new(
-                shared
-                    .metrics
-                    .streams
-                    .get_or_create(&shared.metrics.site(&site.name))
-                    .clone(),
-            )
-        });
+        .then(|| GaugeGuard::new(site.metrics.streams.clone()));
     let body = IdleBody {
         inner: body,
         idle,

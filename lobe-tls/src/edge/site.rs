@@ -247,6 +247,7 @@ pub(crate) fn secs(value: f64) -> Duration {
 pub(crate) struct Site {
     pub config: SiteConfig,
     pub name: String,
+    pub metrics: super::metrics::SiteMetrics,
     pub default: Arc<Pool>,
     pub routes: Vec<(String, Arc<Pool>)>,
 }
@@ -312,6 +313,7 @@ impl Router {
             let mut config = config.clone();
             config.domains = site_domains;
             let site = Arc::new(Site {
+                metrics: metrics.for_site(&name),
                 name,
                 default,
                 routes,

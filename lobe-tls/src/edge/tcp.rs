@@ -67,11 +67,7 @@ pub(crate) async fn serve(accepted: Accepted, shared: Arc<Shared>) {
                 tracing::warn!(%client, upstream = member.upstream.addr, error, "cannot connect to the upstream");
                 member.upstream.failed(pool.fall, pool.cooldown);
                 if tried.len() > 1 {
-                    shared
-                        .metrics
-                        .retries
-                        .get_or_create(&shared.metrics.site(&site.name))
-                        .inc();
+                    site.metrics.retries.inc();
                 }
             }
         }
