@@ -38,7 +38,7 @@ enum Command {
     Store(cmd::store::Args),
     /// Move in from certbot, Caddy or Traefik: certificates (same serial), renewal settings, accounts.
     Import(cmd::import::Args),
-    /// Terminate TLS in front of a plain-TCP upstream, with managed certificates and/or a watched directory.
+    /// A TLS edge in front of upstreams (HTTP proxy or TCP forwarder), with managed certificates and/or a watched directory.
     Serve(Box<cmd::serve::Args>),
     /// Show the ACME account, roll its key over, or deactivate it.
     Account(cmd::account::Args),

@@ -41,7 +41,15 @@ fn serve(
 ) -> Serve {
     let log = std::fs::File::create(log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
-        .args(["serve", "--listen", listen, "--upstream", upstream])
+        .args([
+            "serve",
+            "--mode",
+            "tcp",
+            "--listen",
+            listen,
+            "--upstream",
+            upstream,
+        ])
         .args(["-d", NAME, "--challenge", "http-01", "--http-listen", http])
         .env("LOBE_TLS_STORE", store)
         .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)

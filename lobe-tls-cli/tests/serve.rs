@@ -118,6 +118,9 @@ async fn serve_forwards_redirects_reports_metrics_and_drains_on_sigterm() {
             "serve",
             "--listen",
             &listen,
+            // Byte forwarding to an echo server: the tcp mode.
+            "--mode",
+            "tcp",
             "--upstream",
             &upstream_addr,
             "--cert-dir",
@@ -300,6 +303,8 @@ async fn managed_name_is_issued_and_served(challenge: &str) {
         "serve",
         "--listen",
         &listen,
+        "--mode",
+        "tcp",
         "--upstream",
         &upstream_addr,
         "-d",
@@ -761,4 +766,73 @@ async fn default_name_serves_clients_without_or_with_an_unknown_name_from_the_st
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--default-name \"nosuchname\""), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_site_of_the_config_file_gets_its_certificate_issued_and_served() {
+    use lobe_tls_tests::{Pebble, PebbleOptions};
+    let pebble = Pebble::start(PebbleOptions::default());
+    let store = tempfile::tempdir().unwrap();
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let _ = stream.write_all(b"site upstream\n").await;
+            });
+        }
+    });
+    // No -d and no --cert-dir: the site's domains are what gets managed.
+    let config = store.path().join("edge.toml");
+    std::fs::write(
+        &config,
+        format!("[[site]]\ndomains = [\"{NAME}\"]\nupstreams = [\"{upstream_addr}\"]\n"),
+    )
+    .unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cmd = lobe_tls(&[
+        "serve",
+        "--listen",
+        &listen,
+        "--mode",
+        "tcp",
+        "--config",
+        config.to_str().unwrap(),
+        "--challenge",
+        "http-01",
+        "--http-listen",
+        &pebble.http_listen(),
+    ]);
+    cmd.env("LOBE_TLS_STORE", store.path().join("store"))
+        .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
+        .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file);
+    let _serve = Serve(cmd.spawn().unwrap());
+    let connector = connector_for(&pebble.issuing_root_pem().await);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tls = loop {
+        match tls_connect(&connector, &listen).await {
+            Ok(stream) => break stream,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "never served a verified certificate: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let mut greeting = String::new();
+    tokio::time::timeout(STEP, tls.read_to_string(&mut greeting))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(greeting, "site upstream\n");
+    assert!(
+        store
+            .path()
+            .join("store/live")
+            .join(NAME)
+            .join("fullchain.pem")
+            .exists()
+    );
 }

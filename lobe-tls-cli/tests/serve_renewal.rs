@@ -49,7 +49,15 @@ fn start_serve(
     let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
     let log = dir.join("serve.log");
     let child = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
-        .args(["serve", "--listen", &listen, "--upstream", upstream])
+        .args([
+            "serve",
+            "--mode",
+            "tcp",
+            "--listen",
+            &listen,
+            "--upstream",
+            upstream,
+        ])
         .args(["-d", NAME, "--challenge", "http-01"])
         .args(["--http-listen", &pebble.http_listen()])
         .env("LOBE_TLS_STORE", dir.join("store"))

@@ -33,6 +33,8 @@ pub mod cert;
 pub mod challenge;
 pub mod cluster;
 pub mod domain;
+#[cfg(feature = "edge")]
+pub mod edge;
 pub mod error;
 pub mod import;
 pub mod inventory;

@@ -49,3 +49,23 @@ impl Drop for ListenerTask {
         self.task.abort();
     }
 }
+
+/// How long a client of a plain HTTP listener (port 80, metrics) has to send a request's
+/// headers, and how long one of its connections may stay open: these serve short
+/// requests, so a slow or idle client is cut instead of holding a task.
+pub(crate) const HTTP_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const HTTP_CONNECTION_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A hyper server builder for the plain HTTP listeners, with timers, so the header read
+/// timeout holds (slowloris).
+pub(crate) fn http_builder()
+-> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HTTP_HEADER_READ_TIMEOUT);
+    builder.http2().timer(hyper_util::rt::TokioTimer::new());
+    builder
+}

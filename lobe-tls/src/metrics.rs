@@ -24,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
@@ -381,10 +381,12 @@ async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 let metrics = metrics.clone();
                 async move { Ok::<_, Infallible>(respond(&metrics, req.method(), req.uri().path())) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let builder = crate::listen::http_builder();
+            let _ = tokio::time::timeout(
+                crate::listen::HTTP_CONNECTION_LIMIT,
+                builder.serve_connection(TokioIo::new(stream), service),
+            )
+            .await;
         });
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use lobe_tls::AcmeConfig;
 
 pub mod ari_shim;
+pub mod backend;
 pub mod cloudflare_api;
 pub mod dns;
 pub mod faulty_path;

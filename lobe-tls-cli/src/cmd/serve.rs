@@ -1,4 +1,4 @@
-//! `lobe-tls serve`: a TLS terminator in front of a plain-TCP upstream.
+//! `lobe-tls serve`: the TLS edge (HTTP proxy or TCP forwarder) in front of upstreams.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,6 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lobe_tls::cluster::Cluster;
+use lobe_tls::edge::{
+    Edge, EdgeConfig, EdgeHandle, IpNet, LbPolicy, Mode, SiteConfig, UpstreamSpec,
+};
 use lobe_tls::manager::MaintenanceHandle;
 use lobe_tls::metrics::CertExpiry;
 use lobe_tls::store::DynStore;
@@ -13,8 +16,7 @@ use lobe_tls::tickets::{SharedTickets, TicketConfig};
 use lobe_tls::watch::{CertDirWatcher, WatchOptions};
 use lobe_tls::{
     CertResolver, ChallengeKind, Error, Http01Listener, Http01Registry, ManagedCert, Manager,
-    Metrics, MetricsListener, OnDemand, OnDemandConfig, Result, Terminator, TerminatorConfig,
-    domain,
+    Metrics, MetricsListener, OnDemand, OnDemandConfig, Result, domain,
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -29,9 +31,69 @@ pub struct Args {
     #[arg(long, env = "LOBE_TLS_LISTEN", default_value = "0.0.0.0:443")]
     pub listen: String,
 
-    /// Plain TCP address (host:port) that decrypted bytes are forwarded to.
-    #[arg(long, env = "LOBE_TLS_UPSTREAM")]
-    pub upstream: String,
+    /// `http` (default): an HTTP/1.1 and h2 proxy with pooled keep-alive connections to
+    /// the upstreams. `tcp`: decrypted bytes forwarded as they arrive.
+    #[arg(long, env = "LOBE_TLS_MODE", default_value = "http")]
+    pub mode: Mode,
+
+    /// Upstream address (host:port) of the site these flags describe, which answers every
+    /// Host that no site of the --config file claims. Repeatable.
+    #[arg(long, env = "LOBE_TLS_UPSTREAM", value_delimiter = ',')]
+    pub upstream: Vec<String>,
+
+    /// Balancing over the --upstream addresses: least-conn, round-robin, ip-hash or cookie.
+    #[arg(long, env = "LOBE_TLS_LB", default_value = "least-conn")]
+    pub lb: LbPolicy,
+
+    /// Path of the active HTTP health check of the --upstream addresses (e.g. /healthz).
+    #[arg(long, env = "LOBE_TLS_HEALTH_PATH")]
+    pub health_path: Option<String>,
+
+    /// Seconds between health checks.
+    #[arg(long, env = "LOBE_TLS_HEALTH_INTERVAL", default_value_t = 5.0)]
+    pub health_interval: f64,
+
+    /// Send `Strict-Transport-Security: max-age=SECONDS` from the --upstream site.
+    #[arg(long, env = "LOBE_TLS_HSTS", value_name = "SECONDS")]
+    pub hsts: Option<u64>,
+
+    /// Largest request body in bytes for the --upstream site (413 beyond).
+    #[arg(long, env = "LOBE_TLS_MAX_BODY_SIZE")]
+    pub max_body_size: Option<u64>,
+
+    /// tcp mode: start each upstream connection with a PROXY v2 header.
+    #[arg(long, env = "LOBE_TLS_SEND_PROXY_V2")]
+    pub send_proxy_v2: bool,
+
+    /// Require a PROXY v1/v2 header from an outer load balancer on --listen; connections
+    /// without one are refused.
+    #[arg(long, env = "LOBE_TLS_ACCEPT_PROXY_PROTOCOL")]
+    pub accept_proxy_protocol: bool,
+
+    /// Network (CIDR) whose X-Forwarded-* and Forwarded headers are kept; from anyone
+    /// else they are replaced. Repeatable.
+    #[arg(
+        long = "trusted-proxy",
+        env = "LOBE_TLS_TRUSTED_PROXY",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<IpNet>,
+
+    /// Connections open at once, in total; more are refused.
+    #[arg(long, env = "LOBE_TLS_MAX_CONNS")]
+    pub max_conns: Option<usize>,
+
+    /// Connections open at once from one client address; more are refused.
+    #[arg(long, env = "LOBE_TLS_MAX_CONNS_PER_IP")]
+    pub max_conns_per_ip: Option<usize>,
+
+    /// Requests per second per client address; more are answered 429 with Retry-After.
+    #[arg(long, env = "LOBE_TLS_RATE_LIMIT")]
+    pub rate_limit: Option<u32>,
+
+    /// Seconds a client has to send a request's headers.
+    #[arg(long, env = "LOBE_TLS_HEADER_READ_TIMEOUT", default_value_t = 10)]
+    pub header_read_timeout: u64,
 
     /// Serve the certificates another process writes here (certbot's live/, a Kubernetes
     /// secret mount, fullchain.pem/privkey.pem or tls.crt/tls.key pairs); repeatable.
@@ -68,7 +130,8 @@ pub struct Args {
     #[arg(long, env = "LOBE_TLS_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
 
-    /// Close connections that move no byte either way for this many seconds.
+    /// Close connections, streams and WebSockets of the --upstream site that move no byte
+    /// for this many seconds (sites of the --config file set their own idle_timeout).
     #[arg(long, env = "LOBE_TLS_IDLE_TIMEOUT", default_value_t = 3600)]
     pub idle_timeout: u64,
 
@@ -157,9 +220,24 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
             "--profile applies to the certificate -d names: add -d DOMAIN (stored certificates keep their own profile)".into(),
         ));
     }
+    let sites = sites(args)?;
     let managed = managed_cert(args)?;
     let on_demand = args.on_demand.to_config()?;
-    if managed.is_some()
+    let resolver = CertResolver::new();
+    let metrics = Metrics::new();
+    let mut watchers = Vec::new();
+    for dir in &args.cert_dirs {
+        watchers.push(watch_dir(dir, args, &resolver, &metrics).await?);
+    }
+    // A site's domains are managed unless a --cert-dir covers them (or, checked below, the
+    // store already holds their certificate).
+    let site_domains: Vec<Vec<String>> = sites
+        .iter()
+        .map(|site| site.domains.clone())
+        .filter(|domains| !domains.is_empty())
+        .filter(|domains| !domains.iter().all(|d| resolver.lookup(Some(d)).is_some()))
+        .collect();
+    if (managed.is_some() || !site_domains.is_empty())
         && args.challenge.challenge == ChallengeKind::Http01
         && args.challenge.http_webroot.is_none()
         && args.no_http
@@ -171,7 +249,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     }
     // The store is served (and everything in it renewed) with managed names, and when
     // nothing else is given.
-    let store = if managed.is_some() || on_demand.is_some() {
+    let store = if managed.is_some() || !site_domains.is_empty() || on_demand.is_some() {
         Some(global.open_store().await?)
     } else if args.cert_dirs.is_empty() {
         Some(store_to_serve(global).await?)
@@ -182,14 +260,16 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     let mut terminate = signal(SignalKind::terminate())
         .map_err(|e| Error::Config(format!("cannot handle SIGTERM: {e}")))?;
 
-    let resolver = CertResolver::new();
     if let (Some(default), Some(store)) = (&args.default_name, &store) {
         set_default_name(&resolver, default, managed.as_ref(), store, args).await?;
     }
-    let metrics = Metrics::new();
-    let mut watchers = Vec::new();
-    for dir in &args.cert_dirs {
-        watchers.push(watch_dir(dir, args, &resolver, &metrics).await?);
+    let mut managed_certs: Vec<ManagedCert> = managed.into_iter().collect();
+    if let Some(store) = &store {
+        for domains in &site_domains {
+            if let Some(cert) = site_cert(args, domains, store, &managed_certs).await? {
+                managed_certs.push(cert);
+            }
+        }
     }
 
     // With a Redis store, tokens are shared: any instance of a cluster answers HTTP-01.
@@ -199,7 +279,12 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     };
     let manager = match store {
         Some(store) => Some(build_manager(
-            global, args, store, managed, &resolver, &registry,
+            global,
+            args,
+            store,
+            managed_certs,
+            &resolver,
+            &registry,
         )?),
         None => None,
     };
@@ -221,24 +306,24 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         None => None,
     };
 
-    let mut config = TerminatorConfig::new(&args.upstream);
-    config.idle_timeout = Duration::from_secs(args.idle_timeout);
-    config.drain_timeout = Duration::from_secs(args.drain_timeout);
+    let config = edge_config(args, sites.clone());
     let tls = lobe_tls::tls_config::server_config(
         Arc::new(resolver.clone()),
-        &config.alpn,
+        &config.alpn(),
         tickets.as_ref().map(SharedTickets::ticketer),
     )?;
-    let mut terminator =
-        Terminator::bind_with(&args.listen, Arc::new(tls), config, metrics.clone())
-            .await?
-            // Certificates for IP addresses go to clients that connect to that address
-            // without SNI.
-            .with_ip_certs(resolver.clone());
+    let mut edge = Edge::bind_tls(&args.listen, Arc::new(tls), config, metrics.clone())
+        .await?
+        // Certificates for IP addresses go to clients that connect to that address
+        // without SNI.
+        .with_ip_certs(resolver.clone());
     if let Some(on_demand) = on_demand {
-        terminator = terminator.with_on_demand(on_demand);
+        edge = edge.with_on_demand(on_demand);
     }
-    let listen = terminator.local_addr();
+    let handle = edge.handle();
+    let edge_metrics = handle.metrics();
+    metrics.register(|registry| edge_metrics.register(registry));
+    let listen = edge.local_addr();
 
     // The listeners are up before the manager orders, so the CA can reach the challenges:
     // HTTP-01 through the HTTP listener, TLS-ALPN-01 through the terminator itself.
@@ -253,7 +338,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         None => None,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(terminator.run(async move {
+    let serving = tokio::spawn(edge.run(async move {
         let _ = stopped.await;
     }));
 
@@ -279,8 +364,8 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         if resolver.is_empty() {
             tracing::warn!("no valid certificate yet; handshakes are refused until one appears");
         }
-        tracing::info!(%listen, upstream = args.upstream, certificates = resolver.len(), "serving");
-        shutdown.await;
+        tracing::info!(%listen, sites = sites.len(), certificates = resolver.len(), "serving");
+        reload_until(&mut shutdown, &handle, args).await?;
     }
     let _ = stop.send(());
     let _ = serving.await;
@@ -400,7 +485,7 @@ fn build_manager(
     global: &Global,
     args: &Args,
     store: DynStore,
-    cert: Option<ManagedCert>,
+    certs: Vec<ManagedCert>,
     resolver: &CertResolver,
     registry: &Http01Registry,
 ) -> Result<Manager> {
@@ -415,7 +500,7 @@ fn build_manager(
         .http01(registry.clone())
         .manage_stored(true)
         .tls_alpn01_on_resolver(true);
-    if let Some(cert) = cert {
+    for cert in certs {
         builder = builder.cert(cert);
     }
     builder.build()
@@ -462,4 +547,107 @@ async fn start_manager(
         tracing::error!(name = unusable, error, "stored certificate is unusable");
     }
     Ok((manager.spawn(), cluster))
+}
+
+/// The sites: the `[[site]]` tables of --config, then the one the command-line flags
+/// describe (it takes every Host the tables do not claim).
+fn sites(args: &Args) -> Result<Vec<SiteConfig>> {
+    let mut sites = match &args.challenge.config_file {
+        Some(path) => lobe_tls::edge::reload::read_sites(path)?,
+        None => Vec::new(),
+    };
+    sites.extend(flag_site(args));
+    if sites.is_empty() {
+        return Err(Error::Config(
+            "no upstream: give --upstream HOST:PORT (repeatable) or [[site]] tables in --config"
+                .into(),
+        ));
+    }
+    Ok(sites)
+}
+
+/// The site of --upstream, --lb, --health-path and --health-interval, if any.
+fn flag_site(args: &Args) -> Option<SiteConfig> {
+    if args.upstream.is_empty() {
+        return None;
+    }
+    let upstreams = args
+        .upstream
+        .iter()
+        .map(|addr| UpstreamSpec::Addr(addr.clone()))
+        .collect();
+    let mut site = SiteConfig::new(Vec::new(), upstreams);
+    site.lb = args.lb;
+    site.health_path = args.health_path.clone();
+    site.health_interval = args.health_interval;
+    site.idle_timeout = args.idle_timeout as f64;
+    site.hsts = args.hsts;
+    site.max_body_size = args.max_body_size;
+    Some(site)
+}
+
+fn edge_config(args: &Args, sites: Vec<SiteConfig>) -> EdgeConfig {
+    let mut config = EdgeConfig::new(sites);
+    config.mode = args.mode;
+    config.drain_timeout = Duration::from_secs(args.drain_timeout);
+    config.header_read_timeout = Duration::from_secs(args.header_read_timeout);
+    config.max_conns = args.max_conns;
+    config.max_conns_per_ip = args.max_conns_per_ip;
+    config.rate_limit = args.rate_limit;
+    config.trusted_proxies = args.trusted_proxies.clone();
+    config.send_proxy_v2 = args.send_proxy_v2;
+    config.accept_proxy_protocol = args.accept_proxy_protocol.then_some(Duration::from_secs(5));
+    config
+}
+
+/// A managed certificate for a site's domains, unless the store or another managed
+/// certificate already covers them.
+async fn site_cert(
+    args: &Args,
+    domains: &[String],
+    store: &DynStore,
+    managed: &[ManagedCert],
+) -> Result<Option<ManagedCert>> {
+    let parsed = domain::parse_all(domains)?;
+    let covered_by_managed = managed.iter().any(|cert| {
+        parsed
+            .iter()
+            .all(|d| cert.domains.iter().any(|m| m.as_str() == d.as_str()))
+    });
+    let name = domain::store_name(&parsed);
+    if covered_by_managed || store.load_cert(&name).await?.is_some() {
+        return Ok(None);
+    }
+    let mut challenge = args.challenge.to_config()?;
+    challenge.tls_listen = None;
+    Ok(Some(
+        ManagedCert::new(name, parsed).with_challenge(challenge),
+    ))
+}
+
+/// Waits for SIGTERM/SIGINT, re-reading the --config file's sites on each SIGHUP. A file
+/// that does not read or check is refused with one line, and the running sites stay.
+async fn reload_until(
+    shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    handle: &EdgeHandle,
+    args: &Args,
+) -> Result<()> {
+    let mut hangup = signal(SignalKind::hangup())
+        .map_err(|e| Error::Config(format!("cannot handle SIGHUP: {e}")))?;
+    loop {
+        tokio::select! {
+            _ = shutdown.as_mut() => return Ok(()),
+            _ = hangup.recv() => {
+                let Some(path) = &args.challenge.config_file else {
+                    tracing::info!("SIGHUP: no --config file to re-read");
+                    continue;
+                };
+                let extra: Vec<SiteConfig> = flag_site(args).into_iter().collect();
+                match lobe_tls::edge::reload::reload_from(handle, path, &extra) {
+                    Ok(sites) => tracing::info!(sites, "SIGHUP: configuration reloaded"),
+                    Err(e) => tracing::error!("SIGHUP: configuration refused, the running one stays: {e}"),
+                }
+            }
+        }
+    }
 }

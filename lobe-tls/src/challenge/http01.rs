@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use super::{ChallengeData, ChallengeKind, Solver};
@@ -271,10 +271,12 @@ pub async fn serve(listener: TcpListener, service: Http01Service) {
                 let service = service.clone();
                 async move { Ok::<_, Infallible>(service.call_inner(req).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), hyper_service)
-                .await;
+            let builder = crate::listen::http_builder();
+            let _ = tokio::time::timeout(
+                crate::listen::HTTP_CONNECTION_LIMIT,
+                builder.serve_connection(TokioIo::new(stream), hyper_service),
+            )
+            .await;
         });
     }
 }

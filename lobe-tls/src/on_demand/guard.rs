@@ -51,7 +51,7 @@ impl Limits {
     pub(super) fn new(global_per_minute: NonZeroU32, per_name_per_hour: NonZeroU32) -> Self {
         Limits {
             global: RateLimiter::direct(Quota::per_minute(global_per_minute)),
-            per_name: RateLimiter::hashmap(Quota::per_hour(per_name_per_hour)),
+            per_name: RateLimiter::keyed(Quota::per_hour(per_name_per_hour)),
         }
     }
 

@@ -1,0 +1,9 @@
+//! `lobe-tls serve` as an edge: the real binary in http mode in front of real backend
+//! processes, a real HAProxy in front of it, real signals. One test binary, so the test
+//! that holds streams quiet for 65 s runs beside all the others.
+// Test helpers: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod balancing;
+mod streams;
+mod support;

@@ -1,0 +1,312 @@
+//! The edge tests' harness: backend processes (the test binary re-run as
+//! `backend_process`), the `serve` process with a certificate for `NAME`, and an HTTPS
+//! client of it.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+pub const NAME: &str = "edge.example.com";
+pub const STEP: Duration = Duration::from_secs(10);
+pub const BACKEND_ENV: &str = "LOBE_TLS_TEST_BACKEND";
+
+/// The backend, when this binary is started as one; otherwise a check that the backend
+/// answers its health path.
+#[test]
+pub fn backend_process() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    if let Ok(spec) = std::env::var(BACKEND_ENV) {
+        let (addr, name) = spec.split_once(' ').unwrap();
+        runtime
+            .block_on(lobe_tls_tests::backend::serve(addr, name))
+            .unwrap();
+        return;
+    }
+    runtime.block_on(async {
+        let backend = Backend::start("self");
+        let (status, body) = plain_get(&backend.addr, "/healthz").await;
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
+    });
+}
+
+/// A backend process, killed on drop.
+pub struct Backend {
+    pub addr: String,
+    pub child: Child,
+}
+
+impl Backend {
+    pub fn start(name: &str) -> Backend {
+        let addr = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "support::backend_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(BACKEND_ENV, format!("{addr} {name}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + STEP;
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "backend {name} never came up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Backend { addr, child }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A plain HTTP/1.1 GET (to a backend directly).
+pub async fn plain_get(addr: &str, path: &str) -> (u16, String) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(STEP, tcp.read_to_string(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1.to_owned();
+    // The backend answers small bodies with a length, not chunked.
+    (status, body)
+}
+
+/// A CA-signed pair for `NAME` under `dir/site/`; returns the CA's certificate.
+pub fn write_certificate(dir: &Path) -> rustls::pki_types::CertificateDer<'static> {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec![NAME.to_owned(), format!("*.{NAME}")])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::create_dir_all(dir.join("site")).unwrap();
+    std::fs::write(dir.join("site/fullchain.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("site/privkey.pem"), key.serialize_pem()).unwrap();
+    ca.der().clone()
+}
+
+pub fn connector(ca: &rustls::pki_types::CertificateDer<'static>, alpn: &[&[u8]]) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    TlsConnector::from(Arc::new(config))
+}
+
+/// The edge process, killed on drop; keeps its stderr for the log checks.
+pub struct Edge {
+    pub child: Child,
+    pub listen: String,
+    pub client: Client,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Edge {
+    /// Starts `serve` with a --cert-dir for NAME and `args`; `config` is written to a
+    /// --config file when given.
+    pub async fn start(args: &[&str], config: Option<&str>) -> Edge {
+        Edge::start_with(args, config, true).await
+    }
+
+    /// As `start`; `handshake` false waits for the port only (a PROXY header is required).
+    pub async fn start_with(args: &[&str], config: Option<&str>, handshake: bool) -> Edge {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = write_certificate(&dir.path().join("certs"));
+        let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
+        cmd.args(["serve", "--listen", &listen, "--no-http"])
+            .arg("--cert-dir")
+            .arg(dir.path().join("certs"))
+            .args(args)
+            .env_remove("LOBE_TLS_STORE")
+            .env("RUST_LOG", "lobe_tls=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(config) = config {
+            std::fs::write(dir.path().join("edge.toml"), config).unwrap();
+            cmd.arg("--config").arg(dir.path().join("edge.toml"));
+        }
+        let child = cmd.spawn().unwrap();
+        let client = Client {
+            addr: listen.clone(),
+            tls: connector(&ca, &[b"http/1.1"]),
+            h2: connector(&ca, &[b"h2"]),
+        };
+        let edge = Edge {
+            child,
+            listen,
+            client,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + STEP;
+        loop {
+            let up = if handshake {
+                edge.client.connect().await.is_ok()
+            } else {
+                TcpStream::connect(&edge.listen).await.is_ok()
+            };
+            if up {
+                break;
+            }
+            assert!(Instant::now() < deadline, "serve never came up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        edge
+    }
+
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("edge.toml")
+    }
+
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([name, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+}
+
+/// An HTTPS client of the edge.
+#[derive(Clone)]
+pub struct Client {
+    pub addr: String,
+    pub tls: TlsConnector,
+    pub h2: TlsConnector,
+}
+
+/// An answer, body read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Client {
+    pub async fn connect(&self) -> std::io::Result<TlsStream<TcpStream>> {
+        let tcp = TcpStream::connect(&self.addr).await?;
+        self.tls
+            .connect(ServerName::try_from(NAME).unwrap(), tcp)
+            .await
+    }
+
+    /// GET `path` for Host `host` on a new HTTP/1.1 connection.
+    pub async fn get_host(
+        &self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<Answer> {
+        let tls = self.connect().await?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(conn.with_upgrades());
+        let mut request = Request::get(path).header("host", host);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = tokio::time::timeout(
+            STEP,
+            send.send_request(request.body(Empty::<Bytes>::new()).unwrap()),
+        )
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(std::io::Error::other)?;
+        let (parts, body) = response.into_parts();
+        let body = tokio::time::timeout(STEP, body.collect())
+            .await
+            .map_err(std::io::Error::other)?
+            .map_err(std::io::Error::other)?
+            .to_bytes();
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Answer {
+        self.get_host(NAME, path, headers).await.unwrap()
+    }
+
+    /// A WebSocket through the edge over HTTP/1.1 Upgrade.
+    pub async fn websocket(
+        &self,
+        path: &str,
+    ) -> tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>> {
+        let tls = self.connect().await.unwrap();
+        let (ws, response) = tokio_tungstenite::client_async(format!("wss://{NAME}{path}"), tls)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        ws
+    }
+}
+
+pub async fn echo(
+    ws: &mut tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>,
+    text: &str,
+) -> String {
+    ws.send(text.into()).await.unwrap();
+    let message = tokio::time::timeout(STEP, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    message.into_text().unwrap().to_string()
+}
+
+pub fn served_by(answer: &Answer) -> String {
+    assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
+    answer.body.trim().to_owned()
+}

@@ -1,0 +1,123 @@
+//! One HTTP connection: HTTP/1.1 or h2 (by ALPN or preface) on hyper, with timers for
+//! slow heads, and a watchdog that closes the connection when it waits too long for a
+//! request (`header_read_timeout` for the first, `keepalive_timeout` after that) or, with
+//! requests in flight, moves no byte for the longest idle timeout of the sites.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+
+use super::{Shared, accept, proxy, tcp};
+
+/// Requests in flight on one connection, and since when it has had none.
+#[derive(Debug)]
+pub(crate) struct RequestTracker {
+    in_flight: AtomicUsize,
+    served: AtomicBool,
+    idle_since: tcp::ActivityClock,
+}
+
+impl RequestTracker {
+    fn new() -> Self {
+        RequestTracker {
+            in_flight: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            idle_since: tcp::ActivityClock::new(),
+        }
+    }
+
+    /// Counts a request as in flight until the guard (held by its response body) drops.
+    pub fn start(self: &Arc<Self>) -> RequestGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.served.store(true, Ordering::Relaxed);
+        RequestGuard(self.clone())
+    }
+}
+
+/// One request in flight.
+#[derive(Debug)]
+pub(crate) struct RequestGuard(Arc<RequestTracker>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.idle_since.touch();
+        }
+    }
+}
+
+pub(super) async fn serve(accepted: accept::Accepted, shared: Arc<Shared>) {
+    let client = accepted.client;
+    let idle = shared.router.load().longest_idle();
+    let _active = shared.cert_metrics.connection_opened();
+    let clock = Arc::new(tcp::ActivityClock::new());
+    let tracker = Arc::new(RequestTracker::new());
+    let io = TokioIo::new(tcp::Tracked::new(accepted.tls, clock.clone()));
+    let conn = proxy::ConnInfo {
+        client,
+        tracker: tracker.clone(),
+    };
+    let service_shared = shared.clone();
+    let service = service_fn(move |req| {
+        let (shared, conn) = (service_shared.clone(), conn.clone());
+        async move { Ok::<_, std::convert::Infallible>(proxy::handle(shared, conn, req).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.config.header_read_timeout)
+        // hyper's floor for its read buffer is 8 KiB.
+        .max_buf_size(shared.config.max_header_size.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_header_list_size(u32::try_from(shared.config.max_header_size).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let served = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(served);
+    let mut draining = shared.draining.subscribe();
+    let mut asked_to_close = false;
+    let first_request = shared.config.header_read_timeout;
+    let keepalive = shared.config.keepalive_timeout;
+    // When the connection is due to close if nothing changes.
+    let deadline = || {
+        if tracker.in_flight.load(Ordering::Relaxed) == 0 {
+            let wait = if tracker.served.load(Ordering::Relaxed) {
+                keepalive
+            } else {
+                first_request
+            };
+            tracker.idle_since.last() + wait
+        } else {
+            clock.last() + idle
+        }
+    };
+    loop {
+        tokio::select! {
+            done = &mut served => {
+                if let Err(e) = done {
+                    tracing::debug!(%client, error = %e, "connection ended");
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until(deadline().into()) => {
+                if deadline() <= Instant::now() {
+                    tracing::debug!(%client, "idle connection closed");
+                    return;
+                }
+            }
+            _ = draining.wait_for(|d| *d), if !asked_to_close => {
+                asked_to_close = true;
+                served.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}

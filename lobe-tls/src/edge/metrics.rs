@@ -1,0 +1,248 @@
+//! The edge's metrics, per site and upstream, as prometheus-client families.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// A site and a status class (`2xx`, ..., `5xx`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    /// The site's name (its first domain).
+    pub site: String,
+    /// `1xx` to `5xx`.
+    pub class: String,
+}
+
+/// A site.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteLabels {
+    /// The site's name (its first domain, or `default`; `unknown` before routing).
+    pub site: String,
+}
+
+/// An upstream of a site.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// The site's name.
+    pub site: String,
+    /// `host:port`.
+    pub upstream: String,
+}
+
+/// Why a connection was refused before TLS.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// `max_conns`, `max_conns_per_ip` or `proxy_protocol`.
+    pub reason: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms to ~33 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+/// Every family the edge updates.
+#[derive(Debug)]
+pub struct EdgeMetrics {
+    /// Responses by site and status class.
+    pub requests: Family<StatusLabels, Counter>,
+    /// Seconds until the response's head, by site.
+    pub latency: Family<SiteLabels, Histogram, fn() -> Histogram>,
+    /// 1 while an upstream is in rotation, 0 while it is out.
+    pub upstream_up: Family<UpstreamLabels, Gauge>,
+    /// Open client connections (after TLS).
+    pub connections: Gauge,
+    /// Open WebSockets, by site.
+    pub websockets: Family<SiteLabels, Gauge>,
+    /// Open event streams (`text/event-stream` responses), by site.
+    pub streams: Family<SiteLabels, Gauge>,
+    /// Requests sent again to another upstream, by site.
+    pub retries: Family<SiteLabels, Counter>,
+    /// Requests answered 429 by the rate limit, by site.
+    pub rate_limited: Family<SiteLabels, Counter>,
+    /// Connections refused before TLS, by reason.
+    pub rejected: Family<ReasonLabels, Counter>,
+}
+
+impl Default for EdgeMetrics {
+    fn default() -> Self {
+        EdgeMetrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            upstream_up: Family::default(),
+            connections: Gauge::default(),
+            websockets: Family::default(),
+            streams: Family::default(),
+            retries: Family::default(),
+            rate_limited: Family::default(),
+            rejected: Family::default(),
+        }
+    }
+}
+
+impl EdgeMetrics {
+    /// Adds every family to `registry` (prefix `lobe_tls_edge_`).
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("lobe_tls_edge");
+        r.register(
+            "requests",
+            "Responses by site and status class",
+            self.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Seconds until the response head, by site",
+            self.latency.clone(),
+        );
+        r.register(
+            "upstream_up",
+            "1 while an upstream is in rotation",
+            self.upstream_up.clone(),
+        );
+        r.register(
+            "connections",
+            "Open client connections",
+            self.connections.clone(),
+        );
+        r.register("websockets", "Open WebSockets", self.websockets.clone());
+        r.register("streams", "Open event streams", self.streams.clone());
+        r.register(
+            "retries",
+            "Requests sent again to another upstream",
+            self.retries.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Requests answered 429 by the rate limit",
+            self.rate_limited.clone(),
+        );
+        r.register(
+            "rejected_connections",
+            "Connections refused before TLS",
+            self.rejected.clone(),
+        );
+    }
+
+    /// The families in the text format, without the OpenMetrics `# EOF` line, to append
+    /// to another exposition.
+    pub fn render(&self) -> String {
+        let mut registry = Registry::default();
+        self.register(&mut registry);
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+            return String::new();
+        }
+        out.trim_end().trim_end_matches("# EOF").to_owned()
+    }
+
+    pub(crate) fn site(&self, site: &str) -> SiteLabels {
+        SiteLabels {
+            site: site.to_owned(),
+        }
+    }
+
+    pub(crate) fn set_up(&self, site: &str, upstream: &str, up: bool) {
+        self.upstream_up
+            .get_or_create(&UpstreamLabels {
+                site: site.to_owned(),
+                upstream: upstream.to_owned(),
+            })
+            .set(i64::from(up));
+    }
+
+    /// As `set_up`, for an upstream still listed: a pool draining after a reload does not
+    /// bring back the label of an upstream the reload removed.
+    pub(crate) fn refresh_up(&self, site: &str, upstream: &str, up: bool) {
+        let labels = UpstreamLabels {
+            site: site.to_owned(),
+            upstream: upstream.to_owned(),
+        };
+        if let Some(gauge) = self.upstream_up.get(&labels) {
+            gauge.set(i64::from(up));
+        }
+    }
+
+    pub(crate) fn response(&self, site: &str, status: http::StatusCode, seconds: f64) {
+        let class = format!("{}xx", status.as_u16() / 100);
+        self.requests
+            .get_or_create(&StatusLabels {
+                site: site.to_owned(),
+                class,
+            })
+            .inc();
+        self.latency
+            .get_or_create(&self.site(site))
+            .observe(seconds);
+    }
+
+    pub(crate) fn reject(&self, reason: &str) {
+        self.rejected
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// One site's metrics, looked up once when the site is built, so a request touches
+/// atomics only (no label lookup).
+#[derive(Debug, Clone)]
+pub(crate) struct SiteMetrics {
+    requests: [Counter; 5],
+    latency: Histogram,
+    pub retries: Counter,
+    pub rate_limited: Counter,
+    pub websockets: Gauge,
+    pub streams: Gauge,
+}
+
+impl SiteMetrics {
+    /// Counts a response by status class and records its latency.
+    pub fn response(&self, status: http::StatusCode, seconds: f64) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.requests[class].inc();
+        self.latency.observe(seconds);
+    }
+}
+
+impl EdgeMetrics {
+    pub(crate) fn for_site(&self, site: &str) -> SiteMetrics {
+        let labels = self.site(site);
+        let class = |n: u16| {
+            self.requests
+                .get_or_create(&StatusLabels {
+                    site: site.to_owned(),
+                    class: format!("{n}xx"),
+                })
+                .clone()
+        };
+        SiteMetrics {
+            requests: [class(1), class(2), class(3), class(4), class(5)],
+            latency: self.latency.get_or_create(&labels).clone(),
+            retries: self.retries.get_or_create(&labels).clone(),
+            rate_limited: self.rate_limited.get_or_create(&labels).clone(),
+            websockets: self.websockets.get_or_create(&labels).clone(),
+            streams: self.streams.get_or_create(&labels).clone(),
+        }
+    }
+}
+
+/// Keeps a gauge one higher while alive.
+#[derive(Debug)]
+pub(crate) struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: Gauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,587 @@
+//! The http mode's request path: route by Host and path, apply the rate limit, pick an
+//! upstream, rewrite the forwarding headers, send the request over the pool's keep-alive
+//! HTTP/1.1 connections (retrying elsewhere when that is safe), and stream the answer
+//! back as it arrives. WebSocket upgrades (HTTP/1.1 `Upgrade`, and RFC 8441 extended
+//! CONNECT over h2) are answered and their bytes copied both ways.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+
+use super::Shared;
+use super::forwarded;
+use super::metrics::GaugeGuard;
+use super::site::{Site, secs};
+use super::upstream::{ActiveGuard, BoxBody, BoxError, Choice, PickContext};
+
+/// Bodies up to this size are read before sending, so the request can be sent again to
+/// another upstream if the first cannot take it; larger ones stream through, once.
+const REPLAYABLE_BODY: u64 = 64 * 1024;
+
+/// The connection a request came on.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnInfo {
+    pub client: SocketAddr,
+    pub tracker: Arc<super::http::RequestTracker>,
+}
+
+fn boxed<B>(body: B) -> BoxBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// A short plain-text answer from the edge itself.
+pub(crate) fn plain(status: StatusCode, text: &str) -> Response<BoxBody> {
+    let mut response = Response::new(boxed(Full::new(Bytes::from(format!("{text}\n")))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn retry_after(mut response: Response<BoxBody>, wait: Duration) -> Response<BoxBody> {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    response
+}
+
+/// The Host a request is for, without its port: the URI's authority (h2, absolute
+/// form) or the Host header.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    let authority = req.uri().authority().map(|a| a.host().to_owned());
+    authority.or_else(|| {
+        let value = req.headers().get(header::HOST)?.to_str().ok()?;
+        let authority: http::uri::Authority = value.parse().ok()?;
+        Some(authority.host().to_owned())
+    })
+}
+
+/// Headers that belong to one hop and are not forwarded (RFC 9110 §7.6.1).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// h2 clients may send one `cookie` field per cookie; an HTTP/1.1 upstream expects one
+/// (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<&str> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if let Ok(value) = HeaderValue::from_str(&joined.join("; ")) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+}
+
+/// What kind of upgrade a request asks for.
+enum Upgrade {
+    None,
+    /// HTTP/1.1 `Upgrade: <protocol>`.
+    Http1(HeaderValue),
+    /// h2 extended CONNECT with `:protocol websocket`.
+    H2WebSocket,
+}
+
+fn upgrade_of(req: &Request<Incoming>) -> Upgrade {
+    if req.method() == Method::CONNECT {
+        let websocket = req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+        return if websocket {
+            Upgrade::H2WebSocket
+        } else {
+            Upgrade::None
+        };
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    match req.headers().get(header::UPGRADE) {
+        Some(protocol) if asks && req.version() == http::Version::HTTP_11 => {
+            Upgrade::Http1(protocol.clone())
+        }
+        _ => Upgrade::None,
+    }
+}
+
+/// Answers one request; it counts as in flight on its connection until its response
+/// body is done.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Response<BoxBody> {
+    let guard = conn.tracker.start();
+    let response = answer(shared, &conn, req).await;
+    response.map(|inner| {
+        boxed(Guarded {
+            inner,
+            _guard: guard,
+        })
+    })
+}
+
+/// A body that holds a guard until it is done or dropped.
+struct Guarded<G> {
+    inner: BoxBody,
+    _guard: G,
+}
+
+impl<G: Unpin> Body for Guarded<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+async fn answer(shared: Arc<Shared>, conn: &ConnInfo, req: Request<Incoming>) -> Response<BoxBody> {
+    let started = Instant::now();
+    let host = request_host(&req);
+    let router = shared.router.load_full();
+    let Some(site) = router.site(host.as_deref()).cloned() else {
+        shared
+            .metrics
+            .response("unknown", StatusCode::MISDIRECTED_REQUEST, 0.0);
+        return plain(
+            StatusCode::MISDIRECTED_REQUEST,
+            "lobe-tls: no site is configured for this host",
+        );
+    };
+    if let Err(wait) = shared.limits.check_rate(conn.client.ip()) {
+        site.metrics.rate_limited.inc();
+        site.metrics.response(StatusCode::TOO_MANY_REQUESTS, 0.0);
+        return retry_after(
+            plain(
+                StatusCode::TOO_MANY_REQUESTS,
+                "lobe-tls: too many requests; slow down",
+            ),
+            wait,
+        );
+    }
+    let mut response = forward(&shared, &site, conn, host.as_deref(), req).await;
+    site.metrics
+        .response(response.status(), started.elapsed().as_secs_f64());
+    if let Some(max_age) = site.config.hsts {
+        response.headers_mut().insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_str(&format!("max-age={max_age}"))
+                .unwrap_or(HeaderValue::from_static("max-age=0")),
+        );
+    }
+    response
+}
+
+async fn forward(
+    shared: &Arc<Shared>,
+    site: &Arc<Site>,
+    conn: &ConnInfo,
+    host: Option<&str>,
+    mut req: Request<Incoming>,
+) -> Response<BoxBody> {
+    let pool = site.pool(req.uri().path()).clone();
+    let upgrade = upgrade_of(&req);
+    let client_upgrade = match upgrade {
+        Upgrade::None => None,
+        _ => Some(hyper::upgrade::on(&mut req)),
+    };
+    let (mut parts, body) = req.into_parts();
+    // Size limit: a declared length over it is refused at once; a streamed body is cut
+    // when it passes it.
+    let limit = site.config.max_body_size;
+    let declared = body.size_hint().exact().or(body.size_hint().upper());
+    if let (Some(limit), Some(length)) = (limit, body.size_hint().exact())
+        && length > limit
+    {
+        return plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "lobe-tls: request body too large",
+        );
+    }
+    let trusted = forwarded::is_trusted(&shared.config.trusted_proxies, conn.client.ip());
+    forwarded::rewrite(&mut parts.headers, conn.client.ip(), trusted, host);
+    let cookie = pool
+        .cookie_name()
+        .and_then(|name| cookie_value(&parts.headers, name));
+    strip_hop_by_hop(&mut parts.headers);
+    join_cookies(&mut parts.headers);
+    match &upgrade {
+        Upgrade::Http1(protocol) => {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol.clone());
+        }
+        Upgrade::H2WebSocket => {
+            // RFC 8441 → RFC 6455 towards the upstream: a GET with a fresh key.
+            parts.method = Method::GET;
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts
+                .headers
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            let key: [u8; 16] = rand::random();
+            let key = base64::engine::general_purpose::STANDARD.encode(key);
+            if let Ok(key) = HeaderValue::from_str(&key) {
+                parts.headers.insert(header::SEC_WEBSOCKET_KEY, key);
+            }
+            parts
+                .headers
+                .entry(header::SEC_WEBSOCKET_VERSION)
+                .or_insert(HeaderValue::from_static("13"));
+        }
+        Upgrade::None => {}
+    }
+    if parts.headers.get(header::HOST).is_none()
+        && let Some(authority) = parts.uri.authority()
+        && let Ok(value) = HeaderValue::from_str(authority.as_str())
+    {
+        parts.headers.insert(header::HOST, value);
+    }
+    parts.version = http::Version::HTTP_11;
+
+    // The body: replayable when empty or small, streamed (one attempt) otherwise.
+    let mut replayable: Option<Bytes> = None;
+    let mut streamed: Option<BoxBody> = None;
+    if body.is_end_stream() || !matches!(upgrade, Upgrade::None) {
+        // An upgrade's bytes follow the exchange (h2: the CONNECT stream itself).
+        replayable = Some(Bytes::new());
+    } else if declared.is_some_and(|n| n <= REPLAYABLE_BODY) {
+        let read = tokio::time::timeout(
+            secs(site.config.idle_timeout).min(Duration::from_secs(60)),
+            Limited::new(body, REPLAYABLE_BODY as usize).collect(),
+        )
+        .await;
+        match read {
+            Ok(Ok(collected)) => replayable = Some(collected.to_bytes()),
+            _ => {
+                return plain(
+                    StatusCode::BAD_REQUEST,
+                    "lobe-tls: could not read the request body",
+                );
+            }
+        }
+    } else {
+        streamed = Some(match limit {
+            Some(limit) => boxed(Limited::new(
+                body,
+                usize::try_from(limit).unwrap_or(usize::MAX),
+            )),
+            None => boxed(body),
+        });
+    }
+
+    let cx = PickContext {
+        client_ip: conn.client.ip(),
+    };
+    let idempotent = is_idempotent(&parts.method);
+    let idle = site.config.idle();
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last_error = None;
+    while let Some(choice) = pool.choose(&cx, cookie.as_deref(), &tried) {
+        if !tried.is_empty() {
+            site.metrics.retries.inc();
+        }
+        tried.push(choice.index);
+        let upstream = pool.members()[choice.index].upstream.clone();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let Ok(uri) = format!("http://{}{}", upstream.addr, path).parse::<Uri>() else {
+            return plain(StatusCode::BAD_REQUEST, "lobe-tls: bad request target");
+        };
+        let body = match (&replayable, streamed.take()) {
+            (Some(bytes), _) => boxed(Full::new(bytes.clone())),
+            (None, Some(body)) => body,
+            (None, None) => break,
+        };
+        let mut request = Request::from_parts(parts.clone(), body);
+        *request.uri_mut() = uri;
+        let guard = upstream.open();
+        let sent = tokio::time::timeout(idle, pool.client.request(request)).await;
+        match sent {
+            Ok(Ok(response)) => {
+                if response.status().is_server_error() {
+                    upstream.failed(pool.fall, pool.cooldown);
+                } else {
+                    upstream.succeeded();
+                }
+                // An upgraded connection stays in flight on its client connection (an
+                // h2 one carries other requests) for as long as it is open.
+                let in_flight = client_upgrade.as_ref().map(|_| conn.tracker.start());
+                return respond(
+                    shared,
+                    site,
+                    choice,
+                    (guard, in_flight),
+                    response,
+                    client_upgrade,
+                    &upgrade,
+                );
+            }
+            Ok(Err(e)) => {
+                let connect = e.is_connect();
+                tracing::debug!(upstream = upstream.addr, error = %e, connect, "upstream request failed");
+                upstream.failed(pool.fall, pool.cooldown);
+                last_error = Some(e.to_string());
+                // Safe to send again: nothing reached the upstream, or the request is
+                // idempotent; either way only if the body can be sent again.
+                if !(replayable.is_some() && (connect || idempotent)) {
+                    break;
+                }
+            }
+            Err(_) => {
+                last_error = Some(format!("no answer within {idle:?}"));
+                break;
+            }
+        }
+    }
+    if let Some(error) = last_error {
+        tracing::warn!(site = site.name, error, "no upstream answered");
+        return retry_after(
+            plain(
+                StatusCode::BAD_GATEWAY,
+                "lobe-tls: the upstream servers did not answer",
+            ),
+            Duration::from_secs(1),
+        );
+    }
+    // Every upstream is out: say so at once, with a hint to come back soon.
+    retry_after(
+        plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "lobe-tls: no upstream server is available",
+        ),
+        Duration::from_secs(1),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn respond(
+    shared: &Arc<Shared>,
+    site: &Arc<Site>,
+    choice: Choice,
+    (guard, in_flight): (ActiveGuard, Option<super::http::RequestGuard>),
+    mut response: Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    upgrade: &Upgrade,
+) -> Response<BoxBody> {
+    let idle = site.config.idle();
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let websockets = GaugeGuard::new(site.metrics.websockets.clone());
+        let task = async move {
+            let (client, upstream) = match tokio::join!(client_upgrade, upstream_upgrade) {
+                (Ok(client), Ok(upstream)) => (client, upstream),
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::debug!(error = %e, "upgrade failed");
+                    return;
+                }
+            };
+            let moved =
+                super::tcp::forward(TokioIo::new(client), TokioIo::new(upstream), idle).await;
+            tracing::debug!(?moved, "upgraded connection closed");
+            drop((guard, websockets, in_flight));
+        };
+        shared.spawn_detached(task);
+        let (mut parts, _) = response.into_parts();
+        if matches!(upgrade, Upgrade::H2WebSocket) {
+            // The h2 client gets a 200 for its CONNECT; the key exchange was ours.
+            parts.status = StatusCode::OK;
+            strip_hop_by_hop(&mut parts.headers);
+            parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+        }
+        if let Some(cookie) = choice
+            .set_cookie
+            .and_then(|c| HeaderValue::from_str(&c).ok())
+        {
+            parts.headers.append(header::SET_COOKIE, cookie);
+        }
+        return Response::from_parts(parts, boxed(Empty::new()));
+    }
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(cookie) = choice
+        .set_cookie
+        .and_then(|c| HeaderValue::from_str(&c).ok())
+    {
+        parts.headers.append(header::SET_COOKIE, cookie);
+    }
+    let stream = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"))
+        .then(|| GaugeGuard::new(site.metrics.streams.clone()));
+    let body = IdleBody {
+        inner: body,
+        idle,
+        timer: Box::pin(tokio::time::sleep(idle)),
+        _guards: (guard, stream),
+    };
+    Response::from_parts(parts, boxed(body))
+}
+
+/// An upstream response body passed on frame by frame as it arrives (nothing is
+/// gathered), cut when no frame comes for the site's idle timeout. Holds the upstream's
+/// open count (and the stream gauge) until the body ends.
+struct IdleBody {
+    inner: Incoming,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    _guards: (ActiveGuard, Option<GaugeGuard>),
+}
+
+impl Body for IdleBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = tokio::time::Instant::now() + self.idle;
+                self.timer.as_mut().reset(deadline);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err("idle timeout".into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+use std::future::Future as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_dropped() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        headers.insert("x-secret", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_into_one() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        join_cookies(&mut headers);
+        assert_eq!(headers.get_all(header::COOKIE).iter().count(), 1);
+        assert_eq!(headers[header::COOKIE], "a=1; b=2");
+    }
+
+    #[test]
+    fn cookies_are_found_by_name() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; lobe=xyz; b=2"),
+        );
+        assert_eq!(cookie_value(&headers, "lobe").as_deref(), Some("xyz"));
+        assert_eq!(cookie_value(&headers, "c"), None);
+    }
+}

@@ -1,0 +1,188 @@
+//! A small HTTP/1.1 upstream on hyper, run as a separate process by the edge's tests.
+//!
+//! Routes: `/healthz` (200, or 503 after `/sick` until `/well`), `/whoami` (its name), `/headers`
+//! (the request's headers, one per line, then `peer: ADDR`), `/page` (100 bytes),
+//! `/sse?n=N&gap_ms=M` (N events, M ms apart, each flushed), `/ws` (WebSocket echo),
+//! `/status/CODE`, `/slow?ms=M`, `/upload` (the body's length).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(text: impl Into<Bytes>) -> Body {
+    Full::new(text.into()).boxed()
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<u64> {
+    req.uri()
+        .query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+/// Serves on `addr` as `name` until the process ends.
+pub async fn serve(addr: &str, name: &str) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    let name: Arc<str> = name.into();
+    let sick = Arc::new(AtomicBool::new(false));
+    loop {
+        let (stream, peer) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        let (name, sick) = (name.clone(), sick.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let (name, sick) = (name.clone(), sick.clone());
+                async move { Ok::<_, Infallible>(respond(req, peer, &name, &sick).await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .http1_only()
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn respond(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    name: &str,
+    sick: &AtomicBool,
+) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    match path.as_str() {
+        "/healthz" if sick.load(Ordering::Relaxed) => status(503, "sick"),
+        "/healthz" => status(200, "ok"),
+        "/sick" => {
+            sick.store(true, Ordering::Relaxed);
+            status(200, "now sick")
+        }
+        "/well" => {
+            sick.store(false, Ordering::Relaxed);
+            status(200, "well again")
+        }
+        p if p.ends_with("/whoami") => status(200, name),
+        "/headers" => {
+            let mut text = String::new();
+            for (k, v) in req.headers() {
+                text.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+            }
+            text.push_str(&format!("peer: {peer}\nserved-by: {name}\n"));
+            status(200, &text)
+        }
+        "/page" => Response::new(full(vec![b'x'; 100])),
+        "/upload" => {
+            let length = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len())
+                .unwrap_or(0);
+            status(200, &length.to_string())
+        }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(query(&req, "ms").unwrap_or(1000))).await;
+            status(200, name)
+        }
+        "/sse" => {
+            let n = query(&req, "n").unwrap_or(3);
+            let gap = Duration::from_millis(query(&req, "gap_ms").unwrap_or(100));
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+            let name = name.to_owned();
+            tokio::spawn(async move {
+                for i in 0..n {
+                    tokio::time::sleep(gap).await;
+                    let event = format!("data: {name} {i}\n\n");
+                    if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let stream = tokio_stream_from(rx);
+            let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                "text/event-stream"
+                    .parse()
+                    .unwrap_or(header::HeaderValue::from_static("text/plain")),
+            );
+            response
+        }
+        "/ws" => {
+            let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+                return status(400, "not a websocket request");
+            };
+            let upgrade = hyper::upgrade::on(&mut req);
+            let name = name.to_owned();
+            tokio::spawn(async move {
+                let Ok(upgraded) = upgrade.await else { return };
+                let mut ws =
+                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
+                        .await;
+                while let Some(Ok(message)) = ws.next().await {
+                    if message.is_text() || message.is_binary() {
+                        let reply = match message.into_text() {
+                            Ok(text) => format!("{name}: {text}").into(),
+                            Err(_) => continue,
+                        };
+                        if ws.send(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            let mut response = Response::new(full(Bytes::new()));
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let headers = response.headers_mut();
+            headers.insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("upgrade"),
+            );
+            headers.insert(
+                header::UPGRADE,
+                header::HeaderValue::from_static("websocket"),
+            );
+            if let Ok(accept) = derive_accept_key(key.as_bytes()).parse() {
+                headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+            }
+            response
+        }
+        other => match other
+            .strip_prefix("/status/")
+            .and_then(|c| c.parse::<u16>().ok())
+        {
+            Some(code) => status(code, name),
+            None => status(404, "not found"),
+        },
+    }
+}
+
+fn status(code: u16, text: &str) -> Response<Body> {
+    let mut response = Response::new(full(format!("{text}\n")));
+    *response.status_mut() =
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response
+}
+
+/// An mpsc receiver as a stream of frames.
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + Sync + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
