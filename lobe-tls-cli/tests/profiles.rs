@@ -207,6 +207,8 @@ async fn serve_orders_an_ip_certificate_under_shortlived_and_answers_https_127_0
     let log = dir.path().join("serve.log");
     let _serve = command(&store, &pebble, &shim.directory_url)
         .args(["serve", "--listen", &listen, "--upstream", &upstream])
+        // The upstream greets in raw bytes: forward them (the default mode speaks HTTP).
+        .args(["--mode", "tcp"])
         .args(["-d", "127.0.0.1", "--http-listen", &pebble.http_listen()])
         .env("LOBE_TLS_LOG", "info")
         .stdout(Stdio::null())

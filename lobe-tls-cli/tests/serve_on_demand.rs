@@ -89,7 +89,8 @@ fn start_serve(dir: &Path, pebble: &Pebble, ask: &str, upstream: &str) -> Serve 
             "--upstream",
             upstream,
         ])
-        .args(["--on-demand-ask", ask, "--no-http"])
+        // The upstream greets in raw bytes: forward them (the default mode speaks HTTP).
+        .args(["--on-demand-ask", ask, "--no-http", "--mode", "tcp"])
         .env("LOBE_TLS_STORE", dir.join("store"))
         .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
         .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file)
