@@ -3,12 +3,16 @@
 //! Routes: `/healthz` (200, or 503 after `/sick` until `/well`), `/whoami` (its name), `/headers`
 //! (the request's headers, one per line, then `peer: ADDR`), `/page` (100 bytes),
 //! `/sse?n=N&gap_ms=M` (N events, M ms apart, each flushed), `/ws` (WebSocket echo),
-//! `/status/CODE`, `/slow?ms=M`, `/upload` (the body's length).
+//! `/status/CODE`, `/slow?ms=M`, `/upload` (the body's length); for the browser test,
+//! `/app` (a page that streams over `EventSource` and `WebSocket`), `/tokens?n=N&gap_ms=M`
+//! (SSE that resumes after `Last-Event-ID`), `/streams` (open token streams and
+//! WebSockets) and `/report` (POST stores a page's report, GET reads them).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -87,6 +91,39 @@ async fn respond(
             status(200, &text)
         }
         "/page" => Response::new(full(vec![b'x'; 100])),
+        "/app" => {
+            let mut response = Response::new(full(APP_PAGE));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            response
+        }
+        "/tokens" => tokens(&req),
+        "/streams" => status(
+            200,
+            &format!(
+                "{} {}",
+                OPEN_TOKEN_STREAMS.load(Ordering::Relaxed),
+                OPEN_WEBSOCKETS.load(Ordering::Relaxed)
+            ),
+        ),
+        "/report" if req.method() == http::Method::POST => {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            if let Ok(mut reports) = REPORTS.lock() {
+                reports.push(String::from_utf8_lossy(&body).into_owned());
+            }
+            status(200, "thanks")
+        }
+        "/report" => {
+            let reports = REPORTS.lock().map(|r| r.join("\n")).unwrap_or_default();
+            status(200, &reports)
+        }
         "/upload" => {
             let length = req
                 .into_body()
@@ -132,6 +169,7 @@ async fn respond(
             let name = name.to_owned();
             tokio::spawn(async move {
                 let Ok(upgraded) = upgrade.await else { return };
+                let _open = Open::new(&OPEN_WEBSOCKETS);
                 let mut ws =
                     WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
                         .await;
@@ -186,3 +224,123 @@ fn tokio_stream_from(
 ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send + Sync + 'static {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
+
+/// Token streams (`/tokens`) and WebSockets open now, for `/streams`.
+static OPEN_TOKEN_STREAMS: AtomicU32 = AtomicU32::new(0);
+static OPEN_WEBSOCKETS: AtomicU32 = AtomicU32::new(0);
+/// What pages posted to `/report`.
+static REPORTS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Counts one open stream in `counter` until dropped.
+struct Open(&'static AtomicU32);
+
+impl Open {
+    fn new(counter: &'static AtomicU32) -> Open {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Open(counter)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `/tokens?n=N&gap_ms=M`: an SSE stream of tokens `0..N` with their index as the event id,
+/// resumed after `Last-Event-ID` (as a browser's `EventSource` reconnects), then a `done`
+/// event. A replica that takes over a stream carries on where the dead one stopped.
+fn tokens(req: &Request<Incoming>) -> Response<Body> {
+    let n = query(req, "n").unwrap_or(10);
+    let gap = Duration::from_millis(query(req, "gap_ms").unwrap_or(50));
+    let first = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(0, |last| last + 1);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    tokio::spawn(async move {
+        let _open = Open::new(&OPEN_TOKEN_STREAMS);
+        // Reconnect quickly when the stream is cut.
+        if tx
+            .send(Ok(Frame::data(Bytes::from("retry: 100\n\n"))))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        for i in first..n {
+            tokio::time::sleep(gap).await;
+            let event = format!("id: {i}\ndata: token-{i}\n\n");
+            if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx
+            .send(Ok(Frame::data(Bytes::from(format!(
+                "event: done\ndata: {n}\n\n"
+            )))))
+            .await;
+    });
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(tokio_stream_from(rx))));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache"),
+    );
+    response
+}
+
+/// The page the browser test loads: it streams tokens over `EventSource` and echoes
+/// messages over a `WebSocket`, reconnecting either when it is cut, and posts what it saw
+/// to `/report` once both are complete.
+const APP_PAGE: &str = r#"<!doctype html>
+<meta charset="utf-8">
+<title>lobe-tls streams</title>
+<script>
+const params = new URLSearchParams(location.search);
+const N = Number(params.get("tokens") || 20);
+const M = Number(params.get("messages") || 20);
+const seen = new Set();
+let duplicates = 0, sseOpens = 0, sseDone = false;
+const es = new EventSource("/tokens?n=" + N + "&gap_ms=60");
+es.onopen = () => { sseOpens++; };
+es.onmessage = (e) => {
+  if (seen.has(e.lastEventId)) duplicates++;
+  seen.add(e.lastEventId);
+};
+es.addEventListener("done", () => { sseDone = true; es.close(); finish(); });
+let echoes = 0, wsOpens = 0, ws;
+function openWs() {
+  ws = new WebSocket("wss://" + location.host + "/ws");
+  ws.onopen = () => { wsOpens++; send(); };
+  ws.onmessage = (e) => {
+    if (String(e.data).endsWith(": msg-" + echoes)) echoes++;
+    setTimeout(send, 60);
+  };
+  ws.onclose = () => { if (echoes < M) setTimeout(openWs, 100); };
+}
+function send() {
+  if (echoes >= M) { ws.onclose = null; ws.close(); finish(); return; }
+  if (ws.readyState === WebSocket.OPEN) ws.send("msg-" + echoes);
+}
+openWs();
+let reported = false;
+function finish() {
+  if (reported || !sseDone || echoes < M) return;
+  reported = true;
+  const missing = [];
+  for (let i = 0; i < N; i++) if (!seen.has(String(i))) missing.push(i);
+  const report = { tokens: seen.size, missing, duplicates, echoes,
+                   sse_opens: sseOpens, ws_opens: wsOpens };
+  const post = () => fetch("/report", { method: "POST", body: JSON.stringify(report) })
+    .then((r) => { if (!r.ok) throw new Error(r.status); })
+    .catch(() => setTimeout(post, 200));
+  post();
+}
+</script>
+"#;

@@ -5,5 +5,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod balancing;
+mod browser;
 mod streams;
 mod support;

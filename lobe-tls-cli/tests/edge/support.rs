@@ -199,6 +199,11 @@ impl Edge {
         edge
     }
 
+    /// The --cert-dir, holding `site/{fullchain,privkey}.pem` for NAME.
+    pub fn cert_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("certs")
+    }
+
     pub fn config_path(&self) -> std::path::PathBuf {
         self._dir.path().join("edge.toml")
     }
