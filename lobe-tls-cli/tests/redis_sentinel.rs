@@ -132,11 +132,12 @@ async fn two_serve_instances_keep_renewing_through_a_sentinel_failover() {
 
     let logs = tempfile::tempdir().unwrap();
     let store = cluster.url();
-    // Only the second instance's HTTP listener is where Pebble validates; tokens are
-    // shared through Redis, so either instance's order passes.
+    // Only the first instance's HTTP listener is where Pebble validates; tokens are
+    // shared through Redis, so either instance's order passes once that listener is up.
+    // The second starts after it listens, so its first order does not race it.
     let https = [
-        format!("127.0.0.1:{}", lobe_tls_tests::free_port()),
         pebble.http_listen(),
+        format!("127.0.0.1:{}", lobe_tls_tests::free_port()),
     ];
     let mut listens = Vec::new();
     let mut instances = Vec::new();
@@ -145,6 +146,14 @@ async fn two_serve_instances_keep_renewing_through_a_sentinel_failover() {
         let log = logs.path().join(format!("serve-{i}.log"));
         instances.push(serve(&store, &pebble, &listen, &upstream_addr, http, &log));
         listens.push(listen.parse::<SocketAddr>().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(http).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "serve {i} never listened on {http}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     let dump_logs = || {
         let mut out = String::new();

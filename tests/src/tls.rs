@@ -63,19 +63,21 @@ impl Drop for TlsServer {
     }
 }
 
-/// A TLS client that trusts only `root_pem`.
+/// A TLS client that trusts only `root_pem`. It never resumes a session: a resumed
+/// handshake shows the certificate of the session it resumes, and tests look at the one
+/// served now (the session-ticket tests turn resumption back on).
 pub fn client_config(root_pem: &str) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for root in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
         roots.add(root.expect("root PEM")).expect("add root");
     }
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(lobe_tls::cert::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
+    let mut config = rustls::ClientConfig::builder_with_provider(lobe_tls::cert::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    Arc::new(config)
 }
 
 /// Connects to `addr` with SNI `server_name`, verifies the chain with `config` as a
