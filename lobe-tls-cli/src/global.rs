@@ -59,7 +59,7 @@ pub struct Global {
 
     /// A CA to order from when the one before fails for reasons of its own (unreachable,
     /// no answer in time, 5xx, rateLimited, paused); repeat for more, tried in order.
-    /// Its EAB and trust root come from a [[ca]] table of the --config file.
+    /// Its EAB and trust root come from a `[[ca]]` table of the --config file.
     #[arg(
         long = "fallback-directory",
         global = true,

@@ -134,7 +134,10 @@ async fn serve_issues_an_allowed_name_on_its_first_request_and_resumes_sessions(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let connector = TlsConnector::from(lobe_tls_tests::tls::client_config(&root));
+    // A client that keeps its session tickets (the harness's clients do not).
+    let mut config = (*lobe_tls_tests::tls::client_config(&root)).clone();
+    config.resumption = rustls::client::Resumption::default();
+    let connector = TlsConnector::from(std::sync::Arc::new(config));
     let started = Instant::now();
     let first = request(&connector, &listen, ALLOWED).await;
     let took = started.elapsed();

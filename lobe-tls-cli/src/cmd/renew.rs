@@ -51,7 +51,7 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
 
-    /// TOML file with the fallback CAs' settings ([[ca]] tables, see the README).
+    /// TOML file with the fallback CAs' settings (`[[ca]]` tables, see the README).
     #[arg(long = "config", env = "LOBE_TLS_CONFIG", value_name = "FILE")]
     pub config_file: Option<std::path::PathBuf>,
 }

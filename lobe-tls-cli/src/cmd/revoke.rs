@@ -47,7 +47,7 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "unspecified")]
     pub reason: Reason,
 
-    /// TOML file with the fallback CAs' settings ([[ca]] tables), for a certificate
+    /// TOML file with the fallback CAs' settings (`[[ca]]` tables), for a certificate
     /// that came from a fallback CA.
     #[arg(long = "config", env = "LOBE_TLS_CONFIG", value_name = "FILE")]
     pub config_file: Option<std::path::PathBuf>,

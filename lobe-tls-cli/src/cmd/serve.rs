@@ -306,6 +306,12 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         None => None,
     };
 
+    // Affinity cookies pin on any instance sharing the store: the key lives there too.
+    if let Some(manager) = &manager
+        && let Err(e) = lobe_tls::edge::share_affinity_key(manager.store()).await
+    {
+        tracing::warn!(error = %e, "the affinity cookie key is not shared; cookies pin on this instance only");
+    }
     let config = edge_config(args, sites.clone());
     let tls = lobe_tls::tls_config::server_config(
         Arc::new(resolver.clone()),

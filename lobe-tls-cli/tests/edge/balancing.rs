@@ -158,6 +158,33 @@ async fn cookie_affinity_pins_a_client_and_re_pins_it_when_its_upstream_dies() {
 }
 
 #[tokio::test]
+async fn an_affinity_cookie_pins_on_every_instance_sharing_the_store() {
+    let backends: Vec<Backend> = ["a", "b", "c"].iter().map(|n| Backend::start(n)).collect();
+    let store = tempfile::tempdir().unwrap();
+    let ca = store_certificate(store.path()).await;
+    let mut args = vec!["--lb", "cookie"];
+    for backend in &backends {
+        args.extend(["--upstream", backend.addr.as_str()]);
+    }
+    let one = Edge::start_on_store(&args, store.path(), &ca).await;
+    let two = Edge::start_on_store(&args, store.path(), &ca).await;
+    // Both instances read the key the first one stored (a secret, 0600).
+    let key = store.path().join("secrets/affinity-cookie-key");
+    assert_eq!(lobe_tls_tests::mode(&key), 0o600);
+    for _ in 0..3 {
+        let first = one.client.get("/whoami", &[]).await;
+        let pinned = served_by(&first);
+        let cookie = first.headers["set-cookie"].to_str().unwrap();
+        let cookie = cookie.split(';').next().unwrap().to_owned();
+        for _ in 0..5 {
+            let answer = two.client.get("/whoami", &[("cookie", &cookie)]).await;
+            assert_eq!(served_by(&answer), pinned, "the other instance re-pinned");
+            assert!(answer.headers.get("set-cookie").is_none());
+        }
+    }
+}
+
+#[tokio::test]
 async fn with_every_upstream_down_the_answer_is_quick_and_says_when_to_retry() {
     let dead = [lobe_tls_tests::free_port(), lobe_tls_tests::free_port()]
         .map(|p| format!("127.0.0.1:{p}"))

@@ -99,6 +99,34 @@ pub async fn plain_get(addr: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// A file store at `store` holding a CA-signed certificate for NAME; returns the CA's
+/// certificate.
+pub async fn store_certificate(store: &Path) -> rustls::pki_types::CertificateDer<'static> {
+    use lobe_tls::store::{CertMeta, Store, StoredCert};
+    let pair = tempfile::tempdir().unwrap();
+    let ca = write_certificate(pair.path());
+    let fullchain = std::fs::read_to_string(pair.path().join("site/fullchain.pem")).unwrap();
+    let key = std::fs::read_to_string(pair.path().join("site/privkey.pem")).unwrap();
+    let cert = StoredCert {
+        bundle: lobe_tls::CertBundle::from_pem(fullchain, key).unwrap(),
+        meta: CertMeta {
+            name: NAME.into(),
+            domains: lobe_tls::domain::parse_all(&[NAME]).unwrap(),
+            key_type: lobe_tls::KeyType::EcdsaP256,
+            challenge: Default::default(),
+            directory: "https://ca.invalid/directory".into(),
+            profile: None,
+            issued_at: time::OffsetDateTime::now_utc(),
+        },
+    };
+    lobe_tls::FileStore::open(store)
+        .unwrap()
+        .save_cert(&cert)
+        .await
+        .unwrap();
+    ca
+}
+
 /// A CA-signed pair for `NAME` under `dir/site/`; returns the CA's certificate.
 pub fn write_certificate(dir: &Path) -> rustls::pki_types::CertificateDer<'static> {
     let ca_key = rcgen::KeyPair::generate().unwrap();
@@ -154,14 +182,40 @@ impl Edge {
 
     /// As `start`; `handshake` false waits for the port only (a PROXY header is required).
     pub async fn start_with(args: &[&str], config: Option<&str>, handshake: bool) -> Edge {
+        Edge::launch(args, config, handshake, None).await
+    }
+
+    /// `serve` of the certificate for NAME that `store` holds (a file store several
+    /// instances share; see [`store_certificate`]), with no --cert-dir.
+    pub async fn start_on_store(
+        args: &[&str],
+        store: &Path,
+        ca: &rustls::pki_types::CertificateDer<'static>,
+    ) -> Edge {
+        Edge::launch(args, None, true, Some((store, ca))).await
+    }
+
+    async fn launch(
+        args: &[&str],
+        config: Option<&str>,
+        handshake: bool,
+        store: Option<(&Path, &rustls::pki_types::CertificateDer<'static>)>,
+    ) -> Edge {
         let dir = tempfile::tempdir().unwrap();
-        let ca = write_certificate(&dir.path().join("certs"));
         let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
-        cmd.args(["serve", "--listen", &listen, "--no-http"])
-            .arg("--cert-dir")
-            .arg(dir.path().join("certs"))
-            .args(args)
+        let ca = match store {
+            Some((store, ca)) => {
+                cmd.arg("--store").arg(store);
+                ca.clone()
+            }
+            None => write_certificate(&dir.path().join("certs")),
+        };
+        cmd.args(["serve", "--listen", &listen, "--no-http"]);
+        if store.is_none() {
+            cmd.arg("--cert-dir").arg(dir.path().join("certs"));
+        }
+        cmd.args(args)
             .env_remove("LOBE_TLS_STORE")
             .env("RUST_LOG", "lobe_tls=info")
             .stdin(Stdio::null())

@@ -134,6 +134,54 @@ impl EdgeConfig {
     }
 }
 
+/// The store secret that holds the affinity cookie key.
+const AFFINITY_SECRET: &str = "affinity-cookie-key";
+/// The store lock under which the first instance creates it.
+const AFFINITY_LOCK: &str = "_-affinity-cookie-key";
+
+/// Makes affinity cookies valid on every instance sharing `store`, and across restarts:
+/// the HMAC key comes from the store (created under its lock by the first instance,
+/// 32 random bytes, a secret like the session ticket keys). Call it before the first
+/// request; without it each process has a key of its own, and a client that reaches
+/// another instance is re-pinned.
+pub async fn share_affinity_key(store: &crate::store::DynStore) -> Result<()> {
+    let usable = |secret: &Option<Vec<u8>>| secret.as_ref().is_some_and(|s| s.len() >= 32);
+    let mut secret = store.load_secret(AFFINITY_SECRET).await?;
+    if !usable(&secret) {
+        let lock = store
+            .lock(
+                AFFINITY_LOCK,
+                crate::issue::LOCK_LEASE,
+                Duration::from_secs(10),
+            )
+            .await?
+            .ok_or_else(|| {
+                Error::Timeout("another process holds the affinity key lock; try again".into())
+            })?;
+        let created = async {
+            let stored = store.load_secret(AFFINITY_SECRET).await?;
+            if usable(&stored) {
+                return Ok(stored);
+            }
+            let fresh: [u8; 32] = rand::random();
+            store.save_secret(AFFINITY_SECRET, &fresh).await?;
+            Ok::<_, Error>(Some(fresh.to_vec()))
+        }
+        .await;
+        if let Err(e) = lock.release().await {
+            tracing::warn!(error = %e, "cannot release the affinity key lock");
+        }
+        secret = created?;
+    }
+    let secret = secret.unwrap_or_default();
+    if !upstream::set_cookie_key(&secret) {
+        tracing::warn!(
+            "the affinity key was in use before it was read from the store; cookies pin on this process only"
+        );
+    }
+    Ok(())
+}
+
 /// What every connection task shares.
 pub(crate) struct Shared {
     pub config: EdgeConfig,

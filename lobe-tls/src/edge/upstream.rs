@@ -292,13 +292,26 @@ impl Balance for IpHash {
     }
 }
 
-/// The key that makes affinity tokens, random per process.
+/// The key that makes affinity tokens: shared through the store when
+/// [`super::share_affinity_key`] ran first (so a cookie from one instance pins on every
+/// instance and across restarts), else random per process.
+static COOKIE_KEY: OnceLock<aws_lc_rs::hmac::Key> = OnceLock::new();
+
 fn cookie_key() -> &'static aws_lc_rs::hmac::Key {
-    static KEY: OnceLock<aws_lc_rs::hmac::Key> = OnceLock::new();
-    KEY.get_or_init(|| {
+    COOKIE_KEY.get_or_init(|| {
         let secret: [u8; 32] = rand::random();
         aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret)
     })
+}
+
+/// Sets the affinity key from `secret`; false when a key is in use already.
+pub(crate) fn set_cookie_key(secret: &[u8]) -> bool {
+    COOKIE_KEY
+        .set(aws_lc_rs::hmac::Key::new(
+            aws_lc_rs::hmac::HMAC_SHA256,
+            secret,
+        ))
+        .is_ok()
 }
 
 /// The affinity token of an upstream: an HMAC of its address, so the cookie says
