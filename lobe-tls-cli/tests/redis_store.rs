@@ -201,10 +201,11 @@ async fn two_serve_instances_on_one_redis_order_once_and_serve_the_same_certific
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let upstream_addr = upstream.local_addr().unwrap().to_string();
     let name = "serve-cluster.example.com";
-    // Only instance B's HTTP listener is where Pebble validates.
+    // Only instance A's HTTP listener is where Pebble validates; B starts once it listens,
+    // so an order by either instance finds it (tokens are shared through Redis).
     let http_listens = [
-        format!("127.0.0.1:{}", lobe_tls_tests::free_port()),
         pebble.http_listen(),
+        format!("127.0.0.1:{}", lobe_tls_tests::free_port()),
     ];
     let mut listens = Vec::new();
     let mut instances = Vec::new();
@@ -213,6 +214,14 @@ async fn two_serve_instances_on_one_redis_order_once_and_serve_the_same_certific
         let args = [listen.as_str(), &upstream_addr, name, http_listen];
         instances.push(Serve::start(&redis, &pebble, args));
         listens.push(listen.parse::<std::net::SocketAddr>().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(http_listen).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "serve never listened on {http_listen}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     let client = lobe_tls_tests::tls::client_config(&pebble.issuing_root_pem().await);
