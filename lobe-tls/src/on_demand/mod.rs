@@ -253,7 +253,13 @@ impl OnDemand {
     ) -> impl Future<Output = Result<(), OnDemandError>> + Send + 'static {
         let mut alpn = hello.alpn().into_iter().flatten();
         let acme_only = matches!((alpn.next(), alpn.next()), (Some(ACME_TLS_ALPN), None));
-        let name = hello.server_name().map(str::to_owned);
+        // A name served already (nearly every handshake) costs one lookup and nothing else:
+        // no parsing, no allocation.
+        let served = |name: &str| !acme_only && self.inner.manager.resolver().covers(name);
+        let name = hello
+            .server_name()
+            .filter(|name| !served(name))
+            .map(str::to_owned);
         let this = self.clone();
         async move {
             match name {
