@@ -11,6 +11,11 @@ mod profile_args;
 
 use global::Global;
 
+// The edge allocates and frees per request on two threads; mimalloc does that with
+// thread-local free lists where glibc's malloc took 14 % of the edge's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// ACME certificates that issue and renew themselves, and a TLS terminator that serves them.
 // No `Debug` here or below: options can hold secrets (store URL, EAB key, deploy hook).
 #[derive(Parser)]

@@ -1,4 +1,4 @@
-//! One HTTP connection: HTTP/1.1 or h2 (by ALPN or preface) on hyper, with timers for
+//! One HTTP connection: HTTP/1.1 or h2 (by ALPN) on hyper, with timers for
 //! slow heads, and a watchdog that closes the connection when it waits too long for a
 //! request (`header_read_timeout` for the first, `keepalive_timeout` after that) or, with
 //! requests in flight, moves no byte for the longest idle timeout of the sites.
@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 
 use super::{Shared, accept, proxy, tcp};
 
@@ -52,7 +52,9 @@ impl Drop for RequestGuard {
 
 pub(super) async fn serve(accepted: accept::Accepted, shared: Arc<Shared>) {
     let client = accepted.client;
-    let idle = shared.router.load().longest_idle();
+    // The protocol is the one ALPN agreed on (RFC 9113 §3.2: h2 over TLS is negotiated,
+    // never guessed), so no connection pays for sniffing its first bytes.
+    let h2 = accepted.tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
     let _active = shared.cert_metrics.connection_opened();
     let clock = Arc::new(tcp::ActivityClock::new());
     let tracker = Arc::new(RequestTracker::new());
@@ -66,57 +68,122 @@ pub(super) async fn serve(accepted: accept::Accepted, shared: Arc<Shared>) {
         let (shared, conn) = (service_shared.clone(), conn.clone());
         async move { Ok::<_, std::convert::Infallible>(proxy::handle(shared, conn, req).await) }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(shared.config.header_read_timeout)
-        // hyper's floor for its read buffer is 8 KiB.
-        .max_buf_size(shared.config.max_header_size.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .enable_connect_protocol()
-        .max_header_list_size(u32::try_from(shared.config.max_header_size).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(60)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let served = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(served);
-    let mut draining = shared.draining.subscribe();
-    let mut asked_to_close = false;
-    let first_request = shared.config.header_read_timeout;
-    let keepalive = shared.config.keepalive_timeout;
-    // When the connection is due to close if nothing changes.
-    let deadline = || {
-        if tracker.in_flight.load(Ordering::Relaxed) == 0 {
-            let wait = if tracker.served.load(Ordering::Relaxed) {
-                keepalive
-            } else {
-                first_request
-            };
-            tracker.idle_since.last() + wait
-        } else {
-            clock.last() + idle
-        }
+    let watch = Watch {
+        client,
+        clock,
+        tracker,
     };
-    loop {
-        tokio::select! {
-            done = &mut served => {
-                if let Err(e) = done {
-                    tracing::debug!(%client, error = %e, "connection ended");
-                }
-                return;
+    if h2 {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .enable_connect_protocol()
+            .max_header_list_size(u32::try_from(shared.config.max_header_size).unwrap_or(u32::MAX))
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Some(Duration::from_secs(60)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        watch
+            .drive(builder.serve_connection(io, service), &shared)
+            .await;
+    } else {
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(shared.config.header_read_timeout)
+            // hyper's floor for its read buffer is 8 KiB.
+            .max_buf_size(shared.config.max_header_size.max(8192));
+        watch
+            .drive(
+                builder.serve_connection(io, service).with_upgrades(),
+                &shared,
+            )
+            .await;
+    }
+}
+
+/// A served connection that can be asked to finish its requests and close.
+trait Graceful: std::future::Future<Output = hyper::Result<()>> {
+    fn shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B, E> Graceful for http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn shutdown(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// What the watchdog of one connection looks at.
+struct Watch {
+    client: std::net::SocketAddr,
+    clock: Arc<tcp::ActivityClock>,
+    tracker: Arc<RequestTracker>,
+}
+
+impl Watch {
+    async fn drive<C: Graceful>(self, served: C, shared: &Shared) {
+        let Watch {
+            client,
+            clock,
+            tracker,
+        } = self;
+        tokio::pin!(served);
+        let idle = shared.router.load().longest_idle();
+        let mut draining = shared.draining.subscribe();
+        let mut asked_to_close = false;
+        let first_request = shared.config.header_read_timeout;
+        let keepalive = shared.config.keepalive_timeout;
+        // When the connection is due to close if nothing changes.
+        let deadline = || {
+            if tracker.in_flight.load(Ordering::Relaxed) == 0 {
+                let wait = if tracker.served.load(Ordering::Relaxed) {
+                    keepalive
+                } else {
+                    first_request
+                };
+                tracker.idle_since.last() + wait
+            } else {
+                clock.last() + idle
             }
-            _ = tokio::time::sleep_until(deadline().into()) => {
-                if deadline() <= Instant::now() {
-                    tracing::debug!(%client, "idle connection closed");
+        };
+        loop {
+            tokio::select! {
+                done = &mut served => {
+                    if let Err(e) = done {
+                        tracing::debug!(%client, error = %e, "connection ended");
+                    }
                     return;
                 }
-            }
-            _ = draining.wait_for(|d| *d), if !asked_to_close => {
-                asked_to_close = true;
-                served.as_mut().graceful_shutdown();
+                _ = tokio::time::sleep_until(deadline().into()) => {
+                    if deadline() <= Instant::now() {
+                        tracing::debug!(%client, "idle connection closed");
+                        return;
+                    }
+                }
+                _ = draining.wait_for(|d| *d), if !asked_to_close => {
+                    asked_to_close = true;
+                    served.as_mut().shutdown();
+                }
             }
         }
     }

@@ -14,6 +14,7 @@ pub mod health;
 mod http;
 pub mod limits;
 pub mod metrics;
+mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod site;

@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use super::Shared;
 use super::forwarded;
 use super::metrics::GaugeGuard;
+use super::pool::PooledBody;
 use super::site::{Site, secs};
 use super::upstream::{ActiveGuard, BoxBody, BoxError, Choice, PickContext};
 
@@ -169,47 +170,15 @@ fn upgrade_of(req: &Request<Incoming>) -> Upgrade {
     }
 }
 
-/// Answers one request; it counts as in flight on its connection until its response
-/// body is done.
+/// Answers one request. It counts as in flight on its connection while it is answered,
+/// and a relayed response until its body is done (see [`Relay`]).
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     conn: ConnInfo,
     req: Request<Incoming>,
 ) -> Response<BoxBody> {
-    let guard = conn.tracker.start();
-    let response = answer(shared, &conn, req).await;
-    response.map(|inner| {
-        boxed(Guarded {
-            inner,
-            _guard: guard,
-        })
-    })
-}
-
-/// A body that holds a guard until it is done or dropped.
-struct Guarded<G> {
-    inner: BoxBody,
-    _guard: G,
-}
-
-impl<G: Unpin> Body for Guarded<G> {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    let _in_flight = conn.tracker.start();
+    answer(shared, &conn, req).await
 }
 
 async fn answer(shared: Arc<Shared>, conn: &ConnInfo, req: Request<Incoming>) -> Response<BoxBody> {
@@ -354,6 +323,12 @@ async fn forward(
     };
     let idempotent = is_idempotent(&parts.method);
     let idle = site.config.idle();
+    // Upstreams get the origin form; the Host header says the rest.
+    parts.uri = origin_form(std::mem::take(&mut parts.uri));
+    // The head is copied for a later attempt only when one could follow.
+    let more_attempts = pool.members().len() > 1;
+    let mut parts = Some(parts);
+    let mut unsent: Option<Request<BoxBody>> = None;
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error = None;
     while let Some(choice) = pool.choose(&cx, cookie.as_deref(), &tried) {
@@ -362,23 +337,28 @@ async fn forward(
         }
         tried.push(choice.index);
         let upstream = pool.members()[choice.index].upstream.clone();
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let Ok(uri) = format!("http://{}{}", upstream.addr, path).parse::<Uri>() else {
-            return plain(StatusCode::BAD_REQUEST, "lobe-tls: bad request target");
+        let Some(conns) = pool.conns(choice.index) else {
+            break;
         };
-        let body = match (&replayable, streamed.take()) {
-            (Some(bytes), _) => boxed(Full::new(bytes.clone())),
-            (None, Some(body)) => body,
-            (None, None) => break,
+        let request = match unsent.take() {
+            Some(request) => request,
+            None => {
+                let body = match (&replayable, streamed.take()) {
+                    (Some(bytes), _) => boxed(Full::new(bytes.clone())),
+                    (None, Some(body)) => body,
+                    (None, None) => break,
+                };
+                let head = if more_attempts && replayable.is_some() {
+                    parts.clone()
+                } else {
+                    parts.take()
+                };
+                let Some(head) = head else { break };
+                Request::from_parts(head, body)
+            }
         };
-        let mut request = Request::from_parts(parts.clone(), body);
-        *request.uri_mut() = uri;
         let guard = upstream.open();
-        let sent = tokio::time::timeout(idle, pool.client.request(request)).await;
+        let sent = tokio::time::timeout(idle, conns.send(request)).await;
         match sent {
             Ok(Ok(response)) => {
                 if response.status().is_server_error() {
@@ -386,28 +366,28 @@ async fn forward(
                 } else {
                     upstream.succeeded();
                 }
-                // An upgraded connection stays in flight on its client connection (an
-                // h2 one carries other requests) for as long as it is open.
-                let in_flight = client_upgrade.as_ref().map(|_| conn.tracker.start());
                 return respond(
                     shared,
                     site,
+                    conn,
                     choice,
-                    (guard, in_flight),
+                    guard,
                     response,
                     client_upgrade,
                     &upgrade,
                 );
             }
-            Ok(Err(e)) => {
+            Ok(Err((e, returned))) => {
                 let connect = e.is_connect();
                 tracing::debug!(upstream = upstream.addr, error = %e, connect, "upstream request failed");
                 upstream.failed(pool.fall, pool.cooldown);
                 last_error = Some(e.to_string());
-                // Safe to send again: nothing reached the upstream, or the request is
-                // idempotent; either way only if the body can be sent again.
-                if !(replayable.is_some() && (connect || idempotent)) {
-                    break;
+                // Safe to send again: nothing reached the upstream (the request came
+                // back), or the request is idempotent and its body can be sent again.
+                match returned {
+                    Some(request) => unsent = Some(request),
+                    None if idempotent && replayable.is_some() => {}
+                    None => break,
                 }
             }
             Err(_) => {
@@ -440,13 +420,18 @@ async fn forward(
 fn respond(
     shared: &Arc<Shared>,
     site: &Arc<Site>,
+    conn: &ConnInfo,
     choice: Choice,
-    (guard, in_flight): (ActiveGuard, Option<super::http::RequestGuard>),
-    mut response: Response<Incoming>,
+    guard: ActiveGuard,
+    mut response: Response<PooledBody>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     upgrade: &Upgrade,
 ) -> Response<BoxBody> {
     let idle = site.config.idle();
+    // The response counts as in flight on its client connection until its body is
+    // done, or for as long as an upgraded connection stays open (an h2 connection
+    // carries other requests meanwhile).
+    let in_flight = conn.tracker.start();
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
@@ -495,26 +480,47 @@ fn respond(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"))
         .then(|| GaugeGuard::new(site.metrics.streams.clone()));
-    let body = IdleBody {
+    let body = Relay {
         inner: body,
         idle,
-        timer: Box::pin(tokio::time::sleep(idle)),
-        _guards: (guard, stream),
+        waiting: false,
+        timer: None,
+        _guards: (guard, stream, in_flight),
     };
-    Response::from_parts(parts, boxed(body))
+    Response::from_parts(parts, BoxBody::new(body))
+}
+
+/// The origin form (`/path?query`) of a request target; `/` when it has no path.
+fn origin_form(uri: Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri;
+    }
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
 }
 
 /// An upstream response body passed on frame by frame as it arrives (nothing is
-/// gathered), cut when no frame comes for the site's idle timeout. Holds the upstream's
-/// open count (and the stream gauge) until the body ends.
-struct IdleBody {
-    inner: Incoming,
+/// gathered), cut when no frame comes for the site's idle timeout. It holds the
+/// upstream's open count, the stream gauge and the request's place in flight on its
+/// client connection until it ends.
+///
+/// The idle timer is armed only while the body waits, so a body that is all there
+/// (most pages) never touches the timer wheel.
+struct Relay {
+    inner: PooledBody,
     idle: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
-    _guards: (ActiveGuard, Option<GaugeGuard>),
+    /// Waiting since the last frame (the timer is armed for this wait).
+    waiting: bool,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    _guards: (ActiveGuard, Option<GaugeGuard>, super::http::RequestGuard),
 }
 
-impl Body for IdleBody {
+impl Body for Relay {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -522,16 +528,22 @@ impl Body for IdleBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                let deadline = tokio::time::Instant::now() + self.idle;
-                self.timer.as_mut().reset(deadline);
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            self.waiting = false;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if !self.waiting {
+            self.waiting = true;
+            let deadline = tokio::time::Instant::now() + self.idle;
+            match self.timer.as_mut() {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
             }
-            Poll::Pending => match self.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err("idle timeout".into()))),
-                Poll::Pending => Poll::Pending,
-            },
+        }
+        match self.timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+            // An error, not an end: the client must not take a cut body for a whole one.
+            Some(Poll::Ready(())) => Poll::Ready(Some(Err("idle timeout".into()))),
+            _ => Poll::Pending,
         }
     }
 

@@ -15,22 +15,23 @@ use std::time::Instant;
 use base64::Engine;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Deserialize;
 
 use super::health::HealthTask;
 use super::metrics::EdgeMetrics;
+use super::pool::ConnPool;
 use super::site::{SiteConfig, UpstreamSpec, secs};
 use crate::error::{Error, Result};
+
+/// How long an idle keep-alive connection to an upstream is kept.
+const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Idle keep-alive connections kept per upstream and pool.
+const POOL_MAX_IDLE: usize = 512;
 
 /// The body type sent to upstreams and back to clients.
 pub(crate) type BoxBody = UnsyncBoxBody<Bytes, BoxError>;
 /// Errors of bodies in flight.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The pooled keep-alive HTTP/1.1 client of a pool.
-pub(crate) type UpstreamClient = Client<HttpConnector, BoxBody>;
 
 /// How a pool picks an upstream for a new request or connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -374,7 +375,8 @@ pub(crate) struct Pool {
     policy: Box<dyn Balance>,
     lb: LbPolicy,
     cookie_name: String,
-    pub client: UpstreamClient,
+    /// Keep-alive connections, one pool per member.
+    conns: Vec<Arc<ConnPool>>,
     pub fall: u32,
     pub cooldown: std::time::Duration,
     _health: Vec<HealthTask>,
@@ -423,15 +425,17 @@ impl Pool {
             LbPolicy::IpHash => Box::new(IpHash),
             LbPolicy::LeastConn | LbPolicy::Cookie => Box::new(LeastConn::default()),
         };
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(secs(config.connect_timeout)));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
-            .pool_max_idle_per_host(512)
-            .build(connector);
+        let conns = members
+            .iter()
+            .map(|m| {
+                ConnPool::new(
+                    m.upstream.addr.clone(),
+                    secs(config.connect_timeout),
+                    POOL_IDLE_TIMEOUT,
+                    POOL_MAX_IDLE,
+                )
+            })
+            .collect();
         let health = members
             .iter()
             .map(|m| HealthTask::spawn(m.upstream.clone(), &set.site, config, metrics.clone()))
@@ -445,7 +449,7 @@ impl Pool {
             policy,
             lb,
             cookie_name: config.cookie_name.clone(),
-            client,
+            conns,
             fall: config.fall,
             cooldown: secs(config.cooldown),
             _health: health,
@@ -454,6 +458,11 @@ impl Pool {
 
     pub fn members(&self) -> &[Member] {
         &self.members
+    }
+
+    /// The keep-alive connections of member `index`.
+    pub fn conns(&self, index: usize) -> Option<&Arc<ConnPool>> {
+        self.conns.get(index)
     }
 
     /// Picks an upstream that is up and not in `tried`. With the cookie policy, a valid
