@@ -343,12 +343,20 @@ impl Client {
         &self,
         path: &str,
     ) -> tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>> {
-        let tls = self.connect().await.unwrap();
+        self.try_websocket(path).await.unwrap()
+    }
+
+    /// As `websocket`, or why the connection or the upgrade failed.
+    pub async fn try_websocket(
+        &self,
+        path: &str,
+    ) -> std::io::Result<tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>> {
+        let tls = self.connect().await?;
         let (ws, response) = tokio_tungstenite::client_async(format!("wss://{NAME}{path}"), tls)
             .await
-            .unwrap();
+            .map_err(std::io::Error::other)?;
         assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-        ws
+        Ok(ws)
     }
 }
 

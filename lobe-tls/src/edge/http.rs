@@ -19,14 +19,17 @@ pub(crate) struct RequestTracker {
     in_flight: AtomicUsize,
     served: AtomicBool,
     idle_since: tcp::ActivityClock,
+    /// The connection's limits and gauges, until the last request (or upgrade) is done.
+    _hold: super::ConnHold,
 }
 
 impl RequestTracker {
-    fn new() -> Self {
+    fn new(hold: super::ConnHold) -> Self {
         RequestTracker {
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
             idle_since: tcp::ActivityClock::new(),
+            _hold: hold,
         }
     }
 
@@ -50,12 +53,11 @@ impl Drop for RequestGuard {
     }
 }
 
-pub(super) async fn serve(accepted: accept::Accepted, shared: Arc<Shared>) {
+pub(super) async fn serve(accepted: accept::Accepted, shared: Arc<Shared>, hold: super::ConnHold) {
     let client = accepted.client;
     let idle = shared.router.load().longest_idle();
-    let _active = shared.cert_metrics.connection_opened();
     let clock = Arc::new(tcp::ActivityClock::new());
-    let tracker = Arc::new(RequestTracker::new());
+    let tracker = Arc::new(RequestTracker::new(hold));
     let io = TokioIo::new(tcp::Tracked::new(accepted.tls, clock.clone()));
     let conn = proxy::ConnInfo {
         client,
