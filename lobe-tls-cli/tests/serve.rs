@@ -836,3 +836,102 @@ async fn a_site_of_the_config_file_gets_its_certificate_issued_and_served() {
             .exists()
     );
 }
+
+/// An upstream that greets every connection with `greeting` and closes it.
+async fn greeting_upstream(greeting: &'static str) -> String {
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = upstream.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let _ = stream.write_all(greeting.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// What the upstream behind `server_name` says, over TLS verified by `connector`.
+async fn greeting_for(
+    connector: &TlsConnector,
+    addr: &str,
+    server_name: &str,
+) -> std::io::Result<String> {
+    let tcp = TcpStream::connect(addr).await?;
+    let mut tls = connector
+        .connect(ServerName::try_from(server_name.to_owned()).unwrap(), tcp)
+        .await?;
+    let mut greeting = String::new();
+    tokio::time::timeout(STEP, tls.read_to_string(&mut greeting)).await??;
+    Ok(greeting)
+}
+
+#[tokio::test]
+async fn a_site_added_by_a_reload_gets_its_certificate_issued_without_a_restart() {
+    use lobe_tls_tests::{Pebble, PebbleOptions};
+    const ADDED: &str = "added.example.com";
+    let pebble = Pebble::start(PebbleOptions::default());
+    let store = tempfile::tempdir().unwrap();
+    let first = greeting_upstream("first site\n").await;
+    let added = greeting_upstream("added site\n").await;
+    let site = |domain: &str, upstream: &str| {
+        format!("[[site]]\ndomains = [\"{domain}\"]\nupstreams = [\"{upstream}\"]\n")
+    };
+    let config = store.path().join("edge.toml");
+    std::fs::write(&config, site(NAME, &first)).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cmd = lobe_tls(&[
+        "serve",
+        "--listen",
+        &listen,
+        "--mode",
+        "tcp",
+        "--config",
+        config.to_str().unwrap(),
+        "--challenge",
+        "http-01",
+        "--http-listen",
+        &pebble.http_listen(),
+    ]);
+    cmd.env("LOBE_TLS_STORE", store.path().join("store"))
+        .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
+        .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file)
+        .stderr(Stdio::null());
+    let serve = Serve(cmd.spawn().unwrap());
+    let connector = connector_for(&pebble.issuing_root_pem().await);
+    let greeted = |name: &'static str, expected: &'static str| {
+        let (connector, listen) = (connector.clone(), listen.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                match greeting_for(&connector, &listen, name).await {
+                    Ok(greeting) => break assert_eq!(greeting, expected),
+                    Err(e) => assert!(Instant::now() < deadline, "{name} never served: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    greeted(NAME, "first site\n").await;
+    assert!(greeting_for(&connector, &listen, ADDED).await.is_err());
+
+    std::fs::write(&config, site(NAME, &first) + &site(ADDED, &added)).unwrap();
+    let pid = serve.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    greeted(ADDED, "added site\n").await;
+    greeted(NAME, "first site\n").await;
+    assert!(
+        store
+            .path()
+            .join("store/live")
+            .join(ADDED)
+            .join("fullchain.pem")
+            .exists()
+    );
+}

@@ -231,21 +231,9 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     }
     // A site's domains are managed unless a --cert-dir covers them (or, checked below, the
     // store already holds their certificate).
-    let site_domains: Vec<Vec<String>> = sites
-        .iter()
-        .map(|site| site.domains.clone())
-        .filter(|domains| !domains.is_empty())
-        .filter(|domains| !domains.iter().all(|d| resolver.lookup(Some(d)).is_some()))
-        .collect();
-    if (managed.is_some() || !site_domains.is_empty())
-        && args.challenge.challenge == ChallengeKind::Http01
-        && args.challenge.http_webroot.is_none()
-        && args.no_http
-    {
-        return Err(Error::Config(
-            "--challenge http-01 answers on --http-listen: drop --no-http or use another challenge"
-                .into(),
-        ));
+    let site_domains = uncovered_domains(&sites, &resolver);
+    if managed.is_some() || !site_domains.is_empty() {
+        check_http01_answerable(args)?;
     }
     // The store is served (and everything in it renewed) with managed names, and when
     // nothing else is given.
@@ -288,6 +276,8 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         )?),
         None => None,
     };
+    // Sites a reload adds have their domains issued by the same manager.
+    let reload_manager = manager.clone();
     let on_demand = match (on_demand, &manager) {
         (Some(config), Some(manager)) => Some(OnDemand::new(manager.clone(), config)?),
         _ => None,
@@ -371,7 +361,12 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
             tracing::warn!("no valid certificate yet; handshakes are refused until one appears");
         }
         tracing::info!(%listen, sites = sites.len(), certificates = resolver.len(), "serving");
-        reload_until(&mut shutdown, &handle, args).await?;
+        let issuer = ReloadIssuer {
+            args,
+            resolver: &resolver,
+            manager: reload_manager.as_ref(),
+        };
+        reload_until(&mut shutdown, &handle, &issuer).await?;
     }
     let _ = stop.send(());
     let _ = serving.await;
@@ -631,13 +626,92 @@ async fn site_cert(
     ))
 }
 
+/// The domains of `sites` that nothing `resolver` serves covers (a --cert-dir at start,
+/// anything served on a reload), one list per site.
+fn uncovered_domains(sites: &[SiteConfig], resolver: &CertResolver) -> Vec<Vec<String>> {
+    sites
+        .iter()
+        .map(|site| site.domains.clone())
+        .filter(|domains| !domains.is_empty())
+        .filter(|domains| !domains.iter().all(|d| resolver.lookup(Some(d)).is_some()))
+        .collect()
+}
+
+/// HTTP-01 needs the HTTP listener (or a webroot) to answer.
+fn check_http01_answerable(args: &Args) -> Result<()> {
+    if args.challenge.challenge == ChallengeKind::Http01
+        && args.challenge.http_webroot.is_none()
+        && args.no_http
+    {
+        return Err(Error::Config(
+            "--challenge http-01 answers on --http-listen: drop --no-http or use another challenge"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Hands the domains of sites a reload added to the manager, by the rules of the start:
+/// managed unless the store or a --cert-dir covers them. Certificates of removed sites
+/// are left as they are (renewed with the rest of the store, never revoked).
+struct ReloadIssuer<'a> {
+    args: &'a Args,
+    resolver: &'a CertResolver,
+    manager: Option<&'a Manager>,
+}
+
+impl ReloadIssuer<'_> {
+    async fn issue_new(&self, sites: &[SiteConfig]) {
+        let new = uncovered_domains(sites, self.resolver);
+        if new.is_empty() {
+            return;
+        }
+        let Some(manager) = self.manager else {
+            tracing::warn!(
+                domains = ?new,
+                "SIGHUP: no certificate covers these site domains and serve runs without a store to issue into; restart with the store (--store) to have them issued"
+            );
+            return;
+        };
+        if let Err(e) = check_http01_answerable(self.args) {
+            tracing::error!("SIGHUP: cannot issue certificates for {new:?}: {e}");
+            return;
+        }
+        for domains in new {
+            let cert = match site_cert(self.args, &domains, manager.store(), &[]).await {
+                Ok(Some(cert)) => cert,
+                // The store holds it: the manager serves and renews it already.
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!("SIGHUP: cannot manage a certificate for {domains:?}: {e}");
+                    continue;
+                }
+            };
+            let name = cert.name.clone();
+            // The maintenance loop orders a managed certificate that has none at once.
+            match manager.add(cert) {
+                Ok(true) => tracing::info!(
+                    cert = name,
+                    ?domains,
+                    "SIGHUP: issuing a certificate for a new site"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!("SIGHUP: cannot manage a certificate for {domains:?}: {e}")
+                }
+            }
+        }
+    }
+}
+
 /// Waits for SIGTERM/SIGINT, re-reading the --config file's sites on each SIGHUP. A file
 /// that does not read or check is refused with one line, and the running sites stay.
 async fn reload_until(
     shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     handle: &EdgeHandle,
-    args: &Args,
+    issuer: &ReloadIssuer<'_>,
 ) -> Result<()> {
+    let args = issuer.args;
     let mut hangup = signal(SignalKind::hangup())
         .map_err(|e| Error::Config(format!("cannot handle SIGHUP: {e}")))?;
     loop {
@@ -650,7 +724,10 @@ async fn reload_until(
                 };
                 let extra: Vec<SiteConfig> = flag_site(args).into_iter().collect();
                 match lobe_tls::edge::reload::reload_from(handle, path, &extra) {
-                    Ok(sites) => tracing::info!(sites, "SIGHUP: configuration reloaded"),
+                    Ok(sites) => {
+                        tracing::info!(sites = sites.len(), "SIGHUP: configuration reloaded");
+                        issuer.issue_new(&sites).await;
+                    }
                     Err(e) => tracing::error!("SIGHUP: configuration refused, the running one stays: {e}"),
                 }
             }
