@@ -21,6 +21,8 @@ use lobe_tls::{
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::challenge_args::ChallengeArgs;
+
+mod caps;
 use crate::global::Global;
 use crate::profile_args::ProfileArgs;
 
@@ -79,11 +81,14 @@ pub struct Args {
     )]
     pub trusted_proxies: Vec<IpNet>,
 
-    /// Connections open at once, in total; more are refused.
+    /// Connections open at once, in total; more are refused. Default: (open-file limit -
+    /// 256) / 2, after serve raised its soft open-file limit to the hard one; 0: no cap.
     #[arg(long, env = "LOBE_TLS_MAX_CONNS")]
     pub max_conns: Option<usize>,
 
-    /// Connections open at once from one client address; more are refused.
+    /// Connections open at once from one client address (with --accept-proxy-protocol,
+    /// the one the PROXY header names); more are refused. Peers in --trusted-proxy are
+    /// not capped per address. Default: 4096; 0: no cap.
     #[arg(long, env = "LOBE_TLS_MAX_CONNS_PER_IP")]
     pub max_conns_per_ip: Option<usize>,
 
@@ -210,6 +215,7 @@ impl OnDemandArgs {
 
 /// Runs the command until SIGTERM or SIGINT.
 pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
+    let nofile = caps::raise_nofile();
     if args.name.is_some() && args.domains.is_empty() {
         return Err(Error::Config(
             "--name needs the certificate's domains: add -d DOMAIN (repeatable)".into(),
@@ -302,7 +308,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     {
         tracing::warn!(error = %e, "the affinity cookie key is not shared; cookies pin on this instance only");
     }
-    let config = edge_config(args, sites.clone());
+    let config = edge_config(args, sites.clone(), nofile);
     let tls = lobe_tls::tls_config::server_config(
         Arc::new(resolver.clone()),
         &config.alpn(),
@@ -587,13 +593,19 @@ fn flag_site(args: &Args) -> Option<SiteConfig> {
     Some(site)
 }
 
-fn edge_config(args: &Args, sites: Vec<SiteConfig>) -> EdgeConfig {
+fn edge_config(args: &Args, sites: Vec<SiteConfig>, nofile: Option<u64>) -> EdgeConfig {
     let mut config = EdgeConfig::new(sites);
     config.mode = args.mode;
     config.drain_timeout = Duration::from_secs(args.drain_timeout);
     config.header_read_timeout = Duration::from_secs(args.header_read_timeout);
-    config.max_conns = args.max_conns;
-    config.max_conns_per_ip = args.max_conns_per_ip;
+    config.max_conns = caps::cap(args.max_conns, caps::default_max_conns(nofile));
+    config.max_conns_per_ip =
+        caps::cap(args.max_conns_per_ip, Some(caps::DEFAULT_MAX_CONNS_PER_IP));
+    tracing::debug!(
+        max_conns = ?config.max_conns,
+        max_conns_per_ip = ?config.max_conns_per_ip,
+        "connection caps"
+    );
     config.rate_limit = args.rate_limit;
     config.trusted_proxies = args.trusted_proxies.clone();
     config.send_proxy_v2 = args.send_proxy_v2;

@@ -92,3 +92,76 @@ async fn behind_a_proxy_header_the_per_address_cap_counts_the_named_client() {
         "a second connection of one client behind the balancer was accepted"
     );
 }
+
+/// The soft and hard open-file limits of process `pid`.
+fn nofile_of(pid: &str) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    (
+        fields.next().unwrap().to_owned(),
+        fields.next().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn serve_raises_its_open_file_limit_and_caps_connections_by_default() {
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout).replace('\n', " ");
+    assert!(help.contains("Default: 4096; 0: no cap"), "{help}");
+    assert!(
+        help.contains("Default: (open-file limit - 256) / 2"),
+        "{help}"
+    );
+
+    let (_, hard) = nofile_of("self");
+    assert!(
+        hard == "unlimited" || hard.parse::<u64>().unwrap() > 512,
+        "the hard open-file limit ({hard}) leaves nothing to raise"
+    );
+    let backend = Backend::start("a");
+    let certs = tempfile::tempdir().unwrap();
+    write_certificate(certs.path());
+    let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    // Started with a low soft limit, as many systems start services.
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "ulimit -Sn 512 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_lobe-tls"))
+        .args(["serve", "--listen", &listen, "--no-http", "--upstream"])
+        .arg(&backend.addr)
+        .arg("--cert-dir")
+        .arg(certs.path())
+        .env_remove("LOBE_TLS_STORE")
+        .env("LOBE_TLS_LOG", "lobe_tls=debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + STEP;
+    while TcpStream::connect(&listen).await.is_err() {
+        assert!(Instant::now() < deadline, "serve never came up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = child.id().to_string();
+    let (soft, hard) = nofile_of(&pid);
+    let _ = child.kill();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(soft, hard, "the soft open-file limit was not raised");
+    let log = String::from_utf8_lossy(&output.stderr);
+    let caps = log
+        .lines()
+        .find(|l| l.contains("connection caps"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(caps.contains("max_conns_per_ip=Some(4096)"), "{caps}");
+    if let Ok(hard) = hard.parse::<u64>() {
+        let total = format!("max_conns=Some({})", (hard - 256) / 2);
+        assert!(caps.contains(&total), "{caps}");
+    }
+}
