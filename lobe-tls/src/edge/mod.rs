@@ -147,35 +147,22 @@ const AFFINITY_LOCK: &str = "_-affinity-cookie-key";
 /// request; without it each process has a key of its own, and a client that reaches
 /// another instance is re-pinned.
 pub async fn share_affinity_key(store: &crate::store::DynStore) -> Result<()> {
-    let usable = |secret: &Option<Vec<u8>>| secret.as_ref().is_some_and(|s| s.len() >= 32);
-    let mut secret = store.load_secret(AFFINITY_SECRET).await?;
-    if !usable(&secret) {
-        let lock = store
-            .lock(
-                AFFINITY_LOCK,
-                crate::issue::LOCK_LEASE,
-                Duration::from_secs(10),
-            )
-            .await?
-            .ok_or_else(|| {
-                Error::Timeout("another process holds the affinity key lock; try again".into())
-            })?;
-        let created = async {
-            let stored = store.load_secret(AFFINITY_SECRET).await?;
-            if usable(&stored) {
-                return Ok(stored);
-            }
-            let fresh: [u8; 32] = rand::random();
-            store.save_secret(AFFINITY_SECRET, &fresh).await?;
-            Ok::<_, Error>(Some(fresh.to_vec()))
-        }
-        .await;
-        if let Err(e) = lock.release().await {
-            tracing::warn!(error = %e, "cannot release the affinity key lock");
-        }
-        secret = created?;
+    let secret = crate::store::SharedSecret {
+        name: AFFINITY_SECRET,
+        lock: AFFINITY_LOCK,
+        what: "affinity key",
     }
-    let secret = secret.unwrap_or_default();
+    .load_or_create(
+        store,
+        // A shorter one is no key: replaced.
+        |stored| (stored.len() >= 32).then(|| stored.to_vec()),
+        |_| true,
+        |_| {
+            let fresh: [u8; 32] = rand::random();
+            Ok((fresh.to_vec(), zeroize::Zeroizing::new(fresh.to_vec())))
+        },
+    )
+    .await?;
     if !upstream::set_cookie_key(&secret) {
         tracing::warn!(
             "the affinity key was in use before it was read from the store; cookies pin on this process only"
