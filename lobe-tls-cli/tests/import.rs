@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use lobe_tls_tests::cli::{assert_ok, text};
 use lobe_tls_tests::http_server::serve_webroot;
 use lobe_tls_tests::{Pebble, PebbleOptions, RedisServer};
 use serde_json::{Value, json};
@@ -26,20 +27,6 @@ fn lobe(store: impl AsRef<OsStr>, pebble: Option<&Pebble>, args: &[&str]) -> Out
             .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file);
     }
     cmd.args(args).output().expect("run lobe-tls")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
 }
 
 fn json_of(out: &Output) -> Value {
