@@ -253,6 +253,9 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     // Registered before anything is bound, so a SIGTERM during start-up is not lost.
     let mut terminate = signal(SignalKind::terminate())
         .map_err(|e| Error::Config(format!("cannot handle SIGTERM: {e}")))?;
+    // So is a SIGHUP (whose default action ends the process): it is handled once serving.
+    let hangup = signal(SignalKind::hangup())
+        .map_err(|e| Error::Config(format!("cannot handle SIGHUP: {e}")))?;
 
     if let (Some(default), Some(store)) = (&args.default_name, &store) {
         set_default_name(&resolver, default, managed.as_ref(), store, args).await?;
@@ -372,7 +375,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
             resolver: &resolver,
             manager: reload_manager.as_ref(),
         };
-        reload_until(&mut shutdown, &handle, &issuer).await?;
+        reload_until(&mut shutdown, hangup, &handle, &issuer).await;
     }
     let _ = stop.send(());
     let _ = serving.await;
@@ -720,15 +723,14 @@ impl ReloadIssuer<'_> {
 /// that does not read or check is refused with one line, and the running sites stay.
 async fn reload_until(
     shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    mut hangup: tokio::signal::unix::Signal,
     handle: &EdgeHandle,
     issuer: &ReloadIssuer<'_>,
-) -> Result<()> {
+) {
     let args = issuer.args;
-    let mut hangup = signal(SignalKind::hangup())
-        .map_err(|e| Error::Config(format!("cannot handle SIGHUP: {e}")))?;
     loop {
         tokio::select! {
-            _ = shutdown.as_mut() => return Ok(()),
+            _ = shutdown.as_mut() => return,
             _ = hangup.recv() => {
                 let Some(path) = &args.challenge.config_file else {
                     tracing::info!("SIGHUP: no --config file to re-read");
