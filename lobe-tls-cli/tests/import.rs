@@ -318,15 +318,8 @@ fn caddyfile(pebble: &Pebble, storage: &Path, domains: &[&str]) -> String {
     )
 }
 
-/// Kills Caddy when dropped.
-struct Running(std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+// Kills Caddy when dropped.
+use lobe_tls_tests::cli::KillOnDrop as Running;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn caddy_storage_imports_with_the_same_serial_and_its_account() {

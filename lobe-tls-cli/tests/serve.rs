@@ -4,7 +4,7 @@
 
 use std::net::TcpListener as StdListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,15 +23,8 @@ fn write_certificate(dir: &Path) -> TlsConnector {
     lobe_tls_tests::tls::connector(&lobe_tls_tests::tls::write_site_pair(dir, &[NAME]))
 }
 
-/// The binary, killed on drop if a test fails half-way.
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+// The binary, killed on drop if a test fails half-way.
+use lobe_tls_tests::cli::KillOnDrop as Serve;
 
 fn lobe_tls(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));

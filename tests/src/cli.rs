@@ -108,3 +108,15 @@ pub async fn tls_request(
         .await
         .map_err(|_| "no answer within 5 s".to_owned())?
 }
+
+/// A child process (`lobe-tls serve`, a peer server), killed and reaped when dropped,
+/// so that a test failing half-way leaves nothing running.
+#[derive(Debug)]
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
