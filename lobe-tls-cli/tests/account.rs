@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use lobe_tls_tests::cli::{assert_ok, text};
 use lobe_tls_tests::{Pebble, PebbleOptions, RedisServer, mode};
 use serde_json::Value;
 
@@ -20,20 +21,6 @@ fn lobe(store: &str, pebble: &Pebble, args: &[&str]) -> Output {
         .stdin(std::process::Stdio::null())
         .output()
         .expect("run lobe-tls")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
 }
 
 fn one_line_error(out: &Output) -> String {

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use lobe_tls_tests::cli::assert_ok;
 use lobe_tls_tests::dns::{DnsTestbed, TSIG_KEY, ZONE};
 use lobe_tls_tests::{Pebble, PebbleOptions, verify_chain};
 
@@ -20,16 +21,6 @@ fn lobe(store: &Path, pebble: &Pebble, env: &[(&str, &str)], args: &[&str]) -> O
         cmd.env(k, v);
     }
     cmd.args(args).output().expect("run lobe-tls")
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn start() -> (DnsTestbed, Pebble, tempfile::TempDir) {

@@ -7,6 +7,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use lobe_tls_tests::ari_shim::{AriShim, NewOrderProblem};
+use lobe_tls_tests::cli::{assert_ok, assert_one_line_error, text};
 use lobe_tls_tests::dns::{DnsTestbed, TSIG_KEY, ZONE};
 use lobe_tls_tests::faulty_path::FaultyPath;
 use lobe_tls_tests::{Pebble, PebbleOptions};
@@ -22,32 +23,6 @@ async fn lobe(store: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
         cmd.env(name, value);
     }
     cmd.args(args).output().await.expect("run lobe-tls")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-}
-
-/// A failure with exactly one line on stderr, which contains every one of `needles`.
-fn assert_one_line_error(out: &Output, needles: &[&str]) -> String {
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
-    assert!(err.starts_with("lobe-tls: error: "), "{err}");
-    for needle in needles {
-        assert!(err.contains(needle), "{needle:?} missing from: {err}");
-    }
-    err
 }
 
 async fn listed_directory(store: &Path, name: &str) -> String {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use lobe_tls_tests::cli::{assert_ok, text};
 use lobe_tls_tests::http_server::serve_webroot;
 use lobe_tls_tests::{Pebble, PebbleOptions, RedisServer};
 use serde_json::{Value, json};
@@ -26,20 +27,6 @@ fn lobe(store: impl AsRef<OsStr>, pebble: Option<&Pebble>, args: &[&str]) -> Out
             .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file);
     }
     cmd.args(args).output().expect("run lobe-tls")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
 }
 
 fn json_of(out: &Output) -> Value {
@@ -331,15 +318,8 @@ fn caddyfile(pebble: &Pebble, storage: &Path, domains: &[&str]) -> String {
     )
 }
 
-/// Kills Caddy when dropped.
-struct Running(std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+// Kills Caddy when dropped.
+use lobe_tls_tests::cli::KillOnDrop as Running;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn caddy_storage_imports_with_the_same_serial_and_its_account() {

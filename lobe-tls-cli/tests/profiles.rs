@@ -9,11 +9,9 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use lobe_tls_tests::ari_shim::AriShim;
+use lobe_tls_tests::cli::{assert_ok, assert_one_line_error, greeting_upstream, tls_request};
 use lobe_tls_tests::{Pebble, PebbleOptions};
-use rustls::pki_types::ServerName;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 
 const GREETING: &str = "upstream says hi\n";
@@ -37,27 +35,6 @@ async fn lobe(store: &Path, pebble: &Pebble, shim: &AriShim, args: &[&str]) -> O
         .output()
         .await
         .unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn assert_ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-}
-
-fn assert_one_line_error(out: &Output, needle: &str) {
-    let err = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
-    assert!(err.contains(needle), "{needle:?} missing from: {err}");
 }
 
 async fn listed(store: &Path, pebble: &Pebble, shim: &AriShim) -> Vec<Value> {
@@ -96,7 +73,7 @@ async fn issue_profile_is_checked_stored_listed_and_ordered_again_by_renew() {
     .await;
     assert_one_line_error(
         &out,
-        "does not list the profile \"nonesuch\"; it lists classic, shortlived, tlsserver",
+        &["does not list the profile \"nonesuch\"; it lists classic, shortlived, tlsserver"],
     );
     assert!(shim.order_profiles().is_empty());
 
@@ -149,49 +126,17 @@ async fn issue_profile_is_checked_stored_listed_and_ordered_again_by_renew() {
         ],
     )
     .await;
-    assert_one_line_error(&out, "--profile applies to the certificate -d names");
-}
-
-/// A plain-TCP upstream that greets every connection.
-async fn greeting_upstream() -> String {
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = upstream.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = upstream.accept().await {
-            tokio::spawn(async move {
-                let _ = stream.write_all(GREETING.as_bytes()).await;
-            });
-        }
-    });
-    addr
+    assert_one_line_error(&out, &["--profile applies to the certificate -d names"]);
 }
 
 /// `https://127.0.0.1:PORT/` as a client makes it: no SNI (the host is an address), the
 /// leaf verified against Pebble's root for the IP address, then the upstream's answer.
 async fn request_ip(listen: &str, root: &str) -> Result<lobe_tls::CertInfo, String> {
-    let exchange = async {
-        let tcp = TcpStream::connect(listen)
-            .await
-            .map_err(|e| e.to_string())?;
-        let ip: std::net::IpAddr = "127.0.0.1".parse().unwrap();
-        let connector = tokio_rustls::TlsConnector::from(lobe_tls_tests::tls::client_config(root));
-        let mut tls = connector
-            .connect(ServerName::IpAddress(ip.into()), tcp)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
-        let mut answer = String::new();
-        tls.read_to_string(&mut answer)
-            .await
-            .map_err(|e| e.to_string())?;
-        if answer != GREETING {
-            return Err(format!("upstream answer {answer:?}"));
-        }
-        lobe_tls::CertInfo::from_der(&leaf).map_err(|e| e.to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .map_err(|_| "no answer within 5 s".to_owned())?
+    let answer = tls_request(&lobe_tls_tests::tls::connector(root), listen, "127.0.0.1").await?;
+    if answer.text != GREETING {
+        return Err(format!("upstream answer {:?}", answer.text));
+    }
+    Ok(answer.leaf)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,7 +147,7 @@ async fn serve_orders_an_ip_certificate_under_shortlived_and_answers_https_127_0
     let root = pebble.issuing_root_pem().await;
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
-    let upstream = greeting_upstream().await;
+    let upstream = greeting_upstream(GREETING).await;
     let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
     let log = dir.path().join("serve.log");
     let _serve = command(&store, &pebble, &shim.directory_url)

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,15 +21,8 @@ const NAME: &str = "ha.example.com";
 const PASSWORD: &str = "s3cret-ha-pw";
 const GREETING: &[u8] = b"upstream says hi\n";
 
-/// `lobe-tls serve`, killed on drop; its stderr goes to a file.
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+// `lobe-tls serve`, killed on drop; its stderr goes to a file.
+use lobe_tls_tests::cli::KillOnDrop as Serve;
 
 fn serve(
     store: &str,

@@ -4,10 +4,12 @@
 
 use std::net::TcpListener as StdListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lobe_tls_tests::cli::{greeting_upstream, tls_request};
+use lobe_tls_tests::free_port;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -18,48 +20,11 @@ const STEP: Duration = Duration::from_secs(10);
 
 /// Writes a CA-signed pair for `NAME` under `dir/site/` and returns a connector trusting the CA.
 fn write_certificate(dir: &Path) -> TlsConnector {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec![NAME.to_owned()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    std::fs::create_dir_all(dir.join("site")).unwrap();
-    std::fs::write(dir.join("site/fullchain.pem"), leaf.pem()).unwrap();
-    std::fs::write(dir.join("site/privkey.pem"), key.serialize_pem()).unwrap();
-
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der().clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    TlsConnector::from(Arc::new(config))
+    lobe_tls_tests::tls::connector(&lobe_tls_tests::tls::write_site_pair(dir, &[NAME]))
 }
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The binary, killed on drop if a test fails half-way.
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+// The binary, killed on drop if a test fails half-way.
+use lobe_tls_tests::cli::KillOnDrop as Serve;
 
 fn lobe_tls(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
@@ -260,38 +225,13 @@ async fn nothing_to_serve_is_a_clear_error() {
     );
 }
 
-/// A connector trusting `root_pem` only.
-fn connector_for(root_pem: &str) -> TlsConnector {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    TlsConnector::from(Arc::new(config))
-}
-
 /// Runs `serve` for one managed name against Pebble with `challenge`, and checks that the
 /// issued certificate is served, verified by Pebble's root, and reported in the metrics.
 async fn managed_name_is_issued_and_served(challenge: &str) {
     use lobe_tls_tests::{Pebble, PebbleOptions};
     let pebble = Pebble::start(PebbleOptions::default());
     let store = tempfile::tempdir().unwrap();
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream_addr = upstream.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = upstream.accept().await {
-            tokio::spawn(async move {
-                let _ = stream.write_all(b"upstream says hi\n").await;
-            });
-        }
-    });
+    let upstream_addr = greeting_upstream("upstream says hi\n").await;
     // TLS-ALPN-01 is validated on the terminator's own port; HTTP-01 on the HTTP listener.
     let listen = if challenge == "tls-alpn-01" {
         pebble.tls_listen()
@@ -321,7 +261,7 @@ async fn managed_name_is_issued_and_served(challenge: &str) {
         .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file);
     let mut serve = Serve(cmd.spawn().unwrap());
 
-    let connector = connector_for(&pebble.issuing_root_pem().await);
+    let connector = lobe_tls_tests::tls::connector(&pebble.issuing_root_pem().await);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut tls = loop {
         match tls_connect(&connector, &listen).await {
@@ -450,7 +390,7 @@ async fn serve_with_only_a_store_serves_and_renews_what_it_holds() {
     ]);
     with_pebble(&mut cmd);
     let _serve = Serve(cmd.spawn().unwrap());
-    let connector = connector_for(&pebble.issuing_root_pem().await);
+    let connector = lobe_tls_tests::tls::connector(&pebble.issuing_root_pem().await);
     let first = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if let Some(serial) = served_serial(&connector, &listen).await {
@@ -592,7 +532,7 @@ async fn serve_stores_a_wildcard_apart_from_its_apex() {
     ]);
     with_pebble(&mut cmd);
     let mut serve = Serve(cmd.spawn().unwrap());
-    let connector = connector_for(&pebble.issuing_root_pem().await);
+    let connector = lobe_tls_tests::tls::connector(&pebble.issuing_root_pem().await);
     let wildcard_serial =
         wait_for_serial(&connector, &listen, &format!("www.{APEX}"), &mut serve).await;
     let apex_served = wait_for_serial(&connector, &listen, APEX, &mut serve).await;
@@ -731,7 +671,13 @@ async fn default_name_serves_clients_without_or_with_an_unknown_name_from_the_st
     with_pebble(&mut cmd);
     let mut serve = Serve(cmd.spawn().unwrap());
     let root = pebble.issuing_root_pem().await;
-    let serial = wait_for_serial(&connector_for(&root), &listen, NAME, &mut serve).await;
+    let serial = wait_for_serial(
+        &lobe_tls_tests::tls::connector(&root),
+        &listen,
+        NAME,
+        &mut serve,
+    )
+    .await;
     assert_eq!(
         listed(store.path())["site"]["serial"],
         serde_json::Value::String(serial.clone())
@@ -773,15 +719,7 @@ async fn a_site_of_the_config_file_gets_its_certificate_issued_and_served() {
     use lobe_tls_tests::{Pebble, PebbleOptions};
     let pebble = Pebble::start(PebbleOptions::default());
     let store = tempfile::tempdir().unwrap();
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream_addr = upstream.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = upstream.accept().await {
-            tokio::spawn(async move {
-                let _ = stream.write_all(b"site upstream\n").await;
-            });
-        }
-    });
+    let upstream_addr = greeting_upstream("site upstream\n").await;
     // No -d and no --cert-dir: the site's domains are what gets managed.
     let config = store.path().join("edge.toml");
     std::fs::write(
@@ -807,7 +745,7 @@ async fn a_site_of_the_config_file_gets_its_certificate_issued_and_served() {
         .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
         .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file);
     let _serve = Serve(cmd.spawn().unwrap());
-    let connector = connector_for(&pebble.issuing_root_pem().await);
+    let connector = lobe_tls_tests::tls::connector(&pebble.issuing_root_pem().await);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut tls = loop {
         match tls_connect(&connector, &listen).await {
@@ -832,6 +770,87 @@ async fn a_site_of_the_config_file_gets_its_certificate_issued_and_served() {
             .path()
             .join("store/live")
             .join(NAME)
+            .join("fullchain.pem")
+            .exists()
+    );
+}
+
+/// What the upstream behind `server_name` says, over TLS verified by `connector`.
+async fn greeting_for(
+    connector: &TlsConnector,
+    addr: &str,
+    server_name: &str,
+) -> Result<String, String> {
+    tls_request(connector, addr, server_name)
+        .await
+        .map(|answer| answer.text)
+}
+
+#[tokio::test]
+async fn a_site_added_by_a_reload_gets_its_certificate_issued_without_a_restart() {
+    use lobe_tls_tests::{Pebble, PebbleOptions};
+    const ADDED: &str = "added.example.com";
+    let pebble = Pebble::start(PebbleOptions::default());
+    let store = tempfile::tempdir().unwrap();
+    let first = greeting_upstream("first site\n").await;
+    let added = greeting_upstream("added site\n").await;
+    let site = |domain: &str, upstream: &str| {
+        format!("[[site]]\ndomains = [\"{domain}\"]\nupstreams = [\"{upstream}\"]\n")
+    };
+    let config = store.path().join("edge.toml");
+    std::fs::write(&config, site(NAME, &first)).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cmd = lobe_tls(&[
+        "serve",
+        "--listen",
+        &listen,
+        "--mode",
+        "tcp",
+        "--config",
+        config.to_str().unwrap(),
+        "--challenge",
+        "http-01",
+        "--http-listen",
+        &pebble.http_listen(),
+    ]);
+    cmd.env("LOBE_TLS_STORE", store.path().join("store"))
+        .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
+        .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file)
+        .stderr(Stdio::null());
+    let serve = Serve(cmd.spawn().unwrap());
+    let connector = lobe_tls_tests::tls::connector(&pebble.issuing_root_pem().await);
+    let greeted = |name: &'static str, expected: &'static str| {
+        let (connector, listen) = (connector.clone(), listen.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                match greeting_for(&connector, &listen, name).await {
+                    Ok(greeting) => break assert_eq!(greeting, expected),
+                    Err(e) => assert!(Instant::now() < deadline, "{name} never served: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    greeted(NAME, "first site\n").await;
+    assert!(greeting_for(&connector, &listen, ADDED).await.is_err());
+
+    std::fs::write(&config, site(NAME, &first) + &site(ADDED, &added)).unwrap();
+    let pid = serve.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    greeted(ADDED, "added site\n").await;
+    greeted(NAME, "first site\n").await;
+    assert!(
+        store
+            .path()
+            .join("store/live")
+            .join(ADDED)
             .join("fullchain.pem")
             .exists()
     );

@@ -10,12 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use lobe_tls_tests::cli::{greeting_upstream, tls_request};
 use lobe_tls_tests::http_server::{HttpServer, json_response};
 use lobe_tls_tests::{Pebble, PebbleOptions};
 use rustls::HandshakeKind;
-use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 const ALLOWED: &str = "new.example.test";
@@ -41,41 +40,17 @@ impl Drop for Serve {
     }
 }
 
-/// A plain-TCP upstream that greets every connection.
-async fn greeting_upstream() -> String {
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = upstream.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = upstream.accept().await {
-            tokio::spawn(async move {
-                let _ = stream.write_all(GREETING.as_bytes()).await;
-            });
-        }
-    });
-    addr
-}
-
 /// One request for `name`, verified against Pebble's root: how the handshake went.
 async fn request(
     connector: &TlsConnector,
     listen: &str,
     name: &str,
 ) -> Result<HandshakeKind, String> {
-    let tcp = TcpStream::connect(listen)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut tls = connector
-        .connect(ServerName::try_from(name.to_owned()).unwrap(), tcp)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let mut answer = String::new();
-    tls.read_to_string(&mut answer)
-        .await
-        .map_err(|e| e.to_string())?;
-    if answer != GREETING {
-        return Err(format!("upstream answer {answer:?}"));
+    let answer = tls_request(connector, listen, name).await?;
+    if answer.text != GREETING {
+        return Err(format!("upstream answer {:?}", answer.text));
     }
-    Ok(tls.get_ref().1.handshake_kind().unwrap())
+    Ok(answer.kind)
 }
 
 fn start_serve(dir: &Path, pebble: &Pebble, ask: &str, upstream: &str) -> Serve {
@@ -116,7 +91,7 @@ async fn serve_issues_an_allowed_name_on_its_first_request_and_resumes_sessions(
         async move { json_response(if allowed { 200 } else { 404 }, serde_json::json!({})) }
     })
     .await;
-    let upstream = greeting_upstream().await;
+    let upstream = greeting_upstream(GREETING).await;
     let serve = start_serve(
         dir.path(),
         &pebble,

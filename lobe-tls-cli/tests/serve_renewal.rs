@@ -9,11 +9,10 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lobe_tls_tests::cli::{greeting_upstream, tls_request};
 use lobe_tls_tests::faulty_path::FaultyPath;
+use lobe_tls_tests::tls::connector;
 use lobe_tls_tests::{Pebble, PebbleOptions};
-use rustls::pki_types::ServerName;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
 const NAME: &str = "app.example.test";
@@ -72,55 +71,17 @@ fn start_serve(
     (Serve { child, log }, listen)
 }
 
-/// A plain-TCP upstream that greets every connection.
-async fn greeting_upstream() -> String {
-    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = upstream.local_addr().unwrap().to_string();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = upstream.accept().await {
-            tokio::spawn(async move {
-                let _ = stream.write_all(GREETING.as_bytes()).await;
-            });
-        }
-    });
-    addr
-}
-
 /// One request as a browser makes it: a handshake verified against Pebble's root at the
 /// current time, then the upstream's answer. Returns the served certificate.
 async fn verified_request(
     connector: &TlsConnector,
     listen: &str,
 ) -> Result<lobe_tls::CertInfo, String> {
-    let exchange = async {
-        let tcp = TcpStream::connect(listen)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut tls = connector
-            .connect(ServerName::try_from(NAME).unwrap(), tcp)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
-        let mut answer = String::new();
-        tls.read_to_string(&mut answer)
-            .await
-            .map_err(|e| e.to_string())?;
-        if answer != GREETING {
-            return Err(format!("upstream answer {answer:?}"));
-        }
-        lobe_tls::CertInfo::from_der(&leaf).map_err(|e| e.to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .map_err(|_| "no answer within 5 s".to_owned())?
-}
-
-/// A client trusting Pebble's root that never resumes a session: a resumed session
-/// skips the certificate, and each request must see (and verify) what is served now.
-fn connector(root_pem: &str) -> TlsConnector {
-    let mut config = (*lobe_tls_tests::tls::client_config(root_pem)).clone();
-    config.resumption = rustls::client::Resumption::disabled();
-    TlsConnector::from(std::sync::Arc::new(config))
+    let answer = tls_request(connector, listen, NAME).await?;
+    if answer.text != GREETING {
+        return Err(format!("upstream answer {:?}", answer.text));
+    }
+    Ok(answer.leaf)
 }
 
 /// Waits for the first verified request; panics with serve's log if none comes.
@@ -178,7 +139,7 @@ async fn serve_with_its_defaults_keeps_30_second_certificates_fresh_over_three_l
         ..PebbleOptions::default()
     });
     let dir = tempfile::tempdir().unwrap();
-    let upstream = greeting_upstream().await;
+    let upstream = greeting_upstream(GREETING).await;
     let (serve, listen) = start_serve(dir.path(), &pebble, &pebble.directory_url, &upstream);
     let connector = connector(&pebble.issuing_root_pem().await);
     let first = first_certificate(&serve, &connector, &listen).await;
@@ -230,7 +191,7 @@ async fn serve_renews_before_expiry_after_the_path_to_the_ca_was_dead_for_25_sec
     let path = FaultyPath::start(pebble_addr).await;
     let directory_url = format!("https://{}/dir", path.addr);
     let dir = tempfile::tempdir().unwrap();
-    let upstream = greeting_upstream().await;
+    let upstream = greeting_upstream(GREETING).await;
     let (serve, listen) = start_serve(dir.path(), &pebble, &directory_url, &upstream);
     let connector = connector(&pebble.issuing_root_pem().await);
     let first = first_certificate(&serve, &connector, &listen).await;

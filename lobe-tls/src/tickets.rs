@@ -28,7 +28,7 @@ use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
-use crate::store::DynStore;
+use crate::store::{DynStore, SharedSecret};
 
 /// How often ticket keys are rotated by default.
 pub const DEFAULT_ROTATION: Duration = Duration::from_secs(12 * 3600);
@@ -342,55 +342,39 @@ impl SharedTickets {
 }
 
 /// The key set to use now: the stored one, or under the store's lock a new or rotated
-/// one, saved for the other instances.
+/// one, saved for the other instances. When another instance holds the lock (it is
+/// rotating), the stored set serves until its keys arrive at the next poll.
 async fn sync(store: &DynStore, config: &TicketConfig) -> Result<KeySet> {
-    let stored = read(store).await?;
-    if let Some(set) = &stored
-        && !set.due(now(), config.rotation)
-    {
-        return Ok(set.clone());
+    let now = now();
+    SharedSecret {
+        name: SECRET_NAME,
+        lock: LOCK_NAME,
+        what: "session ticket key",
     }
-    let lock = store
-        .lock(LOCK_NAME, crate::issue::LOCK_LEASE, Duration::from_secs(10))
-        .await?;
-    let Some(lock) = lock else {
-        // Another instance is rotating; its keys arrive at the next poll.
-        return match stored {
-            Some(set) => Ok(set),
-            None => Err(Error::Timeout(
-                "another process holds the session ticket key lock; try again".into(),
-            )),
-        };
-    };
-    let result = async {
-        let rng = SystemRandom::new();
-        let now = now();
-        let set = match read(store).await? {
-            Some(set) if !set.due(now, config.rotation) => return Ok(set),
-            Some(set) => set.rotated(now, config.rotation, &rng)?,
-            None => KeySet::generate(now, &rng)?,
-        };
-        store.save_secret(SECRET_NAME, &set.encode()).await?;
-        Ok(set)
-    }
-    .await;
-    if let Err(e) = lock.release().await {
-        tracing::warn!(error = %e, "cannot release the session ticket key lock");
-    }
-    result
+    .load_or_create(
+        store,
+        decode_stored,
+        |set| !set.due(now, config.rotation),
+        |stored| {
+            let rng = SystemRandom::new();
+            let set = match stored {
+                Some(set) => set.rotated(now, config.rotation, &rng)?,
+                None => KeySet::generate(now, &rng)?,
+            };
+            let encoded = set.encode();
+            Ok((set, encoded))
+        },
+    )
+    .await
 }
 
 /// The stored key set; an unreadable blob counts as none (it is replaced).
-async fn read(store: &DynStore) -> Result<Option<KeySet>> {
-    let Some(data) = store.load_secret(SECRET_NAME).await? else {
-        return Ok(None);
-    };
-    let data = Zeroizing::new(data);
-    let set = KeySet::decode(&data);
+fn decode_stored(data: &[u8]) -> Option<KeySet> {
+    let set = KeySet::decode(data);
     if set.is_none() {
         tracing::warn!("the stored session ticket keys are unreadable; replacing them");
     }
-    Ok(set)
+    set
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use lobe_tls::AcmeConfig;
 
 pub mod ari_shim;
 pub mod backend;
+pub mod cli;
 pub mod cloudflare_api;
 pub mod dns;
 pub mod faulty_path;

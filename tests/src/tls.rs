@@ -80,6 +80,32 @@ pub fn client_config(root_pem: &str) -> Arc<rustls::ClientConfig> {
     Arc::new(config)
 }
 
+/// Writes a leaf for `names`, signed by a fresh CA, as `dir/site/fullchain.pem` and
+/// `dir/site/privkey.pem` (a pair `serve --cert-dir dir` serves); returns the CA's
+/// certificate in PEM, for clients to trust.
+pub fn write_site_pair(dir: &std::path::Path, names: &[&str]) -> String {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().expect("leaf key");
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let leaf = rcgen::CertificateParams::new(names)
+        .expect("leaf names")
+        .signed_by(&key, &issuer)
+        .expect("leaf certificate");
+    std::fs::create_dir_all(dir.join("site")).expect("site directory");
+    std::fs::write(dir.join("site/fullchain.pem"), leaf.pem()).expect("fullchain.pem");
+    std::fs::write(dir.join("site/privkey.pem"), key.serialize_pem()).expect("privkey.pem");
+    ca.pem()
+}
+
+/// A connector over [`client_config`]: trusts only `root_pem`, never resumes.
+pub fn connector(root_pem: &str) -> tokio_rustls::TlsConnector {
+    tokio_rustls::TlsConnector::from(client_config(root_pem))
+}
+
 /// Connects to `addr` with SNI `server_name`, verifies the chain with `config` as a
 /// browser would (chain, name, validity period), and returns the facts of the leaf served.
 pub async fn handshake_leaf(

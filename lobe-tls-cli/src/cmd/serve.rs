@@ -21,6 +21,8 @@ use lobe_tls::{
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::challenge_args::ChallengeArgs;
+
+mod caps;
 use crate::global::Global;
 use crate::profile_args::ProfileArgs;
 
@@ -79,11 +81,14 @@ pub struct Args {
     )]
     pub trusted_proxies: Vec<IpNet>,
 
-    /// Connections open at once, in total; more are refused.
+    /// Connections open at once, in total; more are refused. Default: (open-file limit -
+    /// 256) / 2, after serve raised its soft open-file limit to the hard one; 0: no cap.
     #[arg(long, env = "LOBE_TLS_MAX_CONNS")]
     pub max_conns: Option<usize>,
 
-    /// Connections open at once from one client address; more are refused.
+    /// Connections open at once from one client address (with --accept-proxy-protocol,
+    /// the one the PROXY header names); more are refused. Peers in --trusted-proxy are
+    /// not capped per address. Default: 4096; 0: no cap.
     #[arg(long, env = "LOBE_TLS_MAX_CONNS_PER_IP")]
     pub max_conns_per_ip: Option<usize>,
 
@@ -210,6 +215,7 @@ impl OnDemandArgs {
 
 /// Runs the command until SIGTERM or SIGINT.
 pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
+    let nofile = caps::raise_nofile();
     if args.name.is_some() && args.domains.is_empty() {
         return Err(Error::Config(
             "--name needs the certificate's domains: add -d DOMAIN (repeatable)".into(),
@@ -231,21 +237,9 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     }
     // A site's domains are managed unless a --cert-dir covers them (or, checked below, the
     // store already holds their certificate).
-    let site_domains: Vec<Vec<String>> = sites
-        .iter()
-        .map(|site| site.domains.clone())
-        .filter(|domains| !domains.is_empty())
-        .filter(|domains| !domains.iter().all(|d| resolver.lookup(Some(d)).is_some()))
-        .collect();
-    if (managed.is_some() || !site_domains.is_empty())
-        && args.challenge.challenge == ChallengeKind::Http01
-        && args.challenge.http_webroot.is_none()
-        && args.no_http
-    {
-        return Err(Error::Config(
-            "--challenge http-01 answers on --http-listen: drop --no-http or use another challenge"
-                .into(),
-        ));
+    let site_domains = uncovered_domains(&sites, &resolver);
+    if managed.is_some() || !site_domains.is_empty() {
+        check_http01_answerable(args)?;
     }
     // The store is served (and everything in it renewed) with managed names, and when
     // nothing else is given.
@@ -259,6 +253,9 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     // Registered before anything is bound, so a SIGTERM during start-up is not lost.
     let mut terminate = signal(SignalKind::terminate())
         .map_err(|e| Error::Config(format!("cannot handle SIGTERM: {e}")))?;
+    // So is a SIGHUP (whose default action ends the process): it is handled once serving.
+    let hangup = signal(SignalKind::hangup())
+        .map_err(|e| Error::Config(format!("cannot handle SIGHUP: {e}")))?;
 
     if let (Some(default), Some(store)) = (&args.default_name, &store) {
         set_default_name(&resolver, default, managed.as_ref(), store, args).await?;
@@ -288,6 +285,8 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         )?),
         None => None,
     };
+    // Sites a reload adds have their domains issued by the same manager.
+    let reload_manager = manager.clone();
     let on_demand = match (on_demand, &manager) {
         (Some(config), Some(manager)) => Some(OnDemand::new(manager.clone(), config)?),
         _ => None,
@@ -312,7 +311,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     {
         tracing::warn!(error = %e, "the affinity cookie key is not shared; cookies pin on this instance only");
     }
-    let config = edge_config(args, sites.clone());
+    let config = edge_config(args, sites.clone(), nofile);
     let tls = lobe_tls::tls_config::server_config(
         Arc::new(resolver.clone()),
         &config.alpn(),
@@ -371,7 +370,12 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
             tracing::warn!("no valid certificate yet; handshakes are refused until one appears");
         }
         tracing::info!(%listen, sites = sites.len(), certificates = resolver.len(), "serving");
-        reload_until(&mut shutdown, &handle, args).await?;
+        let issuer = ReloadIssuer {
+            args,
+            resolver: &resolver,
+            manager: reload_manager.as_ref(),
+        };
+        reload_until(&mut shutdown, hangup, &handle, &issuer).await;
     }
     let _ = stop.send(());
     let _ = serving.await;
@@ -592,13 +596,19 @@ fn flag_site(args: &Args) -> Option<SiteConfig> {
     Some(site)
 }
 
-fn edge_config(args: &Args, sites: Vec<SiteConfig>) -> EdgeConfig {
+fn edge_config(args: &Args, sites: Vec<SiteConfig>, nofile: Option<u64>) -> EdgeConfig {
     let mut config = EdgeConfig::new(sites);
     config.mode = args.mode;
     config.drain_timeout = Duration::from_secs(args.drain_timeout);
     config.header_read_timeout = Duration::from_secs(args.header_read_timeout);
-    config.max_conns = args.max_conns;
-    config.max_conns_per_ip = args.max_conns_per_ip;
+    config.max_conns = caps::cap(args.max_conns, caps::default_max_conns(nofile));
+    config.max_conns_per_ip =
+        caps::cap(args.max_conns_per_ip, Some(caps::DEFAULT_MAX_CONNS_PER_IP));
+    tracing::debug!(
+        max_conns = ?config.max_conns,
+        max_conns_per_ip = ?config.max_conns_per_ip,
+        "connection caps"
+    );
     config.rate_limit = args.rate_limit;
     config.trusted_proxies = args.trusted_proxies.clone();
     config.send_proxy_v2 = args.send_proxy_v2;
@@ -631,18 +641,96 @@ async fn site_cert(
     ))
 }
 
+/// The domains of `sites` that nothing `resolver` serves covers (a --cert-dir at start,
+/// anything served on a reload), one list per site.
+fn uncovered_domains(sites: &[SiteConfig], resolver: &CertResolver) -> Vec<Vec<String>> {
+    sites
+        .iter()
+        .map(|site| site.domains.clone())
+        .filter(|domains| !domains.is_empty())
+        .filter(|domains| !domains.iter().all(|d| resolver.lookup(Some(d)).is_some()))
+        .collect()
+}
+
+/// HTTP-01 needs the HTTP listener (or a webroot) to answer.
+fn check_http01_answerable(args: &Args) -> Result<()> {
+    if args.challenge.challenge == ChallengeKind::Http01
+        && args.challenge.http_webroot.is_none()
+        && args.no_http
+    {
+        return Err(Error::Config(
+            "--challenge http-01 answers on --http-listen: drop --no-http or use another challenge"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Hands the domains of sites a reload added to the manager, by the rules of the start:
+/// managed unless the store or a --cert-dir covers them. Certificates of removed sites
+/// are left as they are (renewed with the rest of the store, never revoked).
+struct ReloadIssuer<'a> {
+    args: &'a Args,
+    resolver: &'a CertResolver,
+    manager: Option<&'a Manager>,
+}
+
+impl ReloadIssuer<'_> {
+    async fn issue_new(&self, sites: &[SiteConfig]) {
+        let new = uncovered_domains(sites, self.resolver);
+        if new.is_empty() {
+            return;
+        }
+        let Some(manager) = self.manager else {
+            tracing::warn!(
+                domains = ?new,
+                "SIGHUP: no certificate covers these site domains and serve runs without a store to issue into; restart with the store (--store) to have them issued"
+            );
+            return;
+        };
+        if let Err(e) = check_http01_answerable(self.args) {
+            tracing::error!("SIGHUP: cannot issue certificates for {new:?}: {e}");
+            return;
+        }
+        for domains in new {
+            let cert = match site_cert(self.args, &domains, manager.store(), &[]).await {
+                Ok(Some(cert)) => cert,
+                // The store holds it: the manager serves and renews it already.
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!("SIGHUP: cannot manage a certificate for {domains:?}: {e}");
+                    continue;
+                }
+            };
+            let name = cert.name.clone();
+            // The maintenance loop orders a managed certificate that has none at once.
+            match manager.add(cert) {
+                Ok(true) => tracing::info!(
+                    cert = name,
+                    ?domains,
+                    "SIGHUP: issuing a certificate for a new site"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!("SIGHUP: cannot manage a certificate for {domains:?}: {e}")
+                }
+            }
+        }
+    }
+}
+
 /// Waits for SIGTERM/SIGINT, re-reading the --config file's sites on each SIGHUP. A file
 /// that does not read or check is refused with one line, and the running sites stay.
 async fn reload_until(
     shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    mut hangup: tokio::signal::unix::Signal,
     handle: &EdgeHandle,
-    args: &Args,
-) -> Result<()> {
-    let mut hangup = signal(SignalKind::hangup())
-        .map_err(|e| Error::Config(format!("cannot handle SIGHUP: {e}")))?;
+    issuer: &ReloadIssuer<'_>,
+) {
+    let args = issuer.args;
     loop {
         tokio::select! {
-            _ = shutdown.as_mut() => return Ok(()),
+            _ = shutdown.as_mut() => return,
             _ = hangup.recv() => {
                 let Some(path) = &args.challenge.config_file else {
                     tracing::info!("SIGHUP: no --config file to re-read");
@@ -650,7 +738,10 @@ async fn reload_until(
                 };
                 let extra: Vec<SiteConfig> = flag_site(args).into_iter().collect();
                 match lobe_tls::edge::reload::reload_from(handle, path, &extra) {
-                    Ok(sites) => tracing::info!(sites, "SIGHUP: configuration reloaded"),
+                    Ok(sites) => {
+                        tracing::info!(sites = sites.len(), "SIGHUP: configuration reloaded");
+                        issuer.issue_new(&sites).await;
+                    }
                     Err(e) => tracing::error!("SIGHUP: configuration refused, the running one stays: {e}"),
                 }
             }

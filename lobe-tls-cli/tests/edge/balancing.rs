@@ -1,7 +1,7 @@
 //! `lobe-tls serve` as an edge: the real binary in http mode in front of real backend
 //! processes, a real HAProxy in front of it. Balancing, health, routing, the client's
 //! identity, limits, metrics.
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -268,23 +268,17 @@ async fn haproxy_in_front_sends_proxy_v2_and_the_backend_sees_the_client() {
         edge.listen
     );
     std::fs::write(dir.path().join("haproxy.cfg"), config).unwrap();
-    let mut haproxy = Command::new("haproxy")
-        .arg("-f")
-        .arg(dir.path().join("haproxy.cfg"))
-        .arg("-db")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("haproxy is installed (apt-get install haproxy)");
-    struct Kill<'a>(&'a mut Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _haproxy = Kill(&mut haproxy);
+    let _haproxy = lobe_tls_tests::cli::KillOnDrop(
+        Command::new("haproxy")
+            .arg("-f")
+            .arg(dir.path().join("haproxy.cfg"))
+            .arg("-db")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("haproxy is installed (apt-get install haproxy)"),
+    );
     // The client connects to HAProxy from 127.0.0.2, so its address differs from
     // HAProxy's own (127.0.0.1).
     let deadline = Instant::now() + STEP;

@@ -6,5 +6,6 @@
 
 mod balancing;
 mod browser;
+mod limits;
 mod streams;
 mod support;

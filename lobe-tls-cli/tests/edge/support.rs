@@ -127,22 +127,12 @@ pub async fn store_certificate(store: &Path) -> rustls::pki_types::CertificateDe
     ca
 }
 
-/// A CA-signed pair for `NAME` under `dir/site/`; returns the CA's certificate.
+/// A CA-signed pair for `NAME` (and its subdomains) under `dir/site/`; returns the CA's
+/// certificate.
 pub fn write_certificate(dir: &Path) -> rustls::pki_types::CertificateDer<'static> {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec![NAME.to_owned(), format!("*.{NAME}")])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    std::fs::create_dir_all(dir.join("site")).unwrap();
-    std::fs::write(dir.join("site/fullchain.pem"), leaf.pem()).unwrap();
-    std::fs::write(dir.join("site/privkey.pem"), key.serialize_pem()).unwrap();
-    ca.der().clone()
+    use rustls::pki_types::pem::PemObject;
+    let ca = lobe_tls_tests::tls::write_site_pair(dir, &[NAME, &format!("*.{NAME}")]);
+    rustls::pki_types::CertificateDer::from_pem_slice(ca.as_bytes()).unwrap()
 }
 
 pub fn connector(ca: &rustls::pki_types::CertificateDer<'static>, alpn: &[&[u8]]) -> TlsConnector {
@@ -343,12 +333,20 @@ impl Client {
         &self,
         path: &str,
     ) -> tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>> {
-        let tls = self.connect().await.unwrap();
+        self.try_websocket(path).await.unwrap()
+    }
+
+    /// As `websocket`, or why the connection or the upgrade failed.
+    pub async fn try_websocket(
+        &self,
+        path: &str,
+    ) -> std::io::Result<tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>> {
+        let tls = self.connect().await?;
         let (ws, response) = tokio_tungstenite::client_async(format!("wss://{NAME}{path}"), tls)
             .await
-            .unwrap();
+            .map_err(std::io::Error::other)?;
         assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-        ws
+        Ok(ws)
     }
 }
 

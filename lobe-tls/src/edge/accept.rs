@@ -71,15 +71,17 @@ pub(crate) struct TlsAccept {
 }
 
 impl TlsAccept {
-    pub async fn accept(
+    /// The client and the address it connected to: from the PROXY header when one is
+    /// required (read here, exactly), else the TCP peer and local address.
+    pub async fn client_of(
         &self,
-        mut stream: TcpStream,
+        stream: &mut TcpStream,
         peer: SocketAddr,
         local: SocketAddr,
-    ) -> Result<Accepted, AcceptError> {
-        let (client, local) = match self.proxy_protocol {
+    ) -> Result<(SocketAddr, SocketAddr), AcceptError> {
+        Ok(match self.proxy_protocol {
             Some(limit) => {
-                match tokio::time::timeout(limit, read_proxy_header(&mut stream)).await {
+                match tokio::time::timeout(limit, read_proxy_header(stream)).await {
                     Ok(Ok(Some((source, destination)))) => (source, destination),
                     // LOCAL command (health checks of the balancer): the connection itself.
                     Ok(Ok(None)) => (peer, local),
@@ -88,7 +90,16 @@ impl TlsAccept {
                 }
             }
             None => (peer, local),
-        };
+        })
+    }
+
+    /// The ClientHello, on-demand issuance, the hook, then the handshake.
+    pub async fn handshake(
+        &self,
+        stream: TcpStream,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Accepted, AcceptError> {
         let timeout = self.handshake_timeout;
         let start = tokio::time::timeout(
             timeout,

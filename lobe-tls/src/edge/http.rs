@@ -19,14 +19,17 @@ pub(crate) struct RequestTracker {
     in_flight: AtomicUsize,
     served: AtomicBool,
     idle_since: tcp::ActivityClock,
+    /// The connection's limits and gauges, until the last request (or upgrade) is done.
+    _hold: super::ConnHold,
 }
 
 impl RequestTracker {
-    fn new() -> Self {
+    fn new(hold: super::ConnHold) -> Self {
         RequestTracker {
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
             idle_since: tcp::ActivityClock::new(),
+            _hold: hold,
         }
     }
 
@@ -50,14 +53,13 @@ impl Drop for RequestGuard {
     }
 }
 
-pub(super) async fn serve(accepted: accept::Accepted, shared: Arc<Shared>) {
+pub(super) async fn serve(accepted: accept::Accepted, shared: Arc<Shared>, hold: super::ConnHold) {
     let client = accepted.client;
     // The protocol is the one ALPN agreed on (RFC 9113 §3.2: h2 over TLS is negotiated,
     // never guessed), so no connection pays for sniffing its first bytes.
     let h2 = accepted.tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-    let _active = shared.cert_metrics.connection_opened();
     let clock = Arc::new(tcp::ActivityClock::new());
-    let tracker = Arc::new(RequestTracker::new());
+    let tracker = Arc::new(RequestTracker::new(hold));
     let io = TokioIo::new(tcp::Tracked::new(accepted.tls, clock.clone()));
     let conn = proxy::ConnInfo {
         client,

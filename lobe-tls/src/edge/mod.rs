@@ -91,7 +91,9 @@ pub struct EdgeConfig {
     pub keepalive_timeout: Duration,
     /// Connections open at once, in total.
     pub max_conns: Option<usize>,
-    /// Connections open at once from one client address.
+    /// Connections open at once from one client address: the address a PROXY header
+    /// names when one is required, else the peer's. Peers in `trusted_proxies` are not
+    /// capped per address (many clients share them); they count toward `max_conns`.
     pub max_conns_per_ip: Option<usize>,
     /// Requests per second per client address (429 beyond).
     pub rate_limit: Option<u32>,
@@ -146,35 +148,22 @@ const AFFINITY_LOCK: &str = "_-affinity-cookie-key";
 /// request; without it each process has a key of its own, and a client that reaches
 /// another instance is re-pinned.
 pub async fn share_affinity_key(store: &crate::store::DynStore) -> Result<()> {
-    let usable = |secret: &Option<Vec<u8>>| secret.as_ref().is_some_and(|s| s.len() >= 32);
-    let mut secret = store.load_secret(AFFINITY_SECRET).await?;
-    if !usable(&secret) {
-        let lock = store
-            .lock(
-                AFFINITY_LOCK,
-                crate::issue::LOCK_LEASE,
-                Duration::from_secs(10),
-            )
-            .await?
-            .ok_or_else(|| {
-                Error::Timeout("another process holds the affinity key lock; try again".into())
-            })?;
-        let created = async {
-            let stored = store.load_secret(AFFINITY_SECRET).await?;
-            if usable(&stored) {
-                return Ok(stored);
-            }
-            let fresh: [u8; 32] = rand::random();
-            store.save_secret(AFFINITY_SECRET, &fresh).await?;
-            Ok::<_, Error>(Some(fresh.to_vec()))
-        }
-        .await;
-        if let Err(e) = lock.release().await {
-            tracing::warn!(error = %e, "cannot release the affinity key lock");
-        }
-        secret = created?;
+    let secret = crate::store::SharedSecret {
+        name: AFFINITY_SECRET,
+        lock: AFFINITY_LOCK,
+        what: "affinity key",
     }
-    let secret = secret.unwrap_or_default();
+    .load_or_create(
+        store,
+        // A shorter one is no key: replaced.
+        |stored| (stored.len() >= 32).then(|| stored.to_vec()),
+        |_| true,
+        |_| {
+            let fresh: [u8; 32] = rand::random();
+            Ok((fresh.to_vec(), zeroize::Zeroizing::new(fresh.to_vec())))
+        },
+    )
+    .await?;
     if !upstream::set_cookie_key(&secret) {
         tracing::warn!(
             "the affinity key was in use before it was read from the store; cookies pin on this process only"
@@ -303,7 +292,12 @@ impl Edge {
             on_demand: None,
             ip_configs: None,
         };
-        let limits = Limits::new(config.max_conns, config.max_conns_per_ip, config.rate_limit);
+        let limits = Limits::new(
+            config.max_conns,
+            config.max_conns_per_ip,
+            config.rate_limit,
+            config.trusted_proxies.clone(),
+        );
         Ok(Edge {
             listener,
             local_addr,
@@ -380,7 +374,12 @@ impl Edge {
                 _ = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let permit = match shared.limits.admit(peer.ip()) {
+                        // Behind a PROXY header the client's address is known later.
+                        let admitted = match shared.config.accept_proxy_protocol {
+                            Some(_) => shared.limits.admit_total(),
+                            None => shared.limits.admit(peer.ip()),
+                        };
+                        let permit = match admitted {
                             Ok(permit) => permit,
                             Err(refused) => {
                                 shared.metrics.reject(refused.reason());
@@ -391,10 +390,7 @@ impl Edge {
                         };
                         let local = stream.local_addr().unwrap_or(local_addr);
                         let (accept, shared) = (accept.clone(), shared.clone());
-                        connections.spawn(async move {
-                            connection(stream, peer, local, accept, shared).await;
-                            drop(permit);
-                        });
+                        connections.spawn(connection(stream, peer, local, accept, shared, permit));
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: wait instead of spinning.
@@ -440,22 +436,51 @@ impl Edge {
     }
 }
 
+/// What an open client connection holds until its last user is gone: its place in the
+/// connection limits and the active-connection gauges. An upgraded connection (a
+/// WebSocket, served by a task of its own) holds it past the HTTP connection it came on,
+/// until its stream closes.
+pub(crate) struct ConnHold {
+    _permit: limits::ConnPermit,
+    _gauge: metrics::GaugeGuard,
+    _active: Option<crate::metrics::ActiveConnection>,
+}
+
+impl std::fmt::Debug for ConnHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnHold").finish_non_exhaustive()
+    }
+}
+
 async fn connection(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     accept: Arc<accept::TlsAccept>,
     shared: Arc<Shared>,
+    mut permit: limits::ConnPermit,
 ) {
     // Interactive traffic (WebSocket frames, SSE events) must not wait for Nagle.
     let _ = stream.set_nodelay(true);
-    let accepted = match accept.accept(stream, peer, local).await {
-        Ok(accepted) => accepted,
-        Err(accept::AcceptError::Proxy(e)) => {
+    let (client, local) = match accept.client_of(&mut stream, peer, local).await {
+        Ok(addresses) => addresses,
+        Err(e) => {
             shared.metrics.reject("proxy_protocol");
-            tracing::debug!(%peer, error = e, "connection without a valid PROXY header refused");
+            tracing::debug!(%peer, error = %e, "connection without a valid PROXY header refused");
             return;
         }
+    };
+    // The per-address cap applies to the client a PROXY header names, not to the
+    // balancer in front (admitted by its peer address otherwise, before anything is read).
+    if shared.config.accept_proxy_protocol.is_some()
+        && let Err(refused) = permit.admit_ip(&shared.limits, client.ip())
+    {
+        shared.metrics.reject(refused.reason());
+        tracing::debug!(%peer, %client, reason = refused.reason(), "connection refused");
+        return;
+    }
+    let accepted = match accept.handshake(stream, client, local).await {
+        Ok(accepted) => accepted,
         Err(e) => {
             shared.cert_metrics.handshake_failed();
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -470,9 +495,16 @@ async fn connection(
         let _ = accepted.tls.shutdown().await;
         return;
     }
-    let _gauge = metrics::GaugeGuard::new(shared.metrics.connections.clone());
+    let mut hold = ConnHold {
+        _permit: permit,
+        _gauge: metrics::GaugeGuard::new(shared.metrics.connections.clone()),
+        _active: None,
+    };
     match shared.config.mode {
         Mode::Tcp => tcp::serve(accepted, shared).await,
-        Mode::Http => http::serve(accepted, shared).await,
+        Mode::Http => {
+            hold._active = Some(shared.cert_metrics.connection_opened());
+            http::serve(accepted, shared, hold).await
+        }
     }
 }

@@ -17,12 +17,16 @@ pub fn read_sites(path: &Path) -> Result<Vec<SiteConfig>> {
     parse_sites(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
-/// Re-reads `path` and swaps in its sites, plus `extra` (sites from command-line flags).
+/// Re-reads `path` and swaps in its sites, plus `extra` (sites from command-line flags);
+/// returns the sites now in effect (e.g. to have certificates issued for new domains).
 /// On error nothing changes, and the one-line error says why.
-pub fn reload_from(handle: &EdgeHandle, path: &Path, extra: &[SiteConfig]) -> Result<usize> {
+pub fn reload_from(
+    handle: &EdgeHandle,
+    path: &Path,
+    extra: &[SiteConfig],
+) -> Result<Vec<SiteConfig>> {
     let mut sites = read_sites(path)?;
     sites.extend(extra.iter().cloned());
-    let count = sites.len();
-    handle.reload(sites)?;
-    Ok(count)
+    handle.reload(sites.clone())?;
+    Ok(sites)
 }

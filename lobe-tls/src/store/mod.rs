@@ -22,9 +22,11 @@ pub mod fs;
 mod fs_feed;
 #[cfg(feature = "redis")]
 pub mod redis;
+mod secret;
 mod spec;
 
 pub use copy::{CopyReport, copy};
+pub(crate) use secret::SharedSecret;
 pub use spec::{REDIS_SCHEMES, StoreSpec, default_server_name, redact_url};
 
 pub use fs::FileStore;
