@@ -96,6 +96,11 @@ pub struct Args {
     #[arg(long, env = "LOBE_TLS_RATE_LIMIT")]
     pub rate_limit: Option<u32>,
 
+    /// Threads that accept and serve client connections, each serving its own
+    /// connections start to finish (default: one per CPU).
+    #[arg(long, env = "LOBE_TLS_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
+
     /// Seconds a client has to send a request's headers.
     #[arg(long, env = "LOBE_TLS_HEADER_READ_TIMEOUT", default_value_t = 10)]
     pub header_read_timeout: u64,
@@ -610,6 +615,11 @@ fn edge_config(args: &Args, sites: Vec<SiteConfig>, nofile: Option<u64>) -> Edge
         "connection caps"
     );
     config.rate_limit = args.rate_limit;
+    config.threads = args.threads.map(usize::from).unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     config.trusted_proxies = args.trusted_proxies.clone();
     config.send_proxy_v2 = args.send_proxy_v2;
     config.accept_proxy_protocol = args.accept_proxy_protocol.then_some(Duration::from_secs(5));

@@ -17,6 +17,7 @@ pub mod metrics;
 mod pool;
 pub mod proxy;
 pub mod reload;
+mod shard;
 pub mod site;
 pub mod tcp;
 pub mod upstream;
@@ -103,6 +104,9 @@ pub struct EdgeConfig {
     pub accept_proxy_protocol: Option<Duration>,
     /// tcp mode: send a PROXY v2 header to the upstream.
     pub send_proxy_v2: bool,
+    /// Threads that accept and serve connections, each with its own single-threaded
+    /// runtime (see [`Edge::run`]); 1 (the default) serves on the caller's runtime.
+    pub threads: usize,
 }
 
 impl EdgeConfig {
@@ -124,6 +128,7 @@ impl EdgeConfig {
             trusted_proxies: Vec::new(),
             accept_proxy_protocol: None,
             send_proxy_v2: false,
+            threads: 1,
         }
     }
 
@@ -181,7 +186,8 @@ pub(crate) struct Shared {
     pub cert_metrics: Arc<Metrics>,
     /// Upgraded connections (WebSockets) outlive the HTTP connection they came on; they
     /// are drained with the others on shutdown.
-    detached: Mutex<JoinSet<()>>,
+    /// One set per accepting thread: a task belongs to the runtime it was spawned on.
+    detached: Box<[Mutex<JoinSet<()>>]>,
     reload_lock: Mutex<()>,
     /// Turns true when the edge stops accepting: HTTP connections finish their requests
     /// and close.
@@ -190,10 +196,18 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn spawn_detached(&self, task: impl Future<Output = ()> + Send + 'static) {
-        let mut set = self.detached.lock().unwrap_or_else(|e| e.into_inner());
+        let mut set = self
+            .detached_here()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         // Reap finished ones so the set does not grow.
         while set.try_join_next().is_some() {}
         set.spawn(task);
+    }
+
+    /// The detached tasks of the accepting thread this runs on.
+    fn detached_here(&self) -> &Mutex<JoinSet<()>> {
+        &self.detached[shard::current() % self.detached.len()]
     }
 }
 
@@ -298,6 +312,9 @@ impl Edge {
             config.rate_limit,
             config.trusted_proxies.clone(),
         );
+        let detached = (0..config.threads.max(1))
+            .map(|_| Mutex::new(JoinSet::new()))
+            .collect();
         Ok(Edge {
             listener,
             local_addr,
@@ -308,7 +325,7 @@ impl Edge {
                 limits,
                 metrics: edge_metrics,
                 cert_metrics: metrics,
-                detached: Mutex::new(JoinSet::new()),
+                detached,
                 reload_lock: Mutex::new(()),
                 draining: tokio::sync::watch::Sender::new(false),
             }),
@@ -359,6 +376,11 @@ impl Edge {
     /// Accepts and serves connections until `shutdown` completes; then stops accepting,
     /// asks HTTP connections to finish (keep-alive ones close after their request) and
     /// gives open connections and WebSockets up to the drain timeout before cutting them.
+    ///
+    /// With [`EdgeConfig::threads`] above one, that many threads accept from the socket,
+    /// each on a single-threaded runtime of its own, and serve what they accepted start
+    /// to finish, as nginx's workers do: a connection's tasks and its upstream
+    /// keep-alive connections stay on one thread and its caches.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Edge {
             listener,
@@ -366,72 +388,31 @@ impl Edge {
             accept,
             shared,
         } = self;
-        let mut connections = JoinSet::new();
-        let mut prune = tokio::time::interval(Duration::from_secs(10));
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        // Behind a PROXY header the client's address is known later.
-                        let admitted = match shared.config.accept_proxy_protocol {
-                            Some(_) => shared.limits.admit_total(),
-                            None => shared.limits.admit(peer.ip()),
-                        };
-                        let permit = match admitted {
-                            Ok(permit) => permit,
-                            Err(refused) => {
-                                shared.metrics.reject(refused.reason());
-                                tracing::debug!(%peer, reason = refused.reason(), "connection refused");
-                                drop(stream);
-                                continue;
-                            }
-                        };
-                        let local = stream.local_addr().unwrap_or(local_addr);
-                        let (accept, shared) = (accept.clone(), shared.clone());
-                        connections.spawn(connection(stream, peer, local, accept, shared, permit));
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait instead of spinning.
-                        tracing::warn!(error = %e, "cannot accept on {local_addr}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-                _ = prune.tick() => shared.limits.prune(),
-                // Reap finished connections so the set does not grow.
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let threads = shared.config.threads.max(1);
+        let started = if threads > 1 {
+            shard::spawn(threads, listener, local_addr, &accept, &shared, &stopped)
+        } else {
+            Err(listener)
+        };
+        match started {
+            Ok(done) => {
+                shutdown.await;
+                stop.send_replace(true);
+                for thread in done {
+                    let _ = thread.await;
+                }
             }
-        }
-        drop(listener);
-        let drain = shared.config.drain_timeout;
-        let mut detached =
-            std::mem::take(&mut *shared.detached.lock().unwrap_or_else(|e| e.into_inner()));
-        let open = connections.len() + detached.len();
-        if open > 0 {
-            tracing::info!(
-                open,
-                "stopped accepting; waiting up to {drain:?} for connections to finish"
-            );
-        }
-        // HTTP connections finish the request in flight and close.
-        shared.draining.send_replace(true);
-        let drained = tokio::time::timeout(drain, async {
-            while connections.join_next().await.is_some() {}
-            while detached.join_next().await.is_some() {}
-            // WebSockets upgraded during the drain.
-            let mut late =
-                std::mem::take(&mut *shared.detached.lock().unwrap_or_else(|e| e.into_inner()));
-            while late.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                open = connections.len() + detached.len(),
-                "drain timeout reached; closing the remaining connections"
-            );
-            connections.shutdown().await;
-            detached.shutdown().await;
+            Err(listener) => {
+                let serving = shard::accept_loop(listener, local_addr, accept, shared, stopped);
+                tokio::pin!(serving);
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = &mut serving => return,
+                }
+                stop.send_replace(true);
+                serving.await;
+            }
         }
     }
 }

@@ -58,7 +58,9 @@ pub(crate) struct ConnPool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle: usize,
-    idle: Mutex<Vec<Idle>>,
+    /// Per accepting thread: a connection is driven by the runtime that opened it, so
+    /// each thread reuses its own.
+    idle: Box<[Mutex<Vec<Idle>>]>,
 }
 
 impl std::fmt::Debug for ConnPool {
@@ -82,13 +84,22 @@ impl ConnPool {
             connect_timeout,
             idle_timeout,
             max_idle,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..super::shard::slots())
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
         })
     }
 
     /// Idle connections kept now.
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|idle| idle.len()).unwrap_or(0)
+        self.idle
+            .iter()
+            .map(|idle| idle.lock().map(|idle| idle.len()).unwrap_or(0))
+            .sum()
+    }
+
+    fn idle_here(&self) -> &Mutex<Vec<Idle>> {
+        &self.idle[super::shard::current() % self.idle.len()]
     }
 
     /// Sends `request` (origin-form URI, Host set) over an idle connection, or a new one.
@@ -137,7 +148,7 @@ impl ConnPool {
     async fn checkout(&self) -> Option<SendRequest<BoxBody>> {
         loop {
             let idle = {
-                let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+                let mut idle = self.idle_here().lock().unwrap_or_else(|e| e.into_inner());
                 // The oldest sit at the bottom: drop the ones past the idle timeout.
                 let expired = idle
                     .iter()
@@ -197,7 +208,7 @@ impl ConnPool {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.idle_here().lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.max_idle {
             idle.push(Idle {
                 sender,
