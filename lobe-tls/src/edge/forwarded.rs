@@ -29,67 +29,80 @@ pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
 
 /// Rewrites the forwarding headers of a request from `client` for `host`.
 pub(crate) fn rewrite(headers: &mut HeaderMap, client: IpAddr, trusted: bool, host: Option<&str>) {
+    use std::fmt::Write as _;
     let client = canonical(client);
     if !trusted {
-        for name in [
-            X_FORWARDED_FOR,
-            X_FORWARDED_PROTO,
-            X_FORWARDED_HOST,
-            X_REAL_IP,
-            FORWARDED,
-        ] {
-            headers.remove(name);
+        // One pass to see whether there is anything to drop (there seldom is).
+        let spoofed = headers.keys().any(|name| {
+            [
+                &X_FORWARDED_FOR,
+                &X_FORWARDED_PROTO,
+                &X_FORWARDED_HOST,
+                &X_REAL_IP,
+                &FORWARDED,
+            ]
+            .contains(&name)
+        });
+        if spoofed {
+            for name in [
+                X_FORWARDED_FOR,
+                X_FORWARDED_PROTO,
+                X_FORWARDED_HOST,
+                X_REAL_IP,
+                FORWARDED,
+            ] {
+                headers.remove(name);
+            }
         }
     }
     // X-Forwarded-For: the chain so far (from a trusted proxy) plus this client.
-    let chain: Vec<String> = headers
+    let mut xff = String::with_capacity(48);
+    for previous in headers
         .get_all(X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .collect();
-    let mut xff = chain.join(", ");
-    if !xff.is_empty() {
+    {
+        xff.push_str(previous);
         xff.push_str(", ");
     }
-    xff.push_str(&client.to_string());
-    set(headers, X_FORWARDED_FOR, &xff);
+    let _ = write!(xff, "{client}");
+    set(headers, X_FORWARDED_FOR, xff);
     if !headers.contains_key(X_FORWARDED_PROTO) {
-        set(headers, X_FORWARDED_PROTO, "https");
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     }
     if let Some(host) = host
         && !headers.contains_key(X_FORWARDED_HOST)
+        && let Ok(value) = HeaderValue::from_str(host)
     {
-        set(headers, X_FORWARDED_HOST, host);
+        headers.insert(X_FORWARDED_HOST, value);
     }
     // Forwarded: one element per hop; IPv6 is quoted and bracketed (RFC 7239 §6).
-    let node = match client {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    let mut forwarded = String::with_capacity(64);
+    for previous in headers
+        .get_all(FORWARDED)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        forwarded.push_str(previous);
+        forwarded.push_str(", ");
+    }
+    let _ = match client {
+        IpAddr::V4(v4) => write!(forwarded, "for={v4};proto=https"),
+        IpAddr::V6(v6) => write!(forwarded, "for=\"[{v6}]\";proto=https"),
     };
-    let mut element = format!("for={node};proto=https");
     if let Some(host) = host.filter(|h| {
         h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
     }) {
-        element.push_str(&format!(";host={host}"));
+        forwarded.push_str(";host=");
+        forwarded.push_str(host);
     }
-    let previous: Vec<String> = headers
-        .get_all(FORWARDED)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .collect();
-    let forwarded = if previous.is_empty() {
-        element
-    } else {
-        format!("{}, {element}", previous.join(", "))
-    };
-    set(headers, FORWARDED, &forwarded);
+    set(headers, FORWARDED, forwarded);
 }
 
-fn set(headers: &mut HeaderMap, name: HeaderName, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
+/// Sets a header to a value built here, without copying it again.
+fn set(headers: &mut HeaderMap, name: HeaderName, value: String) {
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
         headers.insert(name, value);
     }
 }

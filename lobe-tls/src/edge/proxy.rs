@@ -76,27 +76,45 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
 
 /// Headers that belong to one hop and are not forwarded (RFC 9110 §7.6.1).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
+        // Fields the Connection header names (in any of its values).
+        let named: Vec<HeaderName> = connection
+            .remove_entry_mult()
+            .1
+            .filter_map(|value| value.to_str().ok().map(str::to_owned))
+            .flat_map(|value| {
+                value
+                    .split(',')
+                    .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        headers.remove(name);
+    // One pass to see whether any other is there (most often none is).
+    let is_hop = |name: &HeaderName| {
+        name == header::TE
+            || name == header::TRAILER
+            || name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::PROXY_AUTHORIZATION
+            || name.as_str() == "keep-alive"
+            || name.as_str() == "proxy-connection"
+    };
+    if headers.keys().any(is_hop) {
+        for name in [
+            header::TE,
+            header::TRAILER,
+            header::TRANSFER_ENCODING,
+            header::UPGRADE,
+            header::PROXY_AUTHORIZATION,
+            HeaderName::from_static("keep-alive"),
+            HeaderName::from_static("proxy-connection"),
+        ] {
+            headers.remove(name);
+        }
     }
 }
 
