@@ -290,6 +290,7 @@ impl Bench {
                    server {{ listen 127.0.0.1:{port} ssl http2;\n\
                      ssl_certificate {cert}; ssl_certificate_key {key};\n\
                      ssl_session_cache shared:SSL:10m;\n\
+                     ssl_protocols TLSv1.2 TLSv1.3;\n\
                      location / {{ proxy_pass http://app; proxy_http_version 1.1;\n\
                        proxy_set_header Connection \"\"; proxy_set_header Host $host;\n\
                        proxy_buffering off; proxy_read_timeout 3600s; }} }} }}\n",

@@ -159,3 +159,26 @@ async fn a_ticket_from_one_instance_resumes_on_another_sharing_redis_or_a_direct
     assert_eq!(request(a.addr, &client).await, HandshakeKind::Full);
     assert_eq!(request(b.addr, &client).await, HandshakeKind::Full);
 }
+
+/// A client that leaves right after the handshake, having asked nothing (as
+/// `openssl s_client -reconnect` does), still has a ticket: the edge sends its tickets
+/// with the handshake, not with the first response.
+#[tokio::test]
+async fn a_client_that_asks_nothing_still_resumes() {
+    let s = setup().await;
+    let single = edge(&s.resolver, &s.upstream, None).await;
+    let client = fresh(&s.client);
+    let name = ServerName::try_from("localhost").unwrap();
+    let stream = tokio::net::TcpStream::connect(single.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(client.clone())
+        .connect(name, stream)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.handshake_kind(), Some(HandshakeKind::Full));
+    // Reading takes in whatever records arrived; nothing else will come.
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(1), tls.read(&mut buf)).await;
+    assert!(read.is_err(), "the edge sent application data unasked: {read:?}");
+    drop(tls);
+    assert_eq!(request(single.addr, &client).await, HandshakeKind::Resumed);
+}
