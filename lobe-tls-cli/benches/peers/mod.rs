@@ -169,7 +169,9 @@ impl Certs {
 /// How large the peers' connection limits are and whether they pass WebSocket upgrades.
 #[derive(Clone, Copy)]
 pub struct Scale {
-    /// nginx's `worker_connections`, HAProxy's `maxconn`.
+    /// Client connections at once: HAProxy's `maxconn`; with `websocket`, nginx's
+    /// `worker_connections` is twice that (a worker counts its upstream connections too)
+    /// and its `worker_rlimit_nofile` as much again plus a margin.
     pub max_conns: u32,
     /// nginx passes `Upgrade`/`Connection: upgrade` on (HAProxy, Caddy and `serve` always do).
     pub websocket: bool,
@@ -311,11 +313,8 @@ fn nginx(conf: &Conf<'_>) -> BenchResult<Peer> {
     let path = conf.dir.join("nginx.conf");
     let (rlimit, upgrade_map, connection) = if conf.scale.websocket {
         (
-            // Two descriptors per proxied connection, plus slack.
-            format!(
-                "worker_rlimit_nofile {};\n",
-                conf.scale.max_conns * 2 + 1024
-            ),
+            // Two descriptors per proxied connection, plus a margin.
+            format!("worker_rlimit_nofile {};\n", conf.scale.max_conns * 2 + 256),
             "map $http_upgrade $connection_upgrade { default upgrade; '' ''; }\n",
             "proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $connection_upgrade;",
         )
@@ -326,7 +325,7 @@ fn nginx(conf: &Conf<'_>) -> BenchResult<Peer> {
         &path,
         format!(
             "daemon off; worker_processes auto; pid {pid}; error_log stderr error;\n{rlimit}\
-             events {{ worker_connections {max_conns}; }}\n\
+             events {{ worker_connections {worker_connections}; }}\n\
              http {{ access_log off;\n{upgrade_map}\
                upstream app {{ server 127.0.0.1:{backend}; keepalive 64; }}\n\
                server {{ listen 127.0.0.1:{port} ssl http2;\n\
@@ -336,7 +335,11 @@ fn nginx(conf: &Conf<'_>) -> BenchResult<Peer> {
                    {connection} proxy_set_header Host $host;\n\
                    proxy_buffering off; proxy_read_timeout 3600s; }} }} }}\n",
             pid = conf.dir.join("nginx.pid").display(),
-            max_conns = conf.scale.max_conns,
+            worker_connections = if conf.scale.websocket {
+                conf.scale.max_conns * 2
+            } else {
+                conf.scale.max_conns
+            },
             backend = conf.backend,
             cert = conf.certs.cert.display(),
             key = conf.certs.key.display(),
