@@ -467,7 +467,18 @@ struct Memory {
 async fn memory_bench(dir: &std::path::Path, certs: &Certs, conns: usize) -> BenchResult<String> {
     let settle = Duration::from_secs(peers::env_count("BENCH_SETTLE_S", 3, 0, 60));
     let mut rows = Vec::new();
+    // `BENCH_PEERS=nginx,caddy` (any part of a label, lower case) measures those alone.
+    let only: Vec<String> = std::env::var("BENCH_PEERS")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .map(str::to_lowercase)
+        .collect();
     for (i, kind) in peers::kinds()?.into_iter().enumerate() {
+        let name = peers::label(kind).to_lowercase();
+        if !only.is_empty() && !only.iter().any(|p| name.contains(p.as_str())) {
+            continue;
+        }
         let sub = dir.join(format!("memory-{i}"));
         std::fs::create_dir_all(&sub)?;
         let backend = start_backend()?;
@@ -481,7 +492,15 @@ async fn memory_bench(dir: &std::path::Path, certs: &Certs, conns: usize) -> Ben
                 websocket: true,
             },
         };
-        let Some(mut peer) = peers::start(kind, &conf)? else {
+        // A start can fail on a port taken meanwhile (free_port releases it): once more.
+        let started = match peers::start(kind, &conf) {
+            Ok(started) => started,
+            Err(e) => {
+                eprintln!("{e}; trying once more");
+                peers::start(kind, &conf)?
+            }
+        };
+        let Some(mut peer) = started else {
             continue;
         };
         let row = memory_peer(&peer, certs, backend.port, conns, settle).await?;

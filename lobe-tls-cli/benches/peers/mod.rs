@@ -406,11 +406,17 @@ fn caddy(conf: &Conf<'_>, program: &str) -> BenchResult<Peer> {
         .env("XDG_CONFIG_HOME", &home)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        // Caddy logs every start-up line at INFO: keep them for when it fails.
+        .stderr(std::fs::File::create(conf.dir.join("caddy.log"))?);
     spawn_command(
         &label(Kind::Caddy),
         command,
         port,
         format!("https://localhost:{port}/"),
     )
+    .map_err(|e| {
+        let log = std::fs::read_to_string(conf.dir.join("caddy.log")).unwrap_or_default();
+        let last: Vec<&str> = log.lines().rev().take(3).collect();
+        format!("{e}: {}", last.join(" / ")).into()
+    })
 }
