@@ -383,11 +383,13 @@ fn haproxy(conf: &Conf<'_>) -> BenchResult<Peer> {
 fn caddy(conf: &Conf<'_>, program: &str) -> BenchResult<Peer> {
     let port = lobe_tls_tests::free_port();
     let path = conf.dir.join("Caddyfile");
+    // `bind`: on loopback only, as the others; a wildcard listener would also clash with
+    // client sockets bound to 127.0.0.x on the same port.
     std::fs::write(
         &path,
         format!(
             "{{\n  admin off\n  auto_https off\n  storage file_system {storage}\n  default_sni localhost\n}}\n\
-             https://localhost:{port} {{\n  tls {cert} {key}\n  reverse_proxy 127.0.0.1:{backend}\n  log {{\n    output discard\n  }}\n}}\n",
+             https://localhost:{port} {{\n  bind 127.0.0.1\n  tls {cert} {key}\n  reverse_proxy 127.0.0.1:{backend}\n  log {{\n    output discard\n  }}\n}}\n",
             storage = conf.dir.join("caddy-data").display(),
             cert = conf.certs.cert.display(),
             key = conf.certs.key.display(),
