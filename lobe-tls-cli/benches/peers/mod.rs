@@ -299,9 +299,22 @@ fn lobe(conf: &Conf<'_>, mode: Option<&'static str>) -> BenchResult<Peer> {
     if let Some(mode) = mode {
         args.extend(["--mode", mode]);
     }
+    // A diagnostic hook: `BENCH_LOBE_WRAP="heaptrack -o /tmp/serve"` runs `serve` under
+    // that command (whose own process is then the one measured and stopped).
+    let wrap = std::env::var("BENCH_LOBE_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let (program, args) = match words.next() {
+        Some(program) => {
+            let mut wrapped: Vec<&str> = words.collect();
+            wrapped.push(env!("CARGO_BIN_EXE_lobe-tls"));
+            wrapped.extend(args);
+            (program, wrapped)
+        }
+        None => (env!("CARGO_BIN_EXE_lobe-tls"), args),
+    };
     spawn(
         &label(Kind::Lobe(mode)),
-        env!("CARGO_BIN_EXE_lobe-tls"),
+        program,
         &args,
         port,
         format!("https://localhost:{port}/"),
