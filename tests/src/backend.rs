@@ -2,7 +2,8 @@
 //!
 //! Routes: `/healthz` (200, or 503 after `/sick` until `/well`), `/whoami` (its name), `/headers`
 //! (the request's headers, one per line, then `peer: ADDR`), `/page` (100 bytes),
-//! `/sse?n=N&gap_ms=M` (N events, M ms apart, each flushed), `/ws` (WebSocket echo),
+//! `/sse?n=N&gap_ms=M` (N events, M ms apart, each flushed), `/clock?n=N&every_ms=M` (N
+//! events M ms apart, each carrying its send time, for delay benchmarks), `/ws` (WebSocket echo),
 //! `/status/CODE`, `/slow?ms=M`, `/upload` (the body's length); for the browser test,
 //! `/app` (a page that streams over `EventSource` and `WebSocket`), `/tokens?n=N&gap_ms=M`
 //! (SSE that resumes after `Last-Event-ID`), `/streams` (open token streams and
@@ -13,7 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -100,6 +101,7 @@ async fn respond(
             response
         }
         "/tokens" => tokens(&req),
+        "/clock" => clock(&req),
         "/streams" => status(
             200,
             &format!(
@@ -282,6 +284,40 @@ fn tokens(req: &Request<Incoming>) -> Response<Body> {
                 "event: done\ndata: {n}\n\n"
             )))))
             .await;
+    });
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(tokio_stream_from(rx))));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-cache"),
+    );
+    response
+}
+
+/// `/clock?n=N&every_ms=M`: N SSE events on a fixed M ms schedule, each `data: T` with T
+/// the time it was handed to hyper, in microseconds since the UNIX epoch. A client on the
+/// same machine (same clock) reads the delay through whatever sits between from each one.
+fn clock(req: &Request<Incoming>) -> Response<Body> {
+    let n = query(req, "n").unwrap_or(10).min(1_000_000);
+    let every = Duration::from_millis(query(req, "every_ms").unwrap_or(100).clamp(1, 60_000));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
+    tokio::spawn(async move {
+        // A fixed schedule: a late tick does not push the later ones back.
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        for _ in 0..n {
+            ticks.tick().await;
+            let micros = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros());
+            let event = format!("data: {micros}\n\n");
+            if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
+                return;
+            }
+        }
     });
     let mut response = Response::new(BodyExt::boxed(StreamBody::new(tokio_stream_from(rx))));
     response.headers_mut().insert(

@@ -178,7 +178,10 @@ async fn a_client_that_asks_nothing_still_resumes() {
     // Reading takes in whatever records arrived; nothing else will come.
     let mut buf = [0u8; 64];
     let read = tokio::time::timeout(std::time::Duration::from_secs(1), tls.read(&mut buf)).await;
-    assert!(read.is_err(), "the edge sent application data unasked: {read:?}");
+    assert!(
+        read.is_err(),
+        "the edge sent application data unasked: {read:?}"
+    );
     drop(tls);
     assert_eq!(request(single.addr, &client).await, HandshakeKind::Resumed);
 }
