@@ -45,6 +45,27 @@ impl SendError {
     pub fn is_connect(&self) -> bool {
         matches!(self, SendError::Connect { .. })
     }
+
+    /// Whether the connection failed for want of something on this side (file
+    /// descriptors, memory, local ports): no fault of the upstream's.
+    pub fn is_local(&self) -> bool {
+        let SendError::Connect { source, .. } = self else {
+            return false;
+        };
+        if source.kind() == std::io::ErrorKind::AddrNotAvailable {
+            return true;
+        }
+        source.raw_os_error().is_some_and(|code| {
+            let errno = rustix::io::Errno::from_raw_os_error(code);
+            [
+                rustix::io::Errno::MFILE,
+                rustix::io::Errno::NFILE,
+                rustix::io::Errno::NOBUFS,
+                rustix::io::Errno::NOMEM,
+            ]
+            .contains(&errno)
+        })
+    }
 }
 
 struct Idle {
@@ -266,5 +287,26 @@ impl Drop for PooledBody {
         if self.inner.is_end_stream() {
             self.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect_error(source: std::io::Error) -> SendError {
+        SendError::Connect {
+            addr: "127.0.0.1:1".into(),
+            source,
+        }
+    }
+
+    #[test]
+    fn running_out_of_descriptors_is_not_the_upstreams_fault() {
+        let emfile = std::io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
+        assert!(connect_error(emfile).is_local());
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!connect_error(refused).is_local());
+        assert!(connect_error(std::io::ErrorKind::AddrNotAvailable.into()).is_local());
     }
 }

@@ -397,8 +397,13 @@ async fn forward(
             }
             Ok(Err((e, returned))) => {
                 let connect = e.is_connect();
-                tracing::debug!(upstream = upstream.addr, error = %e, connect, "upstream request failed");
-                upstream.failed(pool.fall, pool.cooldown);
+                if e.is_local() {
+                    // Out of descriptors or ports here: the upstream is not to blame.
+                    tracing::warn!(upstream = upstream.addr, error = %e, "cannot open an upstream connection");
+                } else {
+                    tracing::debug!(upstream = upstream.addr, error = %e, connect, "upstream request failed");
+                    upstream.failed(pool.fall, pool.cooldown);
+                }
                 last_error = Some(e.to_string());
                 // Safe to send again: nothing reached the upstream (the request came
                 // back), or the request is idempotent and its body can be sent again.
