@@ -77,18 +77,20 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
 /// Headers that belong to one hop and are not forwarded (RFC 9110 §7.6.1).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if let header::Entry::Occupied(connection) = headers.entry(header::CONNECTION) {
-        // Fields the Connection header names (in any of its values).
-        let named: Vec<HeaderName> = connection
-            .remove_entry_mult()
-            .1
-            .filter_map(|value| value.to_str().ok().map(str::to_owned))
-            .flat_map(|value| {
-                value
-                    .split(',')
-                    .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        // Fields the Connection header names, in any of its values; `keep-alive` and
+        // `close` (by far the most common) name none that the pass below misses.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for value in connection.remove_entry_mult().1 {
+            for token in value.to_str().unwrap_or_default().split(',') {
+                let token = token.trim();
+                if token.eq_ignore_ascii_case("keep-alive") || token.eq_ignore_ascii_case("close") {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(name);
+                }
+            }
+        }
         for name in named {
             headers.remove(name);
         }

@@ -361,16 +361,24 @@ impl Router {
     /// The site for `host` (no port, any case), or the site without domains.
     pub fn site(&self, host: Option<&str>) -> Option<&Arc<Site>> {
         let found = host.and_then(|host| {
-            let host = host.trim_end_matches('.').to_ascii_lowercase();
+            let host = host.trim_end_matches('.');
+            // Hosts come lower-case nearly always; only the others are copied.
+            let host: std::borrow::Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+                host.to_ascii_lowercase().into()
+            } else {
+                host.into()
+            };
             self.sites
                 .iter()
-                .find(|site| site.config.domains.iter().any(|d| d == &host))
+                .find(|site| site.config.domains.iter().any(|d| *d == *host))
                 .or_else(|| {
                     let (_, parent) = host.split_once('.')?;
-                    let wildcard = format!("*.{parent}");
-                    self.sites
-                        .iter()
-                        .find(|site| site.config.domains.iter().any(|d| d == &wildcard))
+                    self.sites.iter().find(|site| {
+                        site.config
+                            .domains
+                            .iter()
+                            .any(|d| d.strip_prefix("*.") == Some(parent))
+                    })
                 })
         });
         found.or(self.fallback.as_ref())
