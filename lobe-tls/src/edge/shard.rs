@@ -21,7 +21,7 @@ thread_local! {
     static SHARD: Cell<usize> = const { Cell::new(0) };
 }
 
-/// The accepting thread this code runs on (0 off them).
+/// The accepting thread this code runs on (0 outside of them).
 pub(crate) fn current() -> usize {
     SHARD.with(Cell::get)
 }
