@@ -714,19 +714,13 @@ async fn default_name_serves_clients_without_or_with_an_unknown_name_from_the_st
     assert!(stderr.contains("--default-name \"nosuchname\""), "{stderr}");
 }
 
-#[tokio::test]
-async fn a_site_of_the_config_file_gets_its_certificate_issued_and_served() {
-    use lobe_tls_tests::{Pebble, PebbleOptions};
-    let pebble = Pebble::start(PebbleOptions::default());
-    let store = tempfile::tempdir().unwrap();
-    let upstream_addr = greeting_upstream("site upstream\n").await;
-    // No -d and no --cert-dir: the site's domains are what gets managed.
-    let config = store.path().join("edge.toml");
-    std::fs::write(
-        &config,
-        format!("[[site]]\ndomains = [\"{NAME}\"]\nupstreams = [\"{upstream_addr}\"]\n"),
-    )
-    .unwrap();
+/// `serve` in tcp mode for the `[[site]]`s of `config`, its store under `dir`, issuing
+/// from `pebble` over HTTP-01; and the address it listens on.
+fn serve_sites(
+    pebble: &lobe_tls_tests::Pebble,
+    dir: &std::path::Path,
+    config: &std::path::Path,
+) -> (Serve, String) {
     let listen = format!("127.0.0.1:{}", free_port());
     let mut cmd = lobe_tls(&[
         "serve",
@@ -741,10 +735,27 @@ async fn a_site_of_the_config_file_gets_its_certificate_issued_and_served() {
         "--http-listen",
         &pebble.http_listen(),
     ]);
-    cmd.env("LOBE_TLS_STORE", store.path().join("store"))
+    cmd.env("LOBE_TLS_STORE", dir.join("store"))
         .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
-        .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file);
-    let _serve = Serve(cmd.spawn().unwrap());
+        .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file)
+        .stderr(Stdio::null());
+    (Serve(cmd.spawn().unwrap()), listen)
+}
+
+#[tokio::test]
+async fn a_site_of_the_config_file_gets_its_certificate_issued_and_served() {
+    use lobe_tls_tests::{Pebble, PebbleOptions};
+    let pebble = Pebble::start(PebbleOptions::default());
+    let store = tempfile::tempdir().unwrap();
+    let upstream_addr = greeting_upstream("site upstream\n").await;
+    // No -d and no --cert-dir: the site's domains are what gets managed.
+    let config = store.path().join("edge.toml");
+    std::fs::write(
+        &config,
+        format!("[[site]]\ndomains = [\"{NAME}\"]\nupstreams = [\"{upstream_addr}\"]\n"),
+    )
+    .unwrap();
+    let (_serve, listen) = serve_sites(&pebble, store.path(), &config);
     let connector = lobe_tls_tests::tls::connector(&pebble.issuing_root_pem().await);
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut tls = loop {
@@ -799,25 +810,7 @@ async fn a_site_added_by_a_reload_gets_its_certificate_issued_without_a_restart(
     };
     let config = store.path().join("edge.toml");
     std::fs::write(&config, site(NAME, &first)).unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut cmd = lobe_tls(&[
-        "serve",
-        "--listen",
-        &listen,
-        "--mode",
-        "tcp",
-        "--config",
-        config.to_str().unwrap(),
-        "--challenge",
-        "http-01",
-        "--http-listen",
-        &pebble.http_listen(),
-    ]);
-    cmd.env("LOBE_TLS_STORE", store.path().join("store"))
-        .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
-        .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file)
-        .stderr(Stdio::null());
-    let serve = Serve(cmd.spawn().unwrap());
+    let (serve, listen) = serve_sites(&pebble, store.path(), &config);
     let connector = lobe_tls_tests::tls::connector(&pebble.issuing_root_pem().await);
     let greeted = |name: &'static str, expected: &'static str| {
         let (connector, listen) = (connector.clone(), listen.clone());

@@ -285,6 +285,13 @@ fn tokens(req: &Request<Incoming>) -> Response<Body> {
             )))))
             .await;
     });
+    event_stream(rx)
+}
+
+/// A `text/event-stream` response whose frames come from `rx`.
+fn event_stream(
+    rx: tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>,
+) -> Response<Body> {
     let mut response = Response::new(BodyExt::boxed(StreamBody::new(tokio_stream_from(rx))));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -319,16 +326,7 @@ fn clock(req: &Request<Incoming>) -> Response<Body> {
             }
         }
     });
-    let mut response = Response::new(BodyExt::boxed(StreamBody::new(tokio_stream_from(rx))));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/event-stream"),
-    );
-    response.headers_mut().insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-cache"),
-    );
-    response
+    event_stream(rx)
 }
 
 /// The page the browser test loads: it streams tokens over `EventSource` and echoes
