@@ -27,10 +27,45 @@ pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// A connection's client, written out once for the forwarding headers of all its
+/// requests (a keep-alive connection sends many; formatting an address each time shows
+/// in profiles).
+#[derive(Debug, Clone)]
+pub(crate) struct ClientValues {
+    /// The address, for `X-Forwarded-For`.
+    ip: HeaderValue,
+    /// `for=…;proto=https`, the start of this hop's `Forwarded` element.
+    forwarded: HeaderValue,
+}
+
+impl ClientValues {
+    pub(crate) fn new(client: IpAddr) -> Self {
+        let client = canonical(client);
+        let ip = client.to_string();
+        // IPv6 is quoted and bracketed (RFC 7239 §6).
+        let forwarded = match client {
+            IpAddr::V4(_) => format!("for={ip};proto=https"),
+            IpAddr::V6(_) => format!("for=\"[{ip}]\";proto=https"),
+        };
+        ClientValues {
+            ip: value(ip),
+            forwarded: value(forwarded),
+        }
+    }
+}
+
+/// An address written out is always a valid header value.
+fn value(text: String) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).unwrap_or(HeaderValue::from_static(""))
+}
+
 /// Rewrites the forwarding headers of a request from `client` for `host`.
-pub(crate) fn rewrite(headers: &mut HeaderMap, client: IpAddr, trusted: bool, host: Option<&str>) {
-    use std::fmt::Write as _;
-    let client = canonical(client);
+pub(crate) fn rewrite(
+    headers: &mut HeaderMap,
+    client: &ClientValues,
+    trusted: bool,
+    host: Option<&str>,
+) {
     if !trusted {
         // One pass to see whether there is anything to drop (there seldom is).
         let spoofed = headers.keys().any(|name| {
@@ -56,17 +91,8 @@ pub(crate) fn rewrite(headers: &mut HeaderMap, client: IpAddr, trusted: bool, ho
         }
     }
     // X-Forwarded-For: the chain so far (from a trusted proxy) plus this client.
-    let mut xff = String::with_capacity(48);
-    for previous in headers
-        .get_all(X_FORWARDED_FOR)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
-        xff.push_str(previous);
-        xff.push_str(", ");
-    }
-    let _ = write!(xff, "{client}");
-    set(headers, X_FORWARDED_FOR, xff);
+    let xff = append(headers, &X_FORWARDED_FOR, &client.ip, "");
+    headers.insert(X_FORWARDED_FOR, xff);
     if !headers.contains_key(X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     }
@@ -76,35 +102,40 @@ pub(crate) fn rewrite(headers: &mut HeaderMap, client: IpAddr, trusted: bool, ho
     {
         headers.insert(X_FORWARDED_HOST, value);
     }
-    // Forwarded: one element per hop; IPv6 is quoted and bracketed (RFC 7239 §6).
-    let mut forwarded = String::with_capacity(64);
-    for previous in headers
-        .get_all(FORWARDED)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
-        forwarded.push_str(previous);
-        forwarded.push_str(", ");
-    }
-    let _ = match client {
-        IpAddr::V4(v4) => write!(forwarded, "for={v4};proto=https"),
-        IpAddr::V6(v6) => write!(forwarded, "for=\"[{v6}]\";proto=https"),
-    };
-    if let Some(host) = host.filter(|h| {
+    // Forwarded: one element per hop.
+    let host = host.filter(|h| {
         h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-    }) {
-        forwarded.push_str(";host=");
-        forwarded.push_str(host);
-    }
-    set(headers, FORWARDED, forwarded);
+    });
+    let forwarded = match host {
+        Some(host) => append(headers, &FORWARDED, &client.forwarded, host),
+        None => append(headers, &FORWARDED, &client.forwarded, ""),
+    };
+    headers.insert(FORWARDED, forwarded);
 }
 
-/// Sets a header to a value built here, without copying it again.
-fn set(headers: &mut HeaderMap, name: HeaderName, value: String) {
-    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
-        headers.insert(name, value);
+/// The values of `name` so far, then `ours`, then `;host=HOST` when a host is given.
+/// With no values so far and no host, `ours` itself (no copy).
+fn append(headers: &HeaderMap, name: &HeaderName, ours: &HeaderValue, host: &str) -> HeaderValue {
+    let mut previous = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .peekable();
+    if previous.peek().is_none() && host.is_empty() {
+        return ours.clone();
     }
+    let mut text = String::with_capacity(ours.len() + host.len() + 16);
+    for value in previous {
+        text.push_str(value);
+        text.push_str(", ");
+    }
+    text.push_str(ours.to_str().unwrap_or_default());
+    if !host.is_empty() {
+        text.push_str(";host=");
+        text.push_str(host);
+    }
+    value(text)
 }
 
 #[cfg(test)]
@@ -116,12 +147,8 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("6.6.6.6"));
         headers.insert(FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
-        rewrite(
-            &mut headers,
-            "192.0.2.7".parse().unwrap_or(IpAddr::from([0; 4])),
-            false,
-            Some("a.example"),
-        );
+        let client = ClientValues::new("192.0.2.7".parse().unwrap_or(IpAddr::from([0; 4])));
+        rewrite(&mut headers, &client, false, Some("a.example"));
         assert_eq!(headers[X_FORWARDED_FOR], "192.0.2.7");
         assert_eq!(
             headers[FORWARDED],
@@ -136,7 +163,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(X_FORWARDED_FOR, HeaderValue::from_static("198.51.100.1"));
         let v6: IpAddr = "2001:db8::1".parse().unwrap_or(IpAddr::from([0; 4]));
-        rewrite(&mut headers, v6, true, None);
+        rewrite(&mut headers, &ClientValues::new(v6), true, None);
         assert_eq!(headers[X_FORWARDED_FOR], "198.51.100.1, 2001:db8::1");
         assert_eq!(headers[FORWARDED], "for=\"[2001:db8::1]\";proto=https");
     }

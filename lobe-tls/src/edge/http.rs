@@ -11,14 +11,14 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::{Shared, accept, proxy, tcp};
+use super::{Shared, accept, clock, proxy, tcp};
 
 /// Requests in flight on one connection, and since when it has had none.
 #[derive(Debug)]
 pub(crate) struct RequestTracker {
     in_flight: AtomicUsize,
     served: AtomicBool,
-    idle_since: tcp::ActivityClock,
+    idle_since: clock::ActivityClock,
     /// The connection's limits and gauges, until the last request (or upgrade) is done.
     _hold: super::ConnHold,
 }
@@ -28,7 +28,7 @@ impl RequestTracker {
         RequestTracker {
             in_flight: AtomicUsize::new(0),
             served: AtomicBool::new(false),
-            idle_since: tcp::ActivityClock::new(),
+            idle_since: clock::ActivityClock::new(),
             _hold: hold,
         }
     }
@@ -58,12 +58,13 @@ pub(super) async fn serve(accepted: accept::Accepted, shared: Arc<Shared>, hold:
     // The protocol is the one ALPN agreed on (RFC 9113 §3.2: h2 over TLS is negotiated,
     // never guessed), so no connection pays for sniffing its first bytes.
     let h2 = accepted.tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
-    let clock = Arc::new(tcp::ActivityClock::new());
+    let clock = Arc::new(clock::ActivityClock::new());
     let tracker = Arc::new(RequestTracker::new(hold));
     let io = TokioIo::new(tcp::Tracked::new(accepted.tls, clock.clone()));
     let conn = proxy::ConnInfo {
         client,
         tracker: tracker.clone(),
+        values: super::forwarded::ClientValues::new(client.ip()),
     };
     let service_shared = shared.clone();
     let service = service_fn(move |req| {
@@ -138,7 +139,7 @@ where
 /// What the watchdog of one connection looks at.
 struct Watch {
     client: std::net::SocketAddr,
-    clock: Arc<tcp::ActivityClock>,
+    clock: Arc<clock::ActivityClock>,
     tracker: Arc<RequestTracker>,
 }
 

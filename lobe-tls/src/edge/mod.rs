@@ -9,6 +9,7 @@
 //! with [`health`] checking upstreams beside it and [`reload`] swapping the sites.
 
 pub mod accept;
+mod clock;
 pub mod forwarded;
 pub mod health;
 mod http;

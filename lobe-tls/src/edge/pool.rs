@@ -6,24 +6,28 @@
 //! stay warm), checked out per request and checked back in when the response body has
 //! been read to its end; a body dropped early takes its connection down with it, as
 //! HTTP/1.1 cannot resume mid-body.
+//!
+//! A pooled connection has no task of its own: whoever uses it drives it. The request's
+//! task polls it while it waits for the response head, and the response body polls it
+//! while it is read, so a proxied request costs no hand-over between tasks. Only an
+//! upgrade request gives its connection a task, as the upgraded bytes outlive the
+//! exchange.
 
-use std::pin::Pin;
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, SendRequest};
+use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::clock::coarse_now;
 use super::upstream::BoxBody;
-
-/// How long a pooled connection may take to become ready for its next request (its
-/// previous response is read; hyper's connection task only has to notice).
-const READY_WAIT: Duration = Duration::from_secs(1);
 
 /// Why a request did not get a response head.
 #[derive(Debug, thiserror::Error)]
@@ -68,9 +72,32 @@ impl SendError {
     }
 }
 
-struct Idle {
+/// One keep-alive connection: the handle requests go in by, and the connection state
+/// that must be polled for them to go anywhere.
+struct Link {
     sender: SendRequest<BoxBody>,
-    since: Instant,
+    conn: Connection<TokioIo<TcpStream>, BoxBody>,
+}
+
+impl Link {
+    /// Drives the connection once. `false` once it has ended (closed, or failed).
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        match Pin::new(&mut self.conn).poll(cx) {
+            Poll::Pending => true,
+            Poll::Ready(ended) => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+                false
+            }
+        }
+    }
+}
+
+struct Idle {
+    link: Box<Link>,
+    /// On the coarse clock: the pool reads it per request.
+    since: Duration,
 }
 
 /// The idle keep-alive connections of one upstream.
@@ -132,66 +159,99 @@ impl ConnPool {
         request: Request<BoxBody>,
     ) -> Result<Response<PooledBody>, (SendError, Option<Request<BoxBody>>)> {
         let mut request = request;
-        if let Some(mut sender) = self.checkout().await {
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.wrap(response, sender)),
-                Err(mut failed) => match failed.take_message() {
-                    Some(unsent) => request = unsent,
-                    None => return Err((SendError::Exchange(failed.into_error()), None)),
-                },
+        if let Some(link) = self.checkout().await {
+            match self.exchange(link, request).await {
+                Err((_, Some(unsent))) => request = unsent,
+                done => return done,
             }
         }
-        let mut sender = match self.connect().await {
-            Ok(sender) => sender,
-            Err(e) => return Err((e, Some(request))),
-        };
-        match sender.try_send_request(request).await {
-            Ok(response) => Ok(self.wrap(response, sender)),
-            Err(mut failed) => {
-                let unsent = failed.take_message();
-                Err((SendError::Exchange(failed.into_error()), unsent))
-            }
+        // The cold path (a new connection) is boxed, so the future of every request
+        // stays small.
+        match Box::pin(self.connect()).await {
+            Ok(link) => self.exchange(link, request).await,
+            Err(e) => Err((e, Some(request))),
         }
     }
 
-    fn wrap(
+    /// One request and its response head over `link`.
+    async fn exchange(
         self: &Arc<Self>,
-        response: Response<Incoming>,
-        sender: SendRequest<BoxBody>,
-    ) -> Response<PooledBody> {
-        // A switched connection belongs to the upgrade now, never to the pool.
-        let checkin = (response.status() != http::StatusCode::SWITCHING_PROTOCOLS)
-            .then(|| (self.clone(), sender));
-        response.map(|inner| PooledBody { inner, checkin })
+        link: Box<Link>,
+        request: Request<BoxBody>,
+    ) -> Result<Response<PooledBody>, (SendError, Option<Request<BoxBody>>)> {
+        let failed = |mut failed: hyper::client::conn::TrySendError<Request<BoxBody>>| {
+            let unsent = failed.take_message();
+            (SendError::Exchange(failed.into_error()), unsent)
+        };
+        // Forward only strips Upgrade from requests that are not upgrades.
+        if request.headers().contains_key(http::header::UPGRADE) {
+            let Link { mut sender, conn } = *link;
+            // The upgraded bytes outlive this exchange: the connection gets its own task,
+            // and never comes back to the pool.
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+            });
+            let response = sender.try_send_request(request).await.map_err(failed)?;
+            return Ok(response.map(|inner| PooledBody {
+                inner,
+                link: None,
+                pool: None,
+            }));
+        }
+        let mut link = Some(link);
+        let Some(sending) = link.as_mut() else {
+            unreachable!("the link was just made");
+        };
+        let mut response = pin!(sending.sender.try_send_request(request));
+        let response = poll_fn(|cx| {
+            if let Some(live) = link.as_mut()
+                && !live.drive(cx)
+            {
+                // Dropping the connection answers a pending request with its error.
+                link = None;
+            }
+            // Only the connection polled just above can answer, so the answer needs no
+            // wake-up of its own (which would poll this task once more for nothing).
+            response
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()))
+        })
+        .await
+        .map_err(failed)?;
+        Ok(response.map(|inner| PooledBody {
+            inner,
+            link,
+            pool: Some(self.clone()),
+        }))
     }
 
     /// The most recently used idle connection that is still open and ready.
-    async fn checkout(&self) -> Option<SendRequest<BoxBody>> {
+    async fn checkout(&self) -> Option<Box<Link>> {
         loop {
             let idle = {
                 let mut idle = self.idle_here().lock().unwrap_or_else(|e| e.into_inner());
                 // The oldest sit at the bottom: drop the ones past the idle timeout.
+                let now = coarse_now();
                 let expired = idle
                     .iter()
-                    .take_while(|i| i.since.elapsed() >= self.idle_timeout)
+                    .take_while(|i| now.saturating_sub(i.since) >= self.idle_timeout)
                     .count();
                 idle.drain(..expired);
                 idle.pop()
             }?;
-            let mut sender = idle.sender;
-            if sender.is_closed() {
-                continue;
-            }
-            if sender.is_ready() {
-                return Some(sender);
-            }
-            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
-                return Some(sender);
+            let mut link = idle.link;
+            // One poll reads a close (or stray bytes) the upstream sent while the
+            // connection sat idle, and lets it take the next request.
+            let ready = poll_fn(|cx| Poll::Ready(link.drive(cx) && link.sender.is_ready())).await;
+            if ready {
+                return Some(link);
             }
         }
     }
 
-    async fn connect(&self) -> Result<SendRequest<BoxBody>, SendError> {
+    async fn connect(&self) -> Result<Box<Link>, SendError> {
         let connect_error = |source| SendError::Connect {
             addr: self.addr.clone(),
             source,
@@ -213,44 +273,49 @@ impl ConnPool {
         };
         // Events and frames go out as they come, not after Nagle's wait.
         let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
+        let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(SendError::Exchange)?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended");
-            }
-        });
-        Ok(sender)
+        // Boxed: a connection's state is large, and moves with every checkout.
+        Ok(Box::new(Link { sender, conn }))
     }
 
-    fn checkin(&self, sender: SendRequest<BoxBody>) {
-        if sender.is_closed() {
+    fn checkin(&self, link: Box<Link>) {
+        if link.sender.is_closed() {
             return;
         }
         let mut idle = self.idle_here().lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.max_idle {
             idle.push(Idle {
-                sender,
-                since: Instant::now(),
+                link,
+                since: coarse_now(),
             });
         }
     }
 }
 
-/// A response body from a pooled connection: when it has been read to its end, the
-/// connection goes back to the pool.
+/// A response body from a pooled connection: it drives the connection while it is read,
+/// and when it has been read to its end, the connection goes back to the pool.
 pub(crate) struct PooledBody {
     inner: Incoming,
-    checkin: Option<(Arc<ConnPool>, SendRequest<BoxBody>)>,
+    /// `None` once the connection has ended, or when it belongs to an upgrade.
+    link: Option<Box<Link>>,
+    pool: Option<Arc<ConnPool>>,
 }
 
 impl PooledBody {
     fn finish(&mut self) {
-        if let Some((pool, sender)) = self.checkin.take() {
-            pool.checkin(sender);
+        if let (Some(pool), Some(link)) = (self.pool.take(), self.link.take()) {
+            pool.checkin(link);
         }
+    }
+
+    /// The next frame, if the connection has delivered it. Polled without a waker: only
+    /// the connection fills the body, and its poll registers the wake-up.
+    fn next_frame(&mut self) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let mut noop = Context::from_waker(Waker::noop());
+        Pin::new(&mut self.inner).poll_frame(&mut noop)
     }
 }
 
@@ -262,10 +327,29 @@ impl Body for PooledBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        let polled = if this.link.is_none() {
+            // An upgrade's connection runs in its own task; an ended one has said all.
+            Pin::new(&mut this.inner).poll_frame(cx)
+        } else {
+            match this.next_frame() {
+                Poll::Ready(frame) => Poll::Ready(frame),
+                Poll::Pending => {
+                    if let Some(link) = this.link.as_mut()
+                        && !link.drive(cx)
+                    {
+                        // Dropped, the connection ends the body (with an error if cut).
+                        this.link = None;
+                        Pin::new(&mut this.inner).poll_frame(cx)
+                    } else {
+                        this.next_frame()
+                    }
+                }
+            }
+        };
         match &polled {
-            Poll::Ready(None) => self.finish(),
-            Poll::Ready(Some(Err(_))) => self.checkin = None,
+            Poll::Ready(None) => this.finish(),
+            Poll::Ready(Some(Err(_))) => this.link = None,
             _ => {}
         }
         polled

@@ -34,6 +34,8 @@ const REPLAYABLE_BODY: u64 = 64 * 1024;
 pub(crate) struct ConnInfo {
     pub client: SocketAddr,
     pub tracker: Arc<super::http::RequestTracker>,
+    /// The client's address as the forwarding headers write it.
+    pub values: forwarded::ClientValues,
 }
 
 fn boxed<B>(body: B) -> BoxBody
@@ -265,7 +267,7 @@ async fn forward(
         );
     }
     let trusted = forwarded::is_trusted(&shared.config.trusted_proxies, conn.client.ip());
-    forwarded::rewrite(&mut parts.headers, conn.client.ip(), trusted, host);
+    forwarded::rewrite(&mut parts.headers, &conn.values, trusted, host);
     let cookie = pool
         .cookie_name()
         .and_then(|name| cookie_value(&parts.headers, name));
@@ -314,10 +316,11 @@ async fn forward(
         // An upgrade's bytes follow the exchange (h2: the CONNECT stream itself).
         replayable = Some(Bytes::new());
     } else if declared.is_some_and(|n| n <= REPLAYABLE_BODY) {
-        let read = tokio::time::timeout(
+        // Boxed, as most requests have no body: their futures stay small.
+        let read = Box::pin(tokio::time::timeout(
             secs(site.config.idle_timeout).min(Duration::from_secs(60)),
             Limited::new(body, REPLAYABLE_BODY as usize).collect(),
-        )
+        ))
         .await;
         match read {
             Ok(Ok(collected)) => replayable = Some(collected.to_bytes()),
@@ -378,7 +381,9 @@ async fn forward(
             }
         };
         let guard = upstream.open();
-        let sent = tokio::time::timeout(idle, conns.send(request)).await;
+        // Boxed: the exchange's state is large, and would otherwise be copied along with
+        // every future that holds this one.
+        let sent = tokio::time::timeout(idle, Box::pin(conns.send(request))).await;
         match sent {
             Ok(Ok(response)) => {
                 if response.status().is_server_error() {

@@ -11,7 +11,6 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -20,6 +19,7 @@ use tokio::net::TcpStream;
 
 use super::Shared;
 use super::accept::{Accepted, proxy_v2_header};
+use super::clock::ActivityClock;
 use super::site::secs;
 use super::upstream::PickContext;
 
@@ -134,31 +134,6 @@ where
                 }
             }
         }
-    }
-}
-
-/// When bytes last moved on a connection, shared by both directions.
-#[derive(Debug)]
-pub(crate) struct ActivityClock {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl ActivityClock {
-    pub(crate) fn new() -> Self {
-        ActivityClock {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    pub(crate) fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    pub(crate) fn last(&self) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 }
 
