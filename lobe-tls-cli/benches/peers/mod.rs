@@ -2,6 +2,11 @@
 //! `--mode` it has), nginx (L7 `proxy_pass` with an upstream keep-alive pool), HAProxy
 //! (`mode http`) and Caddy (`reverse_proxy`) started with configs in a temporary directory
 //! in front of one plain-HTTP backend on loopback, and stopped with SIGTERM.
+//!
+//! Every peer does the job `serve` does for each request: it passes the client on in
+//! `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and RFC 7239 `Forwarded`,
+//! as an edge in front of an app must. A peer that skipped that would be measured doing
+//! less work.
 
 // Each bench uses its own part of this module.
 #![allow(dead_code)]
@@ -399,6 +404,10 @@ fn nginx(conf: &Conf<'_>) -> BenchResult<Peer> {
                  ssl_protocols TLSv1.2 TLSv1.3;\n\
                  location / {{ proxy_pass http://app; proxy_http_version 1.1;\n\
                    {connection} proxy_set_header Host $host;\n\
+                   proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+                   proxy_set_header X-Forwarded-Proto $scheme;\n\
+                   proxy_set_header X-Forwarded-Host $host;\n\
+                   proxy_set_header Forwarded \"for=$remote_addr;proto=$scheme;host=$host\";\n\
                    proxy_buffering off; proxy_read_timeout 3600s; }} }} }}\n",
             pid = conf.dir.join("nginx.pid").display(),
             worker_connections = if conf.scale.websocket {
@@ -430,7 +439,11 @@ fn haproxy(conf: &Conf<'_>) -> BenchResult<Peer> {
             "global\n  nbthread 2\n  maxconn {max_conns}\n\
              defaults\n  mode http\n  timeout connect 5s\n  timeout client 3600s\n  timeout server 3600s\n\
              frontend edge\n  bind 127.0.0.1:{port} ssl crt {bundle} alpn h2,http/1.1\n  default_backend app\n\
-             backend app\n  http-reuse always\n  server s1 127.0.0.1:{backend}\n",
+             backend app\n  http-reuse always\n  option forwardfor\n  \
+             http-request set-header X-Forwarded-Proto https\n  \
+             http-request set-header X-Forwarded-Host %[req.hdr(host)]\n  \
+             http-request set-header Forwarded \"for=%[src];proto=https;host=%[req.hdr(host)]\"\n  \
+             server s1 127.0.0.1:{backend}\n",
             max_conns = conf.scale.max_conns,
             bundle = conf.certs.bundle.display(),
             backend = conf.backend,
@@ -455,7 +468,7 @@ fn caddy(conf: &Conf<'_>, program: &str) -> BenchResult<Peer> {
         &path,
         format!(
             "{{\n  admin off\n  auto_https off\n  storage file_system {storage}\n  default_sni localhost\n}}\n\
-             https://localhost:{port} {{\n  bind 127.0.0.1\n  tls {cert} {key}\n  reverse_proxy 127.0.0.1:{backend}\n  log {{\n    output discard\n  }}\n}}\n",
+             https://localhost:{port} {{\n  bind 127.0.0.1\n  tls {cert} {key}\n  reverse_proxy 127.0.0.1:{backend} {{\n    header_up Forwarded \"for={{remote_host}};proto=https;host={{host}}\"\n  }}\n  log {{\n    output discard\n  }}\n}}\n",
             storage = conf.dir.join("caddy-data").display(),
             cert = conf.certs.cert.display(),
             key = conf.certs.key.display(),
