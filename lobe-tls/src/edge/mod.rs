@@ -405,7 +405,8 @@ impl Edge {
                 }
             }
             Err(listener) => {
-                let serving = shard::accept_loop(listener, local_addr, accept, shared, stopped);
+                let serving =
+                    shard::accept_loop(listener, local_addr, accept, shared, stopped, None);
                 tokio::pin!(serving);
                 tokio::select! {
                     _ = shutdown => {}
