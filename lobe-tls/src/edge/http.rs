@@ -150,10 +150,8 @@ impl Watch {
             clock,
             tracker,
         } = self;
-        tokio::pin!(served);
+        let mut served = std::pin::pin!(served);
         let idle = shared.router.load().longest_idle();
-        let mut draining = shared.draining.subscribe();
-        let mut asked_to_close = false;
         let first_request = shared.config.header_read_timeout;
         let keepalive = shared.config.keepalive_timeout;
         // When the connection is due to close if nothing changes.
@@ -169,25 +167,49 @@ impl Watch {
                 clock.last() + idle
             }
         };
-        loop {
-            tokio::select! {
-                done = &mut served => {
+        // The timer looks again at least every keep-alive timeout, as a deadline can
+        // move earlier (a long request ends, and the keep-alive wait starts).
+        let next_look = || deadline().min(Instant::now() + keepalive);
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(next_look().into()));
+        let draining = shared.draining.subscribe();
+        let mut waiter = draining.clone();
+        let mut drain = std::pin::pin!(async move {
+            let _ = waiter.wait_for(|d| *d).await;
+        });
+        // The timer and the drain signal are polled when new and when they say they
+        // fired, not on every wake-up of a busy connection (each poll re-registers).
+        let (mut timer_armed, mut drain_armed, mut asked_to_close) = (false, false, false);
+        std::future::poll_fn(|cx| {
+            loop {
+                if let std::task::Poll::Ready(done) = served.as_mut().poll(cx) {
                     if let Err(e) = done {
                         tracing::debug!(%client, error = %e, "connection ended");
                     }
-                    return;
+                    return std::task::Poll::Ready(());
                 }
-                _ = tokio::time::sleep_until(deadline().into()) => {
-                    if deadline() <= Instant::now() {
-                        tracing::debug!(%client, "idle connection closed");
-                        return;
+                if !asked_to_close && (!drain_armed || draining.has_changed().unwrap_or(true)) {
+                    drain_armed = true;
+                    if drain.as_mut().poll(cx).is_ready() {
+                        asked_to_close = true;
+                        served.as_mut().shutdown();
+                        continue;
                     }
                 }
-                _ = draining.wait_for(|d| *d), if !asked_to_close => {
-                    asked_to_close = true;
-                    served.as_mut().shutdown();
+                if !timer_armed || timer.is_elapsed() {
+                    timer_armed = true;
+                    if timer.as_mut().poll(cx).is_ready() {
+                        if deadline() <= Instant::now() {
+                            tracing::debug!(%client, "idle connection closed");
+                            return std::task::Poll::Ready(());
+                        }
+                        timer.as_mut().reset(next_look().into());
+                        timer_armed = false;
+                        continue;
+                    }
                 }
+                return std::task::Poll::Pending;
             }
-        }
+        })
+        .await;
     }
 }

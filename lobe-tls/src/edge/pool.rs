@@ -159,7 +159,7 @@ impl ConnPool {
         request: Request<BoxBody>,
     ) -> Result<Response<PooledBody>, (SendError, Option<Request<BoxBody>>)> {
         let mut request = request;
-        if let Some(link) = self.checkout().await {
+        if let Some(link) = self.checkout() {
             match self.exchange(link, request).await {
                 Err((_, Some(unsent))) => request = unsent,
                 done => return done,
@@ -228,7 +228,7 @@ impl ConnPool {
     }
 
     /// The most recently used idle connection that is still open and ready.
-    async fn checkout(&self) -> Option<Box<Link>> {
+    fn checkout(&self) -> Option<Box<Link>> {
         loop {
             let idle = {
                 let mut idle = self.idle_here().lock().unwrap_or_else(|e| e.into_inner());
@@ -243,9 +243,11 @@ impl ConnPool {
             }?;
             let mut link = idle.link;
             // One poll reads a close (or stray bytes) the upstream sent while the
-            // connection sat idle, and lets it take the next request.
-            let ready = poll_fn(|cx| Poll::Ready(link.drive(cx) && link.sender.is_ready())).await;
-            if ready {
+            // connection sat idle, and lets it take the next request. Without a waker:
+            // the exchange drives it with this task's waker next, and a waker left here
+            // would have the request's hand-over wake this task once more for nothing.
+            let mut noop = Context::from_waker(Waker::noop());
+            if link.drive(&mut noop) && link.sender.is_ready() {
                 return Some(link);
             }
         }
