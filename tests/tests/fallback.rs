@@ -198,3 +198,50 @@ async fn a_rate_limit_is_honoured_and_reported_in_the_error_and_the_renewal_stat
     assert_eq!(again.retry_after(), Some(at), "{again}");
     assert_eq!(shim.refused_new_orders(), 1);
 }
+
+#[tokio::test]
+async fn ari_polls_ask_the_ca_that_issued_the_certificate() {
+    lobe_tls_tests::init_tracing();
+    let (a, b) = two_pebbles().await;
+    let shim_a = AriShim::start(&a).await;
+    let shim_b = AriShim::start(&b).await;
+    // The fallback asks for a renewal within hours, long before the lifetime would.
+    let now = time::OffsetDateTime::now_utc();
+    let window = (
+        now + time::Duration::hours(1),
+        now + time::Duration::hours(2),
+    );
+    shim_b.set_default_window(window);
+    let mut fallback = b.acme_config();
+    fallback.directory = shim_b.directory_url.clone();
+    let mut primary = AcmeConfig::new(shim_a.directory_url.clone()).with_fallback(fallback);
+    primary.directory_ca = Some(a.ca_file.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
+    let manager = Manager::builder(primary, store.clone())
+        .cert(cert("arifallback", &b))
+        .build()
+        .unwrap();
+
+    shim_a.set_fault(Some(Fault::Status(503)));
+    ordered(manager.renew_now("arifallback").await.unwrap());
+    assert_eq!(
+        directory_of(store.as_ref(), "arifallback").await,
+        shim_b.directory_url
+    );
+    shim_a.set_fault(None);
+
+    // The poll goes to the CA that issued the certificate; the primary never saw it.
+    let due = manager.due_at("arifallback").await.expect("managed");
+    let id = manager.certificates()[0]
+        .info
+        .as_ref()
+        .and_then(|info| info.ari_id.clone())
+        .expect("Pebble certificates carry an AKI");
+    assert!(shim_b.queries().contains(&id), "{:?}", shim_b.queries());
+    assert!(shim_a.queries().is_empty(), "{:?}", shim_a.queries());
+    assert!(
+        due >= window.0 && due <= window.1,
+        "due at {due}, the fallback's window is {window:?}"
+    );
+}

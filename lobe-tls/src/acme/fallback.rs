@@ -92,6 +92,20 @@ impl CaChain {
         self.cas[0].connect(store).await
     }
 
+    /// The client of the CA whose directory is `directory`, connected on first use;
+    /// `None` when the chain has no such CA (any more).
+    pub async fn of_directory(
+        &self,
+        directory: &str,
+        store: &dyn Store,
+    ) -> Option<Result<&AcmeClient>> {
+        let ca = self
+            .cas
+            .iter()
+            .find(|ca| ca.config.directory == directory)?;
+        Some(ca.connect(store).await)
+    }
+
     /// Connects to the CAs in order until one answers, and returns its position: what
     /// [`CaChain::issue_from`] starts from. Nothing is ordered.
     pub async fn warm(&self, store: &dyn Store) -> Result<usize> {

@@ -13,7 +13,7 @@ impl Manager {
     /// Asks renewalInfo for `name` if the CA offers ARI and it is time to ask.
     pub(super) async fn poll_ari_if_due(&self, name: &str) {
         let now = OffsetDateTime::now_utc();
-        let (info, der, mut state) = {
+        let (info, der, directory, mut state) = {
             let slots = self.inner.slots();
             let Some(slot) = slots.get(name) else { return };
             let Some(current) = &slot.current else { return };
@@ -23,16 +23,32 @@ impl Manager {
             (
                 current.info.clone(),
                 current.key.cert[0].clone(),
+                current.directory.clone(),
                 slot.state.clone(),
             )
         };
+        // The CA that issued the certificate is the one that knows it: a fallback's
+        // certificate is unknown to the primary. One no longer configured is not asked;
+        // the certificate renews on its lifetime.
+        if !self.inner.chain.contains(&directory) {
+            tracing::debug!(cert = %name, %directory, "no ARI poll: the issuing CA is no longer configured");
+            return;
+        }
         let policy = &self.inner.policy;
         let Ok(_permit) = self.inner.ari_polls.acquire().await else {
             return;
         };
         let bound = request_bound(self.inner.acme.request_timeout, Some(info.not_after));
         let asked = crate::acme::with_request_bound(bound, async {
-            let client = self.client().await?;
+            let Some(client) = self
+                .inner
+                .chain
+                .of_directory(&directory, self.inner.store.as_ref())
+                .await
+            else {
+                return Ok(None);
+            };
+            let client = client?;
             Ok::<_, Error>(match instant_acme::CertificateIdentifier::try_from(&der) {
                 Ok(id) => Some(client.account().renewal_info(&id).await),
                 Err(_) => None,

@@ -297,6 +297,7 @@ impl Manager {
                 slot.current = Some(Current {
                     info: loaded.info,
                     key: loaded.key,
+                    directory: loaded.meta.directory,
                     names,
                 });
             }

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use crate::acme::AcmeClient;
 use crate::cert::rfc3339;
 use crate::challenge::dns01::Dns01Solver;
 use crate::challenge::http01::Http01Solver;
@@ -255,11 +254,6 @@ impl Manager {
             info,
             replaced_serial: seen,
         })
-    }
-
-    /// The primary CA's client, connected on first use.
-    pub(super) async fn client(&self) -> Result<&AcmeClient> {
-        self.inner.chain.primary(self.inner.store.as_ref()).await
     }
 
     async fn solver_for(&self, challenge: &ChallengeConfig) -> Result<SolverHandle> {

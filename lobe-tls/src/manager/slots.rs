@@ -73,6 +73,8 @@ impl Slot {
 pub(super) struct Current {
     pub(super) info: CertInfo,
     pub(super) key: Arc<CertifiedKey>,
+    /// The directory of the CA that issued it: ARI polls ask that CA.
+    pub(super) directory: String,
     /// The names it is served for.
     pub(super) names: Vec<String>,
 }
@@ -105,6 +107,7 @@ impl Manager {
         slot.current = Some(Current {
             info: loaded.info,
             key: loaded.key,
+            directory: loaded.meta.directory,
             names,
         });
         drop(slots);
