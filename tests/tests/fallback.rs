@@ -48,6 +48,22 @@ fn cert(name: &str, b: &Pebble) -> ManagedCert {
     .with_challenge(dns01(b))
 }
 
+/// A manager over a fresh file store (kept in the returned directory) with the one
+/// certificate `name`, validated through DNS-01 on `dns`'s challtestsrv.
+fn manager_for(
+    acme: AcmeConfig,
+    name: &str,
+    dns: &Pebble,
+) -> (tempfile::TempDir, DynStore, Manager) {
+    let dir = tempfile::tempdir().unwrap();
+    let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
+    let manager = Manager::builder(acme, store.clone())
+        .cert(cert(name, dns))
+        .build()
+        .unwrap();
+    (dir, store, manager)
+}
+
 async fn directory_of(store: &dyn Store, name: &str) -> String {
     store
         .load_cert(name)
@@ -81,12 +97,7 @@ async fn the_manager_falls_back_from_a_hung_primary_and_returns_to_it_at_the_nex
     primary.directory_ca = Some(a.ca_file.clone());
     // Short so that the test is quick; the CLI tests hang a primary with the defaults.
     primary.request_timeout = Duration::from_secs(1);
-    let dir = tempfile::tempdir().unwrap();
-    let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
-    let manager = Manager::builder(primary, store.clone())
-        .cert(cert("hang", &b))
-        .build()
-        .unwrap();
+    let (_dir, store, manager) = manager_for(primary, "hang", &b);
 
     path.go_dead();
     let started = Instant::now();
@@ -122,12 +133,7 @@ async fn a_failing_or_rate_limited_primary_falls_back_and_is_not_asked_again_bef
     let shim = AriShim::start(&a).await;
     let mut primary = AcmeConfig::new(shim.directory_url.clone()).with_fallback(b.acme_config());
     primary.directory_ca = Some(a.ca_file.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
-    let manager = Manager::builder(primary, store.clone())
-        .cert(cert("limited", &b))
-        .build()
-        .unwrap();
+    let (_dir, store, manager) = manager_for(primary, "limited", &b);
 
     // A primary that answers 5xx to everything: the fallback issues.
     shim.set_fault(Some(Fault::Status(503)));
@@ -174,12 +180,7 @@ async fn a_rate_limit_is_honoured_and_reported_in_the_error_and_the_renewal_stat
     }));
     let mut config = AcmeConfig::new(shim.directory_url.clone());
     config.directory_ca = Some(pebble.ca_file.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
-    let manager = Manager::builder(config, store.clone())
-        .cert(cert("slow", &pebble))
-        .build()
-        .unwrap();
+    let (_dir, store, manager) = manager_for(config, "slow", &pebble);
 
     let before = time::OffsetDateTime::now_utc();
     let err = manager.renew_now("slow").await.unwrap_err();
@@ -216,12 +217,7 @@ async fn ari_polls_ask_the_ca_that_issued_the_certificate() {
     fallback.directory = shim_b.directory_url.clone();
     let mut primary = AcmeConfig::new(shim_a.directory_url.clone()).with_fallback(fallback);
     primary.directory_ca = Some(a.ca_file.clone());
-    let dir = tempfile::tempdir().unwrap();
-    let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
-    let manager = Manager::builder(primary, store.clone())
-        .cert(cert("arifallback", &b))
-        .build()
-        .unwrap();
+    let (_dir, store, manager) = manager_for(primary, "arifallback", &b);
 
     shim_a.set_fault(Some(Fault::Status(503)));
     ordered(manager.renew_now("arifallback").await.unwrap());

@@ -91,7 +91,7 @@ pub(crate) fn rewrite(
         }
     }
     // X-Forwarded-For: the chain so far (from a trusted proxy) plus this client.
-    let xff = append(headers, &X_FORWARDED_FOR, &client.ip, "");
+    let xff = append(headers, &X_FORWARDED_FOR, &client.ip, None);
     headers.insert(X_FORWARDED_FOR, xff);
     if !headers.contains_key(X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
@@ -107,31 +107,33 @@ pub(crate) fn rewrite(
         h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
     });
-    let forwarded = match host {
-        Some(host) => append(headers, &FORWARDED, &client.forwarded, host),
-        None => append(headers, &FORWARDED, &client.forwarded, ""),
-    };
+    let forwarded = append(headers, &FORWARDED, &client.forwarded, host);
     headers.insert(FORWARDED, forwarded);
 }
 
 /// The values of `name` so far, then `ours`, then `;host=HOST` when a host is given.
 /// With no values so far and no host, `ours` itself (no copy).
-fn append(headers: &HeaderMap, name: &HeaderName, ours: &HeaderValue, host: &str) -> HeaderValue {
+fn append(
+    headers: &HeaderMap,
+    name: &HeaderName,
+    ours: &HeaderValue,
+    host: Option<&str>,
+) -> HeaderValue {
     let mut previous = headers
         .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .peekable();
-    if previous.peek().is_none() && host.is_empty() {
+    if previous.peek().is_none() && host.is_none() {
         return ours.clone();
     }
-    let mut text = String::with_capacity(ours.len() + host.len() + 16);
+    let mut text = String::with_capacity(ours.len() + host.map_or(0, str::len) + 16);
     for value in previous {
         text.push_str(value);
         text.push_str(", ");
     }
     text.push_str(ours.to_str().unwrap_or_default());
-    if !host.is_empty() {
+    if let Some(host) = host {
         text.push_str(";host=");
         text.push_str(host);
     }

@@ -176,7 +176,7 @@ impl ConnPool {
     /// One request and its response head over `link`.
     async fn exchange(
         self: &Arc<Self>,
-        link: Box<Link>,
+        mut link: Box<Link>,
         request: Request<BoxBody>,
     ) -> Result<Response<PooledBody>, (SendError, Option<Request<BoxBody>>)> {
         let failed = |mut failed: hyper::client::conn::TrySendError<Request<BoxBody>>| {
@@ -200,11 +200,9 @@ impl ConnPool {
                 pool: None,
             }));
         }
+        // The request is queued here; the answer future holds no borrow of the sender.
+        let mut response = pin!(link.sender.try_send_request(request));
         let mut link = Some(link);
-        let Some(sending) = link.as_mut() else {
-            unreachable!("the link was just made");
-        };
-        let mut response = pin!(sending.sender.try_send_request(request));
         let response = poll_fn(|cx| {
             if let Some(live) = link.as_mut()
                 && !live.drive(cx)

@@ -316,11 +316,10 @@ async fn forward(
         // An upgrade's bytes follow the exchange (h2: the CONNECT stream itself).
         replayable = Some(Bytes::new());
     } else if declared.is_some_and(|n| n <= REPLAYABLE_BODY) {
-        // Boxed, as most requests have no body: their futures stay small.
-        let read = Box::pin(tokio::time::timeout(
+        let read = tokio::time::timeout(
             secs(site.config.idle_timeout).min(Duration::from_secs(60)),
             Limited::new(body, REPLAYABLE_BODY as usize).collect(),
-        ))
+        )
         .await;
         match read {
             Ok(Ok(collected)) => replayable = Some(collected.to_bytes()),
