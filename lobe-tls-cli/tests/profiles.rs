@@ -180,3 +180,72 @@ async fn serve_orders_an_ip_certificate_under_shortlived_and_answers_https_127_0
     assert_eq!(stored["domains"], serde_json::json!(["127.0.0.1"]));
     assert!(stored.get("profile").is_none(), "{stored}");
 }
+
+/// A `[[site]]` for an IP address that a SIGHUP adds is ordered and answered like one
+/// given at start: `https://127.0.0.1:PORT/` (no SNI) reaches that site's upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_for_an_ip_address_added_by_a_reload_is_issued_and_answered_without_sni() {
+    const FIRST: &str = "first.example.com";
+    let pebble = Pebble::start(PebbleOptions::default());
+    let shim = AriShim::start(&pebble).await;
+    shim.set_profiles(&["classic", "shortlived"]);
+    let root = pebble.issuing_root_pem().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let first = greeting_upstream("first site\n").await;
+    let by_ip = greeting_upstream(GREETING).await;
+    let site = |domain: &str, upstream: &str| {
+        format!("[[site]]\ndomains = [\"{domain}\"]\nupstreams = [\"{upstream}\"]\n")
+    };
+    let config = dir.path().join("edge.toml");
+    std::fs::write(&config, site(FIRST, &first)).unwrap();
+    let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let log = dir.path().join("serve.log");
+    let serve = command(&store, &pebble, &shim.directory_url)
+        .args(["serve", "--listen", &listen, "--mode", "tcp"])
+        .args(["--config", config.to_str().unwrap()])
+        .args(["--http-listen", &pebble.http_listen()])
+        .env("LOBE_TLS_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .spawn()
+        .unwrap();
+    let connector = lobe_tls_tests::tls::connector(&root);
+    let within_30s = |what: &str, e: String, deadline: Instant| {
+        assert!(
+            Instant::now() < deadline,
+            "{what} not served within 30 s: {e}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match tls_request(&connector, &listen, FIRST).await {
+            Ok(answer) => break assert_eq!(answer.text, "first site\n"),
+            Err(e) => within_30s(FIRST, e, deadline),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(request_ip(&listen, &root).await.is_err());
+
+    std::fs::write(&config, site(FIRST, &first) + &site("127.0.0.1", &by_ip)).unwrap();
+    let pid = serve.id().unwrap().to_string();
+    let hup = Command::new("kill").args(["-HUP", &pid]).status().await;
+    assert!(hup.unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let served = loop {
+        match request_ip(&listen, &root).await {
+            Ok(info) => break info,
+            Err(e) => within_30s("https://127.0.0.1/", e, deadline),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(served.domains, ["127.0.0.1"]);
+    assert_eq!(
+        shim.order_profiles().last(),
+        Some(&Some("shortlived".to_owned()))
+    );
+    // The first site is still served by its name.
+    let answer = tls_request(&connector, &listen, FIRST).await.unwrap();
+    assert_eq!(answer.text, "first site\n");
+}

@@ -287,6 +287,12 @@ impl Router {
             let mut site_domains = Vec::new();
             for domain in &config.domains {
                 let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+                // An address in one spelling: the one `site` looks up (no brackets).
+                let bare = domain.trim_start_matches('[').trim_end_matches(']');
+                let domain = match bare.parse::<std::net::IpAddr>() {
+                    Ok(ip) => ip.to_canonical().to_string(),
+                    Err(_) => domain,
+                };
                 if !claimed.insert(domain.clone()) {
                     return Err(Error::Config(format!(
                         "domain {domain} is claimed by two sites"
@@ -362,6 +368,11 @@ impl Router {
     pub fn site(&self, host: Option<&str>) -> Option<&Arc<Site>> {
         let found = host.and_then(|host| {
             let host = host.trim_end_matches('.');
+            // A Host of an IPv6 address comes in brackets.
+            let host = host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host);
             // Hosts come lower-case nearly always; only the others are copied.
             let host: std::borrow::Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
                 host.to_ascii_lowercase().into()
@@ -477,5 +488,21 @@ lb = "ip-hash"
             vec![UpstreamSpec::Addr("127.0.0.1:1".into())],
         );
         assert!(Router::build(&[a.clone(), a], None, &metrics).is_err());
+    }
+
+    #[tokio::test]
+    async fn address_sites_answer_their_host_in_any_spelling() {
+        let metrics = Arc::new(EdgeMetrics::default());
+        let upstream = || vec![UpstreamSpec::Addr("127.0.0.1:1".into())];
+        let v4 = SiteConfig::new(vec!["192.0.2.10".into()], upstream());
+        let v6 = SiteConfig::new(vec!["[2001:DB8::1]".into()], upstream());
+        let named = SiteConfig::new(vec!["a.example".into()], upstream());
+        let router = Router::build(&[v4, v6, named], None, &metrics).unwrap_or_default();
+        let site = |host: &str| router.site(Some(host)).map(|s| s.config.domains[0].clone());
+        assert_eq!(site("192.0.2.10").as_deref(), Some("192.0.2.10"));
+        assert_eq!(site("[2001:db8::1]").as_deref(), Some("2001:db8::1"));
+        assert_eq!(site("2001:db8::1").as_deref(), Some("2001:db8::1"));
+        assert_eq!(site("A.example.").as_deref(), Some("a.example"));
+        assert_eq!(site("192.0.2.11"), None);
     }
 }

@@ -32,7 +32,16 @@ pub(crate) async fn serve(accepted: Accepted, shared: Arc<Shared>) {
         server_name,
     } = accepted;
     let router = shared.router.load_full();
-    let Some(site) = router.site(server_name.as_deref()).cloned() else {
+    // A client that sends no SNI connected to an address: the site of that address.
+    let by_addr;
+    let name = match server_name.as_deref() {
+        Some(name) => name,
+        None => {
+            by_addr = local.ip().to_canonical().to_string();
+            &by_addr
+        }
+    };
+    let Some(site) = router.site(Some(name)).cloned() else {
         tracing::debug!(%client, ?server_name, "no site for this server name");
         let _ = tls.shutdown().await;
         return;
