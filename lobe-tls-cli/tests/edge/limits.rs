@@ -165,3 +165,45 @@ async fn serve_raises_its_open_file_limit_and_caps_connections_by_default() {
         assert!(caps.contains(&total), "{caps}");
     }
 }
+
+/// The sockets `pid` holds open now.
+fn sockets_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_the_upstream_closed_are_let_go_without_more_traffic() {
+    const BURST: usize = 16;
+    let mut backend = Backend::start("a");
+    let edge = Edge::start(&["--upstream", &backend.addr], None).await;
+    let pid = edge.child.id();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = sockets_of(pid);
+    // Concurrent requests, so the pool keeps one upstream connection for each.
+    let burst = (0..BURST).map(|_| edge.client.get("/slow?ms=300", &[]));
+    for answer in futures_util::future::join_all(burst).await {
+        assert_eq!(answer.status, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pooled = sockets_of(pid);
+    assert!(pooled >= before + BURST, "{before} sockets, then {pooled}");
+    // The upstream goes away and nothing asks for it again: its closed connections must
+    // not stay open here (in CLOSE_WAIT) until the next request.
+    backend.kill();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = sockets_of(pid);
+        if now <= before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{before} sockets before the burst, {pooled} after, still {now} 5 s after the upstream closed them"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

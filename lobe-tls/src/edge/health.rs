@@ -1,9 +1,10 @@
 //! Active health checks: an HTTP GET of the site's `health_path` on each upstream every
 //! `health_interval`, bounded by `health_timeout`; `rise` passes bring an upstream back,
 //! `fall` failures take it out. Passive ejection lives on the upstream itself
-//! (`Upstream::failed`); this task also keeps the up/down gauge current.
+//! (`Upstream::failed`); this task also keeps the up/down gauge current, and sweeps the
+//! upstream's idle keep-alive connections.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,6 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::task::JoinHandle;
 
 use super::metrics::EdgeMetrics;
+use super::pool::ConnPool;
 use super::site::{SiteConfig, secs};
 use super::upstream::Upstream;
 
@@ -31,6 +33,7 @@ impl Drop for HealthTask {
 impl HealthTask {
     pub fn spawn(
         upstream: Arc<Upstream>,
+        conns: Weak<ConnPool>,
         site: &str,
         config: &SiteConfig,
         metrics: Arc<EdgeMetrics>,
@@ -88,6 +91,9 @@ impl HealthTask {
                     }
                 }
                 metrics.refresh_up(&site, &upstream.addr, upstream.is_up());
+                if let Some(conns) = conns.upgrade() {
+                    conns.sweep();
+                }
                 let wake = if path.is_some() {
                     next_check.min(tokio::time::Instant::now() + tick)
                 } else {

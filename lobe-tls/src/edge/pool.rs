@@ -225,6 +225,24 @@ impl ConnPool {
         }))
     }
 
+    /// Lets go of the idle connections, on every thread's stack, that the upstream
+    /// closed or that sat past the idle timeout. Pooled connections have no task of their
+    /// own: without this, one the upstream closed would hold its descriptor (in
+    /// CLOSE_WAIT) until the next request to that upstream, which may never come.
+    pub fn sweep(&self) {
+        let now = coarse_now();
+        // Without a waker, as at checkout: whoever takes the connection next drives it.
+        let mut noop = Context::from_waker(Waker::noop());
+        for idle in &self.idle {
+            let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
+            idle.retain_mut(|i| {
+                now.saturating_sub(i.since) < self.idle_timeout
+                    && i.link.drive(&mut noop)
+                    && i.link.sender.is_ready()
+            });
+        }
+    }
+
     /// The most recently used idle connection that is still open and ready.
     fn checkout(&self) -> Option<Box<Link>> {
         loop {

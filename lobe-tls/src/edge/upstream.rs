@@ -438,7 +438,16 @@ impl Pool {
             .collect();
         let health = members
             .iter()
-            .map(|m| HealthTask::spawn(m.upstream.clone(), &set.site, config, metrics.clone()))
+            .zip(&conns)
+            .map(|(m, conns)| {
+                HealthTask::spawn(
+                    m.upstream.clone(),
+                    Arc::downgrade(conns),
+                    &set.site,
+                    config,
+                    metrics.clone(),
+                )
+            })
             .collect();
         Ok(Pool {
             tokens: members
