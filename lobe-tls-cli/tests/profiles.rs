@@ -139,12 +139,18 @@ async fn request_ip(listen: &str, root: &str) -> Result<lobe_tls::CertInfo, Stri
     Ok(answer.leaf)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_orders_an_ip_certificate_under_shortlived_and_answers_https_127_0_0_1() {
+/// Pebble behind the shim that lists `classic` and `shortlived`, and Pebble's root.
+async fn shortlived_ca() -> (Pebble, AriShim, String) {
     let pebble = Pebble::start(PebbleOptions::default());
     let shim = AriShim::start(&pebble).await;
     shim.set_profiles(&["classic", "shortlived"]);
     let root = pebble.issuing_root_pem().await;
+    (pebble, shim, root)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_orders_an_ip_certificate_under_shortlived_and_answers_https_127_0_0_1() {
+    let (pebble, shim, root) = shortlived_ca().await;
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let upstream = greeting_upstream(GREETING).await;
@@ -186,10 +192,7 @@ async fn serve_orders_an_ip_certificate_under_shortlived_and_answers_https_127_0
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_for_an_ip_address_added_by_a_reload_is_issued_and_answered_without_sni() {
     const FIRST: &str = "first.example.com";
-    let pebble = Pebble::start(PebbleOptions::default());
-    let shim = AriShim::start(&pebble).await;
-    shim.set_profiles(&["classic", "shortlived"]);
-    let root = pebble.issuing_root_pem().await;
+    let (pebble, shim, root) = shortlived_ca().await;
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let first = greeting_upstream("first site\n").await;
