@@ -32,8 +32,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, PubSub};
-use ::redis::{AsyncCommands, Client, Cmd, Pipeline, RedisError, RedisFuture, Script, Value};
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{AsyncCommands, Client, RedisError, Script};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -48,9 +48,12 @@ use super::{
 use crate::cert::CertBundle;
 use crate::error::{Error, Result};
 
+mod conn;
 mod feed;
 mod lock;
 mod sentinel;
+
+use conn::Conn;
 
 use feed::feed;
 use lock::RedisLock;
@@ -701,71 +704,6 @@ pub fn parse_event(payload: &str) -> Option<StoreEvent> {
         "challenge-put" => Some(StoreEvent::ChallengePut(arg)),
         "challenge-del" => Some(StoreEvent::ChallengeDeleted(arg)),
         _ => None,
-    }
-}
-
-/// The connection commands go through: straight to one Redis, or to the master the
-/// sentinels name.
-#[derive(Clone)]
-enum Conn {
-    Direct {
-        /// For the pub/sub feed, which needs its own connection.
-        client: Arc<Client>,
-        manager: ConnectionManager,
-    },
-    Sentinel(SentinelConn),
-}
-
-impl Conn {
-    /// A new pub/sub connection, bounded by [`CONNECT_TIMEOUT`] (plus, behind Sentinel,
-    /// the bounded lookup of the master).
-    async fn pubsub(&self) -> std::result::Result<PubSub, RedisError> {
-        match self {
-            Conn::Direct { client, .. } => {
-                tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
-                    .await
-                    .map_err(|_| {
-                        RedisError::from((::redis::ErrorKind::Io, "connection timed out"))
-                    })?
-            }
-            Conn::Sentinel(sentinel) => sentinel.pubsub(CONNECT_TIMEOUT).await,
-        }
-    }
-
-    /// Failover announcements, behind Sentinel.
-    fn switches(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        match self {
-            Conn::Direct { .. } => None,
-            Conn::Sentinel(sentinel) => Some(sentinel.switches()),
-        }
-    }
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Direct { manager, .. } => manager.req_packed_command(cmd),
-            Conn::Sentinel(sentinel) => Box::pin(sentinel.send(cmd)),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Direct { manager, .. } => manager.req_packed_commands(pipeline, offset, count),
-            Conn::Sentinel(sentinel) => Box::pin(sentinel.send_pipeline(pipeline, offset, count)),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Direct { manager, .. } => manager.get_db(),
-            Conn::Sentinel(sentinel) => sentinel.db(),
-        }
     }
 }
 
