@@ -45,7 +45,8 @@ pub struct CaChain {
     cas: Vec<Ca>,
 }
 
-struct Ca {
+/// One CA of a chain.
+pub(crate) struct Ca {
     config: AcmeConfig,
     client: OnceCell<AcmeClient>,
     /// Not to be asked before this time, as it said with `Retry-After`.
@@ -92,18 +93,9 @@ impl CaChain {
         self.cas[0].connect(store).await
     }
 
-    /// The client of the CA whose directory is `directory`, connected on first use;
-    /// `None` when the chain has no such CA (any more).
-    pub async fn of_directory(
-        &self,
-        directory: &str,
-        store: &dyn Store,
-    ) -> Option<Result<&AcmeClient>> {
-        let ca = self
-            .cas
-            .iter()
-            .find(|ca| ca.config.directory == directory)?;
-        Some(ca.connect(store).await)
+    /// The CA whose directory is `directory`, if the chain has it (still).
+    pub(crate) fn of_directory(&self, directory: &str) -> Option<&Ca> {
+        self.cas.iter().find(|ca| ca.config.directory == directory)
     }
 
     /// Connects to the CAs in order until one answers, and returns its position: what
@@ -217,7 +209,8 @@ impl CaChain {
 }
 
 impl Ca {
-    async fn connect(&self, store: &dyn Store) -> Result<&AcmeClient> {
+    /// Its client, connected on first use.
+    pub(crate) async fn connect(&self, store: &dyn Store) -> Result<&AcmeClient> {
         self.client
             .get_or_try_init(|| AcmeClient::connect(&self.config, store))
             .await

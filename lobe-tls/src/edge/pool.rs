@@ -100,6 +100,19 @@ struct Idle {
     since: Duration,
 }
 
+impl Idle {
+    /// Whether it can take a request: idle for less than `timeout`, open and ready. One
+    /// poll reads a close (or stray bytes) the upstream sent while it sat idle. Without a
+    /// waker: whoever takes it next drives it with theirs, and a waker left here would
+    /// have the request's hand-over wake that task once more for nothing.
+    fn usable(&mut self, now: Duration, timeout: Duration) -> bool {
+        let mut noop = Context::from_waker(Waker::noop());
+        now.saturating_sub(self.since) < timeout
+            && self.link.drive(&mut noop)
+            && self.link.sender.is_ready()
+    }
+}
+
 /// The idle keep-alive connections of one upstream.
 pub(crate) struct ConnPool {
     addr: String,
@@ -231,40 +244,23 @@ impl ConnPool {
     /// CLOSE_WAIT) until the next request to that upstream, which may never come.
     pub fn sweep(&self) {
         let now = coarse_now();
-        // Without a waker, as at checkout: whoever takes the connection next drives it.
-        let mut noop = Context::from_waker(Waker::noop());
         for idle in &self.idle {
             let mut idle = idle.lock().unwrap_or_else(|e| e.into_inner());
-            idle.retain_mut(|i| {
-                now.saturating_sub(i.since) < self.idle_timeout
-                    && i.link.drive(&mut noop)
-                    && i.link.sender.is_ready()
-            });
+            idle.retain_mut(|i| i.usable(now, self.idle_timeout));
         }
     }
 
-    /// The most recently used idle connection that is still open and ready.
+    /// The most recently used idle connection that can take a request. Older ones past
+    /// the idle timeout are left to [`ConnPool::sweep`].
     fn checkout(&self) -> Option<Box<Link>> {
         loop {
-            let idle = {
-                let mut idle = self.idle_here().lock().unwrap_or_else(|e| e.into_inner());
-                // The oldest sit at the bottom: drop the ones past the idle timeout.
-                let now = coarse_now();
-                let expired = idle
-                    .iter()
-                    .take_while(|i| now.saturating_sub(i.since) >= self.idle_timeout)
-                    .count();
-                idle.drain(..expired);
-                idle.pop()
-            }?;
-            let mut link = idle.link;
-            // One poll reads a close (or stray bytes) the upstream sent while the
-            // connection sat idle, and lets it take the next request. Without a waker:
-            // the exchange drives it with this task's waker next, and a waker left here
-            // would have the request's hand-over wake this task once more for nothing.
-            let mut noop = Context::from_waker(Waker::noop());
-            if link.drive(&mut noop) && link.sender.is_ready() {
-                return Some(link);
+            let mut idle = self
+                .idle_here()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop()?;
+            if idle.usable(coarse_now(), self.idle_timeout) {
+                return Some(idle.link);
             }
         }
     }

@@ -30,25 +30,17 @@ impl Manager {
         // The CA that issued the certificate is the one that knows it: a fallback's
         // certificate is unknown to the primary. One no longer configured is not asked;
         // the certificate renews on its lifetime.
-        if !self.inner.chain.contains(&directory) {
+        let Some(ca) = self.inner.chain.of_directory(&directory) else {
             tracing::debug!(cert = %name, %directory, "no ARI poll: the issuing CA is no longer configured");
             return;
-        }
+        };
         let policy = &self.inner.policy;
         let Ok(_permit) = self.inner.ari_polls.acquire().await else {
             return;
         };
         let bound = request_bound(self.inner.acme.request_timeout, Some(info.not_after));
         let asked = crate::acme::with_request_bound(bound, async {
-            let Some(client) = self
-                .inner
-                .chain
-                .of_directory(&directory, self.inner.store.as_ref())
-                .await
-            else {
-                return Ok(None);
-            };
-            let client = client?;
+            let client = ca.connect(self.inner.store.as_ref()).await?;
             Ok::<_, Error>(match instant_acme::CertificateIdentifier::try_from(&der) {
                 Ok(id) => Some(client.account().renewal_info(&id).await),
                 Err(_) => None,
