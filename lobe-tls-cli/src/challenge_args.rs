@@ -104,7 +104,7 @@ impl ChallengeArgs {
         let mut config = ChallengeConfig::default();
         config.kind = self.challenge;
         if self.http_webroot.is_some() && self.challenge != ChallengeKind::Http01 {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "--http-webroot answers http-01, not {}: drop one of them",
                 self.challenge
             )));
@@ -124,8 +124,8 @@ impl ChallengeArgs {
     fn dns_config(&self) -> Result<DnsConfig> {
         let provider = match self.dns_provider {
             None => {
-                return Err(Error::Config(
-                    "--challenge dns-01 needs --dns-provider (rfc2136, cloudflare, httpreq, exec or challtestsrv)".into(),
+                return Err(Error::config(
+                    "--challenge dns-01 needs --dns-provider (rfc2136, cloudflare, httpreq, exec or challtestsrv)",
                 ));
             }
             Some(DnsProviderName::Rfc2136) => DnsProviderConfig::Rfc2136 {
@@ -138,13 +138,14 @@ impl ChallengeArgs {
                 config_file: self.absolute_config_file()?,
             },
             Some(DnsProviderName::Exec) => DnsProviderConfig::Exec {
-                program: self.dns_exec.clone().ok_or_else(|| {
-                    Error::Config("--dns-provider exec needs --dns-exec PROG".into())
-                })?,
+                program: self
+                    .dns_exec
+                    .clone()
+                    .ok_or_else(|| Error::config("--dns-provider exec needs --dns-exec PROG"))?,
             },
             Some(DnsProviderName::Challtestsrv) => DnsProviderConfig::Challtestsrv {
                 url: self.challtestsrv.clone().ok_or_else(|| {
-                    Error::Config("--dns-provider challtestsrv needs --challtestsrv URL".into())
+                    Error::config("--dns-provider challtestsrv needs --challtestsrv URL")
                 })?,
             },
         };
@@ -179,7 +180,7 @@ pub fn absolute_webroot(dir: &std::path::Path) -> Result<PathBuf> {
 
 fn interval_ms(seconds: f64) -> Result<u64> {
     if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0) {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "--propagation-interval {seconds}: give seconds between 0.025 and 3600"
         )));
     }

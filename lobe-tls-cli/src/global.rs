@@ -103,8 +103,8 @@ impl Global {
             }),
             (None, None) => None,
             _ => {
-                return Err(Error::Config(
-                    "--eab-kid and --eab-hmac-key go together: give both or neither".into(),
+                return Err(Error::config(
+                    "--eab-kid and --eab-hmac-key go together: give both or neither",
                 ));
             }
         };
@@ -187,12 +187,16 @@ impl std::fmt::Debug for Global {
 /// No dependency's target is filtered out: at `trace`, none of them (rustls, hyper-util,
 /// hickory, redis-rs) logs a credential. `tests/secrets.rs` plants secrets and checks
 /// the trace logs, so one that starts to would be caught there.
-pub fn init_logging(global: &Global) -> std::result::Result<(), String> {
+pub fn init_logging(global: &Global) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_new(&global.log).map_err(|e| {
-        format!(
-            "--log {:?} is not a log filter ({e}); use a level such as info or debug, or a directive such as lobe_tls=debug",
-            global.log
+        Error::config_key(
+            "--log",
+            format!(
+                "--log {:?} is not a log filter ({e}); use a level such as info or debug, or a directive such as lobe_tls=debug",
+                global.log
+            ),
         )
+        .with_source(e)
     })?;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

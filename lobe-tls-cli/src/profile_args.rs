@@ -36,7 +36,7 @@ impl ProfileArgs {
 fn from_config_file(path: &Path) -> Result<Option<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        Error::Config(format!(
+        Error::config(format!(
             "{}: not valid TOML: {}",
             path.display(),
             e.message().replace('\n', " ")
@@ -45,7 +45,7 @@ fn from_config_file(path: &Path) -> Result<Option<String>> {
     match doc.get("profile") {
         None => Ok(None),
         Some(toml::Value::String(profile)) => Ok(Some(profile.clone())),
-        Some(_) => Err(Error::Config(format!(
+        Some(_) => Err(Error::config(format!(
             "{}: `profile` must be a string, such as profile = \"shortlived\"",
             path.display()
         ))),

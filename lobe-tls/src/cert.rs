@@ -12,7 +12,7 @@ use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use crate::domain::DomainName;
-use crate::error::{Error, Result};
+use crate::error::{CertificateErrorKind, Error, Result};
 
 /// The kind of private key to generate for a certificate.
 #[derive(
@@ -75,8 +75,13 @@ impl KeyType {
                 KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_4096)
             }
         };
-        generated
-            .map_err(|e| Error::Certificate(format!("cannot generate {} key: {e}", self.as_str())))
+        generated.map_err(|e| {
+            Error::certificate(
+                CertificateErrorKind::Generation,
+                format!("cannot generate {} key: {e}", self.as_str()),
+            )
+            .with_source(e)
+        })
     }
 }
 
@@ -93,7 +98,7 @@ impl std::str::FromStr for KeyType {
             .into_iter()
             .find(|k| k.as_str().eq_ignore_ascii_case(s))
             .ok_or_else(|| {
-                Error::Config(format!(
+                Error::config(format!(
                     "unknown key type {s:?}: use one of ecdsa-p256, ecdsa-p384, rsa2048, rsa3072, rsa4096"
                 ))
             })
@@ -196,16 +201,16 @@ impl CertBundle {
             .map(DomainName::as_str)
             .collect();
         if !missing.is_empty() {
-            return Err(Error::Certificate(format!(
-                "the certificate does not cover {}",
-                missing.join(", ")
-            )));
+            return Err(Error::certificate(
+                CertificateErrorKind::NamesNotCovered,
+                format!("the certificate does not cover {}", missing.join(", ")),
+            ));
         }
         if info.not_after <= OffsetDateTime::now_utc() {
-            return Err(Error::Certificate(format!(
-                "the certificate expired at {}",
-                rfc3339(info.not_after)
-            )));
+            return Err(Error::certificate(
+                CertificateErrorKind::Expired,
+                format!("the certificate expired at {}", rfc3339(info.not_after)),
+            ));
         }
         Ok((key, info))
     }
@@ -225,24 +230,42 @@ fn ip_from_san(bytes: &[u8]) -> Option<std::net::IpAddr> {
 fn build_certified_key(fullchain_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>> {
     let chain = CertificateDer::pem_slice_iter(fullchain_pem.as_bytes())
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Certificate(format!("bad certificate PEM: {e}")))?;
+        .map_err(|e| {
+            Error::certificate(
+                CertificateErrorKind::Malformed,
+                format!("bad certificate PEM: {e}"),
+            )
+            .with_source(e)
+        })?;
     if chain.is_empty() {
-        return Err(Error::Certificate(
-            "no certificate found in the PEM data (expected -----BEGIN CERTIFICATE-----)".into(),
+        return Err(Error::certificate(
+            CertificateErrorKind::Malformed,
+            "no certificate found in the PEM data (expected -----BEGIN CERTIFICATE-----)",
         ));
     }
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| {
-        Error::Certificate("bad private key PEM: no PKCS#8, PKCS#1 or SEC1 key found".into())
+        Error::certificate(
+            CertificateErrorKind::Malformed,
+            "bad private key PEM: no PKCS#8, PKCS#1 or SEC1 key found",
+        )
     })?;
     let signing_key = crypto_provider()
         .key_provider
         .load_private_key(key)
-        .map_err(|e| Error::Certificate(format!("unusable private key: {e}")))?;
+        .map_err(|e| {
+            Error::certificate(
+                CertificateErrorKind::Unsupported,
+                format!("unusable private key: {e}"),
+            )
+            .with_source(e)
+        })?;
     let certified = CertifiedKey::new(chain, signing_key);
     certified.keys_match().map_err(|e| {
-        Error::Certificate(format!(
-            "the private key does not match the certificate ({e})"
-        ))
+        Error::certificate(
+            CertificateErrorKind::KeyMismatch,
+            format!("the private key does not match the certificate ({e})"),
+        )
+        .with_source(e)
     })?;
     Ok(Arc::new(certified))
 }
@@ -273,8 +296,13 @@ impl CertInfo {
     /// Parses a DER certificate.
     pub fn from_der(der: &CertificateDer<'_>) -> Result<Self> {
         use x509_parser::prelude::*;
-        let (_, cert) = X509Certificate::from_der(der.as_ref())
-            .map_err(|e| Error::Certificate(format!("cannot parse certificate: {e}")))?;
+        let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| {
+            Error::certificate(
+                CertificateErrorKind::Malformed,
+                format!("cannot parse certificate: {e}"),
+            )
+            .with_source(e)
+        })?;
         let mut domains = Vec::new();
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {
@@ -385,12 +413,37 @@ mod tests {
         let b = self_signed(&["b.example.com"], KeyType::EcdsaP256);
         let err = CertBundle::from_pem(a.fullchain_pem(), b.key_pem()).unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::Certificate {
+                    kind: CertificateErrorKind::KeyMismatch,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let source = std::error::Error::source(&err);
+        assert!(
+            source.is_some_and(|s| s.downcast_ref::<rustls::Error>().is_some()),
+            "the rustls error is kept: {err:?}"
+        );
     }
 
     #[test]
     fn bad_pem_is_a_clear_error() {
         let err = CertBundle::from_pem("garbage", "garbage").unwrap_err();
         assert!(err.to_string().contains("no certificate found"), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::Certificate {
+                    kind: CertificateErrorKind::Malformed,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -407,6 +460,16 @@ mod tests {
         let want = [DomainName::parse("b.example.com").unwrap()];
         let err = bundle.validate_for(&want).unwrap_err();
         assert!(err.to_string().contains("b.example.com"), "{err}");
+        assert!(
+            matches!(
+                err,
+                Error::Certificate {
+                    kind: CertificateErrorKind::NamesNotCovered,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
     }
 
     #[test]

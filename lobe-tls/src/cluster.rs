@@ -13,7 +13,7 @@
 //! # async fn run() -> lobe_tls::Result<()> {
 //! let store: DynStore = Arc::new(RedisStore::connect("redis://10.0.0.5:6379/").await?);
 //! // Any instance answers HTTP-01: local tokens first, then the ones in Redis.
-//! let http01 = Http01Registry::with_shared_store(store.clone()); // mount on port 80
+//! let http01 = Http01Registry::with_shared_store(store.clone())?; // mount on port 80
 //! let manager = Manager::builder(AcmeConfig::new(lobe_tls::acme::LETSENCRYPT), store)
 //!     .http01(http01)
 //!     .cert(ManagedCert::new("chat", domain::parse_all(&["chat.example.com"])?))
@@ -125,13 +125,18 @@ impl ClusterBuilder {
     }
 
     /// Starts following the manager's store. Must be called inside a tokio runtime.
+    ///
+    /// Refused when the store has no change feed ([`FeedStore`]) to follow, or no locks
+    /// ([`LockStore`]): without them, the instances would each order every renewal.
+    ///
+    /// [`FeedStore`]: crate::store::FeedStore
+    /// [`LockStore`]: crate::store::LockStore
     pub fn start(self) -> Result<Cluster> {
-        let subscription = self.manager.store().subscribe().ok_or_else(|| {
-            Error::Config(
-                "following the store needs a change feed, and this store has none: use --store redis://... or a local directory that can be watched"
-                    .into(),
-            )
-        })?;
+        let store = self.manager.store();
+        store.locks_for("following the store (one order per renewal across processes)")?;
+        let subscription = store
+            .feed_for("following the store")
+            .and_then(|feed| feed.subscribe())?;
         let follower = Follower {
             manager: self.manager,
             installed_challenges: HashSet::new(),
@@ -202,6 +207,8 @@ impl Follower {
                 }
             }
             StoreEvent::Resync => self.resync().await,
+            // The re-sync that follows the reconnection catches up.
+            StoreEvent::FeedLost => {}
         }
     }
 
@@ -228,7 +235,11 @@ impl Follower {
         for (name, error) in report.failed {
             self.note::<()>(Err(error), &name);
         }
-        let listed = store.list_challenges(TLS_ALPN01_PREFIX).await;
+        // A store without challenge tokens (one machine) has none to pick up.
+        let Some(challenges) = store.as_challenge_store() else {
+            return;
+        };
+        let listed = challenges.list_challenges(TLS_ALPN01_PREFIX).await;
         let Some(keys) = self.note(listed, "shared challenges") else {
             return;
         };
@@ -252,7 +263,11 @@ impl Follower {
 
     async fn install_challenge(&mut self, domain: &str) {
         let key = format!("{TLS_ALPN01_PREFIX}{domain}");
-        let fetched = self.manager.store().get_challenge(&key).await;
+        let store = self.manager.store().clone();
+        let Some(challenges) = store.as_challenge_store() else {
+            return;
+        };
+        let fetched = challenges.get_challenge(&key).await;
         let Some(value) = self.note(fetched, &key) else {
             return;
         };

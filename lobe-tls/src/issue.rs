@@ -20,7 +20,7 @@ use crate::challenge::{
     WebrootSolver,
 };
 use crate::domain::{DomainError, DomainName};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StoreErrorKind};
 use crate::resolver::CertResolver;
 use crate::store::{CertMeta, Store, StoreLock, StoredCert};
 
@@ -111,7 +111,7 @@ pub fn check_profile_name(profile: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Config(format!(
+        Err(Error::config(format!(
             "invalid --profile {profile:?}: give a profile name the CA lists, such as classic or shortlived"
         )))
     }
@@ -164,7 +164,7 @@ impl Issuance {
                 Some(registry) => (Box::new(Http01Solver::new(registry)), None),
                 None => {
                     let addr = config.http_listen.as_deref().ok_or_else(|| {
-                        Error::Config("http-01 needs a listen address (--http-listen)".into())
+                        Error::config("http-01 needs a listen address (--http-listen)")
                     })?;
                     let registry = Http01Registry::new();
                     let listener = Http01Listener::bind(addr, registry.service()).await?;
@@ -172,14 +172,15 @@ impl Issuance {
                 }
             },
             ChallengeKind::Dns01 => {
-                let dns = config.dns.as_ref().ok_or_else(|| {
-                    Error::Config("dns-01 needs a DNS provider (--dns-provider)".into())
-                })?;
+                let dns = config
+                    .dns
+                    .as_ref()
+                    .ok_or_else(|| Error::config("dns-01 needs a DNS provider (--dns-provider)"))?;
                 (Box::new(Dns01Solver::from_config(dns)?), None)
             }
             ChallengeKind::TlsAlpn01 => {
                 let addr = config.tls_listen.as_deref().ok_or_else(|| {
-                    Error::Config("tls-alpn-01 needs a listen address (--tls-listen)".into())
+                    Error::config("tls-alpn-01 needs a listen address (--tls-listen)")
                 })?;
                 let resolver = CertResolver::new();
                 let listener = TlsAlpn01Listener::bind(addr, resolver.clone()).await?;
@@ -200,7 +201,7 @@ impl Issuance {
     pub fn with_solver(request: IssueRequest, solver: Box<dyn Solver>) -> Result<Self> {
         request.validate()?;
         if solver.kind() != request.challenge.kind {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "the solver answers {} but the request asks for {}",
                 solver.kind(),
                 request.challenge.kind
@@ -244,8 +245,10 @@ impl Issuance {
 
     /// [`Issuance::run`] for a caller holding the store's `lock` on the name: the new
     /// certificate is stored only if the lock is still held when the order ends (see
-    /// [`Store::save_cert_fenced`]), so a holder whose lease ran out never writes over
-    /// what another process stored since.
+    /// [`LockStore::save_cert_fenced`]), so a holder whose lease ran out never writes
+    /// over what another process stored since.
+    ///
+    /// [`LockStore::save_cert_fenced`]: crate::store::LockStore::save_cert_fenced
     pub async fn run_locked(
         &self,
         client: &AcmeClient,
@@ -290,7 +293,12 @@ impl Issuance {
             },
         };
         match lock {
-            Some(lock) => store.save_cert_fenced(&stored, lock).await?,
+            Some(lock) => {
+                store
+                    .locks_for("storing a certificate under a lock")?
+                    .save_cert_fenced(&stored, lock)
+                    .await?
+            }
             None => store.save_cert(&stored).await?,
         }
         Ok(stored)
@@ -320,16 +328,22 @@ pub async fn issue_and_store(
 pub const LOCK_LEASE: Duration = Duration::from_secs(60);
 
 /// Takes the store's lock on `name`, waiting up to `wait`, with an error that says who
-/// to wait for when another process holds it.
+/// to wait for when another process holds it. Refused when the store has no locks
+/// ([`LockStore`](crate::store::LockStore)).
 pub async fn lock_name(
     store: &dyn Store,
     name: &str,
     wait: Duration,
 ) -> Result<Box<dyn StoreLock>> {
-    store.lock(name, LOCK_LEASE, wait).await?.ok_or_else(|| {
-        Error::Store(format!(
-            "another lobe-tls process is issuing {name:?}; wait for it to finish and try again"
-        ))
+    let locks = store.locks_for("locking a certificate name")?;
+    locks.lock(name, LOCK_LEASE, wait).await?.ok_or_else(|| {
+        Error::store(
+            None,
+            StoreErrorKind::Locked,
+            format!(
+                "another lobe-tls process is issuing {name:?}; wait for it to finish and try again"
+            ),
+        )
     })
 }
 

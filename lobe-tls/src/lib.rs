@@ -27,11 +27,31 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Features
+//!
+//! All on by default. With none (`default-features = false`), the crate is the resolver,
+//! the manager, the file store and the ACME client, and runs no HTTP server of its own:
+//! HTTP-01 is answered by [`Http01Service`] mounted in the application's server, or
+//! through a webroot.
+//!
+//! - `redis`: the Redis store (`RedisStore`), for clusters.
+//! - `dns-providers`: the `rfc2136`, `cloudflare` and `httpreq` DNS-01 providers.
+//! - `watch`: the certificate directory watcher, and the file store's change feed.
+//! - `metrics`: prometheus-client counters (`Metrics`) and their HTTP listener.
+//! - `on-demand`: issuance during a handshake (`OnDemand`), with its rate limits.
+//! - `http01-listener`: the standalone port-80 listener (`Http01Listener`) the manager
+//!   opens while an HTTP-01 order runs; implies `metrics`.
+//! - `edge`: the L7/L4 edge behind `lobe-tls serve`; implies `metrics` and `on-demand`.
+//! - `terminator`: the edge's tcp mode under its old name; implies `edge`.
 
 pub mod acme;
 pub mod cert;
 pub mod challenge;
+pub mod client_key;
 pub mod cluster;
+#[cfg(any(feature = "edge", feature = "http01-listener"))]
+pub mod conn_limits;
 pub mod domain;
 #[cfg(feature = "edge")]
 pub mod edge;
@@ -41,9 +61,13 @@ pub mod inventory;
 pub mod issue;
 mod listen;
 pub mod manager;
+#[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod net;
+#[cfg(feature = "on-demand")]
 pub mod on_demand;
+#[cfg(feature = "on-demand")]
+mod rate_table;
 pub mod renewal;
 pub mod resolver;
 pub mod store;
@@ -56,15 +80,21 @@ pub mod watch;
 
 pub use acme::{AcmeClient, AcmeConfig, Eab, OrderRequest};
 pub use cert::{CertBundle, CertInfo, KeyType};
-pub use challenge::http01::{Http01Listener, Http01Registry, Http01Service, Http01Solver};
+#[cfg(feature = "http01-listener")]
+pub use challenge::http01::Http01Listener;
+pub use challenge::http01::{Http01Registry, Http01Service, Http01Solver};
 pub use challenge::tls_alpn01::{TlsAlpn01Listener, TlsAlpn01Solver};
 pub use challenge::{ChallengeConfig, ChallengeKind, Solver};
 pub use domain::{DomainError, DomainName};
-pub use error::{Error, Result};
+pub use error::{
+    BoxError, CertificateErrorKind, ChallengeErrorKind, DnsErrorKind, Error, Result, StoreErrorKind,
+};
 pub use inventory::CertReport;
 pub use issue::{Issuance, IssueRequest, issue_and_store};
 pub use manager::{Event, ManagedCert, Manager};
+#[cfg(feature = "metrics")]
 pub use metrics::{Metrics, MetricsListener};
+#[cfg(feature = "on-demand")]
 pub use on_demand::{OnDemand, OnDemandConfig};
 pub use renewal::RenewalPolicy;
 pub use resolver::CertResolver;

@@ -51,21 +51,43 @@ impl Drop for ListenerTask {
 }
 
 /// How long a client of a plain HTTP listener (port 80, metrics) has to send a request's
-/// headers, and how long one of its connections may stay open: these serve short
-/// requests, so a slow or idle client is cut instead of holding a task.
+/// headers, and how long a kept-alive connection may sit idle before its next request:
+/// these serve short requests, so a slow or idle client is cut instead of holding a task.
+#[cfg(feature = "metrics")]
 pub(crate) const HTTP_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long one connection of a plain HTTP listener may stay open, however busy.
+#[cfg(feature = "metrics")]
 pub(crate) const HTTP_CONNECTION_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// A hyper server builder for the plain HTTP listeners, with timers, so the header read
-/// timeout holds (slowloris).
-pub(crate) fn http_builder()
--> hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor> {
-    let mut builder =
-        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+/// The most a plain HTTP listener buffers of one connection's input (hyper's minimum is
+/// 8 KiB): its requests are a line and a few headers.
+#[cfg(feature = "metrics")]
+const HTTP_MAX_BUF: usize = 16 * 1024;
+
+/// A hyper server builder for the plain HTTP listeners (the features that listen imply
+/// `metrics`, whose /metrics listener is one of them): HTTP/1.1 only, with a timer so
+/// that the header read timeout holds (slowloris) from the first byte and between
+/// kept-alive requests.
+///
+/// HTTP/1.1 only because hyper-util's version sniffing (the `auto` builder) reads the
+/// first bytes with no timeout at all: a client that connects and sends nothing would
+/// hold its connection until [`HTTP_CONNECTION_LIMIT`]. ACME validation, redirects and
+/// scrapes all speak HTTP/1.1.
+#[cfg(feature = "metrics")]
+pub(crate) fn http_builder() -> hyper::server::conn::http1::Builder {
+    http1_builder(HTTP_HEADER_READ_TIMEOUT)
+}
+
+/// As [`http_builder`], with another header read (and keep-alive idle) timeout.
+#[cfg(feature = "metrics")]
+pub(crate) fn http1_builder(
+    header_read_timeout: std::time::Duration,
+) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HTTP_HEADER_READ_TIMEOUT);
-    builder.http2().timer(hyper_util::rt::TokioTimer::new());
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(HTTP_MAX_BUF);
     builder
 }

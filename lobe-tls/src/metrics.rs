@@ -42,7 +42,7 @@ use crate::listen::ListenerTask;
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The prefix of every metric lobe-tls registers.
-const PREFIX: &str = "lobe_tls";
+pub(crate) const PREFIX: &str = "lobe_tls";
 
 /// A label value written with the text format's escapes (backslash, double quote,
 /// newline). prometheus-client writes label values as they are, and a name that comes from

@@ -22,20 +22,20 @@ pub fn root_store(extra_ca: Option<&Path>) -> Result<rustls::RootCertStore> {
         let certs = CertificateDer::pem_file_iter(path)
             .and_then(|iter| iter.collect::<std::result::Result<Vec<_>, _>>())
             .map_err(|e| {
-                Error::Config(format!(
+                Error::config(format!(
                     "cannot read CA file {}: {e} (expected PEM certificates)",
                     path.display()
                 ))
             })?;
         if certs.is_empty() {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "CA file {} holds no PEM certificate",
                 path.display()
             )));
         }
         for cert in certs {
             roots.add(cert).map_err(|e| {
-                Error::Config(format!(
+                Error::config(format!(
                     "CA file {}: unusable certificate: {e}",
                     path.display()
                 ))
@@ -58,7 +58,7 @@ where
 {
     let tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Config(format!("TLS setup failed: {e}")))?
+        .map_err(|e| Error::config(format!("TLS setup failed: {e}")))?
         .with_root_certificates(Arc::new(roots))
         .with_no_client_auth();
     let mut http = HttpConnector::new();

@@ -67,7 +67,7 @@ impl Default for TicketConfig {
 /// on one instance, with nothing stored.
 pub fn local_ticketer() -> Result<Arc<dyn ProducesTickets>> {
     rustls::crypto::aws_lc_rs::Ticketer::new()
-        .map_err(|e| Error::Config(format!("cannot set up session tickets: {e}")))
+        .map_err(|e| Error::config(format!("cannot set up session tickets: {e}")))
 }
 
 /// One raw key and its id.
@@ -83,7 +83,7 @@ impl RawKey {
         let mut id = [0u8; ID_LEN];
         rng.fill(bytes.as_mut())
             .and_then(|()| rng.fill(&mut id))
-            .map_err(|_| Error::Config("no randomness for session ticket keys".into()))?;
+            .map_err(|_| Error::config("no randomness for session ticket keys"))?;
         Ok(RawKey {
             id: u32::from_be_bytes(id),
             bytes,
@@ -198,7 +198,7 @@ impl Sealer {
         let key = |raw: &RawKey| {
             UnboundKey::new(&AES_256_GCM, raw.bytes.as_ref())
                 .map(|k| (raw.id, LessSafeKey::new(k)))
-                .map_err(|_| Error::Config("unusable session ticket key".into()))
+                .map_err(|_| Error::config("unusable session ticket key"))
         };
         Ok(Sealer {
             current: key(&set.current)?,

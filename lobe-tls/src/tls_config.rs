@@ -21,7 +21,7 @@ pub fn server_config(
 ) -> Result<ServerConfig> {
     let mut tls = ServerConfig::builder_with_provider(crate::cert::crypto_provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Config(format!("cannot build the TLS configuration: {e}")))?
+        .map_err(|e| Error::config(format!("cannot build the TLS configuration: {e}")))?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
     if !alpn.is_empty() {

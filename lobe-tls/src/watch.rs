@@ -45,7 +45,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::cert::{CertBundle, CertInfo};
-use crate::error::{Error, Result};
+use crate::error::{CertificateErrorKind, Error, Result};
 use crate::renewal::RenewalPolicy;
 use crate::resolver::CertResolver;
 
@@ -266,7 +266,7 @@ impl CertDirWatcher {
         let root = root.into();
         let meta = std::fs::metadata(&root).map_err(|e| Error::io(&root, e))?;
         if !meta.is_dir() {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "{} is not a directory: --cert-dir needs the directory holding the certificates",
                 root.display()
             )));
@@ -311,14 +311,14 @@ impl CertDirWatcher {
                 }
             },
         )
-        .map_err(|e| Error::Config(format!("cannot watch {}: {e}", root.display())))?;
+        .map_err(|e| Error::config(format!("cannot watch {}: {e}", root.display())))?;
         let mut watch = RootWatch {
             debouncer,
             root: root.clone(),
             watched: None,
         };
         if !watch.follow_root() {
-            return Err(Error::Config(format!("cannot watch {}", root.display())));
+            return Err(Error::config(format!("cannot watch {}", root.display())));
         }
         if let Some(parent) = root.parent()
             && let Err(e) = watch.debouncer.watch(parent, RecursiveMode::NonRecursive)
@@ -330,7 +330,7 @@ impl CertDirWatcher {
         let first = shared.clone();
         let mut needs_retry = tokio::task::spawn_blocking(move || first.scan())
             .await
-            .map_err(|e| Error::Config(format!("certificate directory scan failed: {e}")))?;
+            .map_err(|e| Error::config(format!("certificate directory scan failed: {e}")))?;
 
         let task_shared = shared.clone();
         let task = tokio::spawn(async move {
@@ -659,15 +659,19 @@ fn check_pair(
     let key = bundle.certified_key()?;
     let info = bundle.info()?;
     if info.domains.is_empty() {
-        return Err(Error::Certificate(
-            "the certificate names no DNS name in its subject alternative names".into(),
+        return Err(Error::certificate(
+            CertificateErrorKind::NamesNotCovered,
+            "the certificate names no DNS name in its subject alternative names",
         ));
     }
     if info.not_after <= OffsetDateTime::now_utc() {
-        return Err(Error::Certificate(format!(
-            "the certificate expired at {}",
-            crate::cert::rfc3339(info.not_after)
-        )));
+        return Err(Error::certificate(
+            CertificateErrorKind::Expired,
+            format!(
+                "the certificate expired at {}",
+                crate::cert::rfc3339(info.not_after)
+            ),
+        ));
     }
     Ok((key, info))
 }

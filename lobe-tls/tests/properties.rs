@@ -61,17 +61,19 @@ fn renewal_state() -> impl Strategy<Value = RenewalState> {
         proptest::option::of((time(), time())),
     )
         .prop_map(
-            |(failures, last_error, next, ari, poll, id, revoked, refused, window)| RenewalState {
-                failures,
-                last_error,
-                next_attempt: next,
-                ari_renew_at: ari,
-                ari_next_poll: poll,
-                ari_cert_id: id,
-                revoked_serial: revoked,
-                replaces_refused: refused,
-                ari_window_start: window.map(|w| w.0),
-                ari_window_end: window.map(|w| w.1),
+            |(failures, last_error, next, ari, poll, id, revoked, refused, window)| {
+                let mut state = RenewalState::default();
+                state.failures = failures;
+                state.last_error = last_error;
+                state.next_attempt = next;
+                state.ari_renew_at = ari;
+                state.ari_next_poll = poll;
+                state.ari_cert_id = id;
+                state.revoked_serial = revoked;
+                state.replaces_refused = refused;
+                state.ari_window_start = window.map(|w| w.0);
+                state.ari_window_end = window.map(|w| w.1);
+                state
             },
         )
 }
@@ -131,14 +133,11 @@ fn cert_meta() -> impl Strategy<Value = CertMeta> {
         time(),
     )
         .prop_map(
-            |(name, domains, key_type, challenge, directory, issued_at)| CertMeta {
-                name,
-                domains: domain::parse_all(&domains).unwrap(),
-                key_type,
-                challenge,
-                directory,
-                issued_at,
-                profile: None,
+            |(name, domains, key_type, challenge, directory, issued_at)| {
+                CertMeta::new(name, domain::parse_all(&domains).unwrap(), directory)
+                    .with_key_type(key_type)
+                    .with_challenge(challenge)
+                    .with_issued_at(issued_at)
             },
         )
 }

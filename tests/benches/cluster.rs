@@ -56,7 +56,7 @@ async fn cluster_instance(
     pebble: &Pebble,
 ) -> BenchResult<(Instance, Http01Registry)> {
     let store: DynStore = Arc::new(RedisStore::connect(&redis.url()).await?);
-    let http01 = Http01Registry::with_shared_store(store.clone());
+    let http01 = Http01Registry::with_shared_store(store.clone())?;
     let manager = Manager::builder(pebble.acme_config(), store)
         .http01(http01.clone())
         .cert(ManagedCert::new(NAME, domain::parse_all(&[DOMAIN])?))

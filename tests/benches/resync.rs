@@ -179,16 +179,12 @@ async fn fill(store: &DynStore) {
                 .signed_by(&key, &issuer)
                 .unwrap();
             let bundle = CertBundle::from_pem(cert.pem(), key.serialize_pem()).unwrap();
-            let meta = CertMeta {
-                name: name.clone(),
-                domains: domain::parse_all(&[name.as_str(), www.as_str()]).unwrap(),
-                key_type: KeyType::EcdsaP256,
-                challenge: Default::default(),
-                directory: "https://acme.invalid/directory".into(),
-                issued_at: time::OffsetDateTime::now_utc(),
-                profile: None,
-            };
-            store.save_cert(&StoredCert { bundle, meta }).await.unwrap();
+            let domains = domain::parse_all(&[name.as_str(), www.as_str()]).unwrap();
+            let meta = CertMeta::new(name.clone(), domains, "https://acme.invalid/directory");
+            store
+                .save_cert(&StoredCert::new(bundle, meta))
+                .await
+                .unwrap();
         });
     }
     while let Some(done) = saves.join_next().await {

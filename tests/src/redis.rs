@@ -129,20 +129,14 @@ pub fn sample_cert(name: &str, domain: &str) -> lobe_tls::StoredCert {
         .expect("params")
         .self_signed(&key)
         .expect("self-signed");
-    StoredCert {
-        bundle: CertBundle::from_pem(cert.pem(), key.serialize_pem()).expect("bundle"),
-        meta: CertMeta {
-            name: name.into(),
-            domains: vec![lobe_tls::DomainName::parse(domain).expect("domain")],
-            key_type: KeyType::EcdsaP256,
-            challenge: Default::default(),
-            directory: "https://ca.test/dir".into(),
-            issued_at: time::OffsetDateTime::now_utc()
-                .replace_nanosecond(0)
-                .expect("time"),
-            profile: None,
-        },
-    }
+    let domains = vec![lobe_tls::DomainName::parse(domain).expect("domain")];
+    let issued_at = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .expect("time");
+    StoredCert::new(
+        CertBundle::from_pem(cert.pem(), key.serialize_pem()).expect("bundle"),
+        CertMeta::new(name, domains, "https://ca.test/dir").with_issued_at(issued_at),
+    )
 }
 
 /// A Redis deployment behind Sentinel on loopback: a master, one replica and three

@@ -56,7 +56,7 @@ impl Instance {
         domains: &[&str],
     ) -> Instance {
         let store = instance_store(redis).await;
-        let http01 = Http01Registry::with_shared_store(store.clone());
+        let http01 = Http01Registry::with_shared_store(store.clone()).unwrap();
         let manager = Manager::builder(pebble.acme_config(), store)
             .http01(http01.clone())
             .cert(ManagedCert::new(NAME, domain::parse_all(domains).unwrap()))
@@ -380,8 +380,8 @@ async fn http01_validation_is_answered_by_an_instance_that_did_not_order() {
     let ordering = instance_store(&redis).await;
     let answering = instance_store(&redis).await;
     // Only the answering instance listens where Pebble validates.
-    let ordering_registry = Http01Registry::with_shared_store(ordering.clone());
-    let answering_registry = Http01Registry::with_shared_store(answering.clone());
+    let ordering_registry = Http01Registry::with_shared_store(ordering.clone()).unwrap();
+    let answering_registry = Http01Registry::with_shared_store(answering.clone()).unwrap();
     let _listener = Http01Listener::bind(&pebble.http_listen(), answering_registry.service())
         .await
         .unwrap();
@@ -410,6 +410,8 @@ async fn http01_validation_is_answered_by_an_instance_that_did_not_order() {
     assert!(ordering_registry.is_empty());
     assert!(
         ordering
+            .as_challenge_store()
+            .unwrap()
             .list_challenges("http-01/")
             .await
             .unwrap()
@@ -436,7 +438,7 @@ async fn tls_alpn01_validation_is_answered_by_an_instance_that_did_not_order() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let ordering_resolver = CertResolver::new();
-    let solver = TlsAlpn01Solver::with_shared_store(ordering_resolver, ordering.clone());
+    let solver = TlsAlpn01Solver::with_shared_store(ordering_resolver, ordering.clone()).unwrap();
     let client = AcmeClient::connect(&pebble.acme_config(), ordering.as_ref())
         .await
         .unwrap();
@@ -452,6 +454,8 @@ async fn tls_alpn01_validation_is_answered_by_an_instance_that_did_not_order() {
     .unwrap();
     assert!(
         ordering
+            .as_challenge_store()
+            .unwrap()
             .list_challenges("tls-alpn-01/")
             .await
             .unwrap()
@@ -551,10 +555,8 @@ async fn a_resync_reads_in_full_only_what_changed() {
     let other = instance_store(&redis).await;
     let renewed = sample_cert("s1", "s1.example.com");
     other.save_cert(&renewed).await.unwrap();
-    let revoked = RenewalState {
-        revoked_serial: Some(serials[2].clone()),
-        ..RenewalState::default()
-    };
+    let mut revoked = RenewalState::default();
+    revoked.revoked_serial = Some(serials[2].clone());
     other.save_renewal_state("s2", &revoked).await.unwrap();
     let changed = resync_certs(&manager).await.unwrap();
     assert_eq!(

@@ -313,7 +313,16 @@ async fn a_failed_challenge_reports_the_problem_and_leaves_the_previous_cert_unt
     )
     .await
     .unwrap_err();
-    assert!(matches!(err, Error::Challenge(_)), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Challenge {
+                kind: lobe_tls::ChallengeErrorKind::ValidationFailed,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let text = err.to_string();
     assert!(text.contains("keep.example.com"), "{text}");
     assert!(

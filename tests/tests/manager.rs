@@ -456,20 +456,17 @@ async fn managing_stored_certificates_orders_one_that_expired_while_nothing_ran(
     params.not_before = OffsetDateTime::now_utc() - time::Duration::days(91);
     params.not_after = OffsetDateTime::now_utc() - time::Duration::days(1);
     let expired = params.self_signed(&key).unwrap();
-    let meta = lobe_tls::CertMeta {
-        name: "old".into(),
-        domains: domain::parse_all(&["old.example.com"]).unwrap(),
-        key_type: lobe_tls::KeyType::EcdsaP256,
-        challenge: ChallengeConfig::default(),
-        directory: pebble.acme_config().directory,
-        issued_at: OffsetDateTime::now_utc() - time::Duration::days(91),
-        profile: None,
-    };
+    let meta = lobe_tls::CertMeta::new(
+        "old",
+        domain::parse_all(&["old.example.com"]).unwrap(),
+        pebble.acme_config().directory,
+    )
+    .with_issued_at(OffsetDateTime::now_utc() - time::Duration::days(91));
     store
-        .save_cert(&lobe_tls::StoredCert {
-            bundle: lobe_tls::CertBundle::from_pem(expired.pem(), key.serialize_pem()).unwrap(),
+        .save_cert(&lobe_tls::StoredCert::new(
+            lobe_tls::CertBundle::from_pem(expired.pem(), key.serialize_pem()).unwrap(),
             meta,
-        })
+        ))
         .await
         .unwrap();
 

@@ -81,7 +81,8 @@ impl Edge {
             .build()
             .unwrap();
         let cluster = store
-            .is_shared()
+            .as_challenge_store()
+            .is_some()
             .then(|| Cluster::builder(manager.clone()).start().unwrap());
         manager.start().await.unwrap();
         let mut config = OnDemandConfig::default();

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use lobe_tls::store::{StoreEvent, StoreSubscription};
+use lobe_tls::store::{FeedStore, LockStore, StoreEvent, StoreSubscription};
 use lobe_tls::{RedisStore, Store};
 use lobe_tls_tests::redis::{SentinelCluster, sample_cert};
 

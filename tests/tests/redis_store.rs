@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use lobe_tls::store::{StoreEvent, StoreSubscription};
+use lobe_tls::store::{ChallengeStore, FeedStore, LockStore, StoreEvent, StoreSubscription};
 use lobe_tls::{FileStore, RedisStore, RenewalState, Store};
 use lobe_tls_tests::RedisServer;
 use lobe_tls_tests::redis::sample_cert;
@@ -97,12 +97,10 @@ async fn accounts_and_renewal_state_round_trip() {
         store.load_renewal_state("site").await.unwrap(),
         RenewalState::default()
     );
-    let state = RenewalState {
-        failures: 3,
-        last_error: Some("rate limited".into()),
-        next_attempt: Some(time::OffsetDateTime::UNIX_EPOCH + time::Duration::days(20000)),
-        ..Default::default()
-    };
+    let mut state = RenewalState::default();
+    state.failures = 3;
+    state.last_error = Some("rate limited".into());
+    state.next_attempt = Some(time::OffsetDateTime::UNIX_EPOCH + time::Duration::days(20000));
     store.save_renewal_state("site", &state).await.unwrap();
     assert_eq!(store.load_renewal_state("site").await.unwrap(), state);
 }
@@ -409,10 +407,8 @@ async fn copy_moves_everything_from_files_to_redis_and_back() {
         .save_account("acct", b"{\"account\":true}")
         .await
         .unwrap();
-    let state = RenewalState {
-        failures: 1,
-        ..Default::default()
-    };
+    let mut state = RenewalState::default();
+    state.failures = 1;
     files.save_renewal_state("b", &state).await.unwrap();
 
     let redis = RedisStore::connect(&server.url()).await.unwrap();
@@ -454,11 +450,9 @@ async fn versions_are_read_without_the_key_and_batches_load_in_one_trip() {
     let store = RedisStore::connect(&server.url()).await.unwrap();
     let site = sample_cert("site", "a.example.com");
     store.save_cert(&site).await.unwrap();
-    let revoked = RenewalState {
-        revoked_serial: Some("01".into()),
-        failures: 2,
-        ..RenewalState::default()
-    };
+    let mut revoked = RenewalState::default();
+    revoked.revoked_serial = Some("01".into());
+    revoked.failures = 2;
     store.save_renewal_state("site", &revoked).await.unwrap();
     // A value as lobe-tls wrote it before the serial led it, and one that is junk.
     let mut conn = raw(&server).await;
@@ -544,10 +538,8 @@ async fn renewal_state_writes_are_announced() {
     let mut sub = store.subscribe().unwrap();
     // Give the subscription a moment to be in place on the server.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let state = RenewalState {
-        revoked_serial: Some("01".into()),
-        ..RenewalState::default()
-    };
+    let mut state = RenewalState::default();
+    state.revoked_serial = Some("01".into());
     store.save_renewal_state("site", &state).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {

@@ -71,8 +71,8 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
 fn confirm(info: &AccountInfo) -> Result<bool> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
-        return Err(Error::Config(
-            "account deactivate cannot be undone and there is no terminal to confirm it: pass --yes".into(),
+        return Err(Error::config(
+            "account deactivate cannot be undone and there is no terminal to confirm it: pass --yes",
         ));
     }
     eprint!(
@@ -84,14 +84,14 @@ fn confirm(info: &AccountInfo) -> Result<bool> {
     stdin
         .lock()
         .read_line(&mut answer)
-        .map_err(|e| Error::Config(format!("cannot read the answer: {e}")))?;
+        .map_err(|e| Error::config(format!("cannot read the answer: {e}")))?;
     Ok(answer.trim().eq_ignore_ascii_case("yes"))
 }
 
 fn print_info(info: &AccountInfo, json: bool) -> Result<()> {
     if json {
         let text = serde_json::to_string_pretty(info)
-            .map_err(|e| Error::Config(format!("cannot encode JSON: {e}")))?;
+            .map_err(|e| Error::config(format!("cannot encode JSON: {e}")))?;
         println!("{text}");
         return Ok(());
     }

@@ -72,7 +72,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     };
     if args.json {
         let text = serde_json::to_string_pretty(&report)
-            .map_err(|e| Error::Config(format!("cannot encode JSON: {e}")))?;
+            .map_err(|e| Error::config(format!("cannot encode JSON: {e}")))?;
         println!("{text}");
     } else {
         for entry in &report {

@@ -76,7 +76,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
             ..
         } if spec.is_redis() => {
             let store = spec.open().await?;
-            let registry = Http01Registry::with_shared_store(store.clone());
+            let registry = Http01Registry::with_shared_store(store.clone())?;
             let listener = Http01Listener::bind(addr, registry.service()).await?;
             let issuance = Issuance::prepare(request, Some(registry)).await?;
             (issuance, store, Some(listener))
@@ -111,7 +111,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     let report = CertReport::of(&stored, &state, None, time::OffsetDateTime::now_utc());
     if args.json {
         let text = serde_json::to_string_pretty(&report)
-            .map_err(|e| lobe_tls::Error::Config(format!("cannot encode JSON: {e}")))?;
+            .map_err(|e| lobe_tls::Error::config(format!("cannot encode JSON: {e}")))?;
         println!("{text}");
     } else {
         println!(

@@ -30,7 +30,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
 /// The reports as a pretty JSON array.
 pub fn to_json(reports: &[CertReport]) -> Result<String> {
     serde_json::to_string_pretty(reports)
-        .map_err(|e| Error::Config(format!("cannot encode JSON: {e}")))
+        .map_err(|e| Error::config(format!("cannot encode JSON: {e}")))
 }
 
 /// The reports as a plain-text table, one row per certificate.

@@ -172,7 +172,7 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     let failed = results.iter().filter(|r| r.result == "failed").count();
     if args.json {
         let text = serde_json::to_string_pretty(&results)
-            .map_err(|e| Error::Config(format!("cannot encode JSON: {e}")))?;
+            .map_err(|e| Error::config(format!("cannot encode JSON: {e}")))?;
         println!("{text}");
     } else {
         for r in &results {
@@ -254,11 +254,11 @@ async fn run_hook(hook: &str, global: &Global, meta: &CertMeta) -> Result<()> {
     let status = cmd
         .status()
         .await
-        .map_err(|e| Error::Config(format!("cannot run the --deploy-hook command: {e}")))?;
+        .map_err(|e| Error::config(format!("cannot run the --deploy-hook command: {e}")))?;
     if status.success() {
         Ok(())
     } else {
-        Err(Error::Config(format!(
+        Err(Error::config(format!(
             "the --deploy-hook command exited with {status}"
         )))
     }

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::ValueEnum;
 use lobe_tls::cert::rfc3339;
-use lobe_tls::{AcmeClient, Error, Result};
+use lobe_tls::{AcmeClient, Error, Result, StoreErrorKind};
 
 use crate::global::Global;
 
@@ -58,7 +58,7 @@ pub struct Args {
 pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     let store = global.open_existing_store().await?;
     let stored = store.load_cert(&args.name).await?.ok_or_else(|| {
-        Error::Config(format!(
+        Error::config(format!(
             "no certificate named {:?} in the store; see lobe-tls list",
             args.name
         ))
@@ -85,10 +85,14 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         .unwrap_or_default();
     state.revoked_serial = Some(info.serial.clone());
     if let Err(e) = store.save_renewal_state(&args.name, &state).await {
-        return Err(Error::Store(format!(
-            "{} was revoked at the CA, but recording it failed ({e}); replace it with: lobe-tls renew --name {} --force",
-            args.name, args.name
-        )));
+        return Err(Error::store(
+            None,
+            StoreErrorKind::Write,
+            format!(
+                "{} was revoked at the CA, but recording it failed ({e}); replace it with: lobe-tls renew --name {} --force",
+                args.name, args.name
+            ),
+        ));
     }
     println!(
         "revoked {} (serial {}, was valid until {}); it is due for renewal now: lobe-tls renew --name {} replaces it",

@@ -23,6 +23,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::challenge_args::ChallengeArgs;
 
 mod caps;
+mod edge_task;
 use crate::global::Global;
 use crate::profile_args::ProfileArgs;
 
@@ -68,12 +69,13 @@ pub struct Args {
     pub send_proxy_v2: bool,
 
     /// Require a PROXY v1/v2 header from an outer load balancer on --listen; connections
-    /// without one are refused.
+    /// without one, or from a peer outside --trusted-proxy, are refused before TLS.
     #[arg(long, env = "LOBE_TLS_ACCEPT_PROXY_PROTOCOL")]
     pub accept_proxy_protocol: bool,
 
-    /// Network (CIDR) whose X-Forwarded-* and Forwarded headers are kept; from anyone
-    /// else they are replaced. Repeatable.
+    /// Network (CIDR) whose X-Forwarded-* and Forwarded headers are kept (from anyone
+    /// else they are replaced), and, with --accept-proxy-protocol, the only peers that
+    /// may connect and whose PROXY headers are believed. Repeatable.
     #[arg(
         long = "trusted-proxy",
         env = "LOBE_TLS_TRUSTED_PROXY",
@@ -92,9 +94,39 @@ pub struct Args {
     #[arg(long, env = "LOBE_TLS_MAX_CONNS_PER_IP")]
     pub max_conns_per_ip: Option<usize>,
 
+    /// Requests in flight at once from one client address (grouped as for
+    /// --max-conns-per-ip), over HTTP/1.1 and h2 together; an event stream or a
+    /// WebSocket counts while it is open. More are answered 429 at once, without reaching
+    /// an upstream. Peers in --trusted-proxy are not capped. Default: 1024; 0: no cap.
+    #[arg(long, env = "LOBE_TLS_MAX_REQUESTS_PER_IP")]
+    pub max_requests_per_ip: Option<usize>,
+
+    /// Bytes of request bodies one client connection may hold at once so that a request
+    /// can be sent again to another upstream when the first fails (each body at most
+    /// 64 KiB); a body that does not fit streams through once, unretried. Default:
+    /// 1048576 (1 MiB); 0: no body is retried.
+    #[arg(long, env = "LOBE_TLS_RETRY_BUFFER_PER_CONN", value_name = "BYTES")]
+    pub retry_buffer_per_conn: Option<usize>,
+
+    /// As --retry-buffer-per-conn, for all connections together. Default: 67108864
+    /// (64 MiB).
+    #[arg(long, env = "LOBE_TLS_RETRY_BUFFER_TOTAL", value_name = "BYTES")]
+    pub retry_buffer_total: Option<usize>,
+
     /// Requests per second per client address; more are answered 429 with Retry-After.
     #[arg(long, env = "LOBE_TLS_RATE_LIMIT")]
     pub rate_limit: Option<u32>,
+
+    /// Leading bits of an IPv4 address that make one client for --max-conns-per-ip and
+    /// --rate-limit (or `client_prefix_v4` in --config). Default: 32, each address.
+    #[arg(long, env = "LOBE_TLS_CLIENT_PREFIX_V4", value_name = "BITS")]
+    pub client_prefix_v4: Option<u32>,
+
+    /// Leading bits of an IPv6 address that make one client for --max-conns-per-ip and
+    /// --rate-limit (or `client_prefix_v6` in --config). Default: 64, so a /64 (one
+    /// host's or one site's subnet) is one client.
+    #[arg(long, env = "LOBE_TLS_CLIENT_PREFIX_V6", value_name = "BITS")]
+    pub client_prefix_v6: Option<u32>,
 
     /// Threads that accept and serve client connections, each serving its own
     /// connections start to finish (default: one per CPU).
@@ -213,7 +245,7 @@ impl OnDemandArgs {
         config.allow = self.on_demand_allow.clone();
         config.issue_timeout = Duration::from_secs(self.on_demand_timeout.max(1));
         config.global_per_minute = std::num::NonZeroU32::new(self.on_demand_rate)
-            .ok_or_else(|| Error::Config("--on-demand-rate must be at least 1".into()))?;
+            .ok_or_else(|| Error::config("--on-demand-rate must be at least 1"))?;
         Ok(Some(config))
     }
 }
@@ -222,18 +254,28 @@ impl OnDemandArgs {
 pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     let nofile = caps::raise_nofile();
     if args.name.is_some() && args.domains.is_empty() {
-        return Err(Error::Config(
-            "--name needs the certificate's domains: add -d DOMAIN (repeatable)".into(),
+        return Err(Error::config(
+            "--name needs the certificate's domains: add -d DOMAIN (repeatable)",
         ));
     }
     if args.profile.profile.is_some() && args.domains.is_empty() {
-        return Err(Error::Config(
-            "--profile applies to the certificate -d names: add -d DOMAIN (stored certificates keep their own profile)".into(),
+        return Err(Error::config(
+            "--profile applies to the certificate -d names: add -d DOMAIN (stored certificates keep their own profile)",
+        ));
+    }
+    if args.accept_proxy_protocol && args.trusted_proxies.is_empty() {
+        return Err(Error::config(
+            "--accept-proxy-protocol believes PROXY headers only from --trusted-proxy peers: add your balancer's network (e.g. --trusted-proxy 10.0.0.0/8), or --trusted-proxy 0.0.0.0/0 --trusted-proxy ::/0 to believe every peer",
         ));
     }
     let sites = sites(args)?;
     let managed = managed_cert(args)?;
     let on_demand = args.on_demand.to_config()?;
+    let client_prefixes = caps::client_prefixes(
+        args.client_prefix_v4,
+        args.client_prefix_v6,
+        args.challenge.config_file.as_deref(),
+    )?;
     let resolver = CertResolver::new();
     let metrics = Metrics::new();
     let mut watchers = Vec::new();
@@ -257,10 +299,10 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     };
     // Registered before anything is bound, so a SIGTERM during start-up is not lost.
     let mut terminate = signal(SignalKind::terminate())
-        .map_err(|e| Error::Config(format!("cannot handle SIGTERM: {e}")))?;
+        .map_err(|e| Error::config(format!("cannot handle SIGTERM: {e}")))?;
     // So is a SIGHUP (whose default action ends the process): it is handled once serving.
     let hangup = signal(SignalKind::hangup())
-        .map_err(|e| Error::Config(format!("cannot handle SIGHUP: {e}")))?;
+        .map_err(|e| Error::config(format!("cannot handle SIGHUP: {e}")))?;
 
     if let (Some(default), Some(store)) = (&args.default_name, &store) {
         set_default_name(&resolver, default, managed.as_ref(), store, args).await?;
@@ -276,7 +318,9 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
 
     // With a Redis store, tokens are shared: any instance of a cluster answers HTTP-01.
     let registry = match &store {
-        Some(store) if store.is_shared() => Http01Registry::with_shared_store(store.clone()),
+        Some(store) if store.as_challenge_store().is_some() => {
+            Http01Registry::with_shared_store(store.clone())?
+        }
         _ => Http01Registry::new(),
     };
     let manager = match store {
@@ -310,13 +354,16 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         None => None,
     };
 
-    // Affinity cookies pin on any instance sharing the store: the key lives there too.
-    if let Some(manager) = &manager
-        && let Err(e) = lobe_tls::edge::share_affinity_key(manager.store()).await
-    {
-        tracing::warn!(error = %e, "the affinity cookie key is not shared; cookies pin on this instance only");
-    }
-    let config = edge_config(args, sites.clone(), nofile);
+    let mut config = edge_config(args, sites.clone(), nofile);
+    config.client_prefixes = client_prefixes;
+    // Port 80 has caps of its own, derived from the TLS listener's: a flood there does
+    // not take connections from HTTPS clients.
+    let http_config = lobe_tls::challenge::http01::Http01ListenerConfig::beside_tls(
+        config.max_conns,
+        config.max_conns_per_ip,
+        config.client_prefixes,
+        config.trusted_proxies.clone(),
+    );
     let tls = lobe_tls::tls_config::server_config(
         Arc::new(resolver.clone()),
         &config.alpn(),
@@ -330,6 +377,12 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     if let Some(on_demand) = on_demand {
         edge = edge.with_on_demand(on_demand);
     }
+    // Affinity cookies pin on any instance sharing the store: the key lives there too.
+    if let Some(manager) = &manager
+        && let Err(e) = edge.share_affinity_key(manager.store()).await
+    {
+        tracing::warn!(error = %e, "the affinity cookie key is not shared; cookies pin on this instance only");
+    }
     let handle = edge.handle();
     let edge_metrics = handle.metrics();
     metrics.register(|registry| edge_metrics.register(registry));
@@ -341,21 +394,25 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         None
     } else {
         let service = registry.service().redirect_others_to_https();
-        Some(Http01Listener::bind(&args.challenge.http_listen, service).await?)
+        let http =
+            Http01Listener::bind_with(&args.challenge.http_listen, service, http_config).await?;
+        let http_metrics = http.metrics();
+        metrics.register(|registry| http_metrics.register(registry));
+        Some(http)
     };
     let _metrics_listener = match &args.metrics_listen {
         Some(addr) => Some(MetricsListener::bind(addr, metrics.clone()).await?),
         None => None,
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(edge.run(async move {
-        let _ = stopped.await;
-    }));
+    let mut serving = edge_task::EdgeTask::spawn(|stopped| edge.run(stopped));
+    let edge_ended = serving.ended();
 
     let shutdown = async move {
         tokio::select! {
             _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            // The cause is the error serve exits with, below.
+            () = edge_ended => tracing::error!("the edge stopped; shutting down"),
         }
     };
     tokio::pin!(shutdown);
@@ -382,19 +439,18 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         };
         reload_until(&mut shutdown, hangup, &handle, &issuer).await;
     }
-    let _ = stop.send(());
-    let _ = serving.await;
+    let served = serving.stop().await;
     drop(maintenance);
     drop(watchers);
     drop(tickets);
-    Ok(ExitCode::SUCCESS)
+    served.map(|()| ExitCode::SUCCESS)
 }
 
 /// The store when `serve` is given neither managed names nor `--cert-dir`: it must exist
 /// and hold a certificate, or there is nothing to serve.
 async fn store_to_serve(global: &Global) -> Result<DynStore> {
     let nothing = |why: String| {
-        Error::Config(format!(
+        Error::config(format!(
             "nothing to serve: {why}; give -d DOMAIN to have a certificate issued, --cert-dir DIR to serve files another tool writes, or run lobe-tls issue first"
         ))
     };
@@ -440,7 +496,7 @@ async fn set_default_name(
             Ok(())
         }
         None if !args.cert_dirs.is_empty() => Ok(()),
-        None => Err(Error::Config(format!(
+        None => Err(Error::config(format!(
             "--default-name {default:?} is neither a certificate in the store nor a DNS name; see lobe-tls list"
         ))),
     }
@@ -535,7 +591,7 @@ async fn start_manager(
     // is followed through its announcements (and a re-sync every 30 s, for announcements
     // lost in an outage); a directory through its watch, which another process's
     // `issue`, `renew` or `revoke` trips, with a re-sync every 10 minutes as a safety net.
-    let resync = if manager.store().is_shared() {
+    let resync = if manager.store().as_challenge_store().is_some() {
         lobe_tls::cluster::DEFAULT_RESYNC_INTERVAL
     } else {
         Duration::from_secs(600)
@@ -573,9 +629,8 @@ fn sites(args: &Args) -> Result<Vec<SiteConfig>> {
     };
     sites.extend(flag_site(args));
     if sites.is_empty() {
-        return Err(Error::Config(
-            "no upstream: give --upstream HOST:PORT (repeatable) or [[site]] tables in --config"
-                .into(),
+        return Err(Error::config(
+            "no upstream: give --upstream HOST:PORT (repeatable) or [[site]] tables in --config",
         ));
     }
     Ok(sites)
@@ -609,11 +664,22 @@ fn edge_config(args: &Args, sites: Vec<SiteConfig>, nofile: Option<u64>) -> Edge
     config.max_conns = caps::cap(args.max_conns, caps::default_max_conns(nofile));
     config.max_conns_per_ip =
         caps::cap(args.max_conns_per_ip, Some(caps::DEFAULT_MAX_CONNS_PER_IP));
+    config.max_requests_per_ip = caps::cap(
+        args.max_requests_per_ip,
+        Some(lobe_tls::edge::DEFAULT_MAX_REQUESTS_PER_IP),
+    );
     tracing::debug!(
         max_conns = ?config.max_conns,
         max_conns_per_ip = ?config.max_conns_per_ip,
+        max_requests_per_ip = ?config.max_requests_per_ip,
         "connection caps"
     );
+    if let Some(bytes) = args.retry_buffer_per_conn {
+        config.retry_buffer_per_conn = bytes;
+    }
+    if let Some(bytes) = args.retry_buffer_total {
+        config.retry_buffer_total = bytes;
+    }
     config.rate_limit = args.rate_limit;
     config.threads = args.threads.map(usize::from).unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -668,9 +734,8 @@ fn check_http01_answerable(args: &Args) -> Result<()> {
         && args.challenge.http_webroot.is_none()
         && args.no_http
     {
-        return Err(Error::Config(
-            "--challenge http-01 answers on --http-listen: drop --no-http or use another challenge"
-                .into(),
+        return Err(Error::config(
+            "--challenge http-01 answers on --http-listen: drop --no-http or use another challenge",
         ));
     }
     Ok(())
@@ -729,6 +794,22 @@ impl ReloadIssuer<'_> {
     }
 }
 
+/// Re-reads the --config file's sites (on a blocking thread: the file may be on a slow
+/// disk, and the runtime serves meanwhile), adds `extra` and swaps them in.
+async fn reload_sites(
+    handle: &EdgeHandle,
+    path: &std::path::Path,
+    extra: Vec<SiteConfig>,
+) -> Result<Vec<SiteConfig>> {
+    let path = path.to_owned();
+    let mut sites = tokio::task::spawn_blocking(move || lobe_tls::edge::reload::read_sites(&path))
+        .await
+        .map_err(|e| Error::config(format!("reading the configuration: {e}")))??;
+    sites.extend(extra);
+    handle.reload(sites.clone())?;
+    Ok(sites)
+}
+
 /// Waits for SIGTERM/SIGINT, re-reading the --config file's sites on each SIGHUP. A file
 /// that does not read or check is refused with one line, and the running sites stay.
 async fn reload_until(
@@ -747,7 +828,7 @@ async fn reload_until(
                     continue;
                 };
                 let extra: Vec<SiteConfig> = flag_site(args).into_iter().collect();
-                match lobe_tls::edge::reload::reload_from(handle, path, &extra) {
+                match reload_sites(handle, path, extra).await {
                     Ok(sites) => {
                         tracing::info!(sites = sites.len(), "SIGHUP: configuration reloaded");
                         issuer.issue_new(&sites).await;

@@ -48,8 +48,8 @@ pub async fn run(_global: &Global, args: &Args) -> Result<ExitCode> {
 
 async fn run_copy(args: &CopyArgs) -> Result<ExitCode> {
     if args.from == args.to {
-        return Err(Error::Config(
-            "--from and --to name the same store; give two different stores".into(),
+        return Err(Error::config(
+            "--from and --to name the same store; give two different stores",
         ));
     }
     // A mistyped source directory must not read as an empty store.
@@ -57,7 +57,7 @@ async fn run_copy(args: &CopyArgs) -> Result<ExitCode> {
     if let Some(dir) = from.dir()
         && !dir.is_dir()
     {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "--from {from} does not exist or is not a directory"
         )));
     }
@@ -67,7 +67,7 @@ async fn run_copy(args: &CopyArgs) -> Result<ExitCode> {
     let report = lobe_tls::store::copy(from.as_ref(), to.as_ref()).await?;
     if args.json {
         let json = serde_json::to_string_pretty(&report)
-            .map_err(|e| Error::Config(format!("cannot encode JSON: {e}")))?;
+            .map_err(|e| Error::config(format!("cannot encode JSON: {e}")))?;
         println!("{json}");
     } else {
         println!(

@@ -251,7 +251,13 @@ async fn forwarding_headers_are_replaced_unless_the_peer_is_trusted() {
 async fn haproxy_in_front_sends_proxy_v2_and_the_backend_sees_the_client() {
     let backend = Backend::start("a");
     let edge = Edge::start_with(
-        &["--upstream", &backend.addr, "--accept-proxy-protocol"],
+        &[
+            "--upstream",
+            &backend.addr,
+            "--accept-proxy-protocol",
+            "--trusted-proxy",
+            "127.0.0.0/8",
+        ],
         None,
         false,
     )

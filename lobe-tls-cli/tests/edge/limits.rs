@@ -74,6 +74,8 @@ async fn behind_a_proxy_header_the_per_address_cap_counts_the_named_client() {
             "--upstream",
             &backend.addr,
             "--accept-proxy-protocol",
+            "--trusted-proxy",
+            "127.0.0.0/8",
             "--max-conns-per-ip",
             "1",
         ],

@@ -5,7 +5,12 @@
 #![allow(clippy::unwrap_used)]
 
 mod balancing;
+mod bodies;
 mod browser;
+mod budget;
+mod client_prefix;
+mod inflight;
 mod limits;
+mod proxy_trust;
 mod streams;
 mod support;

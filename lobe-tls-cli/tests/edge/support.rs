@@ -107,18 +107,14 @@ pub async fn store_certificate(store: &Path) -> rustls::pki_types::CertificateDe
     let ca = write_certificate(pair.path());
     let fullchain = std::fs::read_to_string(pair.path().join("site/fullchain.pem")).unwrap();
     let key = std::fs::read_to_string(pair.path().join("site/privkey.pem")).unwrap();
-    let cert = StoredCert {
-        bundle: lobe_tls::CertBundle::from_pem(fullchain, key).unwrap(),
-        meta: CertMeta {
-            name: NAME.into(),
-            domains: lobe_tls::domain::parse_all(&[NAME]).unwrap(),
-            key_type: lobe_tls::KeyType::EcdsaP256,
-            challenge: Default::default(),
-            directory: "https://ca.invalid/directory".into(),
-            profile: None,
-            issued_at: time::OffsetDateTime::now_utc(),
-        },
-    };
+    let cert = StoredCert::new(
+        lobe_tls::CertBundle::from_pem(fullchain, key).unwrap(),
+        CertMeta::new(
+            NAME,
+            lobe_tls::domain::parse_all(&[NAME]).unwrap(),
+            "https://ca.invalid/directory",
+        ),
+    );
     lobe_tls::FileStore::open(store)
         .unwrap()
         .save_cert(&cert)

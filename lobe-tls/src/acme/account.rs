@@ -10,7 +10,7 @@ use instant_acme::{Account, AccountCredentials, Key};
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::{AcmeConfig, acme_error, error_chain, http};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StoreErrorKind};
 use crate::store::Store;
 
 /// What `lobe-tls account show` prints.
@@ -41,25 +41,33 @@ impl Stored {
     async fn load(config: &AcmeConfig, store: &dyn Store) -> Result<Self> {
         let store_key = config.account_key();
         let bytes = store.load_account(&store_key).await?.ok_or_else(|| {
-            Error::Config(format!(
+            Error::config(format!(
                 "no account for {} in the store (key {store_key}); an issue registers one, or check --directory and --email",
                 config.directory
             ))
         })?;
         let json = serde_json::from_slice(&bytes).map_err(|e| {
-            Error::Store(format!(
-                "account {store_key} is unreadable ({e}); move it aside to register anew"
-            ))
+            Error::store(
+                None,
+                StoreErrorKind::Corrupt,
+                format!("account {store_key} is unreadable ({e}); move it aside to register anew"),
+            )
+            .with_source(e)
         })?;
         Ok(Stored { store_key, json })
     }
 
     fn credentials(&self) -> Result<AccountCredentials> {
         serde_json::from_value(serde_json::Value::Object(self.json.clone())).map_err(|e| {
-            Error::Store(format!(
-                "account {} is unreadable ({e}); move it aside to register anew",
-                self.store_key
-            ))
+            Error::store(
+                None,
+                StoreErrorKind::Corrupt,
+                format!(
+                    "account {} is unreadable ({e}); move it aside to register anew",
+                    self.store_key
+                ),
+            )
+            .with_source(e)
         })
     }
 
@@ -79,12 +87,25 @@ impl Stored {
             .unwrap_or_default();
         base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(text.trim_end_matches('='))
-            .map_err(|e| Error::Store(format!("account {}: bad key ({e})", self.store_key)))
+            .map_err(|e| {
+                Error::store(
+                    None,
+                    StoreErrorKind::Corrupt,
+                    format!("account {}: bad key ({e})", self.store_key),
+                )
+                .with_source(e)
+            })
     }
 
     async fn save(&self, store: &dyn Store) -> Result<()> {
-        let bytes = serde_json::to_vec(&self.json)
-            .map_err(|e| Error::Store(format!("cannot encode account: {e}")))?;
+        let bytes = serde_json::to_vec(&self.json).map_err(|e| {
+            Error::store(
+                None,
+                StoreErrorKind::Encode,
+                format!("cannot encode account: {e}"),
+            )
+            .with_source(e)
+        })?;
         store.save_account(&self.store_key, &bytes).await
     }
 }
@@ -99,12 +120,25 @@ pub(crate) fn with_contacts(
     credentials: &AccountCredentials,
     contacts: &[String],
 ) -> Result<Vec<u8>> {
-    let mut json = serde_json::to_value(credentials)
-        .map_err(|e| Error::Store(format!("cannot encode account: {e}")))?;
+    let mut json = serde_json::to_value(credentials).map_err(|e| {
+        Error::store(
+            None,
+            StoreErrorKind::Encode,
+            format!("cannot encode account: {e}"),
+        )
+        .with_source(e)
+    })?;
     if let Some(object) = json.as_object_mut() {
         object.insert("contact".into(), serde_json::json!(contacts));
     }
-    serde_json::to_vec(&json).map_err(|e| Error::Store(format!("cannot encode account: {e}")))
+    serde_json::to_vec(&json).map_err(|e| {
+        Error::store(
+            None,
+            StoreErrorKind::Encode,
+            format!("cannot encode account: {e}"),
+        )
+        .with_source(e)
+    })
 }
 
 fn http_client(config: &AcmeConfig) -> Result<http::BoundedClient> {
@@ -118,11 +152,12 @@ fn http_client(config: &AcmeConfig) -> Result<http::BoundedClient> {
 fn unreachable(config: &AcmeConfig, e: instant_acme::Error) -> Error {
     match e {
         instant_acme::Error::Api(_) => acme_error("the CA refused", e),
-        e => Error::CaUnavailable(format!(
+        e => Error::ca_unavailable(format!(
             "cannot reach the ACME directory {}: {}; check --directory, --directory-ca and that the CA is up",
             config.directory,
             error_chain(&e)
-        )),
+        ))
+        .with_source(e),
     }
 }
 
@@ -172,8 +207,14 @@ pub async fn show(config: &AcmeConfig, store: &dyn Store) -> Result<AccountInfo>
 
 async fn status_at_ca(config: &AcmeConfig, pkcs8: &[u8]) -> Result<String> {
     let der = PrivatePkcs8KeyDer::from(pkcs8.to_vec());
-    let key = Key::from_pkcs8_der(der.clone_key())
-        .map_err(|e| Error::Store(format!("the account key is unusable: {e}")))?;
+    let key = Key::from_pkcs8_der(der.clone_key()).map_err(|e| {
+        Error::store(
+            None,
+            StoreErrorKind::Corrupt,
+            format!("the account key is unusable: {e}"),
+        )
+        .with_source(e)
+    })?;
     let found = Account::builder_with_http(Box::new(http_client(config)?))
         .from_key((key, PrivateKeyDer::Pkcs8(der)), config.directory.clone())
         .await;
@@ -210,17 +251,23 @@ pub async fn rollover(config: &AcmeConfig, store: &dyn Store) -> Result<AccountI
         .update_key()
         .await
         .map_err(|e| acme_error("the CA refused the key change", e))?;
-    let fresh = serde_json::to_value(&fresh)
-        .map_err(|e| Error::Store(format!("cannot encode account: {e}")))?;
+    let fresh = serde_json::to_value(&fresh).map_err(|e| {
+        Error::store(
+            None,
+            StoreErrorKind::Encode,
+            format!("cannot encode account: {e}"),
+        )
+        .with_source(e)
+    })?;
     if let serde_json::Value::Object(fields) = fresh {
         for (name, value) in fields {
             stored.json.insert(name, value);
         }
     }
     stored.save(store).await.map_err(|e| {
-        Error::Store(format!(
+        Error::store(None, StoreErrorKind::Write, format!(
             "the CA switched the account to a new key but storing it failed ({e}); the account is lost, register a new one"
-        ))
+        )).with_source(e)
     })?;
     tracing::info!(directory = %config.directory, "rolled the account key over");
     show(config, store).await

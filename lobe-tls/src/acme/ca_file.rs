@@ -49,7 +49,7 @@ pub fn fallbacks_from(
         }
     }
     if let Some(same) = fallbacks.iter().find(|f| f.directory == primary.directory) {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "the fallback CA {} is the primary --directory; give another CA",
             same.directory
         )));
@@ -97,10 +97,13 @@ impl CaTable {
         let hmac = match (&self.eab_hmac_key, &self.eab_hmac_key_env) {
             (Some(key), _) => Some(key.clone()),
             (None, Some(var)) => Some(std::env::var(var).map_err(|_| {
-                Error::Config(format!(
-                    "{}: eab_hmac_key_env names {var}, which is not set",
-                    self.origin
-                ))
+                Error::config_key(
+                    "eab_hmac_key_env",
+                    format!(
+                        "{}: eab_hmac_key_env names {var}, which is not set",
+                        self.origin
+                    ),
+                )
             })?),
             (None, None) => None,
         };
@@ -111,7 +114,7 @@ impl CaTable {
             }),
             (None, None) => None,
             _ => {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "{}: eab_kid and eab_hmac_key (or eab_hmac_key_env) go together",
                     self.origin
                 )));
@@ -124,17 +127,18 @@ impl CaTable {
 fn read_tables(path: &Path) -> Result<Vec<CaTable>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        Error::Config(format!(
+        Error::config(format!(
             "{}: not valid TOML: {}",
             path.display(),
             e.message()
         ))
+        .with_source(e)
     })?;
     let Some(cas) = doc.get("ca") else {
         return Ok(Vec::new());
     };
     let cas = cas.as_array().ok_or_else(|| {
-        Error::Config(format!(
+        Error::config(format!(
             "{}: `ca` must be an array of tables ([[ca]])",
             path.display()
         ))
@@ -144,7 +148,7 @@ fn read_tables(path: &Path) -> Result<Vec<CaTable>> {
         let origin = format!("{}: [[ca]] number {}", path.display(), index + 1);
         let table = ca
             .as_table()
-            .ok_or_else(|| Error::Config(format!("{origin} is not a table")))?;
+            .ok_or_else(|| Error::config(format!("{origin} is not a table")))?;
         for key in table.keys() {
             if ![
                 "directory",
@@ -156,7 +160,10 @@ fn read_tables(path: &Path) -> Result<Vec<CaTable>> {
             ]
             .contains(&key.as_str())
             {
-                return Err(Error::Config(format!("{origin}: unknown key `{key}`")));
+                return Err(Error::config_key(
+                    key.as_str(),
+                    format!("{origin}: unknown key `{key}`"),
+                ));
             }
         }
         // Values are never echoed: one of them is a secret.
@@ -164,11 +171,14 @@ fn read_tables(path: &Path) -> Result<Vec<CaTable>> {
             match table.get(key) {
                 None => Ok(None),
                 Some(toml::Value::String(s)) => Ok(Some(s.clone())),
-                Some(_) => Err(Error::Config(format!("{origin}: `{key}` must be a string"))),
+                Some(_) => Err(Error::config_key(
+                    key,
+                    format!("{origin}: `{key}` must be a string"),
+                )),
             }
         };
         let directory = get("directory")?
-            .ok_or_else(|| Error::Config(format!("{origin} needs `directory`")))?;
+            .ok_or_else(|| Error::config_key("directory", format!("{origin} needs `directory`")))?;
         tables.push(CaTable {
             directory: resolve_directory(&directory)?,
             directory_ca: get("directory_ca")?.map(PathBuf::from),

@@ -16,7 +16,7 @@ use hickory_proto::rr::{Name, RData, RecordType};
 use crate::challenge::ChallengeKind;
 use crate::challenge::dns01::lookup::RecursiveResolvers;
 use crate::domain::DomainName;
-use crate::error::{Error, Result};
+use crate::error::{DnsErrorKind, Error, Result};
 
 /// The longest the whole pre-flight may take before the order goes ahead unchecked.
 pub const CAA_BUDGET: Duration = Duration::from_secs(10);
@@ -110,12 +110,11 @@ pub(crate) async fn check(
 
 /// The relevant record set of `name` (RFC 8659 §3): the CAA records at the name or, when
 /// it has none, at the closest ancestor that has some. Empty when no ancestor has any.
-async fn relevant_set(
-    resolvers: &RecursiveResolvers,
-    name: &str,
-) -> std::result::Result<Vec<CaaRecord>, String> {
+async fn relevant_set(resolvers: &RecursiveResolvers, name: &str) -> Result<Vec<CaaRecord>> {
     let mut current =
-        Name::from_ascii(format!("{}.", name.trim_end_matches('.'))).map_err(|e| e.to_string())?;
+        Name::from_ascii(format!("{}.", name.trim_end_matches('.'))).map_err(|e| {
+            Error::dns(DnsErrorKind::BadName, format!("bad DNS name {name:?}: {e}")).with_source(e)
+        })?;
     loop {
         if current.is_root() {
             return Ok(Vec::new());
@@ -123,7 +122,13 @@ async fn relevant_set(
         let message = resolvers
             .query(&current, RecordType::CAA)
             .await
-            .map_err(|(server, e)| format!("resolver {server} {e} for {current} CAA"))?;
+            .map_err(|(server, e)| {
+                Error::dns(
+                    DnsErrorKind::Lookup,
+                    format!("resolver {server} {e} for {current} CAA"),
+                )
+                .with_source(e)
+            })?;
         // A resolver follows a CNAME and answers with the target's records: those are
         // the relevant ones (RFC 8659 §3), whatever name owns them.
         let set: Vec<CaaRecord> = message
@@ -246,9 +251,12 @@ pub(crate) fn evaluate(
 }
 
 fn forbidden(domain: &str, record: &CaaRecord, why: &str) -> Error {
-    Error::Dns(format!(
-        "CAA forbids this certificate for {domain}: the record `{record}` {why}; change the CAA records or use another CA (no order was placed)"
-    ))
+    Error::dns(
+        DnsErrorKind::CaaForbids,
+        format!(
+            "CAA forbids this certificate for {domain}: the record `{record}` {why}; change the CAA records or use another CA (no order was placed)"
+        ),
+    )
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! that asks for clientAuth, and a TLS server certificate never needs it.
 
 use crate::domain::DomainName;
-use crate::error::{Error, Result};
+use crate::error::{CertificateErrorKind, Error, Result};
 
 /// The DER CSR for `domains`, signed with `key`, with an empty subject.
 pub(super) fn build(domains: &[DomainName], key: &rcgen::KeyPair) -> Result<Vec<u8>> {
@@ -17,12 +17,22 @@ pub(super) fn build(domains: &[DomainName], key: &rcgen::KeyPair) -> Result<Vec<
             .map(|d| d.as_str().to_owned())
             .collect::<Vec<_>>(),
     )
-    .map_err(|e| Error::Certificate(format!("cannot build the CSR: {e}")))?;
+    .map_err(|e| {
+        Error::certificate(
+            CertificateErrorKind::Generation,
+            format!("cannot build the CSR: {e}"),
+        )
+        .with_source(e)
+    })?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    let csr = params
-        .serialize_request(key)
-        .map_err(|e| Error::Certificate(format!("cannot sign the CSR: {e}")))?;
+    let csr = params.serialize_request(key).map_err(|e| {
+        Error::certificate(
+            CertificateErrorKind::Generation,
+            format!("cannot sign the CSR: {e}"),
+        )
+        .with_source(e)
+    })?;
     Ok(csr.der().to_vec())
 }
 

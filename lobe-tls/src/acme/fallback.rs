@@ -25,10 +25,10 @@ use crate::store::{Store, StoreLock, StoredCert};
 /// Whether `error` is the CA's own failure, for which the next CA is tried.
 pub fn falls_back(error: &Error) -> bool {
     match error {
-        Error::CaUnavailable(_) => true,
+        Error::CaUnavailable { .. } => true,
         Error::CaProblem { kind, source, .. } => {
-            let problem = match source.as_ref() {
-                instant_acme::Error::Api(problem) => Some(problem),
+            let problem = match source.downcast_ref::<instant_acme::Error>() {
+                Some(instant_acme::Error::Api(problem)) => Some(problem),
                 _ => None,
             };
             matches!(kind.as_deref(), Some("rateLimited" | "serverInternal"))
@@ -120,7 +120,7 @@ impl CaChain {
                 Err(e) => return Err(with_earlier(e, &failed)),
             }
         }
-        Err(Error::Config("no CA configured".into()))
+        Err(Error::config("no CA configured"))
     }
 
     /// Orders `issuance` from the primary CA, then from each fallback in turn while the
@@ -187,7 +187,7 @@ impl CaChain {
                 }
             }
         }
-        Err(Error::Config(format!(
+        Err(Error::config(format!(
             "every CA is waiting out a Retry-After: {}",
             failed
                 .iter()
@@ -267,9 +267,10 @@ fn with_earlier(error: Error, failed: &[(String, String)]) -> Error {
             source,
             retry_after,
         },
-        Error::CaUnavailable(m) => {
-            Error::CaUnavailable(format!("{m} (after earlier CAs failed: {earlier})"))
-        }
+        Error::CaUnavailable { message, source } => Error::CaUnavailable {
+            message: format!("{message} (after earlier CAs failed: {earlier})"),
+            source,
+        },
         other => other,
     }
 }
@@ -293,20 +294,22 @@ mod tests {
 
     #[test]
     fn only_the_cas_own_failures_fall_back() {
-        assert!(falls_back(&Error::CaUnavailable(
-            "connection refused".into()
-        )));
+        assert!(falls_back(&Error::ca_unavailable("connection refused")));
         assert!(falls_back(&problem("rateLimited", 429)));
         assert!(falls_back(&problem("serverInternal", 500)));
         assert!(falls_back(&problem("badCSR", 503)));
         assert!(!falls_back(&problem("unauthorized", 403)));
         assert!(!falls_back(&problem("rejectedIdentifier", 400)));
         assert!(!falls_back(&problem("caa", 403)));
-        assert!(!falls_back(&Error::Challenge("validation failed".into())));
-        assert!(!falls_back(&Error::Dns("CAA forbids".into())));
-        assert!(!falls_back(&Error::Timeout(
-            "the order did not finish".into()
+        assert!(!falls_back(&Error::challenge(
+            crate::ChallengeErrorKind::ValidationFailed,
+            "validation failed"
         )));
+        assert!(!falls_back(&Error::dns(
+            crate::DnsErrorKind::CaaForbids,
+            "CAA forbids"
+        )));
+        assert!(!falls_back(&Error::timeout("the order did not finish")));
     }
 
     #[test]

@@ -105,26 +105,37 @@ impl BoundedClient {
 
     /// GETs `url` within the client's bound and returns the body of a 2xx answer: for
     /// the directory's `meta`, which instant-acme does not expose.
-    pub(crate) async fn get_json(&self, url: &str) -> Result<serde_json::Value, String> {
+    pub(crate) async fn get_json(&self, url: &str) -> crate::Result<serde_json::Value> {
+        use crate::Error;
         let req = http::Request::get(url)
             .body(BodyWrapper::default())
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Error::acme(e.to_string()).with_source(e))?;
         let exchange = async {
-            let rsp = self.inner.request(req).await.map_err(|e| e.to_string())?;
+            let rsp = self
+                .inner
+                .request(req)
+                .await
+                .map_err(|e| Error::ca_unavailable(e.to_string()).with_source(e))?;
             if !rsp.status().is_success() {
-                return Err(format!("HTTP {}", rsp.status()));
+                return Err(Error::acme(format!("HTTP {}", rsp.status())));
             }
             let body = rsp
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| Error::ca_unavailable(e.to_string()).with_source(e))?
                 .to_bytes();
-            serde_json::from_slice(&body).map_err(|e| e.to_string())
+            serde_json::from_slice(&body).map_err(|e| Error::acme(e.to_string()).with_source(e))
         };
         tokio::time::timeout(self.timeout, exchange)
             .await
-            .map_err(|_| format!("no answer within {:.1}s", self.timeout.as_secs_f64()))?
+            .map_err(|e| {
+                Error::ca_unavailable(format!(
+                    "no answer within {:.1}s",
+                    self.timeout.as_secs_f64()
+                ))
+                .with_source(e)
+            })?
     }
 }
 

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use crate::cert::{CertBundle, KeyType};
 use crate::challenge::{ChallengeData, Solver};
 use crate::domain::DomainName;
-use crate::error::{Error, Result};
+use crate::error::{CertificateErrorKind, ChallengeErrorKind, Error, Result, StoreErrorKind};
 use crate::store::Store;
 
 pub mod account;
@@ -99,9 +99,12 @@ pub fn resolve_directory(name_or_url: &str) -> Result<String> {
         "letsencrypt" | "le" => Ok(LETSENCRYPT.to_owned()),
         "letsencrypt-staging" | "le-staging" => Ok(LETSENCRYPT_STAGING.to_owned()),
         url if url.starts_with("https://") || url.starts_with("http://") => Ok(url.to_owned()),
-        other => Err(Error::Config(format!(
-            "invalid --directory {other:?}: give an https:// URL, letsencrypt or letsencrypt-staging"
-        ))),
+        other => Err(Error::config_key(
+            "--directory",
+            format!(
+                "invalid --directory {other:?}: give an https:// URL, letsencrypt or letsencrypt-staging"
+            ),
+        )),
     }
 }
 
@@ -257,24 +260,30 @@ impl AcmeClient {
         let http =
             http::BoundedClient::new(crate::net::http_client(roots)?, config.request_timeout);
         let key = config.account_key();
-        let unreachable = |e: instant_acme::Error| match e {
+        let unreachable = |e: instant_acme::Error| {
+            match e {
             // A 5xx answer (made a `serverInternal` problem by the HTTP client) is the
             // CA's failure, as an unreachable directory is.
             instant_acme::Error::Api(_) => acme_error(
                 &format!("the ACME directory {} failed", config.directory),
                 e,
             ),
-            e => Error::CaUnavailable(format!(
+            e => Error::ca_unavailable(format!(
                 "cannot reach the ACME directory {}: {}; check --directory, --directory-ca and that the CA is up",
                 config.directory,
                 error_chain(&e)
-            )),
+            ))
+            .with_source(e),
+        }
         };
         if let Some(saved) = store.load_account(&key).await? {
             let credentials: AccountCredentials = serde_json::from_slice(&saved).map_err(|e| {
-                Error::Store(format!(
-                    "account {key} is unreadable ({e}); move it aside to register anew"
-                ))
+                Error::store(
+                    None,
+                    StoreErrorKind::Corrupt,
+                    format!("account {key} is unreadable ({e}); move it aside to register anew"),
+                )
+                .with_source(e)
             })?;
             let account = Account::builder_with_http(Box::new(http.clone()))
                 .from_credentials(credentials)
@@ -289,7 +298,13 @@ impl AcmeClient {
             Some(eab) => {
                 let hmac = base64::engine::general_purpose::URL_SAFE_NO_PAD
                     .decode(eab.hmac_key_b64.trim_end_matches('='))
-                    .map_err(|e| Error::Config(format!("--eab-hmac-key is not base64url: {e}")))?;
+                    .map_err(|e| {
+                        Error::config_key(
+                            "--eab-hmac-key",
+                            format!("--eab-hmac-key is not base64url: {e}"),
+                        )
+                        .with_source(e)
+                    })?;
                 Some(ExternalAccountKey::new(eab.kid.clone(), &hmac))
             }
             None => None,
@@ -305,7 +320,7 @@ impl AcmeClient {
                 .await
         )
         .map_err(|e| match &e {
-            instant_acme::Error::Api(problem) if !ca_side(problem) => account_problem(problem),
+            instant_acme::Error::Api(problem) if !ca_side(problem) => account_problem(e),
             _ => unreachable(e),
         })?;
         let saved = account::with_contacts(&credentials, &account::contacts_for(config))?;
@@ -399,20 +414,26 @@ impl AcmeClient {
         let offered = self.profiles();
         match requested {
             Some(profile) if offered.iter().any(|p| p == profile) => Ok(Some(profile.to_owned())),
-            Some(profile) if offered.is_empty() => Err(Error::Config(format!(
-                "the CA at {} lists no profiles, so it cannot issue under --profile {profile:?}; drop --profile",
-                self.config.directory
-            ))),
-            Some(profile) => Err(Error::Config(format!(
-                "the CA at {} does not list the profile {profile:?}; it lists {}",
-                self.config.directory,
-                // The CA's names, escaped: the message stays one line whatever it sends.
-                offered
-                    .iter()
-                    .map(|p| p.escape_debug().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))),
+            Some(profile) if offered.is_empty() => Err(Error::config_key(
+                "--profile",
+                format!(
+                    "the CA at {} lists no profiles, so it cannot issue under --profile {profile:?}; drop --profile",
+                    self.config.directory
+                ),
+            )),
+            Some(profile) => Err(Error::config_key(
+                "--profile",
+                format!(
+                    "the CA at {} does not list the profile {profile:?}; it lists {}",
+                    self.config.directory,
+                    // The CA's names, escaped: the message stays one line whatever it sends.
+                    offered
+                        .iter()
+                        .map(|p| p.escape_debug().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
             None if domains.iter().any(|d| d.ip().is_some())
                 && offered.iter().any(|p| p == SHORTLIVED_PROFILE) =>
             {
@@ -490,7 +511,7 @@ impl AcmeClient {
         }
         match outcome {
             Ok(result) => result,
-            Err(_) => Err(Error::Timeout(format!(
+            Err(_) => Err(Error::timeout(format!(
                 "the order for {} did not finish within {}s",
                 names(&request.domains),
                 deadline.as_secs()
@@ -525,7 +546,13 @@ impl AcmeClient {
                     &serde_json::Value::String(id.clone()).to_string(),
                 )
                 .map(|id| id.into_owned())
-                .map_err(|e| Error::Certificate(format!("bad ARI certificate id {id:?}: {e}")))?,
+                .map_err(|e| {
+                    Error::certificate(
+                        CertificateErrorKind::Malformed,
+                        format!("bad ARI certificate id {id:?}: {e}"),
+                    )
+                    .with_source(e)
+                })?,
             ),
             None => None,
         };
@@ -554,7 +581,7 @@ impl AcmeClient {
                 authz.identifier().identifier,
                 Identifier::Dns(_) | Identifier::Ip(_)
             ) {
-                return Err(Error::Acme(format!(
+                return Err(Error::acme(format!(
                     "the CA sent an unexpected identifier {}",
                     authz.identifier()
                 )));
@@ -567,15 +594,19 @@ impl AcmeClient {
                 }
                 AuthorizationStatus::Pending => {}
                 status => {
-                    return Err(Error::Challenge(format!(
-                        "the authorization for {domain} is {status:?}; start a new order"
-                    )));
+                    return Err(Error::challenge(
+                        ChallengeErrorKind::AuthorizationNotPending,
+                        format!("the authorization for {domain} is {status:?}; start a new order"),
+                    ));
                 }
             }
             let challenge = authz.challenge(kind.acme_type()).ok_or_else(|| {
-                Error::Challenge(format!(
-                    "the CA offers no {kind} challenge for {domain}; try another --challenge"
-                ))
+                Error::challenge(
+                    ChallengeErrorKind::NotOffered,
+                    format!(
+                        "the CA offers no {kind} challenge for {domain}; try another --challenge"
+                    ),
+                )
             })?;
             let key_auth = challenge.key_authorization();
             let mut digest = [0u8; 32];
@@ -621,9 +652,11 @@ impl AcmeClient {
             .await))
         .map_err(|e| match &e {
             // The order's own problem document: a challenge failed validation.
-            instant_acme::Error::Api(problem) => {
-                Error::Challenge(format!("validation failed: {}", problem_text(problem)))
-            }
+            instant_acme::Error::Api(problem) => Error::challenge(
+                ChallengeErrorKind::ValidationFailed,
+                format!("validation failed: {}", problem_text(problem)),
+            )
+            .with_source(e),
             _ => acme_error("the order failed", e),
         })?;
         if status == OrderStatus::Invalid {
@@ -635,7 +668,13 @@ impl AcmeClient {
         let key_type = request.key_type;
         let key = tokio::task::spawn_blocking(move || key_type.generate())
             .await
-            .map_err(|e| Error::Certificate(format!("key generation stopped: {e}")))??;
+            .map_err(|e| {
+                Error::certificate(
+                    CertificateErrorKind::Generation,
+                    format!("key generation stopped: {e}"),
+                )
+                .with_source(e)
+            })??;
         let csr = csr::build(&request.domains, &key)?;
         retry_bad_nonce!(order.finalize_csr(&csr).await)
             .map_err(|e| self.ca_error("the CA refused to finalize the order", e))?;
@@ -669,9 +708,15 @@ impl AcmeClient {
             }
         }
         if reasons.is_empty() {
-            Error::Challenge("the CA marked the order invalid without saying why".into())
+            Error::challenge(
+                ChallengeErrorKind::ValidationFailed,
+                "the CA marked the order invalid without saying why",
+            )
         } else {
-            Error::Challenge(format!("validation failed: {}", reasons.join("; ")))
+            Error::challenge(
+                ChallengeErrorKind::ValidationFailed,
+                format!("validation failed: {}", reasons.join("; ")),
+            )
         }
     }
 

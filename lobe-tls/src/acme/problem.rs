@@ -26,35 +26,57 @@ pub(super) fn ca_side(problem: &instant_acme::Problem) -> bool {
             .is_some_and(|t| t.ends_with(":rateLimited") || t.ends_with(":serverInternal"))
 }
 
-pub(super) fn account_problem(problem: &instant_acme::Problem) -> Error {
+/// The CA's refusal to register an account, with what to change. The caller has
+/// checked that `error` is a problem document.
+pub(super) fn account_problem(error: instant_acme::Error) -> Error {
+    let instant_acme::Error::Api(problem) = &error else {
+        return acme_error("the CA refused to register the account", error);
+    };
     let kind = problem.r#type.as_deref().unwrap_or_default();
-    if kind.ends_with("externalAccountRequired") {
-        return Error::Acme(
-            "the CA requires External Account Binding: pass --eab-kid and --eab-hmac-key".into(),
-        );
+    let (context, message) = if kind.ends_with("externalAccountRequired") {
+        (
+            "the CA requires External Account Binding",
+            "pass --eab-kid and --eab-hmac-key".to_owned(),
+        )
+    } else if kind.ends_with("unauthorized") || kind.ends_with("malformed") {
+        (
+            "the CA refused to register the account",
+            format!(
+                "{}; check --eab-kid and --eab-hmac-key",
+                problem_text(problem)
+            ),
+        )
+    } else {
+        (
+            "the CA refused to register the account",
+            problem_text(problem),
+        )
+    };
+    Error::CaProblem {
+        context: context.to_owned(),
+        kind: problem_kind(problem),
+        message,
+        source: Box::new(error),
+        retry_after: None,
     }
-    if kind.ends_with("unauthorized") || kind.ends_with("malformed") {
-        return Error::Acme(format!(
-            "the CA refused to register the account: {}; check --eab-kid and --eab-hmac-key",
-            problem_text(problem)
-        ));
-    }
-    Error::Acme(format!(
-        "the CA refused to register the account: {}",
-        problem_text(problem)
-    ))
+}
+
+/// The problem type without its `urn:ietf:params:acme:error:` prefix.
+fn problem_kind(problem: &instant_acme::Problem) -> Option<String> {
+    problem.r#type.as_deref().map(|t| {
+        t.trim_start_matches("urn:ietf:params:acme:error:")
+            .to_owned()
+    })
 }
 
 /// Maps an instant-acme error to one line: the CA's problem detail, or the transport error.
-/// A request that got no answer, or no connection, is [`Error::CaUnavailable`].
+/// A request that got no answer, or no connection, is [`Error::CaUnavailable`]; the
+/// instant-acme error is kept as the source.
 pub(super) fn acme_error(context: &str, error: instant_acme::Error) -> Error {
     match &error {
         instant_acme::Error::Api(problem) => Error::CaProblem {
             context: context.to_owned(),
-            kind: problem.r#type.as_deref().map(|t| {
-                t.trim_start_matches("urn:ietf:params:acme:error:")
-                    .to_owned()
-            }),
+            kind: problem_kind(problem),
             message: match unpause_url(problem) {
                 Some(url) => paused_text(problem, &url),
                 None if problem
@@ -73,16 +95,17 @@ pub(super) fn acme_error(context: &str, error: instant_acme::Error) -> Error {
             retry_after: None,
         },
         instant_acme::Error::Timeout(_) => {
-            Error::Timeout(format!("{context}: the CA did not answer in time"))
+            Error::timeout(format!("{context}: the CA did not answer in time"))
         }
-        other if http::timed_out(other) => Error::CaUnavailable(format!(
+        other if http::timed_out(other) => Error::ca_unavailable(format!(
             "timed out: {}; the CA or the network path to it is not answering",
             error_chain(other)
-        )),
+        ))
+        .with_source(error),
         instant_acme::Error::Other(_) | instant_acme::Error::Hyper(_) => {
-            Error::CaUnavailable(format!("{context}: {}", error_chain(&error)))
+            Error::ca_unavailable(format!("{context}: {}", error_chain(&error))).with_source(error)
         }
-        other => Error::Acme(format!("{context}: {}", error_chain(other))),
+        other => Error::acme(format!("{context}: {}", error_chain(other))).with_source(error),
     }
 }
 
@@ -127,4 +150,63 @@ pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = e.source();
     }
     parts.join(": ").replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+
+    fn api_error(kind: &str, detail: &str) -> instant_acme::Error {
+        let problem: instant_acme::Problem = serde_json::from_value(serde_json::json!({
+            "type": format!("urn:ietf:params:acme:error:{kind}"),
+            "detail": detail,
+            "status": 403,
+        }))
+        .unwrap();
+        instant_acme::Error::Api(problem)
+    }
+
+    #[test]
+    fn an_account_refusal_is_a_matchable_ca_problem_that_keeps_the_ca_answer() {
+        let err = account_problem(api_error("externalAccountRequired", "EAB needed"));
+        assert_eq!(
+            err.to_string(),
+            "the CA requires External Account Binding: pass --eab-kid and --eab-hmac-key"
+        );
+        assert_eq!(err.ca_problem(), Some("externalAccountRequired"));
+        let source = err
+            .source()
+            .and_then(|s| s.downcast_ref::<instant_acme::Error>());
+        assert!(
+            matches!(source, Some(instant_acme::Error::Api(p)) if p.detail.as_deref() == Some("EAB needed")),
+            "{err:?}"
+        );
+
+        let err = account_problem(api_error("unauthorized", "bad MAC"));
+        assert_eq!(
+            err.to_string(),
+            "the CA refused to register the account: bad MAC (unauthorized); check --eab-kid and --eab-hmac-key"
+        );
+        assert_eq!(err.ca_problem(), Some("unauthorized"));
+    }
+
+    #[test]
+    fn transport_failures_are_unavailable_and_keep_the_client_error() {
+        let err = acme_error(
+            "the CA refused the order",
+            instant_acme::Error::Str("connection reset"),
+        );
+        assert!(matches!(err, Error::Acme { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "the CA refused the order: missing data: connection reset"
+        );
+        assert!(
+            err.source()
+                .is_some_and(|s| s.downcast_ref::<instant_acme::Error>().is_some()),
+            "{err:?}"
+        );
+    }
 }

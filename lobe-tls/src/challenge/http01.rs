@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -14,13 +13,25 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 
 use super::{ChallengeData, ChallengeKind, Solver};
 use crate::error::Result;
-use crate::listen::ListenerTask;
 use crate::store::DynStore;
+
+#[cfg(feature = "http01-listener")]
+mod listener;
+#[cfg(not(feature = "http01-listener"))]
+mod no_listener;
+mod per_second;
+#[cfg(feature = "http01-listener")]
+mod places;
+mod view;
+
+#[cfg(feature = "http01-listener")]
+pub use listener::{Http01Listener, Http01ListenerConfig, Http01Metrics, RefusalLabels, serve};
+#[cfg(not(feature = "http01-listener"))]
+pub(crate) use no_listener::Http01Listener;
+use view::SharedTokens;
 
 /// The path prefix ACME validation requests use.
 pub const CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
@@ -32,10 +43,15 @@ const SHARED_TOKEN_TTL: Duration = Duration::from_secs(600);
 ///
 /// Cheap to clone; every clone sees the same tokens. With a shared store attached,
 /// tokens are published there too, so any instance of a cluster can answer.
+///
+/// A request for a token not held here is looked up in the shared store only when the
+/// store's change feed announced it: the registry keeps an in-memory view of the store's
+/// tokens, so a flood of random tokens makes no store round trip. While that view is not
+/// in step (no change feed, or the feed is down), such lookups are rate-limited.
 #[derive(Clone, Default)]
 pub struct Http01Registry {
     tokens: Arc<RwLock<HashMap<String, String>>>,
-    shared: Option<DynStore>,
+    shared: Option<Arc<SharedTokens>>,
 }
 
 impl std::fmt::Debug for Http01Registry {
@@ -43,7 +59,7 @@ impl std::fmt::Debug for Http01Registry {
         let count = self.tokens.read().map(|t| t.len()).unwrap_or(0);
         f.debug_struct("Http01Registry")
             .field("tokens", &count)
-            .field("shared", &self.shared.is_some())
+            .field("shared", &self.shared)
             .finish()
     }
 }
@@ -55,15 +71,36 @@ impl Http01Registry {
     }
 
     /// A registry that also publishes tokens to, and looks them up in, a shared store.
-    pub fn with_shared_store(store: DynStore) -> Self {
-        Http01Registry {
+    ///
+    /// Inside a tokio runtime it starts following the store's change feed at once (else
+    /// at its first lookup); the follower stops when the last clone is dropped.
+    ///
+    /// Refused when the store keeps no challenge tokens ([`ChallengeStore`]): tokens
+    /// published nowhere would leave every other instance answering 404 to the CA.
+    ///
+    /// [`ChallengeStore`]: crate::store::ChallengeStore
+    pub fn with_shared_store(store: DynStore) -> Result<Self> {
+        store.challenges_for(view::NEEDED_FOR)?;
+        Ok(Http01Registry {
             tokens: Arc::default(),
-            shared: Some(store),
-        }
+            shared: Some(Arc::new(SharedTokens::new(store))),
+        })
     }
 
     fn store_key(token: &str) -> String {
-        format!("http-01/{token}")
+        format!("{}{token}", view::PREFIX)
+    }
+
+    /// Whether the in-memory view of the shared store's tokens is in step with the store,
+    /// so that a token it does not know is answered 404 without asking the store. False
+    /// without a shared store.
+    pub fn shared_view_in_step(&self) -> bool {
+        self.shared.as_ref().is_some_and(|s| s.in_step())
+    }
+
+    /// How many times this registry looked a token up in the shared store.
+    pub fn shared_lookups(&self) -> u64 {
+        self.shared.as_ref().map_or(0, |s| s.lookups())
     }
 
     /// Adds a token.
@@ -71,8 +108,9 @@ impl Http01Registry {
         if let Ok(mut tokens) = self.tokens.write() {
             tokens.insert(token.to_owned(), key_authorization.to_owned());
         }
-        if let Some(store) = &self.shared {
-            store
+        if let Some(shared) = &self.shared {
+            shared
+                .challenges()?
                 .put_challenge(&Self::store_key(token), key_authorization, SHARED_TOKEN_TTL)
                 .await?;
         }
@@ -84,25 +122,25 @@ impl Http01Registry {
         if let Ok(mut tokens) = self.tokens.write() {
             tokens.remove(token);
         }
-        if let Some(store) = &self.shared {
-            store.delete_challenge(&Self::store_key(token)).await?;
+        if let Some(shared) = &self.shared {
+            shared
+                .challenges()?
+                .delete_challenge(&Self::store_key(token))
+                .await?;
         }
         Ok(())
     }
 
-    /// The key authorization for `token`: local memory first, then the shared store.
+    /// The key authorization for `token`: local memory first, then the shared store if
+    /// its change feed announced the token (see [`Http01Registry`]).
     pub async fn lookup(&self, token: &str) -> Option<String> {
         if let Some(found) = self.tokens.read().ok().and_then(|t| t.get(token).cloned()) {
             return Some(found);
         }
-        let store = self.shared.as_ref()?;
-        match store.get_challenge(&Self::store_key(token)).await {
-            Ok(found) => found,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot look up HTTP-01 token in the shared store");
-                None
-            }
+        if !view::is_token(token) {
+            return None;
         }
+        self.shared.as_ref()?.lookup(token).await
     }
 
     /// The number of tokens held in local memory.
@@ -118,11 +156,7 @@ impl Http01Registry {
     /// Answers one request: the key authorization for a current token, 404 otherwise.
     pub async fn respond(&self, path: &str) -> Response<Full<Bytes>> {
         let token = path.strip_prefix(CHALLENGE_PATH).unwrap_or_default();
-        let valid_token = !token.is_empty()
-            && token
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        let body = if valid_token {
+        let body = if view::is_token(token) {
             self.lookup(token).await
         } else {
             None
@@ -166,7 +200,7 @@ impl Http01Service {
         self
     }
 
-    async fn call_inner<B>(self, req: Request<B>) -> Response<Full<Bytes>> {
+    pub(crate) async fn call_inner<B>(self, req: Request<B>) -> Response<Full<Bytes>> {
         let path = req.uri().path();
         if path.starts_with(CHALLENGE_PATH) || !self.redirect_to_https {
             return self.registry.respond(path).await;
@@ -230,54 +264,6 @@ impl<B: Send + 'static> tower::Service<Request<B>> for Http01Service {
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let this = self.clone();
         Box::pin(async move { Ok(this.call_inner(req).await) })
-    }
-}
-
-/// A standalone HTTP listener that serves an [`Http01Service`]. Stops when dropped.
-#[derive(Debug)]
-pub struct Http01Listener {
-    task: ListenerTask,
-}
-
-impl Http01Listener {
-    /// Binds `addr` and starts answering challenges from `registry`.
-    pub async fn bind(addr: &str, service: Http01Service) -> Result<Self> {
-        let task = ListenerTask::spawn(addr, |listener| serve(listener, service)).await?;
-        Ok(Http01Listener { task })
-    }
-
-    /// The address actually bound (useful with port 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.task.local_addr()
-    }
-}
-
-/// Serves `service` on every connection `listener` accepts, until the task is dropped.
-pub async fn serve(listener: TcpListener, service: Http01Service) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                // Out of file descriptors and the like: wait instead of spinning.
-                tracing::warn!(error = %e, "HTTP-01 listener cannot accept");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let service = service.clone();
-        tokio::spawn(async move {
-            let hyper_service = hyper::service::service_fn(move |req| {
-                let service = service.clone();
-                async move { Ok::<_, Infallible>(service.call_inner(req).await) }
-            });
-            let builder = crate::listen::http_builder();
-            let _ = tokio::time::timeout(
-                crate::listen::HTTP_CONNECTION_LIMIT,
-                builder.serve_connection(TokioIo::new(stream), hyper_service),
-            )
-            .await;
-        });
     }
 }
 
@@ -413,6 +399,7 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "http01-listener")]
     #[tokio::test]
     async fn busy_port_is_a_clear_error() {
         let first = Http01Listener::bind("127.0.0.1:0", Http01Registry::new().service())

@@ -71,7 +71,7 @@ impl std::str::FromStr for ChallengeKind {
             "http-01" | "http01" | "http" => Ok(ChallengeKind::Http01),
             "dns-01" | "dns01" | "dns" => Ok(ChallengeKind::Dns01),
             "tls-alpn-01" | "tls-alpn01" | "tls-alpn" => Ok(ChallengeKind::TlsAlpn01),
-            _ => Err(crate::Error::Config(format!(
+            _ => Err(crate::Error::config(format!(
                 "unknown challenge {s:?}: use http-01, dns-01 or tls-alpn-01"
             ))),
         }

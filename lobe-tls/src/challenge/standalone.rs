@@ -39,7 +39,7 @@ impl Standalone {
             return Ok((listener, registry.clone()));
         }
         let registry = match shared {
-            Some(store) => Http01Registry::with_shared_store(store),
+            Some(store) => Http01Registry::with_shared_store(store)?,
             None => Http01Registry::new(),
         };
         let listener =

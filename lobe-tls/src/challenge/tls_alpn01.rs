@@ -23,13 +23,16 @@ use zeroize::Zeroizing;
 use super::{ChallengeData, ChallengeKind, Solver};
 use crate::cert::KeyType;
 use crate::domain::DomainName;
-use crate::error::{Error, Result};
+use crate::error::{CertificateErrorKind, Error, Result};
 use crate::listen::ListenerTask;
 use crate::resolver::{ACME_TLS_ALPN, CertResolver};
 use crate::store::DynStore;
 
 /// How long published material lives in a shared store if cleanup never runs.
 const SHARED_TTL: Duration = Duration::from_secs(600);
+
+/// What sharing the material needs the store's challenge tokens for, in messages.
+const NEEDED_FOR: &str = "TLS-ALPN-01 answered by every instance sharing the store";
 /// How long the standalone listener gives one validation handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -60,13 +63,23 @@ impl ChallengeCert {
     /// certificate names it in an `iPAddress` SAN (RFC 8738 §6).
     pub fn new(domain: &DomainName, digest: &[u8; 32]) -> Result<Self> {
         let key = KeyType::EcdsaP256.generate()?;
-        let mut params = rcgen::CertificateParams::new(vec![domain.as_str().to_owned()])
-            .map_err(|e| Error::Certificate(format!("cannot build challenge certificate: {e}")))?;
+        let mut params =
+            rcgen::CertificateParams::new(vec![domain.as_str().to_owned()]).map_err(|e| {
+                Error::certificate(
+                    CertificateErrorKind::Generation,
+                    format!("cannot build challenge certificate: {e}"),
+                )
+                .with_source(e)
+            })?;
         params.distinguished_name = rcgen::DistinguishedName::new();
         params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
-        let cert = params
-            .self_signed(&key)
-            .map_err(|e| Error::Certificate(format!("cannot sign challenge certificate: {e}")))?;
+        let cert = params.self_signed(&key).map_err(|e| {
+            Error::certificate(
+                CertificateErrorKind::Generation,
+                format!("cannot sign challenge certificate: {e}"),
+            )
+            .with_source(e)
+        })?;
         Ok(ChallengeCert {
             cert_pem: cert.pem(),
             key_pem: Zeroizing::new(key.serialize_pem()),
@@ -79,14 +92,30 @@ impl ChallengeCert {
     /// webpki refuses to parse a certificate with the critical, unknown-to-it
     /// `acmeIdentifier` extension. The pair is made together in [`ChallengeCert::new`].
     pub fn certified_key(&self) -> Result<Arc<CertifiedKey>> {
-        let cert = CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
-            .map_err(|e| Error::Certificate(format!("bad challenge certificate PEM: {e}")))?;
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
-            .map_err(|e| Error::Certificate(format!("bad challenge key PEM: {e}")))?;
+        let cert = CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).map_err(|e| {
+            Error::certificate(
+                CertificateErrorKind::Malformed,
+                format!("bad challenge certificate PEM: {e}"),
+            )
+            .with_source(e)
+        })?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| {
+            Error::certificate(
+                CertificateErrorKind::Malformed,
+                format!("bad challenge key PEM: {e}"),
+            )
+            .with_source(e)
+        })?;
         let signing_key = crate::cert::crypto_provider()
             .key_provider
             .load_private_key(key)
-            .map_err(|e| Error::Certificate(format!("unusable challenge key: {e}")))?;
+            .map_err(|e| {
+                Error::certificate(
+                    CertificateErrorKind::Unsupported,
+                    format!("unusable challenge key: {e}"),
+                )
+                .with_source(e)
+            })?;
         Ok(Arc::new(CertifiedKey::new(vec![cert], signing_key)))
     }
 
@@ -98,7 +127,10 @@ impl ChallengeCert {
     /// Reads material written by [`ChallengeCert::to_store_value`].
     pub fn from_store_value(value: &str) -> Result<Self> {
         let split = value.find("-----BEGIN PRIVATE KEY-----").ok_or_else(|| {
-            Error::Certificate("shared TLS-ALPN-01 material holds no private key".into())
+            Error::certificate(
+                CertificateErrorKind::Malformed,
+                "shared TLS-ALPN-01 material holds no private key",
+            )
         })?;
         let (cert, key) = value.split_at(split);
         let material = ChallengeCert {
@@ -118,7 +150,8 @@ pub async fn install_shared(
     store: &DynStore,
     domain: &str,
 ) -> Result<bool> {
-    match store.get_challenge(&store_key(domain)).await? {
+    let challenges = store.challenges_for(NEEDED_FOR)?;
+    match challenges.get_challenge(&store_key(domain)).await? {
         Some(value) => {
             let cert = ChallengeCert::from_store_value(&value)?;
             resolver.set_challenge(domain, cert.certified_key()?);
@@ -149,11 +182,15 @@ impl TlsAlpn01Solver {
     }
 
     /// Also publishes the material to `store` for other instances of a cluster.
-    pub fn with_shared_store(resolver: CertResolver, store: DynStore) -> Self {
-        TlsAlpn01Solver {
+    /// Refused when the store keeps no challenge tokens ([`ChallengeStore`]).
+    ///
+    /// [`ChallengeStore`]: crate::store::ChallengeStore
+    pub fn with_shared_store(resolver: CertResolver, store: DynStore) -> Result<Self> {
+        store.challenges_for(NEEDED_FOR)?;
+        Ok(TlsAlpn01Solver {
             resolver,
             shared: Some(store),
-        }
+        })
     }
 
     /// The resolver the challenge certificates go into.
@@ -177,6 +214,7 @@ impl Solver for TlsAlpn01Solver {
             .set_challenge(&server_name, cert.certified_key()?);
         if let Some(store) = &self.shared {
             store
+                .challenges_for(NEEDED_FOR)?
                 .put_challenge(&store_key(&server_name), &cert.to_store_value(), SHARED_TTL)
                 .await?;
         }
@@ -187,7 +225,10 @@ impl Solver for TlsAlpn01Solver {
         let server_name = challenge.domain.tls_alpn_server_name();
         self.resolver.remove_challenge(&server_name);
         if let Some(store) = &self.shared {
-            store.delete_challenge(&store_key(&server_name)).await?;
+            store
+                .challenges_for(NEEDED_FOR)?
+                .delete_challenge(&store_key(&server_name))
+                .await?;
         }
         Ok(())
     }
@@ -206,7 +247,7 @@ impl TlsAlpn01Listener {
         let mut config =
             rustls::ServerConfig::builder_with_provider(crate::cert::crypto_provider())
                 .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
-                .map_err(|e| Error::Config(format!("TLS setup failed: {e}")))?
+                .map_err(|e| Error::config(format!("TLS setup failed: {e}")))?
                 .with_no_client_auth()
                 .with_cert_resolver(Arc::new(resolver));
         config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];

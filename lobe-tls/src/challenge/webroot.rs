@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 
 use super::{ChallengeData, ChallengeKind, Solver};
-use crate::error::{Error, Result};
+use crate::error::{ChallengeErrorKind, Error, Result};
 
 /// The path below the webroot that HTTP-01 requests ask for (RFC 8555 §8.3).
 const CHALLENGE_DIR: [&str; 2] = [".well-known", "acme-challenge"];
@@ -32,14 +32,18 @@ impl WebrootSolver {
         let root = root.into();
         match fs::metadata(&root) {
             Ok(meta) if meta.is_dir() => Ok(WebrootSolver { root }),
-            Ok(_) => Err(Error::Config(format!(
-                "--http-webroot {}: not a directory",
-                root.display()
-            ))),
-            Err(e) => Err(Error::Config(format!(
-                "--http-webroot {}: {e}; give the directory your web server serves",
-                root.display()
-            ))),
+            Ok(_) => Err(Error::config_key(
+                "--http-webroot",
+                format!("--http-webroot {}: not a directory", root.display()),
+            )),
+            Err(e) => Err(Error::config_key(
+                "--http-webroot",
+                format!(
+                    "--http-webroot {}: {e}; give the directory your web server serves",
+                    root.display()
+                ),
+            )
+            .with_source(e)),
         }
     }
 
@@ -57,10 +61,13 @@ impl WebrootSolver {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !valid {
-            return Err(Error::Challenge(format!(
-                "the CA sent an HTTP-01 token that is not base64url ({} bytes); not writing it",
-                token.len()
-            )));
+            return Err(Error::challenge(
+                ChallengeErrorKind::BadToken,
+                format!(
+                    "the CA sent an HTTP-01 token that is not base64url ({} bytes); not writing it",
+                    token.len()
+                ),
+            ));
         }
         Ok(self.challenge_dir().join(token))
     }
@@ -111,9 +118,13 @@ fn write_atomic(path: &Path, body: &[u8]) -> Result<()> {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Challenge(format!("webroot task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        Error::challenge(
+            ChallengeErrorKind::Solver,
+            format!("webroot task failed: {e}"),
+        )
+        .with_source(e)
+    })?
 }
 
 #[async_trait]

@@ -4,56 +4,18 @@
 //! requests in flight, moves no byte for the longest idle timeout of the sites.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use super::{Shared, accept, clock, proxy, tcp};
+use super::hold::{ConnHold, RequestTracker};
+use super::shared::Shared;
+use super::{accept, clock, proxy, tcp};
 
-/// Requests in flight on one connection, and since when it has had none.
-#[derive(Debug)]
-pub(crate) struct RequestTracker {
-    in_flight: AtomicUsize,
-    served: AtomicBool,
-    idle_since: clock::ActivityClock,
-    /// The connection's limits and gauges, until the last request (or upgrade) is done.
-    _hold: super::ConnHold,
-}
-
-impl RequestTracker {
-    fn new(hold: super::ConnHold) -> Self {
-        RequestTracker {
-            in_flight: AtomicUsize::new(0),
-            served: AtomicBool::new(false),
-            idle_since: clock::ActivityClock::new(),
-            _hold: hold,
-        }
-    }
-
-    /// Counts a request as in flight until the guard (held by its response body) drops.
-    pub fn start(self: &Arc<Self>) -> RequestGuard {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.served.store(true, Ordering::Relaxed);
-        RequestGuard(self.clone())
-    }
-}
-
-/// One request in flight.
-#[derive(Debug)]
-pub(crate) struct RequestGuard(Arc<RequestTracker>);
-
-impl Drop for RequestGuard {
-    fn drop(&mut self) {
-        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.0.idle_since.touch();
-        }
-    }
-}
-
-pub(super) async fn serve(accepted: accept::Accepted, shared: Arc<Shared>, hold: super::ConnHold) {
+pub(super) async fn serve(accepted: accept::Accepted, shared: Arc<Shared>, hold: ConnHold) {
     let client = accepted.client;
     // The protocol is the one ALPN agreed on (RFC 9113 §3.2: h2 over TLS is negotiated,
     // never guessed), so no connection pays for sniffing its first bytes.
@@ -65,6 +27,7 @@ pub(super) async fn serve(accepted: accept::Accepted, shared: Arc<Shared>, hold:
         client,
         tracker: tracker.clone(),
         values: super::forwarded::ClientValues::new(client.ip()),
+        budget: shared.replay.connection(),
     };
     let service_shared = shared.clone();
     let service = service_fn(move |req| {
@@ -77,14 +40,7 @@ pub(super) async fn serve(accepted: accept::Accepted, shared: Arc<Shared>, hold:
         tracker,
     };
     if h2 {
-        let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .enable_connect_protocol()
-            .max_header_list_size(u32::try_from(shared.config.max_header_size).unwrap_or(u32::MAX))
-            .max_concurrent_streams(256)
-            .keep_alive_interval(Some(Duration::from_secs(60)))
-            .keep_alive_timeout(Duration::from_secs(20));
+        let builder = h2_builder(&shared.config);
         watch
             .drive(builder.serve_connection(io, service), &shared)
             .await;
@@ -102,6 +58,55 @@ pub(super) async fn serve(accepted: accept::Accepted, shared: Arc<Shared>, hold:
             )
             .await;
     }
+}
+
+/// Largest response body data one h2 stream buffers ahead of the client's flow-control
+/// window (hyper's default is 400 KiB): a client that opens every stream and never reads
+/// (zero window) makes the edge hold at most streams × this per connection.
+const H2_SEND_BUFFER: usize = 64 * 1024;
+
+/// The h2 receive windows (hyper's defaults, set here as their figures are the edge's
+/// memory budget): a client may have this much request body sent and not yet read by the
+/// edge, over all the streams of a connection.
+const H2_WINDOW: u32 = 1024 * 1024;
+
+/// Streams a client may reset before the edge reads their requests, at once, before
+/// the connection is closed with GOAWAY ENHANCE_YOUR_CALM (rapid reset, CVE-2023-44487).
+const H2_PENDING_RESETS: usize = 20;
+
+/// Streams the edge may reset for a client's protocol errors on one connection before
+/// it closes it with GOAWAY (RUSTSEC-2024-0003).
+const H2_LOCAL_RESETS: usize = 1024;
+
+/// The h2 server's settings, each chosen for a client that means harm as much as for one
+/// that does not. SETTINGS and PING floods need none: h2 answers one at a time and stops
+/// reading while the answer waits to be written, so a client that floods without reading
+/// gets backpressure, not memory. A CONTINUATION flood is cut at the header list size.
+fn h2_builder(config: &super::config::EdgeConfig) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        // RFC 8441 WebSockets over h2.
+        .enable_connect_protocol()
+        // HPACK-decoded size of a header block: beyond it the stream is refused (431) and
+        // CONTINUATION frames past it end the connection.
+        .max_header_list_size(u32::try_from(config.max_header_size).unwrap_or(u32::MAX))
+        // Bounds the requests (and their head, body window and send buffer) that one
+        // connection holds at once.
+        .max_concurrent_streams(config.h2_max_streams)
+        .max_pending_accept_reset_streams(H2_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_LOCAL_RESETS)
+        .max_send_buf_size(H2_SEND_BUFFER)
+        // Fixed windows (not adaptive, which can grow them) keep the figure above.
+        .initial_stream_window_size(H2_WINDOW)
+        .initial_connection_window_size(H2_WINDOW)
+        // hyper's 16 KiB frames: the smallest RFC 9113 allows, the least held per frame.
+        .max_frame_size(16 * 1024)
+        // A ping after a minute of silence finds a dead peer (NAT timeouts) that would
+        // otherwise keep a connection open; 20 s to answer it.
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
 }
 
 /// A served connection that can be asked to finish its requests and close.

@@ -32,11 +32,19 @@ pub struct UpstreamLabels {
     pub upstream: String,
 }
 
-/// Why a connection was refused before TLS.
+/// Why a connection was refused before TLS, or a request before any upstream.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    /// `max_conns`, `max_conns_per_ip` or `proxy_protocol`.
+    /// Connections: `max_conns`, `max_conns_per_ip` or `proxy_protocol`; requests:
+    /// `max_requests_per_ip`.
     pub reason: String,
+}
+
+/// Which byte budget for request bodies kept for replay was spent.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BudgetLabels {
+    /// `connection` or `total`.
+    pub budget: String,
 }
 
 fn latency_histogram() -> Histogram {
@@ -65,6 +73,13 @@ pub struct EdgeMetrics {
     pub rate_limited: Family<SiteLabels, Counter>,
     /// Connections refused before TLS, by reason.
     pub rejected: Family<ReasonLabels, Counter>,
+    /// Requests refused by the edge before any upstream was asked, by reason
+    /// (`max_requests_per_ip`).
+    pub rejected_requests: Family<ReasonLabels, Counter>,
+    /// Bytes of request bodies held for replay now.
+    pub retry_buffer_bytes: Gauge,
+    /// Request bodies streamed once, unretried, because a replay budget was spent.
+    pub retry_buffer_refused: Family<BudgetLabels, Counter>,
 }
 
 impl Default for EdgeMetrics {
@@ -79,14 +94,19 @@ impl Default for EdgeMetrics {
             retries: Family::default(),
             rate_limited: Family::default(),
             rejected: Family::default(),
+            rejected_requests: Family::default(),
+            retry_buffer_bytes: Gauge::default(),
+            retry_buffer_refused: Family::default(),
         }
     }
 }
 
 impl EdgeMetrics {
-    /// Adds every family to `registry` (prefix `lobe_tls_edge_`).
+    /// Adds every family to `registry` under the prefix `edge_`. The registry is expected
+    /// to carry the crate's `lobe_tls` prefix already (as the one behind
+    /// [`crate::metrics::Metrics::register`] does), so the names read `lobe_tls_edge_*`.
     pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("lobe_tls_edge");
+        let r = registry.sub_registry_with_prefix("edge");
         r.register(
             "requests",
             "Responses by site and status class",
@@ -124,12 +144,27 @@ impl EdgeMetrics {
             "Connections refused before TLS",
             self.rejected.clone(),
         );
+        r.register(
+            "rejected_requests",
+            "Requests refused before any upstream was asked",
+            self.rejected_requests.clone(),
+        );
+        r.register(
+            "retry_buffer_bytes",
+            "Bytes of request bodies held for replay",
+            self.retry_buffer_bytes.clone(),
+        );
+        r.register(
+            "retry_buffer_refused",
+            "Request bodies streamed once, unretried, because a replay budget was spent",
+            self.retry_buffer_refused.clone(),
+        );
     }
 
     /// The families in the text format, without the OpenMetrics `# EOF` line, to append
     /// to another exposition.
     pub fn render(&self) -> String {
-        let mut registry = Registry::default();
+        let mut registry = Registry::with_prefix(crate::metrics::PREFIX);
         self.register(&mut registry);
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {

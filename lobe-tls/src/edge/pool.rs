@@ -26,8 +26,8 @@ use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::body::BoxBody;
 use super::clock::coarse_now;
-use super::upstream::BoxBody;
 
 /// Why a request did not get a response head.
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +145,7 @@ impl ConnPool {
             connect_timeout,
             idle_timeout,
             max_idle,
-            idle: (0..super::shard::slots())
+            idle: (0..super::thread_slot::slots())
                 .map(|_| Mutex::new(Vec::new()))
                 .collect(),
         })
@@ -160,7 +160,7 @@ impl ConnPool {
     }
 
     fn idle_here(&self) -> &Mutex<Vec<Idle>> {
-        &self.idle[super::shard::current() % self.idle.len()]
+        &self.idle[super::thread_slot::current() % self.idle.len()]
     }
 
     /// Sends `request` (origin-form URI, Host set) over an idle connection, or a new one.

@@ -18,24 +18,39 @@ use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 
-use super::Shared;
+use super::body::{BoxBody, BoxError};
+use super::budget::{ConnBudget, Reservation};
+use super::config::secs;
 use super::forwarded;
+use super::inflight::{self, InFlightPermit};
 use super::metrics::GaugeGuard;
-use super::pool::PooledBody;
-use super::site::{Site, secs};
-use super::upstream::{ActiveGuard, BoxBody, BoxError, Choice, PickContext};
+use super::pool::{PooledBody, SendError};
+use super::shared::Shared;
+use super::site::Site;
+use super::upstream::{Choice, PickContext};
+use super::upstream_state::ActiveGuard;
 
 /// Bodies up to this size are read before sending, so the request can be sent again to
-/// another upstream if the first cannot take it; larger ones stream through, once.
+/// another upstream if the first cannot take it, when the connection's and the edge's
+/// replay budgets (see [`super::budget`]) have room for them; others stream through, once.
 const REPLAYABLE_BODY: u64 = 64 * 1024;
+
+/// The slowest pace, in bytes a second, at which a request body may arrive once its
+/// grace period (the header read timeout) is spent, as Apache's `mod_reqtimeout`
+/// (`MinRate=500`): a client that trickles a body (slowloris) is answered 408 and its
+/// connection closed, instead of holding it and an upstream connection for as long as
+/// it likes.
+const MIN_BODY_RATE: u64 = 500;
 
 /// The connection a request came on.
 #[derive(Debug, Clone)]
 pub(crate) struct ConnInfo {
     pub client: SocketAddr,
-    pub tracker: Arc<super::http::RequestTracker>,
+    pub tracker: Arc<super::hold::RequestTracker>,
     /// The client's address as the forwarding headers write it.
     pub values: forwarded::ClientValues,
+    /// What the connection's requests may hold of their bodies for replay.
+    pub budget: ConnBudget,
 }
 
 fn boxed<B>(body: B) -> BoxBody
@@ -227,7 +242,27 @@ async fn answer(shared: Arc<Shared>, conn: &ConnInfo, req: Request<Incoming>) ->
             wait,
         );
     }
-    let mut response = forward(&shared, &site, conn, host.as_deref(), req).await;
+    // The client's place among its requests in flight, held until the response body
+    // ends or the upgraded connection closes. Over the cap: refused before any upstream
+    // is asked, so neither the upstream's connections nor its standing are touched.
+    let Ok(permit) = shared.in_flight.admit(conn.client.ip()) else {
+        shared
+            .metrics
+            .rejected_requests
+            .get_or_create(&super::metrics::ReasonLabels {
+                reason: inflight::REASON.to_owned(),
+            })
+            .inc();
+        site.metrics.response(StatusCode::TOO_MANY_REQUESTS, 0.0);
+        return retry_after(
+            plain(
+                StatusCode::TOO_MANY_REQUESTS,
+                "lobe-tls: too many requests in flight from this client",
+            ),
+            Duration::from_secs(1),
+        );
+    };
+    let mut response = forward(&shared, &site, conn, host.as_deref(), req, permit).await;
     site.metrics
         .response(response.status(), started.elapsed().as_secs_f64());
     if let Some(max_age) = site.config.hsts {
@@ -246,6 +281,7 @@ async fn forward(
     conn: &ConnInfo,
     host: Option<&str>,
     mut req: Request<Incoming>,
+    permit: InFlightPermit,
 ) -> Response<BoxBody> {
     let pool = site.pool(req.uri().path()).clone();
     let upgrade = upgrade_of(&req);
@@ -258,6 +294,7 @@ async fn forward(
     // when it passes it.
     let limit = site.config.max_body_size;
     let declared = body.size_hint().exact().or(body.size_hint().upper());
+    let sends_body = !body.is_end_stream() && matches!(upgrade, Upgrade::None);
     if let (Some(limit), Some(length)) = (limit, body.size_hint().exact())
         && length > limit
     {
@@ -309,34 +346,42 @@ async fn forward(
     }
     parts.version = http::Version::HTTP_11;
 
-    // The body: replayable when empty or small, streamed (one attempt) otherwise.
-    let mut replayable: Option<Bytes> = None;
+    // The body: replayable when empty, or small and within the replay budgets; streamed
+    // (one attempt) otherwise.
+    let mut replayable: Option<Replay> = None;
     let mut streamed: Option<BoxBody> = None;
     if body.is_end_stream() || !matches!(upgrade, Upgrade::None) {
         // An upgrade's bytes follow the exchange (h2: the CONNECT stream itself).
-        replayable = Some(Bytes::new());
-    } else if declared.is_some_and(|n| n <= REPLAYABLE_BODY) {
+        replayable = Some(Replay::default());
+    } else if let Some(length) = declared.filter(|n| *n <= REPLAYABLE_BODY)
+        && let Ok(reservation) = conn.budget.reserve(length)
+    {
+        // The reservation is taken before the first byte is read and given back, on
+        // every path, when the last copy of the body is dropped.
+        let paced = Paced::new(body, shared.config.header_read_timeout);
         let read = tokio::time::timeout(
             secs(site.config.idle_timeout).min(Duration::from_secs(60)),
-            Limited::new(body, REPLAYABLE_BODY as usize).collect(),
+            Limited::new(paced, usize::try_from(length).unwrap_or(0)).collect(),
         )
         .await;
         match read {
-            Ok(Ok(collected)) => replayable = Some(collected.to_bytes()),
-            _ => {
-                return plain(
-                    StatusCode::BAD_REQUEST,
-                    "lobe-tls: could not read the request body",
-                );
+            Ok(Ok(collected)) => {
+                replayable = Some(Replay {
+                    bytes: collected.to_bytes(),
+                    held: Some(Arc::new(reservation)),
+                });
             }
+            Ok(Err(e)) => return body_failed(&*e),
+            Err(_) => return body_failed(&BodyTooSlow),
         }
     } else {
+        let paced = Paced::new(body, shared.config.header_read_timeout);
         streamed = Some(match limit {
             Some(limit) => boxed(Limited::new(
-                body,
+                paced,
                 usize::try_from(limit).unwrap_or(usize::MAX),
             )),
-            None => boxed(body),
+            None => boxed(paced),
         });
     }
 
@@ -366,7 +411,7 @@ async fn forward(
             Some(request) => request,
             None => {
                 let body = match (&replayable, streamed.take()) {
-                    (Some(bytes), _) => boxed(Full::new(bytes.clone())),
+                    (Some(replay), _) => replay.body(),
                     (None, Some(body)) => body,
                     (None, None) => break,
                 };
@@ -399,13 +444,29 @@ async fn forward(
                     response,
                     client_upgrade,
                     &upgrade,
+                    permit,
                 );
             }
             Ok(Err((e, returned))) => {
                 let connect = e.is_connect();
+                if let SendError::Exchange(failed) = &e
+                    && failed.is_user()
+                {
+                    // The client's body failed (cut, too slow, too large), not the
+                    // upstream: the client is answered, the upstream keeps its standing.
+                    tracing::debug!(upstream = upstream.addr, error = %e, "request body failed");
+                    return body_failed(failed);
+                }
                 if e.is_local() {
                     // Out of descriptors or ports here: the upstream is not to blame.
                     tracing::warn!(upstream = upstream.addr, error = %e, "cannot open an upstream connection");
+                } else if sends_body && hung_up(&e) {
+                    // An upstream that answers without reading a body may close (or, with
+                    // the body unread, reset) the connection under it: it is alive, and
+                    // counting this would let one client take every upstream out with a
+                    // few uploads. Connect failures, 5xx answers, timeouts, bodiless
+                    // requests and the health checks still judge it.
+                    tracing::debug!(upstream = upstream.addr, error = %e, "upstream closed the connection under a request body");
                 } else {
                     tracing::debug!(upstream = upstream.addr, error = %e, connect, "upstream request failed");
                     upstream.failed(pool.fall, pool.cooldown);
@@ -455,6 +516,7 @@ fn respond(
     mut response: Response<PooledBody>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     upgrade: &Upgrade,
+    permit: InFlightPermit,
 ) -> Response<BoxBody> {
     let idle = site.config.idle();
     // The response counts as in flight on its client connection until its body is
@@ -477,7 +539,7 @@ fn respond(
             let moved =
                 super::tcp::forward(TokioIo::new(client), TokioIo::new(upstream), idle).await;
             tracing::debug!(?moved, "upgraded connection closed");
-            drop((guard, websockets, in_flight));
+            drop((guard, websockets, in_flight, permit));
         };
         shared.spawn_detached(task);
         let (mut parts, _) = response.into_parts();
@@ -514,9 +576,185 @@ fn respond(
         idle,
         waiting: false,
         timer: None,
-        _guards: (guard, stream, in_flight),
+        _guards: (guard, stream, in_flight, permit),
     };
     Response::from_parts(parts, BoxBody::new(body))
+}
+
+/// Why the client's body could not be read or sent: too slow (408), past the size limit
+/// (413), or cut (400); the answer closes an HTTP/1.1 connection, as its body is not read.
+fn body_failed(error: &(dyn std::error::Error + 'static)) -> Response<BoxBody> {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if e.is::<BodyTooSlow>() {
+            return plain(
+                StatusCode::REQUEST_TIMEOUT,
+                "lobe-tls: the request body came too slowly",
+            );
+        }
+        if e.is::<http_body_util::LengthLimitError>() {
+            return plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "lobe-tls: request body too large",
+            );
+        }
+        cause = e.source();
+    }
+    plain(
+        StatusCode::BAD_REQUEST,
+        "lobe-tls: could not read the request body",
+    )
+}
+
+/// Whether the upstream closed or reset the connection during the exchange (before its
+/// answer came back whole): no answer, a broken pipe, a reset.
+fn hung_up(error: &SendError) -> bool {
+    let SendError::Exchange(failed) = error else {
+        return false;
+    };
+    if failed.is_incomplete_message() {
+        return true;
+    }
+    let mut cause = std::error::Error::source(failed);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// A client's request body came slower than [`MIN_BODY_RATE`].
+#[derive(Debug, thiserror::Error)]
+#[error("the request body came slower than {MIN_BODY_RATE} bytes a second")]
+struct BodyTooSlow;
+
+/// A client's request body that must keep up [`MIN_BODY_RATE`] after a grace period.
+/// Only the time spent waiting for the client counts (not the time the upstream takes to
+/// read what came), so a slow upstream never gets a client cut.
+struct Paced<B> {
+    inner: B,
+    grace: Duration,
+    received: u64,
+    /// Time spent waiting for the client in the waits that ended.
+    waited: Duration,
+    /// When the wait in progress began.
+    waiting_since: Option<tokio::time::Instant>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> Paced<B> {
+    fn new(inner: B, grace: Duration) -> Self {
+        Paced {
+            inner,
+            grace,
+            received: 0,
+            waited: Duration::ZERO,
+            waiting_since: None,
+            timer: None,
+        }
+    }
+}
+
+impl<B> Body for Paced<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            if let Some(since) = this.waiting_since.take() {
+                this.waited += since.elapsed();
+            }
+            if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+                this.received += data.map_or(0, |d| d.len() as u64);
+            }
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if this.waiting_since.is_none() {
+            // A new wait: its deadline is what the bytes so far have earned, less the
+            // waits before it.
+            let now = tokio::time::Instant::now();
+            this.waiting_since = Some(now);
+            let earned = this.grace
+                + Duration::from_millis(this.received.saturating_mul(1000) / MIN_BODY_RATE);
+            let deadline = now + earned.saturating_sub(this.waited);
+            match this.timer.as_mut() {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => this.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        match this.timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Some(Err(BodyTooSlow.into()))),
+            _ => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body read whole, to send again if an attempt fails, with its place in the
+/// replay budgets.
+#[derive(Debug, Clone, Default)]
+struct Replay {
+    bytes: Bytes,
+    held: Option<Arc<Reservation>>,
+}
+
+impl Replay {
+    /// The body for one attempt; it keeps the reservation until it is dropped too, as
+    /// the upstream connection may hold it past the attempt.
+    fn body(&self) -> BoxBody {
+        boxed(Replayed {
+            bytes: (!self.bytes.is_empty()).then(|| self.bytes.clone()),
+            _held: self.held.clone(),
+        })
+    }
+}
+
+/// One attempt's copy of a [`Replay`]: its bytes in one frame.
+struct Replayed {
+    bytes: Option<Bytes>,
+    _held: Option<Arc<Reservation>>,
+}
+
+impl Body for Replayed {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.bytes.take().map(|bytes| Ok(Frame::data(bytes))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.bytes.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.bytes.as_ref().map_or(0, |b| b.len() as u64))
+    }
 }
 
 /// The origin form (`/path?query`) of a request target; `/` when it has no path.
@@ -535,8 +773,8 @@ fn origin_form(uri: Uri) -> Uri {
 
 /// An upstream response body passed on frame by frame as it arrives (nothing is
 /// gathered), cut when no frame comes for the site's idle timeout. It holds the
-/// upstream's open count, the stream gauge and the request's place in flight on its
-/// client connection until it ends.
+/// upstream's open count, the stream gauge and the request's place in flight (on its
+/// client connection and in its client's cap) until it ends.
 ///
 /// The idle timer is armed only while the body waits, so a body that is all there
 /// (most pages) never touches the timer wheel.
@@ -546,7 +784,12 @@ struct Relay {
     /// Waiting since the last frame (the timer is armed for this wait).
     waiting: bool,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    _guards: (ActiveGuard, Option<GaugeGuard>, super::http::RequestGuard),
+    _guards: (
+        ActiveGuard,
+        Option<GaugeGuard>,
+        super::hold::RequestGuard,
+        InFlightPermit,
+    ),
 }
 
 impl Body for Relay {

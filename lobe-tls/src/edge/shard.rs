@@ -5,39 +5,20 @@
 //! the upstream keep-alive connections a thread opens are used by that thread. With one
 //! thread, the same loop runs on the caller's runtime.
 
-use std::cell::Cell;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinSet;
 
-use super::{Shared, accept, connection};
-
-thread_local! {
-    static SHARD: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The accepting thread this code runs on (0 outside of them).
-pub(crate) fn current() -> usize {
-    SHARD.with(Cell::get)
-}
-
-/// How many per-thread slots a per-thread cache keeps: the CPUs, as `--threads`
-/// defaults to them.
-pub(crate) fn slots() -> usize {
-    static SLOTS: OnceLock<usize> = OnceLock::new();
-    *SLOTS.get_or_init(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .clamp(1, 256)
-    })
-}
+use super::accept;
+use super::conn::connection;
+use super::shared::Shared;
+use super::thread_slot;
 
 /// Open connections per accepting thread. All threads wait on one listening socket, and
 /// a burst of connects lands on whichever wakes first: left alone, one thread can hold
@@ -131,7 +112,7 @@ pub(super) fn spawn(
         let started = std::thread::Builder::new()
             .name(format!("lobe-tls-edge-{index}"))
             .spawn(move || {
-                SHARD.with(|shard| shard.set(index));
+                thread_slot::enter(index);
                 let runtime = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -240,7 +221,7 @@ pub(super) async fn accept_loop(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            _ = prune.tick(), if current() == 0 => shared.limits.prune(),
+            _ = prune.tick(), if thread_slot::current() == 0 => shared.limits.prune(),
             // Reap finished connections so the set does not grow.
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::Shared;
 use super::accept::{Accepted, proxy_v2_header};
 use super::clock::ActivityClock;
-use super::site::secs;
+use super::config::secs;
+use super::shared::Shared;
 use super::upstream::PickContext;
 
 /// Forwards one accepted connection to an upstream of the site its SNI names.

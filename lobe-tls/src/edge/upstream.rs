@@ -8,168 +8,21 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use base64::Engine;
-use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
-use serde::Deserialize;
-
-use super::health::HealthTask;
+use super::config::{LbPolicy, SiteConfig, UpstreamSpec, secs};
 use super::metrics::EdgeMetrics;
 use super::pool::ConnPool;
-use super::site::{SiteConfig, UpstreamSpec, secs};
+use super::upstream_state::Upstream;
 use crate::error::{Error, Result};
+use arc_swap::ArcSwap;
+use base64::Engine;
 
 /// How long an idle keep-alive connection to an upstream is kept.
 const POOL_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Idle keep-alive connections kept per upstream and pool.
 const POOL_MAX_IDLE: usize = 512;
-
-/// The body type sent to upstreams and back to clients.
-pub(crate) type BoxBody = UnsyncBoxBody<Bytes, BoxError>;
-/// Errors of bodies in flight.
-pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// How a pool picks an upstream for a new request or connection.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-#[non_exhaustive]
-pub enum LbPolicy {
-    /// In turn, by weight.
-    RoundRobin,
-    /// The upstream with the fewest open requests and streams per weight (the default:
-    /// long streams skew round robin).
-    #[default]
-    LeastConn,
-    /// By the client's address, consistently: removing an upstream moves only its own
-    /// clients (rendezvous hashing).
-    IpHash,
-    /// By an affinity cookie; clients without one (or pinned to an upstream that is
-    /// down) are placed by least-conn and get a new cookie.
-    Cookie,
-}
-
-impl std::str::FromStr for LbPolicy {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "round-robin" => Ok(LbPolicy::RoundRobin),
-            "least-conn" => Ok(LbPolicy::LeastConn),
-            "ip-hash" => Ok(LbPolicy::IpHash),
-            "cookie" => Ok(LbPolicy::Cookie),
-            other => Err(Error::Config(format!(
-                "unknown balancing policy {other:?}: use round-robin, least-conn, ip-hash or cookie"
-            ))),
-        }
-    }
-}
-
-/// The process's start, the zero of the upstreams' clocks.
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn now_ms() -> u64 {
-    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
-/// One upstream address and what is known about it, shared by every pool that lists it
-/// and kept across reloads.
-pub struct Upstream {
-    /// `host:port`.
-    pub addr: String,
-    active: AtomicUsize,
-    /// Set by active checks.
-    healthy: AtomicBool,
-    /// Passive ejection: out until this time (ms since the epoch).
-    ejected_until: AtomicU64,
-    failures: AtomicU32,
-}
-
-impl fmt::Debug for Upstream {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Upstream")
-            .field("addr", &self.addr)
-            .field("active", &self.active())
-            .field("up", &self.is_up())
-            .finish()
-    }
-}
-
-impl Upstream {
-    fn new(addr: &str) -> Self {
-        Upstream {
-            addr: addr.to_owned(),
-            active: AtomicUsize::new(0),
-            healthy: AtomicBool::new(true),
-            ejected_until: AtomicU64::new(0),
-            failures: AtomicU32::new(0),
-        }
-    }
-
-    /// Open requests, streams and connections.
-    pub fn active(&self) -> usize {
-        self.active.load(Ordering::Relaxed)
-    }
-
-    /// Passing active checks and not ejected.
-    pub fn is_up(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-            && self.ejected_until.load(Ordering::Relaxed) <= now_ms()
-    }
-
-    /// Counts one request or connection as open until the guard is dropped.
-    pub(crate) fn open(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        ActiveGuard(self.clone())
-    }
-
-    pub(crate) fn set_healthy(&self, healthy: bool) -> bool {
-        self.healthy.swap(healthy, Ordering::Relaxed) != healthy
-    }
-
-    pub(crate) fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
-    }
-
-    /// A connect failure or a 5xx answer; `fall` of them in a row take the upstream out
-    /// for `cooldown`.
-    pub(crate) fn failed(&self, fall: u32, cooldown: std::time::Duration) {
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures >= fall {
-            self.failures.store(0, Ordering::Relaxed);
-            let until =
-                now_ms().saturating_add(u64::try_from(cooldown.as_millis()).unwrap_or(u64::MAX));
-            self.ejected_until.store(until, Ordering::Relaxed);
-            tracing::warn!(
-                upstream = self.addr,
-                ?cooldown,
-                "upstream failing; taken out for a cool-down"
-            );
-        }
-    }
-
-    /// A good answer: the failure streak ends.
-    pub(crate) fn succeeded(&self) {
-        if self.failures.load(Ordering::Relaxed) != 0 {
-            self.failures.store(0, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Keeps an upstream's open count up while alive.
-#[derive(Debug)]
-pub(crate) struct ActiveGuard(Arc<Upstream>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// A pool's entry: an upstream and its weight in this pool.
 #[derive(Debug, Clone)]
@@ -293,33 +146,49 @@ impl Balance for IpHash {
     }
 }
 
-/// The key that makes affinity tokens: shared through the store when
-/// [`super::share_affinity_key`] ran first (so a cookie from one instance pins on every
-/// instance and across restarts), else random per process.
-static COOKIE_KEY: OnceLock<aws_lc_rs::hmac::Key> = OnceLock::new();
+/// The key that makes an edge's affinity tokens: random for each edge, or shared
+/// through the store by [`super::Edge::share_affinity_key`] (so a cookie from one
+/// instance pins on every instance and across restarts). Each edge has its own, so a
+/// cookie of one edge means nothing to another edge of the same process.
+#[derive(Clone)]
+pub(crate) struct AffinityKey(Arc<aws_lc_rs::hmac::Key>);
 
-fn cookie_key() -> &'static aws_lc_rs::hmac::Key {
-    COOKIE_KEY.get_or_init(|| {
-        let secret: [u8; 32] = rand::random();
-        aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &secret)
-    })
+impl fmt::Debug for AffinityKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A secret: never printed.
+        f.write_str("AffinityKey(..)")
+    }
 }
 
-/// Sets the affinity key from `secret`; false when a key is in use already.
-pub(crate) fn set_cookie_key(secret: &[u8]) -> bool {
-    COOKIE_KEY
-        .set(aws_lc_rs::hmac::Key::new(
+impl AffinityKey {
+    /// A fresh random key.
+    pub fn random() -> Self {
+        let secret: [u8; 32] = rand::random();
+        AffinityKey::from_secret(&secret)
+    }
+
+    /// The key made of `secret`.
+    pub fn from_secret(secret: &[u8]) -> Self {
+        AffinityKey(Arc::new(aws_lc_rs::hmac::Key::new(
             aws_lc_rs::hmac::HMAC_SHA256,
             secret,
-        ))
-        .is_ok()
+        )))
+    }
+
+    /// The affinity token of an upstream: an HMAC of its address, so the cookie says
+    /// nothing about the upstream and cannot be forged to pick one.
+    pub fn token(&self, site: &str, addr: &str) -> String {
+        let tag = aws_lc_rs::hmac::sign(&self.0, format!("{site}\0{addr}").as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&tag.as_ref()[..18])
+    }
 }
 
-/// The affinity token of an upstream: an HMAC of its address, so the cookie says
-/// nothing about the upstream and cannot be forged to pick one.
-pub(crate) fn affinity_token(site: &str, addr: &str) -> String {
-    let tag = aws_lc_rs::hmac::sign(cookie_key(), format!("{site}\0{addr}").as_bytes());
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&tag.as_ref()[..18])
+/// The affinity token of each of `members`.
+fn tokens(key: &AffinityKey, site: &str, members: &[Member]) -> Vec<String> {
+    members
+        .iter()
+        .map(|m| key.token(site, &m.upstream.addr))
+        .collect()
 }
 
 /// The upstreams of one site, by address, reused from before a reload when they stay.
@@ -327,6 +196,8 @@ pub(crate) fn affinity_token(site: &str, addr: &str) -> String {
 pub(crate) struct UpstreamSet {
     by_addr: HashMap<String, Arc<Upstream>>,
     site: String,
+    /// Mints the affinity tokens of the site's pools.
+    key: AffinityKey,
 }
 
 impl UpstreamSet {
@@ -335,6 +206,7 @@ impl UpstreamSet {
         site: &str,
         known: &[Arc<Upstream>],
         metrics: &EdgeMetrics,
+        key: &AffinityKey,
     ) -> Self {
         let mut by_addr = HashMap::new();
         for spec in config
@@ -355,7 +227,13 @@ impl UpstreamSet {
         UpstreamSet {
             by_addr,
             site: site.to_owned(),
+            key: key.clone(),
         }
+    }
+
+    /// The site's name, for logs and metrics.
+    pub fn site(&self) -> &str {
+        &self.site
     }
 }
 
@@ -371,7 +249,9 @@ pub(crate) struct Choice {
 /// their health checks.
 pub(crate) struct Pool {
     members: Vec<Member>,
-    tokens: Vec<String>,
+    /// The affinity token of each member; replaced whole when the edge's key changes.
+    tokens: ArcSwap<Vec<String>>,
+    site: String,
     policy: Box<dyn Balance>,
     lb: LbPolicy,
     cookie_name: String,
@@ -379,7 +259,16 @@ pub(crate) struct Pool {
     conns: Vec<Arc<ConnPool>>,
     pub fall: u32,
     pub cooldown: std::time::Duration,
-    _health: Vec<HealthTask>,
+    /// The members' health checks, stopped on drop.
+    checks: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for check in &self.checks {
+            check.abort();
+        }
+    }
 }
 
 impl fmt::Debug for Pool {
@@ -397,19 +286,18 @@ impl Pool {
         specs: &[UpstreamSpec],
         lb: LbPolicy,
         config: &SiteConfig,
-        metrics: &Arc<EdgeMetrics>,
     ) -> Result<Pool> {
         let mut members: Vec<Member> = Vec::new();
         for spec in specs {
             if members.iter().any(|m| m.upstream.addr == spec.addr()) {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "site {}: upstream {} is listed twice",
                     set.site,
                     spec.addr()
                 )));
             }
             let upstream = set.by_addr.get(spec.addr()).cloned().ok_or_else(|| {
-                Error::Config(format!(
+                Error::config(format!(
                     "site {}: upstream {} unknown",
                     set.site,
                     spec.addr()
@@ -436,24 +324,9 @@ impl Pool {
                 )
             })
             .collect();
-        let health = members
-            .iter()
-            .zip(&conns)
-            .map(|(m, conns)| {
-                HealthTask::spawn(
-                    m.upstream.clone(),
-                    Arc::downgrade(conns),
-                    &set.site,
-                    config,
-                    metrics.clone(),
-                )
-            })
-            .collect();
         Ok(Pool {
-            tokens: members
-                .iter()
-                .map(|m| affinity_token(&set.site, &m.upstream.addr))
-                .collect(),
+            tokens: ArcSwap::from_pointee(tokens(&set.key, &set.site, &members)),
+            site: set.site.clone(),
             members,
             policy,
             lb,
@@ -461,12 +334,25 @@ impl Pool {
             conns,
             fall: config.fall,
             cooldown: secs(config.cooldown),
-            _health: health,
+            checks: Vec::new(),
         })
+    }
+
+    /// Keeps the running health checks of the members; they stop when the pool is
+    /// dropped (after a reload, once the old pool's last request is done).
+    pub fn keep_checks(&mut self, checks: Vec<tokio::task::AbortHandle>) {
+        self.checks.extend(checks);
     }
 
     pub fn members(&self) -> &[Member] {
         &self.members
+    }
+
+    /// Mints the affinity tokens again with `key` (the edge's key changed before it
+    /// served: see [`super::Edge::share_affinity_key`]).
+    pub fn rekey(&self, key: &AffinityKey) {
+        self.tokens
+            .store(Arc::new(tokens(key, &self.site, &self.members)));
     }
 
     /// The keep-alive connections of member `index`.
@@ -484,8 +370,8 @@ impl Pool {
     ) -> Option<Choice> {
         let usable = |i: usize| self.members[i].upstream.is_up() && !tried.contains(&i);
         if self.lb == LbPolicy::Cookie {
-            if let Some(index) =
-                cookie.and_then(|value| self.tokens.iter().position(|t| t == value))
+            let tokens = self.tokens.load();
+            if let Some(index) = cookie.and_then(|value| tokens.iter().position(|t| t == value))
                 && usable(index)
             {
                 return Some(Choice {
@@ -496,7 +382,8 @@ impl Pool {
             let index = self.policy.pick(&self.members, &usable, cx)?;
             let set_cookie = format!(
                 "{}={}; Path=/; HttpOnly; Secure; SameSite=Lax",
-                self.cookie_name, self.tokens[index]
+                self.cookie_name,
+                tokens.get(index).map(String::as_str).unwrap_or_default()
             );
             return Some(Choice {
                 index,
@@ -519,6 +406,85 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::edge::{Edge, EdgeConfig};
+
+    /// An edge on loopback with one site of two upstreams, balanced by cookie.
+    async fn cookie_edge() -> Edge {
+        let mut site = SiteConfig::new(
+            Vec::new(),
+            vec![
+                UpstreamSpec::Addr("127.0.0.1:1".into()),
+                UpstreamSpec::Addr("127.0.0.1:2".into()),
+            ],
+        );
+        site.lb = LbPolicy::Cookie;
+        Edge::bind(
+            "127.0.0.1:0",
+            Arc::new(crate::resolver::CertResolver::new()),
+            EdgeConfig::new(vec![site]),
+            crate::metrics::Metrics::new(),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// The cookie `edge` sets for a new client.
+    fn cookie_of(edge: &Edge) -> String {
+        let router = edge.shared.router.load();
+        let site = router.all().next().unwrap();
+        let cx = PickContext {
+            client_ip: IpAddr::from([192, 0, 2, 1]),
+        };
+        let set = site
+            .default
+            .choose(&cx, None, &[])
+            .unwrap()
+            .set_cookie
+            .unwrap();
+        let (pair, _) = set.split_once(';').unwrap();
+        pair.split_once('=').unwrap().1.to_owned()
+    }
+
+    /// Whether `edge` takes `cookie` (pins to its upstream, sets no new cookie).
+    fn accepts(edge: &Edge, cookie: &str) -> bool {
+        let router = edge.shared.router.load();
+        let site = router.all().next().unwrap();
+        let cx = PickContext {
+            client_ip: IpAddr::from([192, 0, 2, 1]),
+        };
+        let choice = site.default.choose(&cx, Some(cookie), &[]).unwrap();
+        choice.set_cookie.is_none()
+    }
+
+    #[tokio::test]
+    async fn two_edges_of_one_process_do_not_take_each_others_cookies() {
+        let (one, two) = (cookie_edge().await, cookie_edge().await);
+        let cookie = cookie_of(&one);
+        assert!(accepts(&one, &cookie));
+        assert!(
+            !accepts(&two, &cookie),
+            "one edge's cookie pinned on another"
+        );
+        assert!(!accepts(&one, &cookie_of(&two)));
+
+        // Edges sharing a store share its key, from their first token on; a third edge
+        // of the process keeps its own.
+        let dir = tempfile::tempdir().unwrap();
+        let store: crate::store::DynStore =
+            Arc::new(crate::store::FileStore::open(dir.path()).unwrap());
+        one.share_affinity_key(&store).await.unwrap();
+        two.share_affinity_key(&store).await.unwrap();
+        let shared = cookie_of(&one);
+        assert_ne!(shared, cookie, "the pools kept tokens of the old key");
+        assert!(accepts(&two, &shared));
+        assert!(accepts(&one, &cookie_of(&two)));
+        let three = cookie_edge().await;
+        assert!(!accepts(&three, &shared));
+        // A reload after the key was shared mints with it too.
+        let handle = two.handle();
+        handle.reload(two.shared.config.sites.clone()).unwrap();
+        assert!(accepts(&two, &shared));
+    }
 
     fn members(addrs: &[&str]) -> Vec<Member> {
         addrs
@@ -585,10 +551,19 @@ mod tests {
 
     #[test]
     fn affinity_tokens_are_opaque_and_stable() {
-        let token = affinity_token("site", "10.0.0.1:8080");
-        assert_eq!(token, affinity_token("site", "10.0.0.1:8080"));
-        assert_ne!(token, affinity_token("site", "10.0.0.2:8080"));
+        let key = AffinityKey::random();
+        let token = key.token("site", "10.0.0.1:8080");
+        assert_eq!(token, key.token("site", "10.0.0.1:8080"));
+        assert_ne!(token, key.token("site", "10.0.0.2:8080"));
         assert!(!token.contains("10.0.0.1"));
+        // Another key (another edge) mints other tokens.
+        assert_ne!(token, AffinityKey::random().token("site", "10.0.0.1:8080"));
+        let shared = AffinityKey::from_secret(&[7; 32]);
+        assert_eq!(
+            shared.token("site", "10.0.0.1:8080"),
+            AffinityKey::from_secret(&[7; 32]).token("site", "10.0.0.1:8080")
+        );
+        assert_eq!(format!("{shared:?}"), "AffinityKey(..)");
     }
 
     #[test]

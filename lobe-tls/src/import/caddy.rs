@@ -57,7 +57,7 @@ pub fn read(dir: &Path) -> Result<Found> {
     let certificates = dir.join("certificates");
     let acme = dir.join("acme");
     if !certificates.is_dir() && !acme.is_dir() {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "{}: no certificates/ or acme/ directory; give Caddy's storage directory (e.g. ~/.local/share/caddy or /var/lib/caddy/.local/share/caddy)",
             dir.display()
         )));
@@ -90,7 +90,7 @@ pub fn read(dir: &Path) -> Result<Found> {
             let source = format!("acme/{issuer}/users/{email}");
             let account = match directories.get(&issuer) {
                 Some(directory) => read_account(&user_dir, &email, directory, &source),
-                None => Err(Error::Config(format!(
+                None => Err(Error::config(format!(
                     "no certificate of this storage names the directory URL of CA {issuer}"
                 ))),
             };
@@ -124,11 +124,11 @@ fn read_cert(
     directories: &BTreeMap<String, String>,
 ) -> Result<crate::store::StoredCert> {
     let meta: CertJson = serde_json::from_str(&read_small(&dir.join(format!("{name}.json")))?)
-        .map_err(|e| Error::Config(format!("{name}.json: {e}")))?;
+        .map_err(|e| Error::config(format!("{name}.json: {e}")))?;
     let directory = match meta.issuer_data.and_then(|d| d.ca) {
         Some(ca) => ca,
         None => directories.get(issuer).cloned().ok_or_else(|| {
-            Error::Config(format!(
+            Error::config(format!(
                 "{name}.json names no CA (issuer_data.ca) and {issuer} is not a CA lobe-tls knows"
             ))
         })?,
@@ -173,15 +173,15 @@ fn read_account(
     jsons.sort();
     let json = jsons
         .first()
-        .ok_or_else(|| Error::Config("no account .json file".into()))?;
+        .ok_or_else(|| Error::config("no account .json file"))?;
     let user: UserJson = serde_json::from_str(&read_small(json)?)
-        .map_err(|e| Error::Config(format!("{}: {e}", json.display())))?;
+        .map_err(|e| Error::config(format!("{}: {e}", json.display())))?;
     if let Some(status) = user.status.as_deref().filter(|s| *s != "valid") {
-        return Err(Error::Config(format!("the account's status is {status}")));
+        return Err(Error::config(format!("the account's status is {status}")));
     }
     let url = user
         .location
-        .ok_or_else(|| Error::Config("the account has no location (URL)".into()))?;
+        .ok_or_else(|| Error::config("the account has no location (URL)"))?;
     let key = zeroize::Zeroizing::new(read_small(&json.with_extension("key"))?);
     let pkcs8 = keys::p256_pkcs8_from_pem(&key)?;
     let email = user

@@ -37,7 +37,7 @@ impl Conf {
             if line.starts_with('[') {
                 let name = line.trim_matches(|c| c == '[' || c == ']').trim();
                 if name.is_empty() || !line.ends_with(']') {
-                    return Err(Error::Config(format!(
+                    return Err(Error::config(format!(
                         "line {}: unreadable section header",
                         number + 1
                     )));
@@ -46,7 +46,7 @@ impl Conf {
                 continue;
             }
             let Some((key, value)) = line.split_once('=') else {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "line {}: expected `key = value`",
                     number + 1
                 )));
@@ -79,7 +79,7 @@ impl Conf {
 pub fn read(dir: &Path) -> Result<Found> {
     let renewal = dir.join("renewal");
     let entries = std::fs::read_dir(&renewal).map_err(|e| {
-        Error::Config(format!(
+        Error::config(format!(
             "{}: {e}; give certbot's configuration directory (default /etc/letsencrypt)",
             renewal.display()
         ))
@@ -140,8 +140,8 @@ fn read_conf(path: &Path, lineage: &str) -> Result<(CertWithNotes, Option<(Strin
     let file = |key: &str| -> Result<String> {
         let named = conf
             .get("", key)
-            .ok_or_else(|| Error::Config(format!("names no {key} file")))?;
-        read_small(Path::new(named)).map_err(|e| Error::Config(format!("{key} {e}")))
+            .ok_or_else(|| Error::config(format!("names no {key} file")))?;
+        read_small(Path::new(named)).map_err(|e| Error::config(format!("{key} {e}")))
     };
     let fullchain = file("fullchain")?;
     let privkey = file("privkey")?;
@@ -219,8 +219,8 @@ fn challenge(conf: &Conf, notes: &mut Vec<String>) -> Result<ChallengeConfig> {
                     .collect();
             }
             let Some(first) = roots.first() else {
-                return Err(Error::Config(
-                    "authenticator webroot without webroot_path or webroot_map".into(),
+                return Err(Error::config(
+                    "authenticator webroot without webroot_path or webroot_map",
                 ));
             };
             if roots.iter().any(|r| r != first) {
@@ -237,7 +237,7 @@ fn challenge(conf: &Conf, notes: &mut Vec<String>) -> Result<ChallengeConfig> {
             let port = conf.get("renewalparams", "http01_port").unwrap_or("80");
             let port: u16 = port
                 .parse()
-                .map_err(|_| Error::Config(format!("http01_port {port:?} is not a port")))?;
+                .map_err(|_| Error::config(format!("http01_port {port:?} is not a port")))?;
             let listen = if address.contains(':') {
                 format!("[{address}]:{port}")
             } else {
@@ -274,11 +274,11 @@ fn challenge(conf: &Conf, notes: &mut Vec<String>) -> Result<ChallengeConfig> {
 
 fn read_account(dir: &Path, server: &str, source: &str) -> Result<super::FoundAccount> {
     let regr: serde_json::Value = serde_json::from_str(&read_small(&dir.join("regr.json"))?)
-        .map_err(|e| Error::Config(format!("regr.json: {e}")))?;
+        .map_err(|e| Error::config(format!("regr.json: {e}")))?;
     let url = regr
         .get("uri")
         .and_then(|v| v.as_str())
-        .ok_or_else(|| Error::Config("regr.json has no account uri".into()))?
+        .ok_or_else(|| Error::config("regr.json has no account uri"))?
         .to_owned();
     let email = regr
         .pointer("/body/contact")
@@ -290,8 +290,8 @@ fn read_account(dir: &Path, server: &str, source: &str) -> Result<super::FoundAc
         })
         .map(str::to_owned);
     let jwk = zeroize::Zeroizing::new(read_small(&dir.join("private_key.json"))?);
-    let jwk: serde_json::Value = serde_json::from_str(&jwk)
-        .map_err(|_| Error::Config("private_key.json is not JSON".into()))?;
+    let jwk: serde_json::Value =
+        serde_json::from_str(&jwk).map_err(|_| Error::config("private_key.json is not JSON"))?;
     let pkcs8 = keys::p256_pkcs8_from_jwk(&jwk)?;
     keys::account(source.to_owned(), server.to_owned(), email, url, &pkcs8)
 }

@@ -10,7 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use zeroize::Zeroizing;
 
 use super::FoundAccount;
-use crate::error::{Error, Result};
+use crate::error::{CertificateErrorKind, Error, Result, StoreErrorKind};
 
 /// Why an RSA account key is not imported.
 const RSA_UNSUPPORTED: &str = "the account key is RSA and lobe-tls signs ACME requests with ECDSA P-256 only; a new account is registered at the first renewal";
@@ -24,10 +24,18 @@ pub(crate) fn p256_pkcs8_from_der(der: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
 
 /// A key from PEM (`EC PRIVATE KEY`, `PRIVATE KEY`) as PKCS#8, if it is P-256.
 pub(crate) fn p256_pkcs8_from_pem(pem_text: &str) -> Result<Zeroizing<Vec<u8>>> {
-    let block = pem::parse(pem_text.as_bytes())
-        .map_err(|e| Error::Certificate(format!("the account key is not PEM: {e}")))?;
+    let block = pem::parse(pem_text.as_bytes()).map_err(|e| {
+        Error::certificate(
+            CertificateErrorKind::Malformed,
+            format!("the account key is not PEM: {e}"),
+        )
+        .with_source(e)
+    })?;
     if block.tag() == "RSA PRIVATE KEY" {
-        return Err(Error::Certificate(RSA_UNSUPPORTED.into()));
+        return Err(Error::certificate(
+            CertificateErrorKind::Unsupported,
+            RSA_UNSUPPORTED,
+        ));
     }
     p256_pkcs8_from_der(block.contents())
 }
@@ -35,27 +43,41 @@ pub(crate) fn p256_pkcs8_from_pem(pem_text: &str) -> Result<Zeroizing<Vec<u8>>> 
 /// A JSON Web Key with its private part (certbot's `private_key.json`) as PKCS#8.
 pub(crate) fn p256_pkcs8_from_jwk(jwk: &serde_json::Value) -> Result<Zeroizing<Vec<u8>>> {
     let field = |name: &str| -> Result<Zeroizing<Vec<u8>>> {
-        let text = jwk
-            .get(name)
-            .and_then(|v| v.as_str())
-            .ok_or_else(|| Error::Certificate(format!("the account key (JWK) has no {name:?}")))?;
+        let text = jwk.get(name).and_then(|v| v.as_str()).ok_or_else(|| {
+            Error::certificate(
+                CertificateErrorKind::Malformed,
+                format!("the account key (JWK) has no {name:?}"),
+            )
+        })?;
         URL_SAFE_NO_PAD
             .decode(text.trim_end_matches('='))
             .map(Zeroizing::new)
-            .map_err(|_| Error::Certificate(format!("the account key's {name:?} is not base64url")))
+            .map_err(|_| {
+                Error::certificate(
+                    CertificateErrorKind::Malformed,
+                    format!("the account key's {name:?} is not base64url"),
+                )
+            })
     };
     match jwk.get("kty").and_then(|v| v.as_str()) {
         Some("EC") => {}
-        Some("RSA") => return Err(Error::Certificate(RSA_UNSUPPORTED.into())),
+        Some("RSA") => {
+            return Err(Error::certificate(
+                CertificateErrorKind::Unsupported,
+                RSA_UNSUPPORTED,
+            ));
+        }
         other => {
-            return Err(Error::Certificate(format!(
-                "the account key has an unknown kty {other:?}"
-            )));
+            return Err(Error::certificate(
+                CertificateErrorKind::Unsupported,
+                format!("the account key has an unknown kty {other:?}"),
+            ));
         }
     }
     if jwk.get("crv").and_then(|v| v.as_str()) != Some("P-256") {
-        return Err(Error::Certificate(
-            "the account key is not on P-256, the only curve lobe-tls signs with".into(),
+        return Err(Error::certificate(
+            CertificateErrorKind::Unsupported,
+            "the account key is not on P-256, the only curve lobe-tls signs with",
         ));
     }
     let (d, x, y) = (field("d")?, field("x")?, field("y")?);
@@ -68,14 +90,23 @@ pub(crate) fn p256_pkcs8_from_jwk(jwk: &serde_json::Value) -> Result<Zeroizing<V
         &d,
         &public,
     )
-    .map_err(|e| Error::Certificate(format!("the account key (JWK) is unusable: {e}")))?;
+    .map_err(|e| {
+        Error::certificate(
+            CertificateErrorKind::Malformed,
+            format!("the account key (JWK) is unusable: {e}"),
+        )
+        .with_source(e)
+    })?;
     pkcs8(&pair)
 }
 
 fn pkcs8(pair: &EcdsaKeyPair) -> Result<Zeroizing<Vec<u8>>> {
-    let doc = pair
-        .to_pkcs8v1()
-        .map_err(|_| Error::Certificate("cannot encode the account key as PKCS#8".into()))?;
+    let doc = pair.to_pkcs8v1().map_err(|_| {
+        Error::certificate(
+            CertificateErrorKind::Generation,
+            "cannot encode the account key as PKCS#8",
+        )
+    })?;
     Ok(Zeroizing::new(doc.as_ref().to_vec()))
 }
 
@@ -84,9 +115,12 @@ fn unsupported_der(der: &[u8]) -> Error {
     let rsa = aws_lc_rs::rsa::KeyPair::from_der(der).is_ok()
         || aws_lc_rs::rsa::KeyPair::from_pkcs8(der).is_ok();
     if rsa {
-        Error::Certificate(RSA_UNSUPPORTED.into())
+        Error::certificate(CertificateErrorKind::Unsupported, RSA_UNSUPPORTED)
     } else {
-        Error::Certificate("the account key is neither a P-256 nor an RSA private key".into())
+        Error::certificate(
+            CertificateErrorKind::Unsupported,
+            "the account key is neither a P-256 nor an RSA private key",
+        )
     }
 }
 
@@ -99,7 +133,7 @@ pub(crate) fn account(
     pkcs8: &[u8],
 ) -> Result<FoundAccount> {
     if !(url.starts_with("https://") || url.starts_with("http://")) {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "the account URL {url:?} is not an http(s) URL"
         )));
     }
@@ -109,12 +143,23 @@ pub(crate) fn account(
         "key_pkcs8": key.as_str(),
         "directory": directory,
     });
-    let credentials = Zeroizing::new(
-        serde_json::to_vec(&json)
-            .map_err(|e| Error::Store(format!("cannot encode the account: {e}")))?,
-    );
-    let _checked: instant_acme::AccountCredentials = serde_json::from_slice(&credentials)
-        .map_err(|e| Error::Store(format!("cannot build the account credentials: {e}")))?;
+    let credentials = Zeroizing::new(serde_json::to_vec(&json).map_err(|e| {
+        Error::store(
+            None,
+            StoreErrorKind::Encode,
+            format!("cannot encode the account: {e}"),
+        )
+        .with_source(e)
+    })?);
+    let _checked: instant_acme::AccountCredentials =
+        serde_json::from_slice(&credentials).map_err(|e| {
+            Error::store(
+                None,
+                StoreErrorKind::Corrupt,
+                format!("cannot build the account credentials: {e}"),
+            )
+            .with_source(e)
+        })?;
     Ok(FoundAccount {
         source,
         directory,

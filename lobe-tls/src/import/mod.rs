@@ -15,7 +15,7 @@ use zeroize::Zeroizing;
 
 use crate::cert::{CertBundle, KeyType};
 use crate::challenge::{ChallengeConfig, ChallengeKind, DnsProviderConfig};
-use crate::error::{Error, Result};
+use crate::error::{CertificateErrorKind, Error, Result};
 use crate::store::{CertMeta, RenewalState, Store, StoredCert};
 
 pub mod caddy;
@@ -426,9 +426,10 @@ pub(crate) fn make_cert(
     for name in required {
         let name = name.to_ascii_lowercase();
         if !info.domains.contains(&name) {
-            return Err(Error::Certificate(format!(
-                "the certificate does not cover {name}, which the source lists"
-            )));
+            return Err(Error::certificate(
+                CertificateErrorKind::NamesNotCovered,
+                format!("the certificate does not cover {name}, which the source lists"),
+            ));
         }
         names.push(name);
     }
@@ -444,8 +445,9 @@ pub(crate) fn make_cert(
         }
     }
     if names.is_empty() {
-        return Err(Error::Certificate(
-            "the certificate has no DNS name in its subject alternative names".into(),
+        return Err(Error::certificate(
+            CertificateErrorKind::NamesNotCovered,
+            "the certificate has no DNS name in its subject alternative names",
         ));
     }
     let domains = crate::domain::parse_all(&names)?;
@@ -470,7 +472,7 @@ pub(crate) fn read_text(path: &Path, max: u64) -> Result<String> {
         .read_to_string(&mut text)
         .map_err(|e| Error::io(path, e))?;
     if text.len() as u64 > max {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "{}: larger than {max} bytes; not a file lobe-tls imports",
             path.display()
         )));

@@ -15,7 +15,7 @@ use base64::engine::general_purpose::STANDARD;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::{EntryKind, Found, FoundCert, default_challenge, keys, make_cert, read_text};
-use crate::error::{Error, Result};
+use crate::error::{CertificateErrorKind, Error, Result};
 
 /// The largest `acme.json` read (Traefik keeps every certificate in it).
 const MAX_ACME_JSON: u64 = 64 << 20;
@@ -195,15 +195,23 @@ pub fn read(file: &Path, directory: &str) -> Result<Found> {
 }
 
 fn base64_text(field: &str, value: &str) -> Result<String> {
-    let bytes = STANDARD
-        .decode(value.trim())
-        .map_err(|_| Error::Certificate(format!("{field} is not base64")))?;
-    String::from_utf8(bytes).map_err(|_| Error::Certificate(format!("{field} is not PEM text")))
+    let bytes = STANDARD.decode(value.trim()).map_err(|_| {
+        Error::certificate(
+            CertificateErrorKind::Malformed,
+            format!("{field} is not base64"),
+        )
+    })?;
+    String::from_utf8(bytes).map_err(|_| {
+        Error::certificate(
+            CertificateErrorKind::Malformed,
+            format!("{field} is not PEM text"),
+        )
+    })
 }
 
 fn cert(value: serde_json::Value, directory: &str) -> Result<crate::store::StoredCert> {
     let entry: CertEntry = serde_json::from_value(value)
-        .map_err(|e| Error::Config(format!("not a Traefik certificate entry: {e}")))?;
+        .map_err(|e| Error::config(format!("not a Traefik certificate entry: {e}")))?;
     let mut names = vec![entry.domain.main];
     names.extend(entry.domain.sans.unwrap_or_default());
     names.dedup();
@@ -222,19 +230,20 @@ fn cert(value: serde_json::Value, directory: &str) -> Result<crate::store::Store
 
 fn account(value: serde_json::Value, directory: &str, source: &str) -> Result<super::FoundAccount> {
     let account: Account = serde_json::from_value(value)
-        .map_err(|e| Error::Config(format!("not a Traefik account: {e}")))?;
+        .map_err(|e| Error::config(format!("not a Traefik account: {e}")))?;
     let url = account
         .registration
         .map(|r| r.uri)
-        .ok_or_else(|| Error::Config("the account has no Registration.uri".into()))?;
+        .ok_or_else(|| Error::config("the account has no Registration.uri"))?;
     let key = account
         .private_key
-        .ok_or_else(|| Error::Config("the account has no PrivateKey".into()))?;
-    let der = zeroize::Zeroizing::new(
-        STANDARD
-            .decode(key.trim())
-            .map_err(|_| Error::Certificate("the account's PrivateKey is not base64".into()))?,
-    );
+        .ok_or_else(|| Error::config("the account has no PrivateKey"))?;
+    let der = zeroize::Zeroizing::new(STANDARD.decode(key.trim()).map_err(|_| {
+        Error::certificate(
+            CertificateErrorKind::Malformed,
+            "the account's PrivateKey is not base64",
+        )
+    })?);
     let pkcs8 = keys::p256_pkcs8_from_der(&der)?;
     keys::account(
         source.to_owned(),

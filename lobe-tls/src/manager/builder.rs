@@ -196,7 +196,7 @@ impl ManagerBuilder {
             check_cert(&cert)?;
             let name = cert.name.clone();
             if slots.insert(name.clone(), Slot::managed(cert)).is_some() {
-                return Err(Error::Config(format!(
+                return Err(Error::config(format!(
                     "certificate {name:?} is configured twice"
                 )));
             }
@@ -217,7 +217,7 @@ impl ManagerBuilder {
                 wake: Notify::new(),
                 started: OffsetDateTime::now_utc(),
                 slots: Mutex::new(slots),
-                name_locks: Mutex::default(),
+                name_locks: Default::default(),
                 orders: Semaphore::new(self.max_orders),
                 ari_polls: Semaphore::new(ARI_CONCURRENCY),
                 standalone: Standalone::default(),
@@ -258,13 +258,13 @@ fn check_cert(cert: &ManagedCert) -> Result<()> {
         crate::issue::check_profile_name(profile)?;
     }
     if cert.domains.is_empty() {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "certificate {:?} has no domains",
             cert.name
         )));
     }
     if cert.challenge.kind == ChallengeKind::Dns01 && cert.challenge.dns.is_none() {
-        return Err(Error::Config(format!(
+        return Err(Error::config(format!(
             "certificate {:?} uses dns-01 but names no DNS provider",
             cert.name
         )));

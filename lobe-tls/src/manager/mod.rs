@@ -28,9 +28,14 @@
 //!
 //! Every order runs under the store's lock for the certificate and re-reads the store
 //! after taking it: when another process (a cron `renew`, a cluster peer) renewed the
-//! certificate meanwhile, the manager loads that one instead of ordering again. A new
+//! certificate meanwhile, the manager loads that one instead of ordering again. (A store
+//! without locks, no [`LockStore`], serves one process: the manager's own per-name lock
+//! is all there is, and [`Cluster`] refuses to follow such a store.) A new
 //! certificate is validated (key matches, covers its names, not expired) before it is
 //! stored and swapped in; a failed renewal leaves the old certificate served.
+//!
+//! [`LockStore`]: crate::store::LockStore
+//! [`Cluster`]: crate::cluster::Cluster
 
 mod ari;
 mod builder;
@@ -48,7 +53,7 @@ pub use maintenance::MaintenanceHandle;
 use ari::ari_poll_due;
 use builder::same_names;
 use order::request_bound;
-use slots::{Current, Slot};
+use slots::Slot;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -123,7 +128,7 @@ struct Inner {
     chain: crate::acme::CaChain,
     slots: Mutex<HashMap<String, Slot>>,
     /// One async lock per name, so that one process never runs two orders for a name.
-    name_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    name_locks: order::NameLocks,
     orders: Semaphore,
     ari_polls: Semaphore,
     standalone: Standalone,
@@ -188,6 +193,7 @@ impl Manager {
     /// renewal failures and configuration conflicts as they happen. Call it before
     /// [`Manager::start`]; certificates configured or found later are counted from their
     /// first event on. The counting task ends when the manager is dropped.
+    #[cfg(feature = "metrics")]
     pub fn export_metrics(&self, metrics: &Arc<crate::metrics::Metrics>) {
         for name in self.inner.slots().keys() {
             metrics.track_renewals(name);
@@ -252,6 +258,7 @@ impl Manager {
         let loads = self.load_many(names).await;
         let mut serve = Vec::with_capacity(loads.len());
         let mut events = Vec::with_capacity(loads.len());
+        let mut stale: Vec<String> = Vec::new();
         {
             let mut slots = self.inner.slots();
             for (name, result) in loads {
@@ -274,35 +281,24 @@ impl Manager {
                         continue;
                     }
                 };
-                let names: Vec<String> = loaded
-                    .meta
-                    .domains
-                    .iter()
-                    .map(|d| d.as_str().to_owned())
-                    .collect();
-                serve.push((names.clone(), loaded.key.clone()));
                 events.push(Event::Loaded {
                     name: name.clone(),
                     serial: loaded.info.serial.clone(),
                     not_after: loaded.info.not_after,
                 });
-                let manage_stored = self.inner.manage_stored;
-                let slot = slots.entry(name.clone()).or_insert_with(|| {
-                    Slot::new(manage_stored.then(|| ManagedCert::from_meta(&loaded.meta)))
-                });
-                if let Some(event) = self.judge_order(&name, slot, &loaded) {
-                    events.push(event);
-                }
-                slot.state = loaded.state;
-                slot.current = Some(Current {
-                    info: loaded.info,
-                    key: loaded.key,
-                    directory: loaded.meta.directory,
-                    names,
-                });
+                let placed = self.place(&mut slots, &name, loaded);
+                serve.push((placed.names, placed.key));
+                stale.extend(placed.stale);
+                events.extend(placed.conflict);
             }
         }
         self.inner.resolver.set_many(&serve);
+        // Names an earlier certificate of the same slot covered and the loaded one does
+        // not, unless another loaded certificate serves them now.
+        stale.retain(|n| !serve.iter().any(|(names, _)| names.contains(n)));
+        if !stale.is_empty() {
+            self.inner.resolver.remove(&stale);
+        }
         report.loaded = serve.len();
         tracing::info!(count = report.loaded, "loaded certificates from the store");
         for event in events {
@@ -386,7 +382,7 @@ impl Manager {
             Ok(Some(loaded)) => loaded,
             Ok(None) => return Ok(false),
             Err(error) => {
-                if matches!(error, Error::Store(_) | Error::Certificate(_)) {
+                if matches!(error, Error::Store { .. } | Error::Certificate { .. }) {
                     tracing::error!(cert = %name, %error, "the stored certificate is unusable; still serving the one before");
                     self.emit(Event::Unusable {
                         name: name.to_owned(),
@@ -437,7 +433,7 @@ impl Manager {
             .get(name)
             .is_none_or(|s| s.managed.is_none())
         {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "no managed certificate named {name:?}"
             )));
         }
@@ -507,7 +503,12 @@ fn check_loaded(entry: BatchEntry) -> std::result::Result<Option<Loaded>, Unusab
         Ok(checked) => checked,
         Err(e) => {
             return Err(Unusable {
-                error: Error::Store(format!("{name}: {e}")),
+                error: Error::store(
+                    None,
+                    crate::error::StoreErrorKind::Corrupt,
+                    format!("{name}: {e}"),
+                )
+                .with_source(e),
                 meta: Some(Box::new(stored.meta)),
             });
         }

@@ -18,21 +18,94 @@ use crate::store::{RenewalState, StoreLock};
 
 use super::*;
 
+/// The async locks by name.
+type LockMap = std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+
+/// One async lock per name, so that one process never runs two orders for a name. A
+/// name's entry lives while someone holds or waits for its lock, and goes with the
+/// last of them: the map holds the names being ordered now, not every name ever seen.
+#[derive(Debug, Default)]
+pub(super) struct NameLocks {
+    map: Arc<LockMap>,
+}
+
+impl NameLocks {
+    /// The lock of `name` (not taken yet).
+    pub(super) fn get(&self, name: &str) -> NameLock {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        NameLock {
+            lock: map.entry(name.to_owned()).or_default().clone(),
+            name: name.to_owned(),
+            map: self.map.clone(),
+        }
+    }
+
+    /// How many names have an entry.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.lock().map(|m| m.len()).unwrap_or(usize::MAX)
+    }
+}
+
+/// A name's lock, to take; its entry in [`NameLocks`] goes when the last `NameLock` of
+/// the name (or [`NameGuard`] made from one) is dropped.
+pub(super) struct NameLock {
+    lock: Arc<tokio::sync::Mutex<()>>,
+    name: String,
+    map: Arc<LockMap>,
+}
+
+impl NameLock {
+    /// Waits for the lock.
+    pub(super) async fn lock(self) -> NameGuard {
+        NameGuard {
+            _guard: self.lock.clone().lock_owned().await,
+            _lock: self,
+        }
+    }
+
+    /// Takes the lock if it is free.
+    pub(super) fn try_lock_owned(
+        self,
+    ) -> std::result::Result<NameGuard, tokio::sync::TryLockError> {
+        Ok(NameGuard {
+            _guard: self.lock.clone().try_lock_owned()?,
+            _lock: self,
+        })
+    }
+}
+
+impl Drop for NameLock {
+    fn drop(&mut self) {
+        // Under the map's lock nobody can take a new handle, so the count is exact: the
+        // map's own and this one mean no one else holds or waits.
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if Arc::strong_count(&self.lock) == 2
+            && map
+                .get(&self.name)
+                .is_some_and(|held| Arc::ptr_eq(held, &self.lock))
+        {
+            map.remove(&self.name);
+        }
+    }
+}
+
+/// A name's lock, held.
+pub(super) struct NameGuard {
+    // Fields drop in order: the lock is released before the entry is looked at.
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+    _lock: NameLock,
+}
+
 impl Manager {
-    pub(super) fn name_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self
-            .inner
-            .name_locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        locks.entry(name.to_owned()).or_default().clone()
+    pub(super) fn name_lock(&self, name: &str) -> NameLock {
+        self.inner.name_locks.get(name)
     }
 
     /// Renews under the local and store locks; reports success or failure in events,
     /// the log and the persisted renewal state.
     pub(super) async fn renew_reported(&self, name: &str) -> Result<RenewOutcome> {
-        let lock = self.name_lock(name);
-        let _local = lock.lock().await;
+        let _local = self.name_lock(name).lock().await;
         self.renew_reported_locked(name).await
     }
 
@@ -129,10 +202,10 @@ impl Manager {
             let slots = self.inner.slots();
             let slot = slots
                 .get(name)
-                .ok_or_else(|| Error::Config(format!("no managed certificate named {name:?}")))?;
+                .ok_or_else(|| Error::config(format!("no managed certificate named {name:?}")))?;
             let managed = slot
                 .order()
-                .ok_or_else(|| Error::Config(format!("no managed certificate named {name:?}")))?;
+                .ok_or_else(|| Error::config(format!("no managed certificate named {name:?}")))?;
             let seen = slot.current.as_ref().map(|c| c.info.serial.clone());
             let not_after = slot.current.as_ref().map(|c| c.info.not_after);
             // `replaces` only when the CA answered renewalInfo for this very certificate,
@@ -156,7 +229,7 @@ impl Manager {
             .orders
             .acquire()
             .await
-            .map_err(|_| Error::Config("the manager is shutting down".into()))?;
+            .map_err(|_| Error::config("the manager is shutting down"))?;
         let bound = request_bound(self.inner.acme.request_timeout, not_after);
         // The first CA of the chain that answers; the order falls back from there.
         let start = crate::acme::with_request_bound(
@@ -165,22 +238,28 @@ impl Manager {
         )
         .await?;
         let order_timeout = self.inner.acme.order_timeout;
-        let lock = self
-            .inner
-            .store
-            .lock(name, LOCK_LEASE, order_timeout + Duration::from_secs(30))
-            .await?
-            .ok_or_else(|| {
-                Error::Timeout(format!(
-                    "another process holds the lock on {name}; try again later"
-                ))
-            })?;
+        // A store without locks serves this process alone, whose name lock is held.
+        let lock = match self.inner.store.as_lock_store() {
+            Some(locks) => Some(
+                locks
+                    .lock(name, LOCK_LEASE, order_timeout + Duration::from_secs(30))
+                    .await?
+                    .ok_or_else(|| {
+                        Error::timeout(format!(
+                            "another process holds the lock on {name}; try again later"
+                        ))
+                    })?,
+            ),
+            None => None,
+        };
         let result = crate::acme::with_request_bound(
             bound,
-            self.order_under_lock(start, lock.as_ref(), &managed, seen, replaces),
+            self.order_under_lock(start, lock.as_deref(), &managed, seen, replaces),
         )
         .await;
-        if let Err(e) = lock.release().await {
+        if let Some(lock) = lock
+            && let Err(e) = lock.release().await
+        {
             tracing::warn!(cert = %name, error = %e, "cannot release the store lock");
         }
         result
@@ -189,7 +268,7 @@ impl Manager {
     async fn order_under_lock(
         &self,
         start: usize,
-        lock: &dyn StoreLock,
+        lock: Option<&dyn StoreLock>,
         managed: &ManagedCert,
         seen: Option<String>,
         replaces: Option<String>,
@@ -226,13 +305,7 @@ impl Manager {
         let stored = self
             .inner
             .chain
-            .issue_from(
-                start,
-                &issuance,
-                self.inner.store.as_ref(),
-                Some(lock),
-                None,
-            )
+            .issue_from(start, &issuance, self.inner.store.as_ref(), lock, None)
             .await?;
         drop(keep);
         let (key, info) = stored.bundle.validated_key_for(&managed.domains)?;
@@ -268,8 +341,9 @@ impl Manager {
                 Some(registry) => SolverHandle::new(Http01Solver::new(registry.clone())),
                 None => {
                     let addr = challenge.http_listen.as_deref().unwrap_or("0.0.0.0:80");
+                    // With challenge tokens in the store, any instance answers the CA.
                     let store = &self.inner.store;
-                    let shared = store.is_shared().then(|| store.clone());
+                    let shared = store.as_challenge_store().map(|_| store.clone());
                     let (listener, registry) = self.inner.standalone.http(addr, shared).await?;
                     let mut handle = SolverHandle::new(Http01Solver::new(registry));
                     handle.keep.push(listener);
@@ -283,16 +357,18 @@ impl Manager {
                     handle.keep.push(listener);
                     handle
                 }
-                _ => SolverHandle::new(TlsAlpn01Solver::with_shared_store(
-                    self.inner.resolver.clone(),
-                    self.inner.store.clone(),
-                )),
+                _ => {
+                    let resolver = self.inner.resolver.clone();
+                    let store = &self.inner.store;
+                    SolverHandle::new(match store.as_challenge_store() {
+                        Some(_) => TlsAlpn01Solver::with_shared_store(resolver, store.clone())?,
+                        None => TlsAlpn01Solver::new(resolver),
+                    })
+                }
             },
             ChallengeKind::Dns01 => {
                 let dns = challenge.dns.as_ref().ok_or_else(|| {
-                    Error::Config(
-                        "dns-01 needs a DNS provider in the certificate's settings".into(),
-                    )
+                    Error::config("dns-01 needs a DNS provider in the certificate's settings")
                 })?;
                 SolverHandle::new(Dns01Solver::from_config(dns)?)
             }
@@ -325,5 +401,53 @@ impl SolverHandle {
             solver: Box::new(solver),
             keep: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_name_lock_entry_lives_while_someone_holds_or_waits_for_it() {
+        let locks = NameLocks::default();
+        let held = locks.get("a.example.com").lock().await;
+        assert!(locks.get("a.example.com").try_lock_owned().is_err());
+        assert_eq!(locks.len(), 1, "a refused try keeps the holder's entry");
+        let waiter = tokio::spawn({
+            let lock = locks.get("a.example.com");
+            async move {
+                let _guard = lock.lock().await;
+            }
+        });
+        tokio::task::yield_now().await;
+        drop(held);
+        assert_eq!(locks.len(), 1, "the waiter still needs the entry");
+        waiter.await.unwrap();
+        assert_eq!(locks.len(), 0);
+        // A name taken again after its entry went gets a fresh lock.
+        let again = locks.get("a.example.com").try_lock_owned();
+        assert!(again.is_ok());
+        drop(again);
+        assert_eq!(locks.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn orders_leave_no_name_lock_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::FileStore::open(dir.path()).unwrap());
+        let manager = Manager::builder(AcmeConfig::new("https://127.0.0.1:1/dir"), store)
+            .build()
+            .unwrap();
+        for i in 0..100 {
+            // Names the manager does not hold: each renewal fails at once.
+            assert!(
+                manager
+                    .renew_reported(&format!("n{i}.example.com"))
+                    .await
+                    .is_err()
+            );
+        }
+        assert_eq!(manager.inner.name_locks.len(), 0);
     }
 }

@@ -1,5 +1,6 @@
 //! What the manager knows about each name, and installing a certificate into it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use rustls::sign::CertifiedKey;
@@ -79,39 +80,73 @@ pub(super) struct Current {
     pub(super) names: Vec<String>,
 }
 
+/// What putting a certificate into its slot asks of the resolver: serve `key` for
+/// `names`, stop serving `stale` (names the previous certificate covered and this one
+/// does not), and announce `conflict` if there is one.
+pub(super) struct Placed {
+    pub(super) names: Vec<String>,
+    pub(super) key: Arc<CertifiedKey>,
+    pub(super) stale: Vec<String>,
+    pub(super) conflict: Option<Event>,
+}
+
 impl Manager {
-    /// Serves `loaded` for `name`, replacing what was served, and forgets names the
-    /// new certificate no longer covers.
-    pub(super) fn install(&self, name: &str, loaded: Loaded) {
+    /// Puts `loaded` into `name`'s slot (made if missing). The one install path: the
+    /// start-up load and every later install go through it, and differ only in how they
+    /// hand the result to the resolver (in one batch, or at once).
+    pub(super) fn place(
+        &self,
+        slots: &mut HashMap<String, Slot>,
+        name: &str,
+        loaded: Loaded,
+    ) -> Placed {
         let names: Vec<String> = loaded
             .meta
             .domains
             .iter()
             .map(|d| d.as_str().to_owned())
             .collect();
-        let mut slots = self.inner.slots();
         let manage_stored = self.inner.manage_stored;
         let slot = slots.entry(name.to_owned()).or_insert_with(|| {
             Slot::new(manage_stored.then(|| ManagedCert::from_meta(&loaded.meta)))
         });
-        // Swap first, then drop stale names: a handshake never finds a gap.
-        self.inner.resolver.set(&names, loaded.key.clone());
-        if let Some(old) = &slot.current {
-            let stale: Vec<&String> = old.names.iter().filter(|n| !names.contains(n)).collect();
-            if !stale.is_empty() {
-                self.inner.resolver.remove(&stale);
-            }
-        }
+        let stale = match &slot.current {
+            Some(old) => old
+                .names
+                .iter()
+                .filter(|n| !names.contains(n))
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
         let conflict = self.judge_order(name, slot, &loaded);
         slot.state = loaded.state;
         slot.current = Some(Current {
             info: loaded.info,
-            key: loaded.key,
+            key: loaded.key.clone(),
             directory: loaded.meta.directory,
-            names,
+            names: names.clone(),
         });
+        Placed {
+            names,
+            key: loaded.key,
+            stale,
+            conflict,
+        }
+    }
+
+    /// Serves `loaded` for `name`, replacing what was served, and forgets names the
+    /// new certificate no longer covers.
+    pub(super) fn install(&self, name: &str, loaded: Loaded) {
+        let mut slots = self.inner.slots();
+        let placed = self.place(&mut slots, name, loaded);
+        // Swap first, then drop stale names: a handshake never finds a gap.
+        self.inner.resolver.set(&placed.names, placed.key);
+        if !placed.stale.is_empty() {
+            self.inner.resolver.remove(&placed.stale);
+        }
         drop(slots);
-        if let Some(event) = conflict {
+        if let Some(event) = placed.conflict {
             self.emit(event);
         }
         self.wake();

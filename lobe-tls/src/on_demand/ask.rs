@@ -28,10 +28,19 @@ impl std::fmt::Debug for Ask {
     }
 }
 
+/// What the ask endpoint said about a name.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// It answered 2xx.
+    Allowed,
+    /// It answered something else; why, in words.
+    Refused(String),
+}
+
 impl Ask {
     pub(super) fn new(url: &str, timeout: Duration) -> Result<Self> {
         let bad = |why: &str| {
-            Error::Config(format!(
+            Error::config(format!(
                 "the on-demand ask URL {why}: give an http:// or https:// URL such as https://app.internal/check"
             ))
         };
@@ -55,36 +64,39 @@ impl Ask {
     fn url_for(&self, name: &str) -> Result<http::Uri> {
         let base = self.url.to_string();
         let sep = if self.url.query().is_some() { '&' } else { '?' };
-        format!("{base}{sep}domain={name}")
-            .parse()
-            .map_err(|_| Error::Config(format!("cannot build the ask URL for {name}")))
+        format!("{base}{sep}domain={name}").parse().map_err(|e| {
+            Error::config(format!("cannot build the ask URL for {name}")).with_source(e)
+        })
     }
 
-    /// Whether the endpoint allows `name`: `Ok(Err(why))` when it said no, `Err` when it
-    /// could not be asked (unreachable, too slow).
-    pub(super) async fn allows(&self, name: &str) -> Result<std::result::Result<(), String>> {
+    /// Whether the endpoint allows `name`: `Ok(Verdict::Refused(why))` when it said no,
+    /// `Err` when it could not be asked (unreachable, too slow).
+    pub(super) async fn allows(&self, name: &str) -> Result<Verdict> {
         let url = self.url_for(name)?;
         let host = self.url.host().unwrap_or_default().to_owned();
         let response = tokio::time::timeout(self.timeout, self.client.get(url))
             .await
             .map_err(|_| {
-                Error::Timeout(format!(
+                Error::timeout(format!(
                     "the on-demand ask endpoint {host} did not answer within {:?}",
                     self.timeout
                 ))
             })?
             .map_err(|e| {
-                Error::Config(format!(
+                Error::config(format!(
                     "cannot reach the on-demand ask endpoint {host}: {e}"
                 ))
+                .with_source(e)
             })?;
         let status = response.status();
         // The body is not needed; dropping it closes or returns the connection.
         drop(response);
         if status.is_success() {
-            Ok(Ok(()))
+            Ok(Verdict::Allowed)
         } else {
-            Ok(Err(format!("the ask endpoint answered {status}")))
+            Ok(Verdict::Refused(format!(
+                "the ask endpoint answered {status}"
+            )))
         }
     }
 }

@@ -1,14 +1,18 @@
 //! What stands between a stranger's SNI and an order: allow-list patterns, rate limits
 //! (global and per name, through `governor`) and a short-lived, bounded cache of refusals.
+//! Both tables have a fixed cap and forget their oldest entry when full, so a spray of
+//! random names can neither grow them nor lock a name out.
 
-use std::collections::HashMap;
+use std::hash::RandomState;
 use std::num::NonZeroU32;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use lru::LruCache;
 
 use crate::domain::DomainName;
+use crate::rate_table::{self, BoundedLimiter};
 
 /// A name pattern: `example.com` itself, or `*.example.com` for exactly one label under
 /// it (the rule of a wildcard certificate).
@@ -19,7 +23,7 @@ impl Pattern {
     pub(super) fn parse(input: &str) -> crate::Result<Self> {
         let name = DomainName::parse(input)?;
         if name.ip().is_some() {
-            return Err(crate::Error::Config(format!(
+            return Err(crate::Error::config(format!(
                 "on-demand pattern {input:?} is an IP address: patterns name DNS names (example.com or *.example.com)"
             )));
         }
@@ -40,35 +44,45 @@ impl Pattern {
 /// Per-name and global limits on new names (asks and orders).
 pub(super) struct Limits {
     global: DefaultDirectRateLimiter,
-    per_name: DefaultKeyedRateLimiter<String>,
+    per_name: BoundedLimiter<String>,
 }
 
-/// How many names the per-name limiter tracks before it forgets those back at full
-/// allowance.
+/// Names the per-name limiter tracks at least; past its capacity it forgets the name
+/// used least recently. It holds an hour of new names at the global rate, so that within
+/// the hour of a name's per-name allowance nothing can push it out (every new name
+/// passes the global limit first).
 const TRACKED_NAMES: usize = 4096;
+/// ... and at most (some 300 bytes per name at most).
+const TRACKED_NAMES_MAX: usize = 65_536;
 
 impl Limits {
     pub(super) fn new(global_per_minute: NonZeroU32, per_name_per_hour: NonZeroU32) -> Self {
+        let hour_of_names = usize::try_from(global_per_minute.get())
+            .unwrap_or(usize::MAX)
+            .saturating_mul(60);
         Limits {
             global: RateLimiter::direct(Quota::per_minute(global_per_minute)),
-            per_name: RateLimiter::keyed(Quota::per_hour(per_name_per_hour)),
+            per_name: rate_table::limiter(
+                Quota::per_hour(per_name_per_hour),
+                hour_of_names.clamp(TRACKED_NAMES, TRACKED_NAMES_MAX),
+            ),
         }
     }
 
-    /// Takes one attempt for `name`, or says which limit refused it.
+    /// Takes one attempt for `name`, or says which limit refused it. O(1); a full
+    /// per-name table forgets its idlest name and never refuses for being full.
     pub(super) fn check(&self, name: &str) -> Result<(), &'static str> {
         // The global limit first, so that a flood of distinct names never reaches the
-        // per-name map; that map is capped as well.
+        // per-name table.
         self.global.check().map_err(|_| "global")?;
-        if self.per_name.len() >= TRACKED_NAMES {
-            self.per_name.retain_recent();
-            if self.per_name.len() >= TRACKED_NAMES {
-                return Err("tracked names");
-            }
-        }
         self.per_name
             .check_key(&name.to_owned())
             .map_err(|_| "per-name")
+    }
+
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.per_name.len()
     }
 }
 
@@ -77,7 +91,8 @@ impl Limits {
 pub(super) struct Refusals {
     ttl: Duration,
     capacity: usize,
-    until: Mutex<HashMap<String, (Instant, String)>>,
+    /// Least recently refused first: with one TTL for all, the closest to expiry.
+    until: Mutex<LruCache<String, (Instant, String), RandomState>>,
 }
 
 impl Refusals {
@@ -85,43 +100,36 @@ impl Refusals {
         Refusals {
             ttl,
             capacity: capacity.max(1),
-            until: Mutex::default(),
+            // Grows as refusals come, up to `capacity`.
+            until: Mutex::new(LruCache::unbounded_with_hasher(RandomState::new())),
         }
     }
 
     /// Why `name` was refused, while that refusal holds.
     pub(super) fn get(&self, name: &str) -> Option<String> {
         let mut map = self.until.lock().unwrap_or_else(|e| e.into_inner());
-        match map.get(name) {
+        match map.peek(name) {
             Some((until, why)) if *until > Instant::now() => Some(why.clone()),
             Some(_) => {
-                map.remove(name);
+                map.pop(name);
                 None
             }
             None => None,
         }
     }
 
-    /// Remembers a refusal. When the map is full, expired entries go first, then the
-    /// entry closest to expiry, so the map never outgrows its capacity.
+    /// Remembers a refusal. When the map is full, the oldest refusal (the closest to
+    /// expiry) makes room: O(1), and the map never outgrows its capacity.
     pub(super) fn insert(&self, name: &str, why: String) {
         if self.ttl.is_zero() {
             return;
         }
-        let now = Instant::now();
+        let until = Instant::now() + self.ttl;
         let mut map = self.until.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= self.capacity && !map.contains_key(name) {
-            map.retain(|_, (until, _)| *until > now);
-            if map.len() >= self.capacity
-                && let Some(oldest) = map
-                    .iter()
-                    .min_by_key(|(_, (until, _))| *until)
-                    .map(|(k, _)| k.clone())
-            {
-                map.remove(&oldest);
-            }
+        map.put(name.to_owned(), (until, why));
+        while map.len() > self.capacity {
+            map.pop_lru();
         }
-        map.insert(name.to_owned(), (now + self.ttl, why));
     }
 
     #[cfg(test)]
@@ -160,6 +168,35 @@ mod tests {
         assert_eq!(limits.check("a.example.com"), Err("per-name"));
         assert_eq!(limits.check("b.example.com"), Ok(()));
         assert_eq!(limits.check("c.example.com"), Err("global"));
+    }
+
+    #[test]
+    fn a_spray_of_names_neither_grows_the_per_name_table_nor_is_refused_for_its_size() {
+        // A global allowance wide enough to reach the per-name table with every name.
+        let limits = Limits::new(nz(1_000_000), nz(1));
+        for i in 0..100_000 {
+            assert_eq!(limits.check(&format!("n{i}.example.com")), Ok(()), "{i}");
+        }
+        assert!(
+            limits.tracked() <= TRACKED_NAMES_MAX,
+            "{}",
+            limits.tracked()
+        );
+        assert_eq!(limits.check("new.example.com"), Ok(()));
+        // The last names are still remembered.
+        assert_eq!(limits.check("n99999.example.com"), Err("per-name"));
+    }
+
+    #[test]
+    fn the_per_name_table_holds_an_hour_of_names_at_the_global_rate() {
+        let limits = Limits::new(nz(20), nz(3));
+        let start = Instant::now();
+        // 1,200 names (an hour at 20 a minute): all remembered, none forgotten.
+        for i in 0..1200 {
+            let _ = limits.per_name.check_key(&format!("n{i}.example.com"));
+        }
+        assert_eq!(limits.tracked(), 1200);
+        assert!(start.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

@@ -209,8 +209,8 @@ impl OnDemand {
     /// Refuses a configuration with neither an ask URL nor an allow-list.
     pub fn new(manager: Manager, config: OnDemandConfig) -> Result<Self> {
         if config.ask.is_none() && config.allow.is_empty() {
-            return Err(Error::Config(
-                "on-demand TLS needs a guard: give an ask URL (--on-demand-ask URL) or allow-list patterns (--on-demand-allow '*.example.com'), or anyone could make this server order certificates".into(),
+            return Err(Error::config(
+                "on-demand TLS needs a guard: give an ask URL (--on-demand-ask URL) or allow-list patterns (--on-demand-allow '*.example.com'), or anyone could make this server order certificates",
             ));
         }
         let ask = config
@@ -278,16 +278,15 @@ impl OnDemand {
     /// validation handshake (the CA retries or the order fails and is retried).
     async fn fetch_challenge(&self, name: &str) {
         let manager = &self.inner.manager;
-        let store = manager.store();
-        if !store.is_shared()
-            || manager.resolver().has_challenge(name)
-            || DomainName::parse(name).is_err()
-        {
+        let Some(challenges) = manager.store().as_challenge_store() else {
+            return;
+        };
+        if manager.resolver().has_challenge(name) || DomainName::parse(name).is_err() {
             return;
         }
         let key = crate::challenge::tls_alpn01::store_key(name);
         let fetched =
-            tokio::time::timeout(CHALLENGE_FETCH_TIMEOUT, store.get_challenge(&key)).await;
+            tokio::time::timeout(CHALLENGE_FETCH_TIMEOUT, challenges.get_challenge(&key)).await;
         let cert = match fetched {
             Ok(Ok(Some(value))) => {
                 crate::challenge::tls_alpn01::ChallengeCert::from_store_value(&value)
@@ -295,7 +294,7 @@ impl OnDemand {
             }
             Ok(Ok(None)) => return,
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::Timeout(format!(
+            Err(_) => Err(Error::timeout(format!(
                 "reading the shared TLS-ALPN-01 challenge for {name}"
             ))),
         };
@@ -377,7 +376,7 @@ impl OnDemand {
             task.await.unwrap_or_else(|e| {
                 Err(OnDemandError::Failed {
                     name: failed,
-                    source: Arc::new(Error::Config(format!("the order task failed: {e}"))),
+                    source: Arc::new(Error::config(format!("the order task failed: {e}"))),
                 })
             })
         }
@@ -404,8 +403,8 @@ impl OnDemand {
             })?;
         if let Some(ask) = &inner.ask {
             match ask.allows(&name).await {
-                Ok(Ok(())) => {}
-                Ok(Err(why)) => {
+                Ok(ask::Verdict::Allowed) => {}
+                Ok(ask::Verdict::Refused(why)) => {
                     tracing::info!(domain = %name, why, "on-demand: refused by the ask endpoint");
                     inner.refusals.insert(&name, why.clone());
                     return Err(OnDemandError::NotAllowed { name, why });

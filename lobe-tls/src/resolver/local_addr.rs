@@ -18,8 +18,9 @@ use rustls::sign::CertifiedKey;
 
 use super::{ACME_TLS_ALPN, CertResolver};
 
-/// How many local addresses get a cached configuration. A host has a handful; past
-/// this, configurations are built per connection rather than kept without bound.
+/// How many local addresses get a cached configuration. Only addresses with an IP
+/// certificate are kept, and a host has a handful; past this, configurations are built
+/// per connection rather than kept without bound.
 const MAX_CACHED_ADDRS: usize = 256;
 
 /// A resolver for the connections that arrive on one local address: a client that sends
@@ -85,9 +86,11 @@ impl CertResolver {
     }
 }
 
-/// One rustls `ServerConfig` per local address, each the base configuration with its
-/// resolver wrapped in a [`LocalAddrResolver`] for that address. Built on first use and
-/// kept; cheap to share behind an `Arc`.
+/// One rustls `ServerConfig` per local address that has an IP address certificate, each
+/// the base configuration with its resolver wrapped in a [`LocalAddrResolver`] for that
+/// address. Built on first use and kept (at most 256); other addresses
+/// get the base configuration and no entry, since the local address may come from a
+/// PROXY header and name anything. Cheap to share behind an `Arc`.
 pub struct LocalAddrConfigs {
     base: Arc<ServerConfig>,
     certs: CertResolver,
@@ -120,6 +123,11 @@ impl LocalAddrConfigs {
         let mut cache = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(config) = cache.get(&local) {
             return config.clone();
+        }
+        // No certificate for this address: the base configuration resolves exactly as a
+        // wrapped one would, and an address this host does not serve takes no entry.
+        if self.certs.ip_cert(local).is_none() {
+            return self.base.clone();
         }
         let mut config = (*self.base).clone();
         config.cert_resolver = Arc::new(LocalAddrResolver::new(
@@ -211,22 +219,66 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn configs_are_kept_per_local_address_and_follow_renewals() {
-        let resolver = CertResolver::new();
+    fn configs_of(resolver: &CertResolver) -> LocalAddrConfigs {
         let base = rustls::ServerConfig::builder_with_provider(crate::cert::crypto_provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(resolver.clone()));
-        let configs = LocalAddrConfigs::new(Arc::new(base), resolver.clone());
+        LocalAddrConfigs::new(Arc::new(base), resolver.clone())
+    }
+
+    fn cached(configs: &LocalAddrConfigs) -> usize {
+        configs
+            .by_addr
+            .lock()
+            .map(|m| m.len())
+            .unwrap_or(usize::MAX)
+    }
+
+    #[test]
+    fn configs_are_kept_per_local_address_and_follow_renewals() {
+        let resolver = CertResolver::new();
+        let configs = configs_of(&resolver);
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let first = configs.config_for(ip);
-        assert!(Arc::ptr_eq(&first, &configs.config_for(ip)));
-        assert!(resolve_for(&*first.cert_resolver, "127.0.0.1").is_none());
         let key = key_for("127.0.0.1");
         resolver.set(&["127.0.0.1"], key.clone());
+        let first = configs.config_for(ip);
+        assert!(Arc::ptr_eq(&first, &configs.config_for(ip)));
+        assert_eq!(cached(&configs), 1);
         let served = resolve_for(&*first.cert_resolver, "127.0.0.1").unwrap();
         assert!(Arc::ptr_eq(&served, &key));
+        let renewed = key_for("127.0.0.1");
+        resolver.set(&["127.0.0.1"], renewed.clone());
+        let served = resolve_for(&*first.cert_resolver, "127.0.0.1").unwrap();
+        assert!(Arc::ptr_eq(&served, &renewed));
+    }
+
+    #[test]
+    fn addresses_without_a_certificate_get_the_base_config_and_no_entry() {
+        let resolver = CertResolver::new();
+        let default = key_for("default.example.com");
+        resolver.set_default(Some(default.clone()));
+        let configs = configs_of(&resolver);
+        // Destinations a PROXY header names: any address at all.
+        for i in 0..10_000u32 {
+            let named = IpAddr::from(
+                (0x2001_0db8_0000_0000_0000_0000_0000_0000u128 + u128::from(i)).to_be_bytes(),
+            );
+            let config = configs.config_for(named);
+            assert!(Arc::ptr_eq(&config, &configs.base));
+        }
+        assert_eq!(cached(&configs), 0);
+        let served = resolve_for(
+            &*configs
+                .config_for("192.0.2.7".parse().unwrap())
+                .cert_resolver,
+            "192.0.2.7",
+        );
+        assert!(served.is_some_and(|key| Arc::ptr_eq(&key, &default)));
+        // An address this host serves (it has a certificate) is kept.
+        resolver.set(&["192.0.2.7"], key_for("192.0.2.7"));
+        let _ = configs.config_for("192.0.2.7".parse().unwrap());
+        assert_eq!(cached(&configs), 1);
     }
 }

@@ -6,6 +6,7 @@ use crate::error::Result;
 
 /// What a [`copy`] moved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct CopyReport {
     /// Certificates (with keys and metadata) copied.
     pub certs: usize,

@@ -1,8 +1,17 @@
 //! Where certificates, accounts and renewal state live.
 //!
-//! The [`Store`] trait is small on purpose. Its locking and challenge-sharing powers have
-//! working defaults for a single machine, so a store only overrides what it can do better
-//! (the Redis store shares challenges across a cluster; the file store does not need to).
+//! The [`Store`] trait is the core every store has: certificates, accounts, renewal state
+//! and listing. What a cluster needs besides is cut into capabilities a store has or
+//! lacks, discovered through [`Store::as_challenge_store`] and its siblings:
+//!
+//! | capability        | trait              | file store        | Redis store |
+//! |-------------------|--------------------|-------------------|-------------|
+//! | challenge tokens  | [`ChallengeStore`] | no (one machine)  | yes         |
+//! | locks             | [`LockStore`]      | yes (`flock`)     | yes (lease) |
+//! | shared secrets    | [`SecretStore`]    | yes (mode 0600)   | yes         |
+//! | change feed       | [`FeedStore`]      | with `watch`      | yes         |
+//!
+//! A configuration that needs a capability the store lacks is refused when it is set up.
 
 use std::fmt;
 use std::sync::Arc;
@@ -17,9 +26,9 @@ use crate::domain::DomainName;
 use crate::error::Result;
 
 mod copy;
+#[cfg(test)]
+pub(crate) mod core_only;
 pub mod fs;
-#[cfg(feature = "watch")]
-mod fs_feed;
 #[cfg(feature = "redis")]
 pub mod redis;
 mod secret;
@@ -36,6 +45,7 @@ pub use redis::RedisStore;
 /// What lobe-tls remembers about a certificate besides the PEM files, so that a later
 /// `renew` can repeat the order exactly.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct CertMeta {
     /// The certificate's name in the store (`live/<name>/`).
     pub name: String,
@@ -58,6 +68,7 @@ pub struct CertMeta {
 
 /// A certificate with its metadata, as one unit of the store.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct StoredCert {
     /// The PEM chain and key.
     pub bundle: CertBundle,
@@ -66,7 +77,10 @@ pub struct StoredCert {
 }
 
 /// Renewal bookkeeping that outlives a process: failures, backoff, and ARI answers.
+///
+/// Start from [`RenewalState::default`] and set the fields that matter.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct RenewalState {
     /// Consecutive failed renewal attempts since the last success.
     pub failures: u32,
@@ -110,6 +124,62 @@ pub struct RenewalState {
     pub replaces_refused: Option<String>,
 }
 
+impl CertMeta {
+    /// The metadata of a certificate stored as `name` for `domains`, ordered from the CA
+    /// at `directory` now, with an ECDSA P-256 key, validated by HTTP-01, under the CA's
+    /// default profile; the `with_…` methods change the rest.
+    pub fn new(
+        name: impl Into<String>,
+        domains: Vec<DomainName>,
+        directory: impl Into<String>,
+    ) -> Self {
+        CertMeta {
+            name: name.into(),
+            domains,
+            key_type: KeyType::EcdsaP256,
+            challenge: ChallengeConfig::default(),
+            directory: directory.into(),
+            issued_at: OffsetDateTime::now_utc(),
+            profile: None,
+        }
+    }
+
+    /// The key type used for the order.
+    #[must_use]
+    pub fn with_key_type(mut self, key_type: KeyType) -> Self {
+        self.key_type = key_type;
+        self
+    }
+
+    /// How the order was validated.
+    #[must_use]
+    pub fn with_challenge(mut self, challenge: ChallengeConfig) -> Self {
+        self.challenge = challenge;
+        self
+    }
+
+    /// When the certificate was stored.
+    #[must_use]
+    pub fn with_issued_at(mut self, issued_at: OffsetDateTime) -> Self {
+        self.issued_at = issued_at;
+        self
+    }
+
+    /// The ACME profile the order asked for.
+    #[must_use]
+    pub fn with_profile(mut self, profile: Option<String>) -> Self {
+        self.profile = profile;
+        self
+    }
+}
+
+impl StoredCert {
+    /// A certificate and the metadata to store with it.
+    pub fn new(bundle: CertBundle, meta: CertMeta) -> Self {
+        StoredCert { bundle, meta }
+    }
+}
+
 impl RenewalState {
     /// Whether `serial` is the certificate recorded as revoked.
     pub fn is_revoked(&self, serial: &str) -> bool {
@@ -130,6 +200,7 @@ impl RenewalState {
 
 /// One certificate of a [`Store::load_cert_batch`].
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct BatchEntry {
     /// The certificate's name.
     pub name: String,
@@ -189,8 +260,19 @@ pub(crate) fn leaf_serial(fullchain_pem: &str) -> Result<String> {
     use rustls_pki_types::pem::PemObject;
     let leaf = CertificateDer::pem_slice_iter(fullchain_pem.as_bytes())
         .next()
-        .ok_or_else(|| crate::error::Error::Certificate("no certificate in the chain".into()))?
-        .map_err(|e| crate::error::Error::Certificate(format!("bad certificate PEM: {e}")))?;
+        .ok_or_else(|| {
+            crate::error::Error::certificate(
+                crate::error::CertificateErrorKind::Malformed,
+                "no certificate in the chain",
+            )
+        })?
+        .map_err(|e| {
+            crate::error::Error::certificate(
+                crate::error::CertificateErrorKind::Malformed,
+                format!("bad certificate PEM: {e}"),
+            )
+            .with_source(e)
+        })?;
     Ok(crate::cert::CertInfo::from_der(&leaf)?.serial)
 }
 
@@ -209,10 +291,18 @@ pub trait StoreLock: Send + Sync {
     }
 }
 
-/// A place to keep certificates, accounts and renewal state.
+/// A place to keep certificates, accounts and renewal state: the core every store has.
 ///
 /// Implementations must write each certificate atomically: a reader sees the old
 /// certificate and key, or the new ones, never a mix.
+///
+/// What a cluster needs besides (challenge tokens, locks, shared secrets, a change feed)
+/// are separate traits: [`ChallengeStore`], [`LockStore`], [`SecretStore`] and
+/// [`FeedStore`]. A store that has one implements it and hands it out through the
+/// matching `as_…` method here; the defaults say it has none. Whatever needs a capability
+/// the store lacks (HTTP-01 answered by any instance of a cluster, a cluster follower,
+/// shared session ticket keys) is refused when it is set up, with an error that says
+/// what is missing, never silently done half.
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug {
     /// Loads a certificate by name. `Ok(None)` when there is none.
@@ -220,15 +310,6 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Stores a certificate, replacing any previous one atomically.
     async fn save_cert(&self, cert: &StoredCert) -> Result<()>;
-
-    /// Stores a certificate ordered under `lock`, only if `lock` is still held: a holder
-    /// whose lease ran out (and whose name another process may have locked and renewed
-    /// since) must not write over what is stored. Stores whose locks cannot be lost
-    /// while their holder lives save as [`Store::save_cert`] does.
-    async fn save_cert_fenced(&self, cert: &StoredCert, lock: &dyn StoreLock) -> Result<()> {
-        let _ = lock;
-        self.save_cert(cert).await
-    }
 
     /// The names of all stored certificates, sorted.
     async fn list_certs(&self) -> Result<Vec<String>>;
@@ -238,6 +319,9 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Stores an account blob. It holds a private key: keep it private.
     async fn save_account(&self, key: &str, data: &[u8]) -> Result<()>;
+
+    /// The keys of all stored accounts, sorted (for `lobe-tls store copy`).
+    async fn list_accounts(&self) -> Result<Vec<String>>;
 
     /// Loads the renewal state of a certificate; the default state when there is none.
     async fn load_renewal_state(&self, name: &str) -> Result<RenewalState>;
@@ -274,13 +358,57 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// cheaply (nothing stored, unreadable, or a store without the ability): read that one
     /// in full. An error only when the store cannot be read at all.
     ///
-    /// The default knows nothing cheaply.
+    /// The default knows nothing cheaply, so every name is read in full.
     async fn load_cert_versions(&self, names: &[String]) -> Result<Vec<Option<CertVersion>>> {
         Ok(vec![None; names.len()])
     }
 
-    /// Takes the lock on `name`, waiting up to `wait` for another holder. While held,
-    /// no other process using this store orders the same certificate. `lease` bounds
+    /// The store's challenge tokens, if it keeps them where other instances see them.
+    fn as_challenge_store(&self) -> Option<&dyn ChallengeStore> {
+        None
+    }
+
+    /// The store's per-name locks, if it has them.
+    fn as_lock_store(&self) -> Option<&dyn LockStore> {
+        None
+    }
+
+    /// The store's shared secrets, if it can keep them.
+    fn as_secret_store(&self) -> Option<&dyn SecretStore> {
+        None
+    }
+
+    /// The store's change feed, if it has one.
+    fn as_feed_store(&self) -> Option<&dyn FeedStore> {
+        None
+    }
+}
+
+/// Challenge responses (HTTP-01 key authorizations, TLS-ALPN-01 material) kept where
+/// every instance sharing the store can read them, so that any instance answers the CA,
+/// wherever the load balancer sends it. Keys are `http-01/<token>` and
+/// `tls-alpn-01/<domain>`.
+#[async_trait]
+pub trait ChallengeStore: Send + Sync {
+    /// Publishes a challenge response for `ttl` (longer than any order runs).
+    async fn put_challenge(&self, key: &str, value: &str, ttl: Duration) -> Result<()>;
+
+    /// Looks up a challenge response published by any instance.
+    async fn get_challenge(&self, key: &str) -> Result<Option<String>>;
+
+    /// Removes a published challenge response.
+    async fn delete_challenge(&self, key: &str) -> Result<()>;
+
+    /// The keys of the published challenge responses that start with `prefix`, sorted, so
+    /// a newly (re)connected instance can pick up challenges it missed.
+    async fn list_challenges(&self, prefix: &str) -> Result<Vec<String>>;
+}
+
+/// Per-name locks that every process using the store honours: while one holds the lock
+/// on a certificate name, no other orders that certificate.
+#[async_trait]
+pub trait LockStore: Send + Sync {
+    /// Takes the lock on `name`, waiting up to `wait` for another holder. `lease` bounds
     /// how long a crashed holder can block others, where the store supports leases.
     ///
     /// Returns `Ok(None)` when the lock could not be had within `wait`.
@@ -291,60 +419,69 @@ pub trait Store: Send + Sync + fmt::Debug {
         wait: Duration,
     ) -> Result<Option<Box<dyn StoreLock>>>;
 
-    /// Publishes a challenge response (an HTTP-01 key authorization, or TLS-ALPN-01
-    /// material) so that other instances sharing this store can answer it.
-    /// Single-machine stores need not do anything.
-    async fn put_challenge(&self, _key: &str, _value: &str, _ttl: Duration) -> Result<()> {
-        Ok(())
+    /// Stores a certificate ordered under `lock`, only if `lock` is still held: a holder
+    /// whose lease ran out (and whose name another process may have locked and renewed
+    /// since) must not write over what is stored. A store whose locks end only with
+    /// their holder saves as [`Store::save_cert`] does.
+    async fn save_cert_fenced(&self, cert: &StoredCert, lock: &dyn StoreLock) -> Result<()>;
+}
+
+/// Small secret blobs every process sharing the store must agree on (session ticket
+/// keys, the affinity cookie key). lobe-tls creates and rotates them under the store's
+/// lock ([`LockStore`]), so sharing a secret needs both.
+#[async_trait]
+pub trait SecretStore: Send + Sync {
+    /// Loads a secret blob. `Ok(None)` when there is none.
+    async fn load_secret(&self, name: &str) -> Result<Option<Vec<u8>>>;
+
+    /// Stores a secret blob, readable only by this user (file mode 0600 or the like).
+    async fn save_secret(&self, name: &str, data: &[u8]) -> Result<()>;
+}
+
+/// A feed of the changes other processes make to the store: the instances of a cluster
+/// sharing Redis, or the processes on one machine sharing a directory.
+pub trait FeedStore: Send + Sync {
+    /// Opens a feed. Errors when it cannot be opened now (a directory that cannot be
+    /// watched).
+    fn subscribe(&self) -> Result<StoreSubscription>;
+}
+
+/// What a store can do besides the core, and the names of the capabilities for messages.
+impl dyn Store + '_ {
+    /// The challenge tokens, or an error saying that `needed_for` needs them.
+    pub fn challenges_for(&self, needed_for: &str) -> Result<&dyn ChallengeStore> {
+        self.as_challenge_store()
+            .ok_or_else(|| missing(needed_for, "challenge tokens other instances can read"))
     }
 
-    /// Looks up a challenge response published by any instance.
-    async fn get_challenge(&self, _key: &str) -> Result<Option<String>> {
-        Ok(None)
+    /// The locks, or an error saying that `needed_for` needs them.
+    pub fn locks_for(&self, needed_for: &str) -> Result<&dyn LockStore> {
+        self.as_lock_store()
+            .ok_or_else(|| missing(needed_for, "locks"))
     }
 
-    /// Removes a published challenge response.
-    async fn delete_challenge(&self, _key: &str) -> Result<()> {
-        Ok(())
+    /// The shared secrets, or an error saying that `needed_for` needs them.
+    pub fn secrets_for(&self, needed_for: &str) -> Result<&dyn SecretStore> {
+        self.as_secret_store()
+            .ok_or_else(|| missing(needed_for, "secrets"))
     }
 
-    /// The keys of the published challenge responses that start with `prefix`, so a
-    /// newly (re)connected instance can pick up challenges it missed.
-    async fn list_challenges(&self, _prefix: &str) -> Result<Vec<String>> {
-        Ok(Vec::new())
+    /// The change feed, or an error saying that `needed_for` needs it.
+    pub fn feed_for(&self, needed_for: &str) -> Result<&dyn FeedStore> {
+        self.as_feed_store()
+            .ok_or_else(|| missing(needed_for, "a change feed"))
     }
+}
 
-    /// Loads a small secret blob shared by the processes using this store (the session
-    /// ticket keys). `Ok(None)` when there is none, or the store cannot keep secrets.
-    async fn load_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        let _ = name;
-        Ok(None)
-    }
-
-    /// Stores a small secret blob, readable only by this user (file mode 0600). The
-    /// default refuses: such a store keeps its secrets per process.
-    async fn save_secret(&self, name: &str, data: &[u8]) -> Result<()> {
-        let _ = data;
-        Err(crate::error::Error::Store(format!(
-            "this store cannot keep the secret {name:?}; use a file or Redis store"
-        )))
-    }
-
-    /// The keys of all stored accounts, sorted (for `lobe-tls store copy`).
-    async fn list_accounts(&self) -> Result<Vec<String>>;
-
-    /// Opens a feed of changes other processes make to this store: the instances of a
-    /// cluster sharing Redis, or the processes on one machine sharing a directory.
-    /// `None` when the store has no such feed.
-    fn subscribe(&self) -> Option<StoreSubscription> {
-        None
-    }
-
-    /// Whether other instances share this store, so that challenge responses published
-    /// with [`Store::put_challenge`] reach them. False for a local directory.
-    fn is_shared(&self) -> bool {
-        false
-    }
+/// The refusal of a configuration that needs a capability the store lacks.
+fn missing(needed_for: &str, capability: &str) -> crate::error::Error {
+    crate::error::Error::store(
+        None,
+        crate::error::StoreErrorKind::Unsupported,
+        format!(
+            "{needed_for} needs a store with {capability}, and this store has none (a Redis store has them all)"
+        ),
+    )
 }
 
 /// A change to a shared store, as announced to every subscribed instance.
@@ -359,6 +496,9 @@ pub enum StoreEvent {
     ChallengeDeleted(String),
     /// The feed was (re)connected: events may have been missed, so re-read what matters.
     Resync,
+    /// The feed lost its connection: until the next [`StoreEvent::Resync`], changes may
+    /// go unannounced, so what was learnt from events alone may be stale.
+    FeedLost,
 }
 
 /// A live feed of [`StoreEvent`]s. Dropping it stops the feed.

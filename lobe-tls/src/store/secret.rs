@@ -29,6 +29,8 @@ impl SharedSecret<'_> {
     /// the one `create` makes from what is stored (`None`: nothing readable), saved for
     /// the others. When another process holds the lock past the wait, the stored value
     /// is used as it is, if there is one.
+    ///
+    /// Refused when the store cannot keep secrets or has no locks to write them under.
     pub async fn load_or_create<T>(
         &self,
         store: &DynStore,
@@ -36,21 +38,24 @@ impl SharedSecret<'_> {
         keep: impl Fn(&T) -> bool,
         create: impl FnOnce(Option<T>) -> Result<(T, Zeroizing<Vec<u8>>)>,
     ) -> Result<T> {
+        let needed_for = format!("sharing the {}", self.what);
+        let secrets = store.secrets_for(&needed_for)?;
+        let locks = store.locks_for(&needed_for)?;
         let (name, decode) = (self.name, &decode);
         let read = move || async move {
-            let data = store.load_secret(name).await?.map(Zeroizing::new);
+            let data = secrets.load_secret(name).await?.map(Zeroizing::new);
             Ok::<_, Error>(data.and_then(|data| decode(&data)))
         };
         let stored = match read().await? {
             Some(value) if keep(&value) => return Ok(value),
             other => other,
         };
-        let Some(lock) = store
+        let Some(lock) = locks
             .lock(self.lock, crate::issue::LOCK_LEASE, LOCK_WAIT)
             .await?
         else {
             return stored.ok_or_else(|| {
-                Error::Timeout(format!(
+                Error::timeout(format!(
                     "another process holds the {} lock; try again",
                     self.what
                 ))
@@ -63,7 +68,7 @@ impl SharedSecret<'_> {
                 other => other,
             };
             let (value, encoded) = create(stored)?;
-            store.save_secret(self.name, &encoded).await?;
+            secrets.save_secret(self.name, &encoded).await?;
             Ok(value)
         }
         .await;
@@ -79,6 +84,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::FileStore;
+    use crate::store::SecretStore;
 
     const SECRET: SharedSecret<'static> = SharedSecret {
         name: "test-secret",
@@ -86,18 +93,18 @@ mod tests {
         what: "test secret",
     };
 
-    fn store() -> (tempfile::TempDir, DynStore) {
+    fn store() -> (tempfile::TempDir, Arc<FileStore>) {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let store: DynStore =
-            Arc::new(crate::FileStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}")));
-        (dir, store)
+        let store = FileStore::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        (dir, Arc::new(store))
     }
 
     /// Reads or creates a 32-byte secret; shorter blobs do not count.
-    async fn key(store: &DynStore) -> Result<Vec<u8>> {
+    async fn key(store: &Arc<FileStore>) -> Result<Vec<u8>> {
+        let store: DynStore = store.clone();
         SECRET
             .load_or_create(
-                store,
+                &store,
                 |data| (data.len() == 32).then(|| data.to_vec()),
                 |_| true,
                 |_| {
@@ -131,9 +138,10 @@ mod tests {
         let replaced = key(&store).await.unwrap_or_default();
         assert_eq!(replaced.len(), 32);
         // `keep` rejects the stored value: `create` sees it and derives the next one.
+        let dyn_store: DynStore = store.clone();
         let next = SECRET
             .load_or_create(
-                &store,
+                &dyn_store,
                 |data| Some(data.to_vec()),
                 |_| false,
                 |stored| {
@@ -148,5 +156,32 @@ mod tests {
         expected.reverse();
         assert_eq!(next, expected);
         assert_eq!(key(&store).await.ok(), Some(expected));
+    }
+
+    /// A store without secrets is refused before anything is created: a secret made up
+    /// per process would silently differ between the instances.
+    #[tokio::test]
+    async fn a_store_without_secrets_is_refused() {
+        let store: DynStore = Arc::new(crate::store::core_only::CoreOnly::default());
+        let created = std::sync::atomic::AtomicBool::new(false);
+        let err = SECRET
+            .load_or_create(
+                &store,
+                |data| Some(data.to_vec()),
+                |_| true,
+                |_| {
+                    created.store(true, std::sync::atomic::Ordering::Relaxed);
+                    Ok((vec![1], Zeroizing::new(vec![1])))
+                },
+            )
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("sharing the test secret needs a store with secrets"),
+            "{err}"
+        );
+        assert!(!created.load(std::sync::atomic::Ordering::Relaxed));
     }
 }

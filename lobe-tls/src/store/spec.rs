@@ -50,7 +50,7 @@ impl StoreSpec {
                 Ok(StoreSpec::Redis(spec.to_owned()))
             }
             // Only the scheme is echoed: the rest may hold a password.
-            Some(scheme) => Err(Error::Config(format!(
+            Some(scheme) => Err(Error::config(format!(
                 "unsupported store URL scheme {scheme}://; give a directory, or a redis://, rediss://, redis+sentinel:// or rediss+sentinel:// URL"
             ))),
         }
@@ -78,8 +78,8 @@ impl StoreSpec {
             #[cfg(feature = "redis")]
             StoreSpec::Redis(url) => Ok(Arc::new(RedisStore::connect(url).await?)),
             #[cfg(not(feature = "redis"))]
-            StoreSpec::Redis(_) => Err(crate::error::Error::Config(
-                "this build of lobe-tls has no Redis support (the `redis` feature is off); give a directory as the store".into(),
+            StoreSpec::Redis(_) => Err(crate::error::Error::config(
+                "this build of lobe-tls has no Redis support (the `redis` feature is off); give a directory as the store",
             )),
         }
     }
@@ -90,7 +90,7 @@ impl StoreSpec {
         if let StoreSpec::Dir(dir) = self
             && !dir.is_dir()
         {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "store {} does not exist or is not a directory; check --store (env LOBE_TLS_STORE)",
                 dir.display()
             )));

@@ -9,7 +9,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use crate::error::Result;
+use super::ProviderFailure;
+use crate::error::{DnsErrorKind, Result};
 
 /// How long one API request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,20 +48,20 @@ impl ApiClient {
     }
 
     /// Sends one request; `headers` are added as they are, marked sensitive (they carry
-    /// the credentials), so that no `Debug` of the request shows them. Errors are
-    /// one-line text.
+    /// the credentials), so that no `Debug` of the request shows them. Errors say in one
+    /// line what failed and keep the client's error as their source.
     pub async fn send(
         &self,
         method: Method,
         url: &str,
         headers: &[(http::header::HeaderName, String)],
         json: Option<&serde_json::Value>,
-    ) -> std::result::Result<ApiResponse, String> {
+    ) -> std::result::Result<ApiResponse, ProviderFailure> {
         let mut builder = http::Request::builder().method(method.clone()).uri(url);
         for (name, value) in headers {
             // The message names the header only: its value is a credential.
             let mut value = http::HeaderValue::from_str(value)
-                .map_err(|_| format!("the {name} header for {url} holds characters HTTP does not allow; check the credentials"))?;
+                .map_err(|e| ProviderFailure::new(DnsErrorKind::ProviderSettings, format!("the {name} header for {url} holds characters HTTP does not allow; check the credentials")).with_source(e))?;
             value.set_sensitive(true);
             builder = builder.header(name, value);
         }
@@ -71,20 +72,32 @@ impl ApiClient {
             }
             None => Full::new(Bytes::new()),
         };
-        let request = builder
-            .body(body)
-            .map_err(|e| format!("bad request for {url}: {e}"))?;
+        let request = builder.body(body).map_err(|e| {
+            ProviderFailure::new(
+                DnsErrorKind::ProviderSettings,
+                format!("bad request for {url}: {e}"),
+            )
+            .with_source(e)
+        })?;
         let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| format!("{method} {url} failed: {}", error_chain(&e)))?;
+            let response = self.client.request(request).await.map_err(|e| {
+                ProviderFailure::new(
+                    DnsErrorKind::ProviderUnreachable,
+                    format!("{method} {url} failed: {}", error_chain(&e)),
+                )
+                .with_source(e)
+            })?;
             let (parts, body) = response.into_parts();
             let body = body
                 .collect()
                 .await
-                .map_err(|e| format!("{method} {url}: reading the answer failed: {e}"))?
+                .map_err(|e| {
+                    ProviderFailure::new(
+                        DnsErrorKind::ProviderUnreachable,
+                        format!("{method} {url}: reading the answer failed: {e}"),
+                    )
+                    .with_source(e)
+                })?
                 .to_bytes();
             Ok(ApiResponse {
                 status: parts.status,
@@ -94,7 +107,13 @@ impl ApiClient {
         };
         tokio::time::timeout(REQUEST_TIMEOUT, exchange)
             .await
-            .map_err(|_| format!("{method} {url}: no answer within {REQUEST_TIMEOUT:?}"))?
+            .map_err(|e| {
+                ProviderFailure::new(
+                    DnsErrorKind::ProviderUnreachable,
+                    format!("{method} {url}: no answer within {REQUEST_TIMEOUT:?}"),
+                )
+                .with_source(e)
+            })?
     }
 }
 

@@ -12,8 +12,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::sync::Mutex;
 
-use super::{DnsProvider, provider_error};
-use crate::error::Result;
+use super::{DnsProvider, ProviderFailure, provider_error};
+use crate::error::{DnsErrorKind, Result};
 
 /// Writes TXT records into challtestsrv.
 ///
@@ -44,16 +44,24 @@ impl ChalltestsrvProvider {
         })
     }
 
-    async fn post(&self, path: &str, body: serde_json::Value) -> std::result::Result<(), String> {
+    async fn post(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+    ) -> std::result::Result<(), ProviderFailure> {
         let req = http::Request::post(format!("{}{path}", self.base_url))
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| e.to_string())?;
-        let rsp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| format!("challtestsrv at {} unreachable: {e}", self.base_url))?;
+            .map_err(|e| {
+                ProviderFailure::new(DnsErrorKind::ProviderSettings, e.to_string()).with_source(e)
+            })?;
+        let rsp = self.client.request(req).await.map_err(|e| {
+            ProviderFailure::new(
+                DnsErrorKind::ProviderUnreachable,
+                format!("challtestsrv at {} unreachable: {e}", self.base_url),
+            )
+            .with_source(e)
+        })?;
         let status = rsp.status();
         if status.is_success() {
             return Ok(());
@@ -64,9 +72,12 @@ impl ChalltestsrvProvider {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        Err(format!(
-            "challtestsrv answered {status}: {}",
-            String::from_utf8_lossy(&body).trim()
+        let answer = String::from_utf8_lossy(&body).trim().to_owned();
+        Err(ProviderFailure::refused(
+            format!("challtestsrv answered {status}: {answer}"),
+            Some(status.as_u16()),
+            Vec::new(),
+            answer,
         ))
     }
 }

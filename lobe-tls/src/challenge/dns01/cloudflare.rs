@@ -15,8 +15,8 @@ use zeroize::Zeroizing;
 
 use super::api::{ApiClient, ApiResponse};
 use super::settings::ProviderSettings;
-use super::{DnsProvider, provider_error};
-use crate::error::Result;
+use super::{DnsProvider, ProviderFailure, provider_error};
+use crate::error::{DnsErrorKind, Result};
 
 /// Cloudflare's API.
 pub const DEFAULT_API_URL: &str = "https://api.cloudflare.com/client/v4";
@@ -82,17 +82,17 @@ struct DnsRecord {
     comment: Option<String>,
 }
 
-/// A failed API call: its Cloudflare error codes and a one-line message.
+/// A failed API call: its Cloudflare error codes and the failure.
 struct CallError {
     codes: Vec<u64>,
-    message: String,
+    failure: ProviderFailure,
 }
 
-impl From<String> for CallError {
-    fn from(message: String) -> Self {
+impl From<ProviderFailure> for CallError {
+    fn from(failure: ProviderFailure) -> Self {
         CallError {
             codes: Vec::new(),
-            message,
+            failure,
         }
     }
 }
@@ -143,9 +143,15 @@ impl CloudflareProvider {
             }
             let wait = retry_after(&response);
             if tries >= RATE_LIMIT_TRIES || wait > MAX_RETRY_AFTER {
-                return Err(format!(
+                let detail = format!(
                     "Cloudflare rate limit hit (HTTP 429) on {method} {path}, {tries} tries; wait {}s and run again",
                     wait.as_secs().max(1)
+                );
+                return Err(ProviderFailure::refused(
+                    detail,
+                    Some(429),
+                    Vec::new(),
+                    response.body_excerpt(),
                 )
                 .into());
             }
@@ -153,11 +159,15 @@ impl CloudflareProvider {
             tokio::time::sleep(wait).await;
         };
         let envelope: Envelope<T> = serde_json::from_slice(&response.body).map_err(|e| {
-            format!(
-                "Cloudflare answered {method} {path} with {} and an unreadable body ({e}): {}",
-                response.status,
-                response.body_excerpt()
+            ProviderFailure::new(
+                DnsErrorKind::ProviderBadAnswer,
+                format!(
+                    "Cloudflare answered {method} {path} with {} and an unreadable body ({e}): {}",
+                    response.status,
+                    response.body_excerpt()
+                ),
             )
+            .with_source(e)
         })?;
         if response.status.is_success()
             && envelope.success
@@ -175,29 +185,34 @@ impl CloudflareProvider {
             401 | 403 => "; check CLOUDFLARE_API_TOKEN: it needs Zone:DNS:Edit on this zone",
             _ => "",
         };
+        let answer = if details.is_empty() {
+            response.body_excerpt()
+        } else {
+            details.join("; ")
+        };
         Err(CallError {
-            codes,
-            message: format!(
-                "Cloudflare answered {method} {path} with {}: {}{hint}",
-                response.status,
-                if details.is_empty() {
-                    response.body_excerpt()
-                } else {
-                    details.join("; ")
-                }
+            codes: codes.clone(),
+            failure: ProviderFailure::refused(
+                format!(
+                    "Cloudflare answered {method} {path} with {}: {answer}{hint}",
+                    response.status
+                ),
+                Some(response.status.as_u16()),
+                codes,
+                answer,
             ),
         })
     }
 
     /// The zone holding `name`: the longest of its suffixes that Cloudflare knows.
-    async fn find_zone(&self, name: &str) -> std::result::Result<Zone, String> {
+    async fn find_zone(&self, name: &str) -> std::result::Result<Zone, ProviderFailure> {
         let labels: Vec<&str> = name.split('.').collect();
         for start in 0..labels.len().saturating_sub(1) {
             let candidate = labels[start..].join(".");
             let zones: Vec<Zone> = self
                 .call(Method::GET, &format!("/zones?name={candidate}"), None)
                 .await
-                .map_err(|e| e.message)?;
+                .map_err(|e| e.failure)?;
             if let Some(zone) = zones
                 .into_iter()
                 .find(|z| z.name.eq_ignore_ascii_case(&candidate))
@@ -205,12 +220,15 @@ impl CloudflareProvider {
                 return Ok(zone);
             }
         }
-        Err(format!(
-            "no Cloudflare zone holds {name}; is the domain on this account and the token allowed to read it?"
+        Err(ProviderFailure::new(
+            DnsErrorKind::ProviderRefused,
+            format!(
+                "no Cloudflare zone holds {name}; is the domain on this account and the token allowed to read it?"
+            ),
         ))
     }
 
-    async fn create(&self, fqdn: &str, value: &str) -> std::result::Result<(), String> {
+    async fn create(&self, fqdn: &str, value: &str) -> std::result::Result<(), ProviderFailure> {
         let name = fqdn.trim_end_matches('.');
         let zone = self.find_zone(name).await?;
         let body = serde_json::json!({
@@ -229,7 +247,7 @@ impl CloudflareProvider {
             Err(e) if e.codes.contains(&IDENTICAL_RECORD) => {
                 self.adopt_leftover(&zone, name, value).await?
             }
-            Err(e) => return Err(e.message),
+            Err(e) => return Err(e.failure),
         };
         if let Some(record_id) = record_id {
             self.created
@@ -247,12 +265,12 @@ impl CloudflareProvider {
         zone: &Zone,
         name: &str,
         value: &str,
-    ) -> std::result::Result<Option<String>, String> {
+    ) -> std::result::Result<Option<String>, ProviderFailure> {
         let path = format!("/zones/{}/dns_records?type=TXT&name={name}", zone.id);
         let records: Vec<DnsRecord> = self
             .call(Method::GET, &path, None)
             .await
-            .map_err(|e| e.message)?;
+            .map_err(|e| e.failure)?;
         let existing = records
             .into_iter()
             .find(|r| r.content.trim_matches('"') == value);
@@ -265,7 +283,7 @@ impl CloudflareProvider {
         })
     }
 
-    async fn delete(&self, fqdn: &str, value: &str) -> std::result::Result<(), String> {
+    async fn delete(&self, fqdn: &str, value: &str) -> std::result::Result<(), ProviderFailure> {
         let key = (fqdn.to_owned(), value.to_owned());
         let Some((zone_id, record_id)) = self.created.lock().await.get(&key).cloned() else {
             tracing::debug!(%fqdn, "no record created by this provider; nothing to delete");
@@ -278,7 +296,7 @@ impl CloudflareProvider {
             Ok(_) => {}
             // Already gone (code 81044: record not found) is what we wanted.
             Err(e) if e.codes.contains(&81044) => {}
-            Err(e) => return Err(e.message),
+            Err(e) => return Err(e.failure),
         }
         self.created.lock().await.remove(&key);
         Ok(())

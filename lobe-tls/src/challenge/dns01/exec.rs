@@ -6,7 +6,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::process::Command;
 
-use super::{DnsProvider, provider_error};
+use super::{DnsProvider, ProviderFailure, provider_error};
+use crate::error::DnsErrorKind;
 use crate::error::Result;
 
 /// How long a hook may run before it is killed.
@@ -27,13 +28,29 @@ impl ExecProvider {
     }
 
     async fn run(&self, action: &str, fqdn: &str, value: &str) -> Result<()> {
-        let fail = |detail: String| provider_error("exec", action, fqdn, detail);
+        let fail = |failure: ProviderFailure| provider_error("exec", action, fqdn, failure);
         let mut command = Command::new(&self.program);
         command.arg(action).arg(fqdn).arg(value).kill_on_drop(true);
         let output = tokio::time::timeout(HOOK_TIMEOUT, command.output())
             .await
-            .map_err(|_| fail(format!("{} ran longer than {HOOK_TIMEOUT:?}", self.program)))?
-            .map_err(|e| fail(format!("cannot run {}: {e}", self.program)))?;
+            .map_err(|e| {
+                fail(
+                    ProviderFailure::new(
+                        DnsErrorKind::ProviderUnreachable,
+                        format!("{} ran longer than {HOOK_TIMEOUT:?}", self.program),
+                    )
+                    .with_source(e),
+                )
+            })?
+            .map_err(|e| {
+                fail(
+                    ProviderFailure::new(
+                        DnsErrorKind::ProviderUnreachable,
+                        format!("cannot run {}: {e}", self.program),
+                    )
+                    .with_source(e),
+                )
+            })?;
         if output.status.success() {
             return Ok(());
         }
@@ -43,12 +60,23 @@ impl ExecProvider {
             .rev()
             .find(|l| !l.trim().is_empty())
             .unwrap_or("");
-        Err(fail(format!(
+        let detail = format!(
             "{} exited with {}{}{}",
             self.program,
             output.status,
             if last_line.is_empty() { "" } else { ": " },
             last_line.trim()
+        );
+        Err(fail(ProviderFailure::refused(
+            detail,
+            None,
+            output
+                .status
+                .code()
+                .and_then(|c| u64::try_from(c).ok())
+                .into_iter()
+                .collect(),
+            last_line.trim(),
         )))
     }
 }

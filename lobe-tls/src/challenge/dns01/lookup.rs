@@ -10,7 +10,7 @@ use hickory_proto::op::{Message, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 
 use super::query::{QueryError, answers, query};
-use crate::error::{Error, Result};
+use crate::error::{DnsErrorKind, Error, Result};
 
 /// The longest CNAME chain followed from `_acme-challenge.<domain>`.
 pub const MAX_CNAME_CHAIN: usize = 8;
@@ -40,9 +40,13 @@ impl RecursiveResolvers {
             return Ok(RecursiveResolvers(addrs));
         }
         let (config, _) = hickory_resolver::system_conf::read_system_conf().map_err(|e| {
-            Error::Dns(format!(
-                "cannot read the system's resolver settings ({e}); pass --dns-recursive IP:PORT"
-            ))
+            Error::dns(
+                DnsErrorKind::Lookup,
+                format!(
+                    "cannot read the system's resolver settings ({e}); pass --dns-recursive IP:PORT"
+                ),
+            )
+            .with_source(e)
         })?;
         let mut system: Vec<SocketAddr> = Vec::new();
         for server in config.name_servers() {
@@ -51,8 +55,9 @@ impl RecursiveResolvers {
             }
         }
         if system.is_empty() {
-            return Err(Error::Dns(
-                "the system has no resolver configured; pass --dns-recursive IP:PORT".into(),
+            return Err(Error::dns(
+                DnsErrorKind::Lookup,
+                "the system has no resolver configured; pass --dns-recursive IP:PORT",
             ));
         }
         Ok(RecursiveResolvers(system))
@@ -81,7 +86,7 @@ impl RecursiveResolvers {
         Err(last.unwrap_or_else(|| {
             (
                 SocketAddr::from(([0, 0, 0, 0], 53)),
-                QueryError::Unreachable("no resolver configured".into()),
+                QueryError::Unreachable(hickory_proto::ProtoError::from("no resolver configured")),
             )
         }))
     }
@@ -112,16 +117,18 @@ impl RecursiveResolvers {
                 return Ok(current);
             };
             if !seen.insert(target.to_lowercase()) {
-                return Err(Error::Dns(format!(
-                    "CNAME loop: {name} leads back to {target}; fix the CNAME records"
-                )));
+                return Err(Error::dns(
+                    DnsErrorKind::Lookup,
+                    format!("CNAME loop: {name} leads back to {target}; fix the CNAME records"),
+                ));
             }
             tracing::debug!(from = %current, to = %target, "following CNAME");
             current = target;
         }
-        Err(Error::Dns(format!(
-            "CNAME chain from {name} is longer than {MAX_CNAME_CHAIN} links; shorten it"
-        )))
+        Err(Error::dns(
+            DnsErrorKind::Lookup,
+            format!("CNAME chain from {name} is longer than {MAX_CNAME_CHAIN} links; shorten it"),
+        ))
     }
 
     /// The zone apex of `name` and its authoritative nameservers.

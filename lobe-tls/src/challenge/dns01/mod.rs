@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 
 use super::{ChallengeData, ChallengeKind, Solver};
-use crate::error::{Error, Result};
+use crate::error::{BoxError, DnsErrorKind, Error, Result};
 
 #[cfg(feature = "dns-providers")]
 mod api;
@@ -101,8 +101,8 @@ impl DnsProviderConfig {
             DnsProviderConfig::Rfc2136 { .. }
             | DnsProviderConfig::Cloudflare { .. }
             | DnsProviderConfig::Httpreq { .. } => {
-                return Err(crate::error::Error::Config(
-                    "this build of lobe-tls has no rfc2136, cloudflare or httpreq provider (the `dns-providers` feature is off); use exec".into(),
+                return Err(crate::error::Error::config(
+                    "this build of lobe-tls has no rfc2136, cloudflare or httpreq provider (the `dns-providers` feature is off); use exec",
                 ));
             }
             #[cfg(feature = "dns-providers")]
@@ -244,7 +244,7 @@ impl Dns01Solver {
         let Some(resolvers) = &self.cname_resolvers else {
             return Ok(fqdn.to_owned());
         };
-        let name = query::fqdn(fqdn).map_err(Error::Dns)?;
+        let name = query::fqdn(fqdn)?;
         let target = resolvers.follow_cname(&name).await?.to_ascii();
         if target != fqdn {
             tracing::info!(from = %fqdn, to = %target, "_acme-challenge is a CNAME; writing the record at its target");
@@ -295,12 +295,76 @@ impl Solver for Dns01Solver {
     }
 }
 
+/// A provider's answer that refused a request, kept as the source of an
+/// [`Error::Dns`] of kind [`DnsErrorKind::ProviderRefused`].
+#[derive(Debug, thiserror::Error)]
+#[error("{answer}")]
+#[non_exhaustive]
+pub struct ProviderRefusal {
+    /// The HTTP status, for a provider with an HTTP API.
+    pub status: Option<u16>,
+    /// The provider's own error codes (Cloudflare's, for one), if it sent any.
+    pub codes: Vec<u64>,
+    /// What the provider answered, one line.
+    pub answer: String,
+}
+
+/// A provider's failure before it is tied to a record: its kind, the words for it and
+/// its cause.
+#[derive(Debug)]
+pub(crate) struct ProviderFailure {
+    pub kind: DnsErrorKind,
+    pub detail: String,
+    pub source: Option<BoxError>,
+}
+
+impl ProviderFailure {
+    pub fn new(kind: DnsErrorKind, detail: impl Into<String>) -> Self {
+        ProviderFailure {
+            kind,
+            detail: detail.into(),
+            source: None,
+        }
+    }
+
+    /// The provider answered and said no: `answer` is what it said.
+    pub fn refused(
+        detail: impl Into<String>,
+        status: Option<u16>,
+        codes: Vec<u64>,
+        answer: impl Into<String>,
+    ) -> Self {
+        ProviderFailure::new(DnsErrorKind::ProviderRefused, detail).with_source(ProviderRefusal {
+            status,
+            codes,
+            answer: answer.into(),
+        })
+    }
+
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+}
+
+/// A zone search that found nothing, in words (what [`lookup::find_zone`] reports).
+impl From<String> for ProviderFailure {
+    fn from(detail: String) -> Self {
+        ProviderFailure::new(DnsErrorKind::Lookup, detail)
+    }
+}
+
 /// Turns a provider's failure into a one-line error naming the record.
 pub(crate) fn provider_error(
     provider: &str,
     action: &str,
     fqdn: &str,
-    detail: impl fmt::Display,
+    failure: ProviderFailure,
 ) -> Error {
-    Error::Dns(format!("{provider}: cannot {action} TXT {fqdn}: {detail}"))
+    Error::Dns {
+        provider: Some(provider.to_owned()),
+        kind: failure.kind,
+        message: format!("{provider}: cannot {action} TXT {fqdn}: {}", failure.detail),
+        source: failure.source,
+    }
 }

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::lookup::{DiscoveryError, Nameserver, RecursiveResolvers};
 use super::query::{QueryError, fqdn, has_txt_value, query};
-use crate::error::{Error, Result};
+use crate::error::{DnsErrorKind, Error, Result};
 
 /// The first wait between two rounds of queries. It doubles each round up to the
 /// configured interval, so a record that is already there costs one round trip and a
@@ -77,7 +77,7 @@ impl PropagationCheck {
     /// Waits until every server answers `fqdn` with a TXT record holding `value`.
     pub async fn wait_for(&self, fqdn_str: &str, value: &str) -> Result<()> {
         let deadline = Instant::now() + self.timeout;
-        let name = fqdn(fqdn_str).map_err(Error::Dns)?;
+        let name = fqdn(fqdn_str)?;
         let servers = self.servers_for(&name).await?;
         let mut interval = FIRST_INTERVAL;
         let mut pending = servers;
@@ -89,11 +89,14 @@ impl PropagationCheck {
             let now = Instant::now();
             if now >= deadline {
                 let names: Vec<&str> = pending.iter().map(|s| s.label.as_str()).collect();
-                return Err(Error::Dns(format!(
-                    "TXT record {name} with value {value:?} not visible at {} after {}s; check the DNS provider, or raise --propagation-timeout",
-                    names.join(", "),
-                    self.timeout.as_secs()
-                )));
+                return Err(Error::dns(
+                    DnsErrorKind::NotPropagated,
+                    format!(
+                        "TXT record {name} with value {value:?} not visible at {} after {}s; check the DNS provider, or raise --propagation-timeout",
+                        names.join(", "),
+                        self.timeout.as_secs()
+                    ),
+                ));
             }
             tokio::time::sleep(interval.min(deadline - now)).await;
             interval = (interval * 2).min(self.interval);
@@ -118,9 +121,12 @@ impl PropagationCheck {
                 );
                 Ok(fixed_servers(resolvers.addrs()))
             }
-            Err(DiscoveryError::Other(e)) => Err(Error::Dns(format!(
-                "cannot find the authoritative nameservers of {name}: {e}; pass --dns-resolver IP:PORT to check there instead"
-            ))),
+            Err(DiscoveryError::Other(e)) => Err(Error::dns(
+                DnsErrorKind::Lookup,
+                format!(
+                    "cannot find the authoritative nameservers of {name}: {e}; pass --dns-resolver IP:PORT to check there instead"
+                ),
+            )),
         }
     }
 }

@@ -8,13 +8,16 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use hickory_client::client::Client;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
-use hickory_proto::runtime::TokioRuntimeProvider;
+use hickory_proto::runtime::{TokioRuntimeProvider, TokioTime};
 use hickory_proto::tcp::TcpClientStream;
 use hickory_proto::udp::UdpClientStream;
-use hickory_proto::xfer::{DnsHandle, DnsRequest, DnsRequestOptions, FirstAnswer};
+// hickory-proto's exchange, not hickory-client's `Client` (a thin wrapper over it): plain
+// queries are core, and hickory-client comes only with the RFC 2136 provider.
+use hickory_proto::xfer::{
+    DnsExchange, DnsHandle, DnsMultiplexer, DnsRequest, DnsRequestOptions, FirstAnswer,
+};
 
 /// How long one query may take before the server counts as not answering.
 pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -23,9 +26,18 @@ pub(crate) const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone)]
 pub(crate) enum QueryError {
     /// No answer in time, or the transport failed.
-    Unreachable(String),
+    Unreachable(hickory_proto::ProtoError),
     /// The server answered with this error code (SERVFAIL, REFUSED, NOTIMP, ...).
     Rcode(ResponseCode),
+}
+
+impl std::error::Error for QueryError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            QueryError::Unreachable(e) => Some(e),
+            QueryError::Rcode(_) => None,
+        }
+    }
 }
 
 impl fmt::Display for QueryError {
@@ -74,26 +86,11 @@ fn build_query(name: &Name, record_type: RecordType, recursion: bool) -> Message
 }
 
 async fn send_udp(server: SocketAddr, message: Message) -> Result<Message, QueryError> {
-    let unreachable = |e: hickory_proto::ProtoError| QueryError::Unreachable(e.to_string());
+    let unreachable = QueryError::Unreachable;
     let stream = UdpClientStream::builder(server, TokioRuntimeProvider::new())
         .with_timeout(Some(QUERY_TIMEOUT))
         .build();
-    let (client, background) = Client::connect(stream).await.map_err(unreachable)?;
-    let task = tokio::spawn(background);
-    let result = exchange(&client, message).await;
-    task.abort();
-    result.map_err(unreachable)
-}
-
-async fn send_tcp(server: SocketAddr, message: Message) -> Result<Message, QueryError> {
-    let unreachable = |e: hickory_proto::ProtoError| QueryError::Unreachable(e.to_string());
-    let (stream, handle) = TcpClientStream::new(
-        server,
-        None,
-        Some(QUERY_TIMEOUT),
-        TokioRuntimeProvider::new(),
-    );
-    let (client, background) = Client::with_timeout(stream, handle, QUERY_TIMEOUT, None)
+    let (client, background) = DnsExchange::connect::<_, _, TokioTime>(stream)
         .await
         .map_err(unreachable)?;
     let task = tokio::spawn(background);
@@ -102,7 +99,28 @@ async fn send_tcp(server: SocketAddr, message: Message) -> Result<Message, Query
     result.map_err(unreachable)
 }
 
-async fn exchange(client: &Client, message: Message) -> Result<Message, hickory_proto::ProtoError> {
+async fn send_tcp(server: SocketAddr, message: Message) -> Result<Message, QueryError> {
+    let unreachable = QueryError::Unreachable;
+    let (stream, handle) = TcpClientStream::new(
+        server,
+        None,
+        Some(QUERY_TIMEOUT),
+        TokioRuntimeProvider::new(),
+    );
+    let multiplexer = DnsMultiplexer::with_timeout(stream, handle, QUERY_TIMEOUT, None);
+    let (client, background) = DnsExchange::connect::<_, _, TokioTime>(multiplexer)
+        .await
+        .map_err(unreachable)?;
+    let task = tokio::spawn(background);
+    let result = exchange(&client, message).await;
+    task.abort();
+    result.map_err(unreachable)
+}
+
+async fn exchange(
+    client: &DnsExchange,
+    message: Message,
+) -> Result<Message, hickory_proto::ProtoError> {
     let mut options = DnsRequestOptions::default();
     options.use_edns = true;
     let response = client
@@ -136,8 +154,47 @@ pub(crate) fn has_txt_value(message: &Message, name: &Name, value: &str) -> bool
 }
 
 /// Parses a name, always fully qualified.
-pub(crate) fn fqdn(name: &str) -> Result<Name, String> {
-    let mut parsed = Name::from_ascii(name).map_err(|e| format!("bad DNS name {name:?}: {e}"))?;
+pub(crate) fn fqdn(name: &str) -> crate::Result<Name> {
+    let mut parsed = Name::from_ascii(name).map_err(|e| {
+        crate::Error::dns(
+            crate::DnsErrorKind::BadName,
+            format!("bad DNS name {name:?}: {e}"),
+        )
+        .with_source(e)
+    })?;
     parsed.set_fqdn(true);
     Ok(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+    use crate::error::{DnsErrorKind, Error};
+
+    #[test]
+    fn a_bad_name_is_a_dns_error_that_keeps_the_parser_error() {
+        let err = fqdn("a..example").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Dns {
+                    kind: DnsErrorKind::BadName,
+                    provider: None,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().starts_with("bad DNS name \"a..example\": "),
+            "{err}"
+        );
+        assert!(
+            err.source()
+                .is_some_and(|s| s.downcast_ref::<hickory_proto::ProtoError>().is_some()),
+            "{err:?}"
+        );
+    }
 }

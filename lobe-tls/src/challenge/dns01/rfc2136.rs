@@ -24,8 +24,8 @@ use zeroize::Zeroizing;
 use super::lookup::find_zone;
 use super::query::{QueryError, fqdn, query};
 use super::settings::ProviderSettings;
-use super::{DnsProvider, provider_error};
-use crate::error::{Error, Result};
+use super::{DnsProvider, ProviderFailure, provider_error};
+use crate::error::{DnsErrorKind, Error, Result};
 
 /// TTL of the records written; short, as they live for one validation.
 const RECORD_TTL: u32 = 60;
@@ -72,7 +72,7 @@ impl FromStr for TsigAlgorithm {
             "hmac-sha256" => Ok(TsigAlgorithm::HmacSha256),
             "hmac-sha384" => Ok(TsigAlgorithm::HmacSha384),
             "hmac-sha512" => Ok(TsigAlgorithm::HmacSha512),
-            _ => Err(Error::Config(format!(
+            _ => Err(Error::config(format!(
                 "unsupported TSIG algorithm {s:?}: use hmac-sha256 or hmac-sha512"
             ))),
         }
@@ -100,16 +100,18 @@ impl fmt::Debug for TsigKey {
 impl TsigKey {
     /// A key named `name` with a base64 `secret`.
     pub fn new(name: &str, algorithm: TsigAlgorithm, secret_base64: &str) -> Result<Self> {
-        let name = fqdn(name).map_err(|e| Error::Config(format!("TSIG key name: {e}")))?;
+        let name =
+            fqdn(name).map_err(|e| Error::config(format!("TSIG key name: {e}")).with_source(e))?;
         let secret = base64::engine::general_purpose::STANDARD
             .decode(secret_base64.trim())
-            .map_err(|_| {
-                Error::Config(format!(
+            .map_err(|e| {
+                Error::config(format!(
                     "the secret of TSIG key {name} is not valid base64 (as tsig-keygen prints it)"
                 ))
+                .with_source(e)
             })?;
         if secret.is_empty() {
-            return Err(Error::Config(format!(
+            return Err(Error::config(format!(
                 "the secret of TSIG key {name} is empty"
             )));
         }
@@ -126,7 +128,7 @@ impl TsigKey {
     pub fn from_bind_file(path: &Path, wanted: Option<&str>) -> Result<Self> {
         let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?);
         parse_bind_keys(&text, wanted)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+            .map_err(|e| Error::config(format!("{}: {e}", path.display())).with_source(e))
     }
 
     /// The key's name, fully qualified.
@@ -146,12 +148,12 @@ impl TsigKey {
             self.name.clone(),
             TSIG_FUDGE,
         )
-        .map_err(|e| Error::Config(format!("TSIG key {}: {e}", self.name)))
+        .map_err(|e| Error::config(format!("TSIG key {}: {e}", self.name)).with_source(e))
     }
 }
 
 /// Splits BIND configuration text into tokens: words, quoted strings and `{ } ;`.
-fn bind_tokens(text: &str) -> std::result::Result<Vec<String>, String> {
+fn bind_tokens(text: &str) -> Result<Vec<String>> {
     let mut tokens = Vec::new();
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
@@ -166,7 +168,7 @@ fn bind_tokens(text: &str) -> std::result::Result<Vec<String>, String> {
                     match chars.next() {
                         Some('"') => break,
                         Some(c) => s.push(c),
-                        None => return Err("unterminated quoted string".into()),
+                        None => return Err(Error::config("unterminated quoted string")),
                     }
                 }
                 tokens.push(s);
@@ -195,7 +197,7 @@ fn skip_line(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) {
     }
 }
 
-fn parse_bind_keys(text: &str, wanted: Option<&str>) -> std::result::Result<TsigKey, String> {
+fn parse_bind_keys(text: &str, wanted: Option<&str>) -> Result<TsigKey> {
     let tokens = bind_tokens(text)?;
     let mut keys = Vec::new();
     let mut i = 0;
@@ -204,9 +206,12 @@ fn parse_bind_keys(text: &str, wanted: Option<&str>) -> std::result::Result<Tsig
             i += 1;
             continue;
         }
-        let name = tokens.get(i + 1).ok_or("`key` without a name")?.clone();
+        let name = tokens
+            .get(i + 1)
+            .ok_or_else(|| Error::config("`key` without a name"))?
+            .clone();
         if tokens.get(i + 2).map(String::as_str) != Some("{") {
-            return Err(format!("key {name:?}: expected `{{`"));
+            return Err(Error::config(format!("key {name:?}: expected `{{`")));
         }
         i += 3;
         let (mut algorithm, mut secret) = (None, None);
@@ -224,8 +229,9 @@ fn parse_bind_keys(text: &str, wanted: Option<&str>) -> std::result::Result<Tsig
             i += 2;
         }
         i += 1;
-        let algorithm = algorithm.ok_or(format!("key {name:?} has no algorithm"))?;
-        let secret = secret.ok_or(format!("key {name:?} has no secret"))?;
+        let algorithm =
+            algorithm.ok_or_else(|| Error::config(format!("key {name:?} has no algorithm")))?;
+        let secret = secret.ok_or_else(|| Error::config(format!("key {name:?} has no secret")))?;
         keys.push((name, algorithm, secret));
     }
     let wanted = wanted.map(|w| w.trim_end_matches('.'));
@@ -233,18 +239,20 @@ fn parse_bind_keys(text: &str, wanted: Option<&str>) -> std::result::Result<Tsig
         Some(w) => keys
             .into_iter()
             .find(|(n, _, _)| n.trim_end_matches('.').eq_ignore_ascii_case(w))
-            .ok_or(format!("no key named {w:?}"))?,
+            .ok_or_else(|| Error::config(format!("no key named {w:?}")))?,
         None => {
             if keys.len() > 1 {
-                return Err("holds several keys; name one with LOBE_TLS_RFC2136_TSIG_KEY".into());
+                return Err(Error::config(
+                    "holds several keys; name one with LOBE_TLS_RFC2136_TSIG_KEY",
+                ));
             }
             keys.into_iter()
                 .next()
-                .ok_or("no `key \"name\" { ... };` found")?
+                .ok_or_else(|| Error::config("no `key \"name\" { ... };` found"))?
         }
     };
-    let algorithm: TsigAlgorithm = algorithm.parse().map_err(|e: Error| e.to_string())?;
-    TsigKey::new(&name, algorithm, &secret).map_err(|e| e.to_string())
+    let algorithm: TsigAlgorithm = algorithm.parse()?;
+    TsigKey::new(&name, algorithm, &secret)
 }
 
 /// Writes TXT records through dynamic UPDATE to one primary nameserver.
@@ -268,7 +276,10 @@ impl Rfc2136Provider {
 
     /// Updates this zone instead of finding the zone of each record with an SOA walk.
     pub fn with_zone(mut self, zone: &str) -> Result<Self> {
-        self.zone = Some(fqdn(zone).map_err(Error::Config)?);
+        self.zone =
+            Some(fqdn(zone).map_err(|e| {
+                Error::config(format!("LOBE_TLS_RFC2136_ZONE: {e}")).with_source(e)
+            })?);
         Ok(self)
     }
 
@@ -296,7 +307,7 @@ impl Rfc2136Provider {
                 if let Some(a) = algorithm
                     && a.parse::<TsigAlgorithm>()? != key.algorithm
                 {
-                    return Err(Error::Config(format!(
+                    return Err(Error::config(format!(
                         "LOBE_TLS_RFC2136_TSIG_ALGORITHM says {a}, but {file} says {}",
                         key.algorithm.as_str()
                     )));
@@ -304,9 +315,8 @@ impl Rfc2136Provider {
                 Some(key)
             }
             (None, None) if key_name.is_some() => {
-                return Err(Error::Config(
-                    "rfc2136: TSIG key named but no secret: set LOBE_TLS_RFC2136_TSIG_SECRET or LOBE_TLS_RFC2136_TSIG_FILE"
-                        .into(),
+                return Err(Error::config(
+                    "rfc2136: TSIG key named but no secret: set LOBE_TLS_RFC2136_TSIG_SECRET or LOBE_TLS_RFC2136_TSIG_FILE",
                 ));
             }
             (None, None) => None,
@@ -318,7 +328,7 @@ impl Rfc2136Provider {
         }
     }
 
-    async fn server_addr(&self) -> std::result::Result<SocketAddr, String> {
+    async fn server_addr(&self) -> std::result::Result<SocketAddr, ProviderFailure> {
         let target = if self.nameserver.parse::<SocketAddr>().is_ok()
             || self
                 .nameserver
@@ -331,14 +341,29 @@ impl Rfc2136Provider {
         };
         tokio::net::lookup_host(&target)
             .await
-            .map_err(|e| format!("cannot resolve nameserver {target}: {e}"))?
+            .map_err(|e| {
+                ProviderFailure::new(
+                    DnsErrorKind::ProviderUnreachable,
+                    format!("cannot resolve nameserver {target}: {e}"),
+                )
+                .with_source(e)
+            })?
             .next()
-            .ok_or_else(|| format!("nameserver {target} has no address"))
+            .ok_or_else(|| {
+                ProviderFailure::new(
+                    DnsErrorKind::ProviderUnreachable,
+                    format!("nameserver {target} has no address"),
+                )
+            })
     }
 
     /// The zone to update for `name`: the configured one, or found by an SOA walk at
     /// the nameserver itself (the server that takes the update knows its zones).
-    async fn zone_for(&self, server: SocketAddr, name: &Name) -> std::result::Result<Name, String> {
+    async fn zone_for(
+        &self,
+        server: SocketAddr,
+        name: &Name,
+    ) -> std::result::Result<Name, ProviderFailure> {
         if let Some(zone) = &self.zone {
             return Ok(zone.clone());
         }
@@ -346,11 +371,24 @@ impl Rfc2136Provider {
             |candidate| async move {
                 query(server, &candidate, RecordType::SOA, false)
                     .await
-                    .map_err(|e| match e {
-                        QueryError::Rcode(ResponseCode::Refused | ResponseCode::NotAuth) => format!(
-                            "nameserver {server} serves no zone holding {name}; set LOBE_TLS_RFC2136_ZONE"
-                        ),
-                        e => format!("cannot find the zone of {name}: nameserver {server} {e}"),
+                    .map_err(|e| {
+                        let (kind, detail) = match &e {
+                            QueryError::Rcode(ResponseCode::Refused | ResponseCode::NotAuth) => (
+                                DnsErrorKind::ProviderRefused,
+                                format!(
+                                    "nameserver {server} serves no zone holding {name}; set LOBE_TLS_RFC2136_ZONE"
+                                ),
+                            ),
+                            QueryError::Rcode(_) => (
+                                DnsErrorKind::ProviderRefused,
+                                format!("cannot find the zone of {name}: nameserver {server} {e}"),
+                            ),
+                            QueryError::Unreachable(_) => (
+                                DnsErrorKind::ProviderUnreachable,
+                                format!("cannot find the zone of {name}: nameserver {server} {e}"),
+                            ),
+                        };
+                        ProviderFailure::new(kind, detail).with_source(e)
                     })
             },
             name,
@@ -363,9 +401,11 @@ impl Rfc2136Provider {
         action: Action,
         fqdn_str: &str,
         value: &str,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), ProviderFailure> {
         let server = self.server_addr().await?;
-        let name = fqdn(fqdn_str)?;
+        let name = fqdn(fqdn_str).map_err(|e| {
+            ProviderFailure::new(DnsErrorKind::BadName, e.to_string()).with_source(e)
+        })?;
         let zone = self.zone_for(server, &name).await?;
         let mut rrset = RecordSet::with_ttl(name.clone(), RecordType::TXT, RECORD_TTL);
         rrset.insert(
@@ -378,7 +418,11 @@ impl Rfc2136Provider {
         );
         let signer = match &self.key {
             Some(key) => {
-                Some(Arc::new(key.signer().map_err(|e| e.to_string())?) as Arc<dyn MessageFinalizer>)
+                let signer = key.signer().map_err(|e| {
+                    ProviderFailure::new(DnsErrorKind::ProviderSettings, e.to_string())
+                        .with_source(e)
+                })?;
+                Some(Arc::new(signer) as Arc<dyn MessageFinalizer>)
             }
             None => None,
         };
@@ -390,7 +434,13 @@ impl Rfc2136Provider {
         );
         let (mut client, background) = Client::with_timeout(stream, handle, UPDATE_TIMEOUT, signer)
             .await
-            .map_err(|e| format!("nameserver {server} unreachable: {e}"))?;
+            .map_err(|e| {
+                ProviderFailure::new(
+                    DnsErrorKind::ProviderUnreachable,
+                    format!("nameserver {server} unreachable: {e}"),
+                )
+                .with_source(e)
+            })?;
         let task = tokio::spawn(background);
         let result = match action {
             Action::Add => client.append(rrset, zone.clone(), false).await,
@@ -399,7 +449,7 @@ impl Rfc2136Provider {
         task.abort();
         match result {
             Ok(response) => self.check_rcode(server, &zone, response.into_message()),
-            Err(e) => Err(self.explain_failure(server, &e)),
+            Err(e) => Err(self.explain_failure(server, e)),
         }
     }
 
@@ -408,46 +458,69 @@ impl Rfc2136Provider {
         server: SocketAddr,
         zone: &Name,
         response: Message,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), ProviderFailure> {
         let key = self.key_label();
-        match response.response_code() {
-            ResponseCode::NoError => Ok(()),
-            ResponseCode::NotAuth => Err(format!(
+        let code = response.response_code();
+        let detail = match code {
+            ResponseCode::NoError => return Ok(()),
+            ResponseCode::NotAuth => format!(
                 "nameserver {server} rejected TSIG key {key} (NOTAUTH): check the key name, algorithm and secret"
-            )),
-            ResponseCode::Refused => Err(format!(
+            ),
+            ResponseCode::Refused => format!(
                 "nameserver {server} refused the update of zone {zone} by {key}: allow it in the server's update ACL"
-            )),
-            ResponseCode::NotZone => Err(format!(
-                "nameserver {server} does not serve zone {zone}; set LOBE_TLS_RFC2136_ZONE"
-            )),
-            code => Err(format!(
-                "nameserver {server} answered {code} to the update of zone {zone}"
-            )),
-        }
+            ),
+            ResponseCode::NotZone => {
+                format!("nameserver {server} does not serve zone {zone}; set LOBE_TLS_RFC2136_ZONE")
+            }
+            code => format!("nameserver {server} answered {code} to the update of zone {zone}"),
+        };
+        Err(ProviderFailure::refused(
+            detail,
+            None,
+            vec![u64::from(u16::from(code))],
+            code.to_string(),
+        ))
     }
 
     /// A server that does not know the key, or computes another MAC, answers NOTAUTH
     /// without a valid signature; hickory reports that as a failed verification.
-    fn explain_failure(&self, server: SocketAddr, error: &hickory_client::ClientError) -> String {
+    fn explain_failure(
+        &self,
+        server: SocketAddr,
+        error: hickory_client::ClientError,
+    ) -> ProviderFailure {
         use hickory_client::ClientErrorKind;
         use hickory_proto::ProtoErrorKind;
         let proto_kind = match error.kind() {
             ClientErrorKind::Proto(e) => Some(e.kind()),
             _ => None,
         };
-        match (error.kind(), proto_kind) {
-            (_, Some(ProtoErrorKind::Timeout)) => {
-                format!("nameserver {server} did not answer within {UPDATE_TIMEOUT:?}")
-            }
-            (ClientErrorKind::Io(e), _) => format!("nameserver {server} unreachable: {e}"),
-            (_, Some(ProtoErrorKind::Io(e))) => format!("nameserver {server} unreachable: {e}"),
-            _ if self.key.is_some() => format!(
-                "nameserver {server} rejected TSIG key {} (its answer has no valid signature): check the key name, algorithm and secret",
-                self.key_label()
+        let (kind, detail) = match (error.kind(), proto_kind) {
+            (_, Some(ProtoErrorKind::Timeout)) => (
+                DnsErrorKind::ProviderUnreachable,
+                format!("nameserver {server} did not answer within {UPDATE_TIMEOUT:?}"),
             ),
-            _ => format!("update to nameserver {server} failed: {error}"),
-        }
+            (ClientErrorKind::Io(e), _) => (
+                DnsErrorKind::ProviderUnreachable,
+                format!("nameserver {server} unreachable: {e}"),
+            ),
+            (_, Some(ProtoErrorKind::Io(e))) => (
+                DnsErrorKind::ProviderUnreachable,
+                format!("nameserver {server} unreachable: {e}"),
+            ),
+            _ if self.key.is_some() => (
+                DnsErrorKind::ProviderRefused,
+                format!(
+                    "nameserver {server} rejected TSIG key {} (its answer has no valid signature): check the key name, algorithm and secret",
+                    self.key_label()
+                ),
+            ),
+            _ => (
+                DnsErrorKind::ProviderRefused,
+                format!("update to nameserver {server} failed: {error}"),
+            ),
+        };
+        ProviderFailure::new(kind, detail).with_source(error)
     }
 
     fn key_label(&self) -> String {
@@ -506,11 +579,13 @@ mod tests {
         assert!(
             parse_bind_keys(text, None)
                 .unwrap_err()
+                .to_string()
                 .contains("several keys")
         );
         assert!(
             parse_bind_keys(text, Some("c"))
                 .unwrap_err()
+                .to_string()
                 .contains("no key named")
         );
     }
@@ -519,7 +594,7 @@ mod tests {
     fn rejects_unsupported_algorithms_and_bad_secrets() {
         let err =
             parse_bind_keys("key k { algorithm hmac-md5; secret \"YQ==\"; };", None).unwrap_err();
-        assert!(err.contains("hmac-md5"), "{err}");
+        assert!(err.to_string().contains("hmac-md5"), "{err}");
         let err = TsigKey::new("k", TsigAlgorithm::HmacSha256, "not base64!").unwrap_err();
         assert!(err.to_string().contains("not valid base64"), "{err}");
     }

@@ -54,17 +54,18 @@ impl ProviderSettings {
                 warn_if_readable_by_others(path);
                 let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
                 let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-                    Error::Config(format!(
+                    Error::config(format!(
                         "{}: not valid TOML: {}",
                         path.display(),
                         e.message()
                     ))
+                    .with_source(e)
                 })?;
                 match doc.remove(provider) {
                     None => toml::Table::new(),
                     Some(toml::Value::Table(t)) => t,
                     Some(_) => {
-                        return Err(Error::Config(format!(
+                        return Err(Error::config(format!(
                             "{}: `{provider}` must be a table ([{provider}])",
                             path.display()
                         )));
@@ -90,11 +91,14 @@ impl ProviderSettings {
             None => Ok(None),
             Some(toml::Value::String(s)) => Ok(Some(s.clone())),
             Some(toml::Value::Integer(i)) => Ok(Some(i.to_string())),
-            Some(_) => Err(Error::Config(format!(
-                "{}: [{}] {key} must be a string",
-                self.file_name(),
-                self.provider
-            ))),
+            Some(_) => Err(Error::config_key(
+                key,
+                format!(
+                    "{}: [{}] {key} must be a string",
+                    self.file_name(),
+                    self.provider
+                ),
+            )),
         }
     }
 
@@ -105,10 +109,13 @@ impl ProviderSettings {
 
     /// The error for a missing setting.
     pub fn missing(&self, env: &str, key: &str) -> Error {
-        Error::Config(format!(
-            "{} needs {env}, or `{key}` under [{}] in the --config file",
-            self.provider, self.provider
-        ))
+        Error::config_key(
+            env,
+            format!(
+                "{} needs {env}, or `{key}` under [{}] in the --config file",
+                self.provider, self.provider
+            ),
+        )
     }
 
     fn file_name(&self) -> String {

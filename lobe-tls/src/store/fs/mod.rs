@@ -36,8 +36,11 @@
 //! the check costs a few directory reads even at 10,000 certificates. See
 //! [`FileStore::prune_staging`].
 //!
-//! [`Store::subscribe`] watches `live/` and `state/`, so a manager following this store
-//! (see [`crate::cluster`]) picks up what other processes on the machine write.
+//! The store has locks ([`LockStore`], `flock`) and secrets ([`SecretStore`]), and with
+//! the `watch` feature a [change feed](super::FeedStore) that watches
+//! `live/` and `state/`, so a manager following this store (see [`crate::cluster`]) picks
+//! up what other processes on the machine write. It keeps no challenge tokens: it serves
+//! one machine.
 
 use std::fs::{self, DirBuilder, File};
 use std::io::Read;
@@ -48,10 +51,17 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 
-use super::{BatchEntry, CertMeta, CertVersion, RenewalState, Store, StoreLock, StoredCert};
+#[cfg(feature = "watch")]
+use super::FeedStore;
+use super::{
+    BatchEntry, CertMeta, CertVersion, LockStore, RenewalState, SecretStore, Store, StoreLock,
+    StoredCert,
+};
 use crate::cert::CertBundle;
 use crate::error::{Error, Result};
 
+#[cfg(feature = "watch")]
+mod feed;
 mod files;
 
 use files::*;
@@ -286,13 +296,24 @@ impl FileStore {
         let fullchain = set.read("fullchain.pem")?;
         let key = set.read("privkey.pem")?;
         let meta: CertMeta = serde_json::from_str(&set.read(META_FILE)?).map_err(|e| {
-            Error::Store(format!(
-                "{}: unreadable metadata: {e}",
-                set.shown().join(META_FILE).display()
-            ))
+            Error::store(
+                "fs",
+                crate::error::StoreErrorKind::Corrupt,
+                format!(
+                    "{}: unreadable metadata: {e}",
+                    set.shown().join(META_FILE).display()
+                ),
+            )
+            .with_source(e)
         })?;
-        let bundle = CertBundle::from_pem(fullchain, key)
-            .map_err(|e| Error::Store(format!("{}: {e}", set.shown().display())))?;
+        let bundle = CertBundle::from_pem(fullchain, key).map_err(|e| {
+            Error::store(
+                "fs",
+                crate::error::StoreErrorKind::Corrupt,
+                format!("{}: {e}", set.shown().display()),
+            )
+            .with_source(e)
+        })?;
         Ok(Some(StoredCert { bundle, meta }))
     }
 
@@ -344,7 +365,12 @@ impl FileStore {
         match read_optional(&path)? {
             None => Ok(RenewalState::default()),
             Some(data) => serde_json::from_slice(&data).map_err(|e| {
-                Error::Store(format!("{}: unreadable renewal state: {e}", path.display()))
+                Error::store(
+                    "fs",
+                    crate::error::StoreErrorKind::Corrupt,
+                    format!("{}: unreadable renewal state: {e}", path.display()),
+                )
+                .with_source(e)
             }),
         }
     }
@@ -395,8 +421,14 @@ impl FileStore {
                 bundle.key_pem().as_bytes(),
                 0o600,
             )?;
-            let meta = serde_json::to_vec_pretty(&cert.meta)
-                .map_err(|e| Error::Store(format!("cannot encode metadata: {e}")))?;
+            let meta = serde_json::to_vec_pretty(&cert.meta).map_err(|e| {
+                Error::store(
+                    "fs",
+                    crate::error::StoreErrorKind::Encode,
+                    format!("cannot encode metadata: {e}"),
+                )
+                .with_source(e)
+            })?;
             write_file(&staging.join(META_FILE), &meta, 0o600)?;
             sync_dir(&staging)?;
             let final_dir = archive.join(&version);
@@ -470,26 +502,6 @@ impl Store for FileStore {
         .await
     }
 
-    async fn load_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        check_name(name)?;
-        let path = self.root.join("secrets").join(name);
-        blocking(move || read_optional(&path)).await
-    }
-
-    async fn save_secret(&self, name: &str, data: &[u8]) -> Result<()> {
-        check_name(name)?;
-        let dir = self.root.join("secrets");
-        let path = dir.join(name);
-        let data = zeroize::Zeroizing::new(data.to_vec());
-        let this = self.clone();
-        blocking(move || {
-            create_private_dir(&dir)?;
-            let _staging_guard = this.staging_guard()?;
-            atomic_write(&path, &data, 0o600)
-        })
-        .await
-    }
-
     async fn load_renewal_state(&self, name: &str) -> Result<RenewalState> {
         let this = self.clone();
         let name = name.to_owned();
@@ -516,7 +528,13 @@ impl Store for FileStore {
         })
         .await;
         loaded.unwrap_or_else(|e| {
-            BatchEntry::all_failed(names, |_| Error::Store(format!("store task failed: {e}")))
+            BatchEntry::all_failed(names, |_| {
+                Error::store(
+                    "fs",
+                    crate::error::StoreErrorKind::Unavailable,
+                    format!("store task failed: {e}"),
+                )
+            })
         })
     }
 
@@ -539,8 +557,14 @@ impl Store for FileStore {
         check_name(name)?;
         let dir = self.root.join("state");
         let path = dir.join(format!("{name}.json"));
-        let data = serde_json::to_vec_pretty(state)
-            .map_err(|e| Error::Store(format!("cannot encode renewal state: {e}")))?;
+        let data = serde_json::to_vec_pretty(state).map_err(|e| {
+            Error::store(
+                "fs",
+                crate::error::StoreErrorKind::Encode,
+                format!("cannot encode renewal state: {e}"),
+            )
+            .with_source(e)
+        })?;
         let this = self.clone();
         blocking(move || {
             create_private_dir(&dir)?;
@@ -570,19 +594,26 @@ impl Store for FileStore {
         .await
     }
 
-    /// Watches `live/` and `state/`: certificates and renewal state that another process
-    /// on this machine writes are announced within about 100 ms.
-    #[cfg(feature = "watch")]
-    fn subscribe(&self) -> Option<super::StoreSubscription> {
-        match super::fs_feed::subscribe(&self.root) {
-            Ok(feed) => Some(feed),
-            Err(e) => {
-                tracing::warn!(store = %self.root.display(), error = %e, "cannot watch the store; changes other processes make are seen only after a restart");
-                None
-            }
-        }
+    fn as_lock_store(&self) -> Option<&dyn LockStore> {
+        Some(self)
     }
 
+    fn as_secret_store(&self) -> Option<&dyn SecretStore> {
+        Some(self)
+    }
+
+    /// With the `watch` feature: other processes on this machine are seen through a
+    /// directory watch.
+    #[cfg(feature = "watch")]
+    fn as_feed_store(&self) -> Option<&dyn FeedStore> {
+        Some(self)
+    }
+}
+
+/// Advisory file locks (`flock`) under `locks/`: they end with their holder, so a crashed
+/// `renew` never blocks the next one, and writes need no fencing.
+#[async_trait]
+impl LockStore for FileStore {
     async fn lock(
         &self,
         name: &str,
@@ -616,6 +647,43 @@ impl Store for FileStore {
             }
         }
     }
+
+    async fn save_cert_fenced(&self, cert: &StoredCert, _lock: &dyn StoreLock) -> Result<()> {
+        self.save_cert(cert).await
+    }
+}
+
+/// Secrets as files under `secrets/`, mode 0600.
+#[async_trait]
+impl SecretStore for FileStore {
+    async fn load_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        check_name(name)?;
+        let path = self.root.join("secrets").join(name);
+        blocking(move || read_optional(&path)).await
+    }
+
+    async fn save_secret(&self, name: &str, data: &[u8]) -> Result<()> {
+        check_name(name)?;
+        let dir = self.root.join("secrets");
+        let path = dir.join(name);
+        let data = zeroize::Zeroizing::new(data.to_vec());
+        let this = self.clone();
+        blocking(move || {
+            create_private_dir(&dir)?;
+            let _staging_guard = this.staging_guard()?;
+            atomic_write(&path, &data, 0o600)
+        })
+        .await
+    }
+}
+
+/// Watches `live/` and `state/`: certificates and renewal state that another process
+/// on this machine writes are announced within about 100 ms.
+#[cfg(feature = "watch")]
+impl FeedStore for FileStore {
+    fn subscribe(&self) -> Result<super::StoreSubscription> {
+        feed::subscribe(&self.root)
+    }
 }
 
 struct FileLock {
@@ -641,16 +709,21 @@ pub(crate) fn check_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Config(format!(
+        Err(Error::config(format!(
             "invalid certificate name {name:?}: use letters, digits, '.', '-' and '_' only"
         )))
     }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::Store(format!("store task failed: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        Error::store(
+            "fs",
+            crate::error::StoreErrorKind::Unavailable,
+            format!("store task failed: {e}"),
+        )
+        .with_source(e)
+    })?
 }
 
 pub(super) fn create_private_dir(path: &Path) -> Result<()> {

@@ -59,6 +59,9 @@ pub(super) async fn feed(
                 msg = messages.next() => msg,
                 Some(()) = switched(&mut switches) => {
                     tracing::info!(redis = %target, "cluster event feed moving to the new Redis master");
+                    if tx.send(StoreEvent::FeedLost).await.is_err() {
+                        return;
+                    }
                     break;
                 }
             };
@@ -67,6 +70,9 @@ pub(super) async fn feed(
                 // reconnect is part of this same outage, already logged.
                 tracing::warn!(redis = %target, "cluster event feed lost: connection closed; reconnecting");
                 outage = true;
+                if tx.send(StoreEvent::FeedLost).await.is_err() {
+                    return;
+                }
                 break;
             };
             let Ok(payload) = msg.get_payload::<String>() else {

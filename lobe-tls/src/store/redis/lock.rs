@@ -88,10 +88,15 @@ impl StoreLock for RedisLock {
             .await
             .map(|_| ())
             .map_err(|e| {
-                Error::Store(format!(
-                    "redis {}: cannot release lock {}: {e}; it expires with its lease",
-                    self.target, self.key
-                ))
+                Error::store(
+                    "redis",
+                    crate::error::StoreErrorKind::Unavailable,
+                    format!(
+                        "redis {}: cannot release lock {}: {e}; it expires with its lease",
+                        self.target, self.key
+                    ),
+                )
+                .with_source(e)
             })
     }
 }

@@ -42,8 +42,8 @@ use tokio::time::Instant;
 
 use super::fs::check_name;
 use super::{
-    BatchEntry, CertMeta, CertVersion, RenewalState, Store, StoreEvent, StoreLock,
-    StoreSubscription, StoredCert,
+    BatchEntry, CertMeta, CertVersion, ChallengeStore, FeedStore, LockStore, RenewalState,
+    SecretStore, Store, StoreEvent, StoreLock, StoreSubscription, StoredCert,
 };
 use crate::cert::CertBundle;
 use crate::error::{Error, Result};
@@ -184,13 +184,20 @@ impl RedisStore {
         let prefix = prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_owned());
         if is_sentinel_url(&url) {
             let parsed = SentinelUrl::parse(&url).map_err(|e| {
-                Error::Config(format!(
+                Error::config(format!(
                     "invalid Redis Sentinel URL {target}: {e}; {}",
                     sentinel::USAGE
                 ))
             })?;
-            let conn = SentinelConn::new(&parsed, CONNECT_TIMEOUT, RESPONSE_TIMEOUT)
-                .map_err(|e| Error::Store(format!("redis {target}: {e}")))?;
+            let conn =
+                SentinelConn::new(&parsed, CONNECT_TIMEOUT, RESPONSE_TIMEOUT).map_err(|e| {
+                    Error::store(
+                        "redis",
+                        crate::error::StoreErrorKind::Unavailable,
+                        format!("redis {target}: {e}"),
+                    )
+                    .with_source(e)
+                })?;
             return Ok(RedisStore {
                 conn: Conn::Sentinel(conn),
                 prefix,
@@ -198,7 +205,7 @@ impl RedisStore {
             });
         }
         let client = Client::open(url.as_str()).map_err(|e| {
-            Error::Config(format!(
+            Error::config(format!(
                 "invalid Redis URL {target}: {e}; use redis://[:password@]host[:port][/db]"
             ))
         })?;
@@ -208,8 +215,15 @@ impl RedisStore {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(1));
-        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| Error::Store(format!("redis {target}: {e}")))?;
+        let manager =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(|e| {
+                Error::store(
+                    "redis",
+                    crate::error::StoreErrorKind::Unavailable,
+                    format!("redis {target}: {e}"),
+                )
+                .with_source(e)
+            })?;
         Ok(RedisStore {
             conn: Conn::Direct {
                 client: Arc::new(client),
@@ -262,10 +276,14 @@ impl RedisStore {
     }
 
     fn error(&self, what: &str, e: &RedisError) -> Error {
-        Error::Store(format!(
-            "redis {}: cannot {what}: {e}; check that Redis is up and reachable",
-            self.target
-        ))
+        Error::store(
+            "redis",
+            crate::error::StoreErrorKind::Unavailable,
+            format!(
+                "redis {}: cannot {what}: {e}; check that Redis is up and reachable",
+                self.target
+            ),
+        )
     }
 
     /// The stored value of `cert`: chain, key and metadata in one JSON document, the
@@ -280,8 +298,14 @@ impl RedisStore {
             key: cert.bundle.key_pem().to_owned(),
             meta: cert.meta.clone(),
         };
-        serde_json::to_string(&record)
-            .map_err(|e| Error::Store(format!("cannot encode certificate {name}: {e}")))
+        serde_json::to_string(&record).map_err(|e| {
+            Error::store(
+                "redis",
+                crate::error::StoreErrorKind::Encode,
+                format!("cannot encode certificate {name}: {e}"),
+            )
+            .with_source(e)
+        })
     }
 }
 
@@ -298,7 +322,14 @@ impl Store for RedisStore {
         let (target, name) = (self.target.clone(), name.to_owned());
         tokio::task::spawn_blocking(move || decode_cert(&target, &name, &raw).map(Some))
             .await
-            .map_err(|e| Error::Store(format!("store task failed: {e}")))?
+            .map_err(|e| {
+                Error::store(
+                    "redis",
+                    crate::error::StoreErrorKind::Unavailable,
+                    format!("store task failed: {e}"),
+                )
+                .with_source(e)
+            })?
     }
 
     /// Reads the batch in one round trip, and parses it on a blocking thread.
@@ -347,7 +378,13 @@ impl Store for RedisStore {
         })
         .await;
         parsed.unwrap_or_else(|e| {
-            BatchEntry::all_failed(names, |_| Error::Store(format!("store task failed: {e}")))
+            BatchEntry::all_failed(names, |_| {
+                Error::store(
+                    "redis",
+                    crate::error::StoreErrorKind::Unavailable,
+                    format!("store task failed: {e}"),
+                )
+            })
         })
     }
 
@@ -402,7 +439,14 @@ impl Store for RedisStore {
                         .collect::<HashMap<usize, String>>()
                 })
                 .await
-                .map_err(|e| Error::Store(format!("store task failed: {e}")))?;
+                .map_err(|e| {
+                    Error::store(
+                        "redis",
+                        crate::error::StoreErrorKind::Unavailable,
+                        format!("store task failed: {e}"),
+                    )
+                    .with_source(e)
+                })?;
                 for (i, serial) in found {
                     serials[i] = Some(serial);
                 }
@@ -418,33 +462,6 @@ impl Store for RedisStore {
             }
         }
         Ok(out)
-    }
-
-    async fn save_cert_fenced(&self, cert: &StoredCert, lock: &dyn StoreLock) -> Result<()> {
-        let Some(token) = lock.fencing_token() else {
-            return self.save_cert(cert).await;
-        };
-        let name = cert.meta.name.as_str();
-        let value = self.encode_cert(cert)?;
-        let mut conn = self.conn.clone();
-        let saved = Script::new(FENCED_SAVE_SCRIPT)
-            .key(self.key("lock", name))
-            .key(self.key("cert", name))
-            .key(self.index("certs"))
-            .arg(token)
-            .arg(value)
-            .arg(name)
-            .arg(self.channel())
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map_err(|e| self.error(&format!("save certificate {name}"), &e))?;
-        if saved == 1 {
-            Ok(())
-        } else {
-            Err(Error::Store(format!(
-                "the lock on {name} was lost before the new certificate was stored (its lease ran out); not overwriting what another instance may have stored since"
-            )))
-        }
     }
 
     async fn save_cert(&self, cert: &StoredCert) -> Result<()> {
@@ -496,22 +513,6 @@ impl Store for RedisStore {
             .map_err(|e| self.error(&format!("save account {key}"), &e))
     }
 
-    async fn load_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
-        check_name(name)?;
-        let mut conn = self.conn.clone();
-        conn.get(self.key("secret", name))
-            .await
-            .map_err(|e| self.error(&format!("load secret {name}"), &e))
-    }
-
-    async fn save_secret(&self, name: &str, data: &[u8]) -> Result<()> {
-        check_name(name)?;
-        let mut conn = self.conn.clone();
-        conn.set(self.key("secret", name), data)
-            .await
-            .map_err(|e| self.error(&format!("save secret {name}"), &e))
-    }
-
     async fn list_accounts(&self) -> Result<Vec<String>> {
         let mut conn = self.conn.clone();
         let mut keys: Vec<String> = conn
@@ -534,8 +535,14 @@ impl Store for RedisStore {
 
     async fn save_renewal_state(&self, name: &str, state: &RenewalState) -> Result<()> {
         check_name(name)?;
-        let value = serde_json::to_string(state)
-            .map_err(|e| Error::Store(format!("cannot encode renewal state: {e}")))?;
+        let value = serde_json::to_string(state).map_err(|e| {
+            Error::store(
+                "redis",
+                crate::error::StoreErrorKind::Encode,
+                format!("cannot encode renewal state: {e}"),
+            )
+            .with_source(e)
+        })?;
         let mut conn = self.conn.clone();
         // Announced like a certificate: followers re-read the name and, finding the same
         // serial, take over the state (a revoke, a failure count, an ARI answer).
@@ -550,41 +557,27 @@ impl Store for RedisStore {
             .map_err(|e| self.error(&format!("save renewal state of {name}"), &e))
     }
 
-    async fn lock(
-        &self,
-        name: &str,
-        lease: Duration,
-        wait: Duration,
-    ) -> Result<Option<Box<dyn StoreLock>>> {
-        check_name(name)?;
-        let lease = lease.max(MIN_LEASE);
-        let key = self.key("lock", name);
-        let token = format!("{:032x}", rand::random::<u128>());
-        let deadline = Instant::now() + wait;
-        let mut conn = self.conn.clone();
-        loop {
-            let taken: Option<String> = ::redis::cmd("SET")
-                .arg(&key)
-                .arg(&token)
-                .arg("NX")
-                .arg("PX")
-                .arg(millis(lease))
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.error(&format!("take the lock on {name}"), &e))?;
-            if taken.is_some() {
-                tracing::debug!(name, "took the cluster lock");
-                return Ok(Some(Box::new(RedisLock::held(
-                    self, name, key, token, lease,
-                ))));
-            }
-            if Instant::now() >= deadline {
-                return Ok(None);
-            }
-            tokio::time::sleep(LOCK_POLL.min(deadline - Instant::now())).await;
-        }
+    fn as_challenge_store(&self) -> Option<&dyn ChallengeStore> {
+        Some(self)
     }
 
+    fn as_lock_store(&self) -> Option<&dyn LockStore> {
+        Some(self)
+    }
+
+    fn as_secret_store(&self) -> Option<&dyn SecretStore> {
+        Some(self)
+    }
+
+    fn as_feed_store(&self) -> Option<&dyn FeedStore> {
+        Some(self)
+    }
+}
+
+/// Challenge responses under `<prefix>:challenge:<key>`, with a TTL, announced on the
+/// events channel.
+#[async_trait]
+impl ChallengeStore for RedisStore {
     async fn put_challenge(&self, key: &str, value: &str, ttl: Duration) -> Result<()> {
         let mut conn = self.conn.clone();
         ::redis::pipe()
@@ -640,12 +633,102 @@ impl Store for RedisStore {
         keys.sort();
         Ok(keys)
     }
+}
 
-    fn is_shared(&self) -> bool {
-        true
+/// Leases under `<prefix>:lock:<name>`, renewed while held; a write under a lock is
+/// fenced by its token.
+#[async_trait]
+impl LockStore for RedisStore {
+    async fn lock(
+        &self,
+        name: &str,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Option<Box<dyn StoreLock>>> {
+        check_name(name)?;
+        let lease = lease.max(MIN_LEASE);
+        let key = self.key("lock", name);
+        let token = format!("{:032x}", rand::random::<u128>());
+        let deadline = Instant::now() + wait;
+        let mut conn = self.conn.clone();
+        loop {
+            let taken: Option<String> = ::redis::cmd("SET")
+                .arg(&key)
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(lease))
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.error(&format!("take the lock on {name}"), &e))?;
+            if taken.is_some() {
+                tracing::debug!(name, "took the cluster lock");
+                return Ok(Some(Box::new(RedisLock::held(
+                    self, name, key, token, lease,
+                ))));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(LOCK_POLL.min(deadline - Instant::now())).await;
+        }
     }
 
-    fn subscribe(&self) -> Option<StoreSubscription> {
+    async fn save_cert_fenced(&self, cert: &StoredCert, lock: &dyn StoreLock) -> Result<()> {
+        let Some(token) = lock.fencing_token() else {
+            return self.save_cert(cert).await;
+        };
+        let name = cert.meta.name.as_str();
+        let value = self.encode_cert(cert)?;
+        let mut conn = self.conn.clone();
+        let saved = Script::new(FENCED_SAVE_SCRIPT)
+            .key(self.key("lock", name))
+            .key(self.key("cert", name))
+            .key(self.index("certs"))
+            .arg(token)
+            .arg(value)
+            .arg(name)
+            .arg(self.channel())
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| self.error(&format!("save certificate {name}"), &e))?;
+        if saved == 1 {
+            Ok(())
+        } else {
+            Err(Error::store(
+                "redis",
+                crate::error::StoreErrorKind::Locked,
+                format!(
+                    "the lock on {name} was lost before the new certificate was stored (its lease ran out); not overwriting what another instance may have stored since"
+                ),
+            ))
+        }
+    }
+}
+
+/// Secrets under `<prefix>:secret:<name>`.
+#[async_trait]
+impl SecretStore for RedisStore {
+    async fn load_secret(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        check_name(name)?;
+        let mut conn = self.conn.clone();
+        conn.get(self.key("secret", name))
+            .await
+            .map_err(|e| self.error(&format!("load secret {name}"), &e))
+    }
+
+    async fn save_secret(&self, name: &str, data: &[u8]) -> Result<()> {
+        check_name(name)?;
+        let mut conn = self.conn.clone();
+        conn.set(self.key("secret", name), data)
+            .await
+            .map_err(|e| self.error(&format!("save secret {name}"), &e))
+    }
+}
+
+/// The events channel, through a subscription that reconnects by itself.
+impl FeedStore for RedisStore {
+    fn subscribe(&self) -> Result<StoreSubscription> {
         let (tx, rx) = mpsc::channel(256);
         let task = tokio::spawn(feed(
             self.conn.clone(),
@@ -653,7 +736,7 @@ impl Store for RedisStore {
             self.target.clone(),
             tx,
         ));
-        Some(StoreSubscription::new(rx, task))
+        Ok(StoreSubscription::new(rx, task))
     }
 }
 
@@ -670,14 +753,24 @@ pub fn decode_cert(target: &str, name: &str, raw: &str) -> Result<StoredCert> {
             }
             _ => "not valid JSON",
         };
-        Error::Store(format!(
-            "redis {target}: certificate {name} is unreadable: {what} at line {} column {}",
-            e.line(),
-            e.column()
-        ))
+        Error::store(
+            "redis",
+            crate::error::StoreErrorKind::Corrupt,
+            format!(
+                "redis {target}: certificate {name} is unreadable: {what} at line {} column {}",
+                e.line(),
+                e.column()
+            ),
+        )
     })?;
-    let bundle = CertBundle::from_pem(record.fullchain, record.key)
-        .map_err(|e| Error::Store(format!("redis {target}: certificate {name}: {e}")))?;
+    let bundle = CertBundle::from_pem(record.fullchain, record.key).map_err(|e| {
+        Error::store(
+            "redis",
+            crate::error::StoreErrorKind::Corrupt,
+            format!("redis {target}: certificate {name}: {e}"),
+        )
+        .with_source(e)
+    })?;
     Ok(StoredCert {
         bundle,
         meta: record.meta,
@@ -688,9 +781,12 @@ pub fn decode_cert(target: &str, name: &str, raw: &str) -> Result<StoredCert> {
 #[doc(hidden)]
 pub fn decode_renewal_state(target: &str, name: &str, raw: &str) -> Result<RenewalState> {
     serde_json::from_str(raw).map_err(|e| {
-        Error::Store(format!(
-            "redis {target}: renewal state of {name} is unreadable: {e}"
-        ))
+        Error::store(
+            "redis",
+            crate::error::StoreErrorKind::Corrupt,
+            format!("redis {target}: renewal state of {name} is unreadable: {e}"),
+        )
+        .with_source(e)
     })
 }
 

@@ -17,7 +17,7 @@ use notify::RecursiveMode;
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use tokio::sync::mpsc;
 
-use super::{StoreEvent, StoreSubscription};
+use crate::store::{StoreEvent, StoreSubscription};
 
 /// How long the directories must be quiet before they are compared.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -32,11 +32,12 @@ struct Seen {
 
 /// Starts the feed for the store at `root`. Fails when the directories cannot be
 /// created or watched.
-pub(super) fn subscribe(root: &Path) -> Result<StoreSubscription, String> {
+pub(super) fn subscribe(root: &Path) -> crate::Result<StoreSubscription> {
+    use crate::error::{Error, StoreErrorKind};
     let live = root.join("live");
     let state = root.join("state");
     for dir in [&live, &state] {
-        super::fs::create_private_dir(dir).map_err(|e| e.to_string())?;
+        super::create_private_dir(dir)?;
     }
     let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<()>();
     let mut debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| {
@@ -57,11 +58,18 @@ pub(super) fn subscribe(root: &Path) -> Result<StoreSubscription, String> {
             let _ = wake_tx.send(());
         }
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| Error::store("fs", StoreErrorKind::Unavailable, e.to_string()).with_source(e))?;
     for dir in [&live, &state] {
         debouncer
             .watch(dir, RecursiveMode::NonRecursive)
-            .map_err(|e| format!("cannot watch {}: {e}", dir.display()))?;
+            .map_err(|e| {
+                Error::store(
+                    "fs",
+                    StoreErrorKind::Unavailable,
+                    format!("cannot watch {}: {e}", dir.display()),
+                )
+                .with_source(e)
+            })?;
     }
 
     let (events, receiver) = mpsc::channel(256);

@@ -1,0 +1,501 @@
+//! The edge's configuration: its settings ([`EdgeConfig`]), the `[[site]]` tables of the
+//! configuration file, their upstreams and balancing policy, and the duration helpers. A leaf: it imports nothing
+//! of the edge, so every phase may read it.
+
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// How the edge treats decrypted connections.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Mode {
+    /// L7: HTTP/1.1 and h2 to clients, pooled keep-alive HTTP/1.1 to upstreams.
+    #[default]
+    Http,
+    /// L4: decrypted bytes forwarded to an upstream as they arrive.
+    Tcp,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "http" => Ok(Mode::Http),
+            "tcp" => Ok(Mode::Tcp),
+            other => Err(Error::config(format!(
+                "unknown mode {other:?}: use http or tcp"
+            ))),
+        }
+    }
+}
+
+/// The edge's settings; the sites can be replaced later through
+/// [`EdgeHandle::reload`](crate::edge::EdgeHandle::reload).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EdgeConfig {
+    /// `http` (default) or `tcp`.
+    pub mode: Mode,
+    /// The sites.
+    pub sites: Vec<SiteConfig>,
+    /// ALPN offered (besides `acme-tls/1`). Default: `h2`, `http/1.1` in http mode,
+    /// `http/1.1` in tcp mode (see [`EdgeConfig::alpn`]).
+    pub alpn: Option<Vec<Vec<u8>>>,
+    /// How long a client has to finish its TLS handshake.
+    pub handshake_timeout: Duration,
+    /// How long a client has to send a request's headers (slowloris).
+    pub header_read_timeout: Duration,
+    /// Largest request head (HTTP/1.1 buffer, h2 header list), bytes.
+    pub max_header_size: usize,
+    /// On shutdown, how long open connections may take to finish before they are cut.
+    pub drain_timeout: Duration,
+    /// How long an HTTP connection may wait, with no request in flight, for its next
+    /// request (its first one: `header_read_timeout`).
+    pub keepalive_timeout: Duration,
+    /// Connections open at once, in total.
+    pub max_conns: Option<usize>,
+    /// Connections open at once from one client address: the address a PROXY header
+    /// names when one is required, else the peer's. Peers in `trusted_proxies` are not
+    /// capped per address (many clients share them); they count toward `max_conns`.
+    pub max_conns_per_ip: Option<usize>,
+    /// Requests per second per client address (429 beyond).
+    pub rate_limit: Option<u32>,
+    /// Who counts as one client for `max_conns_per_ip` and `rate_limit`: an IPv4
+    /// address (/32) and an IPv6 /64 by default.
+    pub client_prefixes: crate::client_key::ClientPrefixes,
+    /// Peers whose `X-Forwarded-*` and `Forwarded` headers are kept, and (with
+    /// `accept_proxy_protocol`) the only peers whose PROXY headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Require a PROXY v1/v2 header before TLS, within this time. Only peers in
+    /// `trusted_proxies` may connect (others are refused before anything is read), so
+    /// [`Edge::bind`](crate::edge::Edge::bind) refuses this without them.
+    pub accept_proxy_protocol: Option<Duration>,
+    /// tcp mode: send a PROXY v2 header to the upstream.
+    pub send_proxy_v2: bool,
+    /// Threads that accept and serve connections, each with its own single-threaded
+    /// runtime (see [`Edge::run`](crate::edge::Edge::run)); 1 (the default) serves on the caller's runtime.
+    pub threads: usize,
+    /// Bytes of request bodies one client connection may hold at once so that they can
+    /// be sent again to another upstream (each body at most 64 KiB); a body that does
+    /// not fit streams through once, unretried. 0: no body is retried.
+    pub retry_buffer_per_conn: usize,
+    /// As `retry_buffer_per_conn`, for all connections together.
+    pub retry_buffer_total: usize,
+    /// h2 streams open at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub h2_max_streams: u32,
+    /// Requests in flight at once from one client (grouped as for `max_conns_per_ip`),
+    /// over HTTP/1.1 and h2 together; an event stream or a WebSocket counts while it is
+    /// open. More are answered 429 at once, without reaching an upstream. Peers in
+    /// `trusted_proxies` are not capped. `None`: no cap.
+    pub max_requests_per_ip: Option<usize>,
+}
+
+/// Connections open at once, in total, unless [`EdgeConfig::max_conns`] says otherwise.
+pub const DEFAULT_MAX_CONNS: usize = 10_000;
+/// Connections open at once from one client address, unless
+/// [`EdgeConfig::max_conns_per_ip`] says otherwise.
+pub const DEFAULT_MAX_CONNS_PER_IP: usize = 4096;
+/// h2 streams open at once on one connection, unless [`EdgeConfig::h2_max_streams`]
+/// says otherwise (nginx has 128; RFC 9113 §6.5.2 advises no fewer than 100).
+pub const DEFAULT_H2_MAX_STREAMS: u32 = 128;
+/// Requests in flight at once from one client, unless
+/// [`EdgeConfig::max_requests_per_ip`] says otherwise. A chat front end holds one event
+/// stream or WebSocket per open tab, and an office behind one NAT address may hold
+/// hundreds of them, so the cap sits well above that; at about 37 KiB per request in
+/// flight (a task and an upstream connection), it keeps what one client can make the
+/// edge hold to about 37 MiB, where `max_conns_per_ip` × `h2_max_streams` alone would
+/// allow half a million requests.
+pub const DEFAULT_MAX_REQUESTS_PER_IP: usize = 1024;
+
+impl EdgeConfig {
+    /// The defaults for `sites`, safe to face the Internet as they are: http mode, 10 s
+    /// handshakes and header reads, 75 s keep-alive, 16 KiB heads, 30 s drain;
+    /// at most 10,000 connections in total and 4,096 from one client address; 128 h2
+    /// streams per connection and 1,024 requests in flight from one client; request
+    /// bodies kept for replay within 1 MiB per connection and 64 MiB in total. No rate
+    /// limit.
+    pub fn new(sites: Vec<SiteConfig>) -> Self {
+        EdgeConfig {
+            mode: Mode::Http,
+            sites,
+            alpn: None,
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_size: 16 * 1024,
+            drain_timeout: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(75),
+            max_conns: Some(DEFAULT_MAX_CONNS),
+            max_conns_per_ip: Some(DEFAULT_MAX_CONNS_PER_IP),
+            rate_limit: None,
+            client_prefixes: crate::client_key::ClientPrefixes::default(),
+            trusted_proxies: Vec::new(),
+            accept_proxy_protocol: None,
+            send_proxy_v2: false,
+            threads: 1,
+            retry_buffer_per_conn: DEFAULT_RETRY_BUFFER_PER_CONN,
+            retry_buffer_total: DEFAULT_RETRY_BUFFER_TOTAL,
+            h2_max_streams: DEFAULT_H2_MAX_STREAMS,
+            max_requests_per_ip: Some(DEFAULT_MAX_REQUESTS_PER_IP),
+        }
+    }
+
+    /// The ALPN list in effect.
+    pub fn alpn(&self) -> Vec<Vec<u8>> {
+        match (&self.alpn, self.mode) {
+            (Some(alpn), _) => alpn.clone(),
+            (None, Mode::Http) => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            (None, Mode::Tcp) => vec![b"http/1.1".to_vec()],
+        }
+    }
+}
+
+/// Bytes of request bodies one client connection may hold for replay at once, unless
+/// [`EdgeConfig::retry_buffer_per_conn`](EdgeConfig::retry_buffer_per_conn) says
+/// otherwise: sixteen 64 KiB bodies in flight on one h2 connection.
+pub const DEFAULT_RETRY_BUFFER_PER_CONN: usize = 1024 * 1024;
+
+/// Bytes of request bodies the whole edge may hold for replay at once, unless
+/// [`EdgeConfig::retry_buffer_total`](EdgeConfig::retry_buffer_total) says
+/// otherwise.
+pub const DEFAULT_RETRY_BUFFER_TOTAL: usize = 64 * 1024 * 1024;
+
+/// One `[[site]]` table: the domains it answers for and where their requests go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SiteConfig {
+    /// Host names served by this site (`*.example.com` matches one label). Empty: every
+    /// Host that no other site claims.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// Upstreams, `host:port` or `{ addr = "host:port", weight = 2 }`.
+    pub upstreams: Vec<UpstreamSpec>,
+    /// Balancing policy: `least-conn` (default), `round-robin`, `ip-hash` or `cookie`.
+    #[serde(default)]
+    pub lb: LbPolicy,
+    /// Path of the active HTTP health check (e.g. `/healthz`); none: passive checks only.
+    #[serde(default)]
+    pub health_path: Option<String>,
+    /// Seconds between active checks.
+    #[serde(default = "defaults::health_interval")]
+    pub health_interval: f64,
+    /// Seconds an active check may take.
+    #[serde(default = "defaults::health_timeout")]
+    pub health_timeout: f64,
+    /// Consecutive passing checks that bring an upstream back.
+    #[serde(default = "defaults::rise")]
+    pub rise: u32,
+    /// Consecutive failing checks (or, passively, connect failures and 5xx answers) that
+    /// take an upstream out.
+    #[serde(default = "defaults::fall")]
+    pub fall: u32,
+    /// Seconds an upstream taken out by passive checks stays out.
+    #[serde(default = "defaults::cooldown")]
+    pub cooldown: f64,
+    /// Seconds a connection to an upstream may take.
+    #[serde(default = "defaults::connect_timeout")]
+    pub connect_timeout: f64,
+    /// Seconds without a byte on a response, stream or WebSocket before it is cut
+    /// (default one hour, so quiet SSE and WebSocket streams stay up).
+    #[serde(default = "defaults::idle_timeout")]
+    pub idle_timeout: f64,
+    /// Largest request body in bytes (413 beyond); none: unlimited.
+    #[serde(default)]
+    pub max_body_size: Option<u64>,
+    /// `Strict-Transport-Security: max-age=N` on every response when set (opt-in).
+    #[serde(default)]
+    pub hsts: Option<u64>,
+    /// Name of the affinity cookie (`lb = "cookie"`).
+    #[serde(default = "defaults::cookie_name")]
+    pub cookie_name: String,
+    /// Path routes, first match wins; requests matching none go to `upstreams`.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// A path prefix with its own upstreams.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RouteConfig {
+    /// Requests whose path starts with this go here.
+    pub path: String,
+    /// This route's upstreams.
+    pub upstreams: Vec<UpstreamSpec>,
+    /// This route's balancing policy (default: the site's).
+    #[serde(default)]
+    pub lb: Option<LbPolicy>,
+}
+
+/// An upstream address with its weight.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+#[non_exhaustive]
+pub enum UpstreamSpec {
+    /// `host:port`, weight 1.
+    Addr(String),
+    /// `{ addr = "host:port", weight = N }`.
+    Weighted {
+        /// `host:port`.
+        addr: String,
+        /// Relative share of new requests (default 1).
+        #[serde(default = "defaults::weight")]
+        weight: u32,
+    },
+}
+
+impl UpstreamSpec {
+    /// The address, `host:port`.
+    pub fn addr(&self) -> &str {
+        match self {
+            UpstreamSpec::Addr(addr) | UpstreamSpec::Weighted { addr, .. } => addr,
+        }
+    }
+
+    /// The weight (at least 1).
+    pub fn weight(&self) -> u32 {
+        match self {
+            UpstreamSpec::Addr(_) => 1,
+            UpstreamSpec::Weighted { weight, .. } => (*weight).max(1),
+        }
+    }
+}
+
+mod defaults {
+    pub fn health_interval() -> f64 {
+        5.0
+    }
+    pub fn health_timeout() -> f64 {
+        2.0
+    }
+    pub fn rise() -> u32 {
+        2
+    }
+    pub fn fall() -> u32 {
+        3
+    }
+    pub fn cooldown() -> f64 {
+        10.0
+    }
+    pub fn connect_timeout() -> f64 {
+        5.0
+    }
+    pub fn idle_timeout() -> f64 {
+        3600.0
+    }
+    pub fn weight() -> u32 {
+        1
+    }
+    pub fn cookie_name() -> String {
+        "lobe_tls_affinity".into()
+    }
+}
+
+impl SiteConfig {
+    /// A site for `upstreams` with every default (least-conn, no active checks, one
+    /// hour idle timeout), answering for `domains` (empty: any Host).
+    pub fn new(domains: Vec<String>, upstreams: Vec<UpstreamSpec>) -> Self {
+        SiteConfig {
+            domains,
+            upstreams,
+            lb: LbPolicy::default(),
+            health_path: None,
+            health_interval: defaults::health_interval(),
+            health_timeout: defaults::health_timeout(),
+            rise: defaults::rise(),
+            fall: defaults::fall(),
+            cooldown: defaults::cooldown(),
+            connect_timeout: defaults::connect_timeout(),
+            idle_timeout: defaults::idle_timeout(),
+            max_body_size: None,
+            hsts: None,
+            cookie_name: defaults::cookie_name(),
+            routes: Vec::new(),
+        }
+    }
+
+    /// The name the site goes by in metrics and logs: its first domain, or `default`.
+    pub fn name(&self) -> String {
+        self.domains
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "default".into())
+    }
+
+    /// The idle timeout as a duration.
+    pub fn idle(&self) -> Duration {
+        secs(self.idle_timeout)
+    }
+
+    /// Refuses values the edge cannot serve with (a missing upstream, a bad duration).
+    pub(crate) fn check(&self) -> Result<()> {
+        let name = self.name();
+        let bad = |what: &str| Err(Error::config(format!("site {name}: {what}")));
+        if self.upstreams.is_empty() {
+            return bad("needs at least one upstream (upstreams = [\"host:port\"])");
+        }
+        for (what, value) in [
+            ("health_interval", self.health_interval),
+            ("health_timeout", self.health_timeout),
+            ("cooldown", self.cooldown),
+            ("connect_timeout", self.connect_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ] {
+            if !(value.is_finite() && value > 0.0 && value < 1e9) {
+                return bad(&format!("{what} must be a positive number of seconds"));
+            }
+        }
+        if let Some(path) = &self.health_path
+            && !path.starts_with('/')
+        {
+            return bad("health_path must start with /");
+        }
+        if self.rise == 0 || self.fall == 0 {
+            return bad("rise and fall must be at least 1");
+        }
+        for spec in self
+            .upstreams
+            .iter()
+            .chain(self.routes.iter().flat_map(|r| &r.upstreams))
+        {
+            check_addr(&name, spec.addr())?;
+        }
+        for route in &self.routes {
+            if !route.path.starts_with('/') {
+                return bad(&format!("route path {:?} must start with /", route.path));
+            }
+            if route.upstreams.is_empty() {
+                return bad(&format!("route {} needs at least one upstream", route.path));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_addr(site: &str, addr: &str) -> Result<()> {
+    let valid = addr
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+        && !addr.contains('/')
+        && !addr.contains('@');
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::config(format!(
+            "site {site}: upstream {addr:?} is not host:port"
+        )))
+    }
+}
+
+/// Seconds as a duration (callers checked the range).
+pub(crate) fn secs(value: f64) -> Duration {
+    Duration::try_from_secs_f64(value).unwrap_or(Duration::from_secs(3600))
+}
+
+/// How a pool picks an upstream for a new request or connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum LbPolicy {
+    /// In turn, by weight.
+    RoundRobin,
+    /// The upstream with the fewest open requests and streams per weight (the default:
+    /// long streams skew round robin).
+    #[default]
+    LeastConn,
+    /// By the client's address, consistently: removing an upstream moves only its own
+    /// clients (rendezvous hashing).
+    IpHash,
+    /// By an affinity cookie; clients without one (or pinned to an upstream that is
+    /// down) are placed by least-conn and get a new cookie.
+    Cookie,
+}
+
+impl std::str::FromStr for LbPolicy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "round-robin" => Ok(LbPolicy::RoundRobin),
+            "least-conn" => Ok(LbPolicy::LeastConn),
+            "ip-hash" => Ok(LbPolicy::IpHash),
+            "cookie" => Ok(LbPolicy::Cookie),
+            other => Err(Error::config(format!(
+                "unknown balancing policy {other:?}: use round-robin, least-conn, ip-hash or cookie"
+            ))),
+        }
+    }
+}
+
+/// Reads the `[[site]]` tables of a configuration file's text (other tables are left to
+/// their readers).
+pub fn parse_sites(text: &str) -> Result<Vec<SiteConfig>> {
+    #[derive(Deserialize)]
+    struct File {
+        #[serde(default)]
+        site: Vec<SiteConfig>,
+    }
+    let file: File = toml::from_str(text).map_err(|e| {
+        Error::config(format!(
+            "cannot read the [[site]] tables: {}",
+            e.to_string().replace('\n', " ").trim_end()
+        ))
+    })?;
+    Ok(file.site)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sites_parse_with_defaults_and_routes() {
+        let sites = parse_sites(
+            r#"
+[rfc2136]
+server = "127.0.0.1:53"
+
+[[site]]
+domains = ["chat.example.com"]
+upstreams = ["10.0.0.1:8080", { addr = "10.0.0.2:8080", weight = 3 }]
+lb = "cookie"
+health_path = "/healthz"
+health_interval = 0.5
+
+[[site.route]]
+path = "/api/"
+upstreams = ["10.0.0.9:9000"]
+lb = "ip-hash"
+"#,
+        )
+        .unwrap_or_default();
+        assert_eq!(sites.len(), 1);
+        let site = &sites[0];
+        assert_eq!(site.lb, LbPolicy::Cookie);
+        assert_eq!(site.upstreams[1].weight(), 3);
+        assert_eq!(site.health_interval, 0.5);
+        assert!(
+            site.idle() >= Duration::from_secs(3600),
+            "idle default under 1 h"
+        );
+        assert_eq!(site.routes[0].lb, Some(LbPolicy::IpHash));
+    }
+
+    #[test]
+    fn the_default_idle_timeout_is_at_least_an_hour() {
+        let sites = parse_sites("[[site]]\nupstreams = [\"127.0.0.1:1\"]\n").unwrap_or_default();
+        assert!(sites[0].idle() >= Duration::from_secs(3600));
+        assert_eq!(sites[0].lb, LbPolicy::LeastConn);
+    }
+
+    #[test]
+    fn a_broken_file_is_one_line() {
+        let Err(e) = parse_sites("[[site]]\nupstreams = 3\n") else {
+            panic!("accepted a broken file");
+        };
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+}
