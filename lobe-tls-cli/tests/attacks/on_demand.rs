@@ -180,7 +180,8 @@ async fn an_sni_spray_stays_within_the_on_demand_rate_and_served_names_keep_answ
     assert_eq!(first, Ok(200), "{}", serve.log());
     let mut legit = {
         let connector = connector.clone();
-        Prober::start(Duration::from_millis(100), move || {
+        // Every 20 ms: with an optimised build the spray lasts under a second.
+        Prober::start(Duration::from_millis(20), move || {
             let connector = connector.clone();
             Box::pin(async move { https_get(&connector, listen, KEPT).await })
         })
@@ -227,7 +228,7 @@ async fn an_sni_spray_stays_within_the_on_demand_rate_and_served_names_keep_answ
         refused + waited == NAMES && refused >= NAMES * 9 / 10,
         "the spray was not refused at the guard: {refused} refused, {waited} held"
     );
-    assert!(d.total() >= 10, "{KEPT} during: {d}");
+    assert!(d.total() >= 5, "{KEPT} during: {d}");
     assert_eq!(
         (d.refused, d.failed),
         (0, 0),
