@@ -69,13 +69,15 @@ impl Client {
     }
 }
 
-/// `count` GETs of random tokens over four keep-alive connections; all must be 404.
+/// `count` GETs of random tokens over 50 keep-alive connections (each unknown token waits
+/// out the announcement grace, so they go in parallel); all must be 404.
 async fn flood(listener: &Http01Listener, count: usize) {
+    const CONNECTIONS: usize = 50;
     let mut clients = Vec::new();
-    for part in 0..4 {
+    for part in 0..CONNECTIONS {
         let mut client = Client::connect(listener).await;
         clients.push(tokio::spawn(async move {
-            for i in 0..count / 4 {
+            for i in 0..count / CONNECTIONS {
                 let token = format!("random-{part}-{i}-{:016x}", rand::random::<u64>());
                 assert_eq!(client.get(&token).await.0, 404, "{token}");
             }

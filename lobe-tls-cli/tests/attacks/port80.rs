@@ -23,8 +23,8 @@ use crate::support::*;
 const IDLE: usize = 5_000;
 const RANDOM_GETS: usize = 10_000;
 /// Random-token GETs per kept-alive connection, and connections at once.
-const GETS_PER_CONNECTION: usize = 100;
-const GET_CONCURRENCY: usize = 16;
+const GETS_PER_CONNECTION: usize = 25;
+const GET_CONCURRENCY: usize = 200;
 /// Where the idle connections and the GETs come from: two clients, neither of them the
 /// CA (Pebble validates from 127.0.0.1).
 const IDLE_SOURCE: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 66));

@@ -47,6 +47,12 @@ pub(super) const MAX_NAMES: usize = 10_000;
 /// Store lookups of tokens the view cannot vouch for, per second, while it is not in step.
 pub(super) const FALLBACK_PER_SECOND: u32 = 10;
 
+/// How long a request for a token the view does not know waits for its announcement. The
+/// announcement (a pub/sub message) and the CA's request reach this instance on two
+/// sockets at about the same time, and under load the request can be read first; a
+/// request for a random token waits this long too, at no store cost.
+pub(super) const ANNOUNCE_GRACE: Duration = Duration::from_millis(100);
+
 /// Whether `token` is shaped like an ACME token (base64url), the only kind ever looked up.
 pub(super) fn is_token(token: &str) -> bool {
     !token.is_empty()
@@ -120,7 +126,7 @@ impl SharedTokens {
     pub(super) async fn lookup(&self, token: &str) -> Option<String> {
         self.start();
         let ask = if self.view.in_step() {
-            self.view.knows(token)
+            self.view.learns(token, ANNOUNCE_GRACE).await
         } else {
             self.fallback.take()
         };
@@ -154,6 +160,8 @@ impl Drop for Follower {
 #[derive(Default)]
 struct View {
     names: RwLock<HashSet<String>>,
+    /// Woken when a name is added.
+    added: tokio::sync::Notify,
     /// The feed is connected and the names were listed since it (re)connected.
     in_step: AtomicBool,
 }
@@ -165,6 +173,24 @@ impl View {
 
     fn knows(&self, token: &str) -> bool {
         self.names.read().is_ok_and(|names| names.contains(token))
+    }
+
+    /// Whether `token` is known now or becomes known within `grace`. No store round trip:
+    /// only the announcement being processed is waited for.
+    async fn learns(&self, token: &str, grace: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let added = self.added.notified();
+            tokio::pin!(added);
+            // Registered before the check, so an announcement in between is not missed.
+            added.as_mut().enable();
+            if self.knows(token) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, added).await.is_err() {
+                return self.knows(token);
+            }
+        }
     }
 
     fn add(&self, token: &str) {
@@ -180,6 +206,8 @@ impl View {
             return;
         }
         names.insert(token.to_owned());
+        drop(names);
+        self.added.notify_waiters();
     }
 
     fn remove(&self, token: &str) {
