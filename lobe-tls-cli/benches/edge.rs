@@ -89,7 +89,9 @@ fn main() -> BenchResult<()> {
 
 /// An nginx that serves the page on 127.0.0.1, and its port.
 fn nginx_backend(dir: &Path) -> BenchResult<(Peer, u16)> {
-    let backend = lobe_tls_tests::free_port();
+    // Held until the peer listens on it: nobody else can take it meanwhile.
+    let backend_reserved = lobe_tls_tests::reserve_port();
+    let backend = backend_reserved.port();
     let conf = dir.join("backend.conf");
     std::fs::write(
         &conf,

@@ -106,7 +106,9 @@ fn run_backend(addr: &str) -> BenchResult<()> {
 
 /// Starts the backend as a child process (this bench binary again) on a free port.
 fn start_backend() -> BenchResult<Peer> {
-    let port = lobe_tls_tests::free_port();
+    // Held until the peer listens on it: nobody else can take it meanwhile.
+    let port_reserved = lobe_tls_tests::reserve_port();
+    let port = port_reserved.port();
     let mut command = std::process::Command::new(std::env::current_exe()?);
     command
         .env(BACKEND_ENV, format!("127.0.0.1:{port}"))
@@ -496,7 +498,7 @@ async fn memory_bench(dir: &std::path::Path, certs: &Certs, conns: usize) -> Ben
                 websocket: true,
             },
         };
-        // A start can fail on a port taken meanwhile (free_port releases it): once more.
+        // A start can fail (a peer slow to listen, say): once more.
         let started = match peers::start(kind, &conf) {
             Ok(started) => started,
             Err(e) => {

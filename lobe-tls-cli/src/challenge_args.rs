@@ -35,7 +35,7 @@ pub struct ChallengeArgs {
 
     /// Address of the standalone HTTP-01 listener.
     #[arg(long, env = "LOBE_TLS_HTTP_LISTEN", default_value = "0.0.0.0:80")]
-    pub http_listen: String,
+    pub http_listen: std::net::SocketAddr,
 
     /// Answer HTTP-01 through the web server that serves DIR: the token is written to
     /// DIR/.well-known/acme-challenge/ and removed afterwards; no port is bound for it.
@@ -46,7 +46,7 @@ pub struct ChallengeArgs {
     /// Address of the standalone TLS-ALPN-01 listener (port 443 must reach it), for
     /// --challenge tls-alpn-01.
     #[arg(long, env = "LOBE_TLS_TLS_LISTEN")]
-    pub tls_listen: Option<String>,
+    pub tls_listen: Option<std::net::SocketAddr>,
 
     /// DNS provider for dns-01.
     #[arg(long, env = "LOBE_TLS_DNS_PROVIDER")]
@@ -112,10 +112,12 @@ impl ChallengeArgs {
         match self.challenge {
             ChallengeKind::Http01 => match &self.http_webroot {
                 Some(dir) => config.http_webroot = Some(absolute_webroot(dir)?),
-                None => config.http_listen = Some(self.http_listen.clone()),
+                None => config.http_listen = Some(self.http_listen.to_string()),
             },
             ChallengeKind::Dns01 => config.dns = Some(self.dns_config()?),
-            ChallengeKind::TlsAlpn01 => config.tls_listen = self.tls_listen.clone(),
+            ChallengeKind::TlsAlpn01 => {
+                config.tls_listen = self.tls_listen.map(|addr| addr.to_string())
+            }
             _ => {}
         }
         Ok(config)

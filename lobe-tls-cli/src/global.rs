@@ -145,11 +145,6 @@ impl Global {
     pub async fn open_existing_store(&self) -> Result<DynStore> {
         self.store_spec()?.open_existing().await
     }
-
-    /// Opens the store named by `--store`, creating a directory store if needed.
-    pub async fn open_store(&self) -> Result<DynStore> {
-        self.store_spec()?.open().await
-    }
 }
 
 /// Shows the options with the store's password and the EAB key hidden.

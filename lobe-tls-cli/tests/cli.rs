@@ -319,8 +319,9 @@ async fn issue_failures_exit_1_with_one_line_and_write_no_certificate() {
     assert_eq!(pebble.orders_created(), 0);
 
     // An unreachable CA, and a CA file that is not PEM.
-    let port = lobe_tls_tests::free_port();
-    let unreachable = format!("https://127.0.0.1:{port}/dir");
+    // Reserved and never listened on: connections are refused.
+    let dead = lobe_tls_tests::reserve_port();
+    let unreachable = format!("https://{}/dir", dead.addr());
     let out = lobe(
         &store,
         Some(&pebble),
@@ -353,7 +354,8 @@ async fn issue_failures_exit_1_with_one_line_and_write_no_certificate() {
     assert_one_line_error(&out, &[bad_ca.to_str().unwrap()]);
 
     // Nothing answers where Pebble validates: the CA's problem detail comes through.
-    let elsewhere = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let elsewhere_port = lobe_tls_tests::reserve_port();
+    let elsewhere = elsewhere_port.listen();
     let out = lobe(
         &store,
         Some(&pebble),

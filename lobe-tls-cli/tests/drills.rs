@@ -70,7 +70,7 @@ impl Drill {
                 None
             }
             None => Some(
-                Http01Listener::bind(&pebble.http_listen(), registry.service())
+                Http01Listener::bind(pebble.http_addr(), registry.service())
                     .await
                     .unwrap(),
             ),
@@ -485,7 +485,8 @@ async fn drill_lock_holder_killed_with_sigkill() {
     let ca_file = pebble.ca_file.clone();
     let directory = pebble.directory_url.clone();
     let mut drill = Drill::start(pebble, &directory, None, tempfile::tempdir().unwrap()).await;
-    let http_listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let http_listen_port = lobe_tls_tests::reserve_port();
+    let http_listen = http_listen_port.listen();
     let mut holder = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
         .args([
             "issue",

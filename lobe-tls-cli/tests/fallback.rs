@@ -301,7 +301,8 @@ async fn serve_obtains_its_certificate_from_the_fallback_when_the_primary_refuse
     let dir = tempfile::tempdir().expect("test step");
     let store = dir.path().join("store");
     let config = ca_config(dir.path(), &b);
-    let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let listen_port = lobe_tls_tests::reserve_port();
+    let listen = listen_port.listen();
     let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())

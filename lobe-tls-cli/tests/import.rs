@@ -370,8 +370,19 @@ async fn caddy_storage_imports_with_the_same_serial_and_its_account() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Caddy writes the .key and .json next to the .crt; let it finish, then stop it.
-    std::thread::sleep(Duration::from_millis(300));
+    // Caddy writes the .key and .json next to the .crt: stop it once the metadata reads
+    // whole (each file is there by now, maybe not all written).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !domains.iter().all(|d| {
+        std::fs::read(crt(d).with_extension("json"))
+            .is_ok_and(|json| serde_json::from_slice::<serde_json::Value>(&json).is_ok())
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "caddy's metadata never read whole"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     drop(running);
     eprintln!("caddy issued in {:?}", started.elapsed());
 

@@ -154,10 +154,11 @@ async fn serve_orders_an_ip_certificate_under_shortlived_and_answers_https_127_0
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("store");
     let upstream = greeting_upstream(GREETING).await;
-    let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
     let log = dir.path().join("serve.log");
-    let _serve = command(&store, &pebble, &shim.directory_url)
-        .args(["serve", "--listen", &listen, "--upstream", &upstream])
+    let ready = dir.path().join("ready.json");
+    let mut serve = command(&store, &pebble, &shim.directory_url)
+        .args(["serve", "--listen", "127.0.0.1:0", "--upstream", &upstream])
+        .args(["--ready-file", ready.to_str().unwrap()])
         // The upstream greets in raw bytes: forward them (the default mode speaks HTTP).
         .args(["--mode", "tcp"])
         .args(["-d", "127.0.0.1", "--http-listen", &pebble.http_listen()])
@@ -166,6 +167,9 @@ async fn serve_orders_an_ip_certificate_under_shortlived_and_answers_https_127_0
         .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
         .spawn()
         .unwrap();
+    let listen = lobe_tls_tests::cli::wait_ready_async(&ready, &mut serve)
+        .await
+        .listen();
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let served = loop {
@@ -202,10 +206,11 @@ async fn a_site_for_an_ip_address_added_by_a_reload_is_issued_and_answered_witho
     };
     let config = dir.path().join("edge.toml");
     std::fs::write(&config, site(FIRST, &first)).unwrap();
-    let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
     let log = dir.path().join("serve.log");
-    let serve = command(&store, &pebble, &shim.directory_url)
-        .args(["serve", "--listen", &listen, "--mode", "tcp"])
+    let ready = dir.path().join("ready.json");
+    let mut serve = command(&store, &pebble, &shim.directory_url)
+        .args(["serve", "--listen", "127.0.0.1:0", "--mode", "tcp"])
+        .args(["--ready-file", ready.to_str().unwrap()])
         .args(["--config", config.to_str().unwrap()])
         .args(["--http-listen", &pebble.http_listen()])
         .env("LOBE_TLS_LOG", "info")
@@ -213,6 +218,9 @@ async fn a_site_for_an_ip_address_added_by_a_reload_is_issued_and_answered_witho
         .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
         .spawn()
         .unwrap();
+    let listen = lobe_tls_tests::cli::wait_ready_async(&ready, &mut serve)
+        .await
+        .listen();
     let connector = lobe_tls_tests::tls::connector(&root);
     let within_30s = |what: &str, e: String, deadline: Instant| {
         assert!(

@@ -128,14 +128,13 @@ async fn two_serve_instances_keep_renewing_through_a_sentinel_failover() {
     // Only the first instance's HTTP listener is where Pebble validates; tokens are
     // shared through Redis, so either instance's order passes once that listener is up.
     // The second starts after it listens, so its first order does not race it.
-    let https = [
-        pebble.http_listen(),
-        format!("127.0.0.1:{}", lobe_tls_tests::free_port()),
-    ];
+    let second_http = lobe_tls_tests::reserve_port();
+    let https = [pebble.http_listen(), second_http.listen()];
     let mut listens = Vec::new();
     let mut instances = Vec::new();
     for (i, http) in https.iter().enumerate() {
-        let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+        let listen_port = lobe_tls_tests::reserve_port();
+        let listen = listen_port.listen();
         let log = logs.path().join(format!("serve-{i}.log"));
         instances.push(serve(&store, &pebble, &listen, &upstream_addr, http, &log));
         listens.push(listen.parse::<SocketAddr>().unwrap());

@@ -117,14 +117,15 @@ fn store_copy_refuses_a_missing_source_directory() {
 
 #[test]
 fn unreachable_redis_is_a_one_line_actionable_error() {
-    let port = lobe_tls_tests::free_port();
-    let url = format!("redis://127.0.0.1:{port}/");
+    // Reserved and never listened on: connections are refused.
+    let dead = lobe_tls_tests::reserve_port();
+    let url = format!("redis://{}/", dead.addr());
     let out = lobe_tls(&["--store", &url, "list"]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("check that Redis is up"), "{err}");
-    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(err.contains(&dead.listen()), "{err}");
 }
 
 #[tokio::test]
@@ -203,14 +204,13 @@ async fn two_serve_instances_on_one_redis_order_once_and_serve_the_same_certific
     let name = "serve-cluster.example.com";
     // Only instance A's HTTP listener is where Pebble validates; B starts once it listens,
     // so an order by either instance finds it (tokens are shared through Redis).
-    let http_listens = [
-        pebble.http_listen(),
-        format!("127.0.0.1:{}", lobe_tls_tests::free_port()),
-    ];
+    let second_http = lobe_tls_tests::reserve_port();
+    let http_listens = [pebble.http_listen(), second_http.listen()];
     let mut listens = Vec::new();
     let mut instances = Vec::new();
     for http_listen in &http_listens {
-        let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+        let listen_port = lobe_tls_tests::reserve_port();
+        let listen = listen_port.listen();
         let args = [listen.as_str(), &upstream_addr, name, http_listen];
         instances.push(Serve::start(&redis, &pebble, args));
         listens.push(listen.parse::<std::net::SocketAddr>().unwrap());
@@ -259,7 +259,8 @@ async fn issue_on_one_box_is_answered_by_a_serve_instance_sharing_the_redis_stor
     let client = lobe_tls_tests::tls::client_config(&pebble.issuing_root_pem().await);
 
     // The cluster: one `serve` instance holds the port Pebble validates HTTP-01 on.
-    let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let listen_port = lobe_tls_tests::reserve_port();
+    let listen = listen_port.listen();
     let http_listen = pebble.http_listen();
     let args = [
         listen.as_str(),
@@ -280,7 +281,8 @@ async fn issue_on_one_box_is_answered_by_a_serve_instance_sharing_the_redis_stor
     }
 
     // Another box runs `issue`: its own HTTP-01 listener is not where the CA looks.
-    let elsewhere = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let elsewhere_port = lobe_tls_tests::reserve_port();
+    let elsewhere = elsewhere_port.listen();
     let name = "added.example.com";
     let out = lobe_tls_on(
         &redis,

@@ -439,8 +439,10 @@ async fn trace_logs_and_errors_never_show_planted_secrets() {
 
     // `serve` from the Redis store: it joins the cluster (a second, pub/sub connection
     // authenticates too) and serves until SIGTERM.
-    let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
-    let http = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let listen_port = lobe_tls_tests::reserve_port();
+    let listen = listen_port.listen();
+    let http_port = lobe_tls_tests::reserve_port();
+    let http = http_port.listen();
     let mut serve = lobe(
         &env,
         &[

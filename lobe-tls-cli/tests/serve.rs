@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lobe_tls_tests::cli::greeting_upstream;
-use lobe_tls_tests::free_port;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -75,14 +74,15 @@ async fn serve_forwards_redirects_reports_metrics_and_drains_on_sigterm() {
             });
         }
     });
-    let listen = format!("127.0.0.1:{}", free_port());
-    let http = format!("127.0.0.1:{}", free_port());
-    let metrics = format!("127.0.0.1:{}", free_port());
+    // Every listener on a port the kernel picks; serve says which in its ready file.
+    let ready = certs.path().join("ready.json");
     let mut serve = Serve(
         lobe_tls(&[
             "serve",
+            "--ready-file",
+            ready.to_str().unwrap(),
             "--listen",
-            &listen,
+            "127.0.0.1:0",
             // Byte forwarding to an echo server: the tcp mode.
             "--mode",
             "tcp",
@@ -91,15 +91,17 @@ async fn serve_forwards_redirects_reports_metrics_and_drains_on_sigterm() {
             "--cert-dir",
             certs.path().to_str().unwrap(),
             "--http-listen",
-            &http,
+            "127.0.0.1:0",
             "--metrics-listen",
-            &metrics,
+            "127.0.0.1:0",
             "--drain-timeout",
             "20",
         ])
         .spawn()
         .unwrap(),
     );
+    let addrs = lobe_tls_tests::cli::wait_ready_async(&ready, &mut serve.0).await;
+    let (listen, http, metrics) = (addrs.listen(), addrs.http(), addrs.metrics());
 
     // Ready once a handshake succeeds.
     let deadline = Instant::now() + STEP;
@@ -233,14 +235,17 @@ async fn managed_name_is_issued_and_served(challenge: &str) {
     let store = tempfile::tempdir().unwrap();
     let upstream_addr = greeting_upstream("upstream says hi\n").await;
     // TLS-ALPN-01 is validated on the terminator's own port; HTTP-01 on the HTTP listener.
+    // Otherwise any port: serve says which in its ready file.
     let listen = if challenge == "tls-alpn-01" {
         pebble.tls_listen()
     } else {
-        format!("127.0.0.1:{}", free_port())
+        "127.0.0.1:0".to_owned()
     };
-    let metrics = format!("127.0.0.1:{}", free_port());
+    let ready = pebble.dir().join("ready.json");
     let mut cmd = lobe_tls(&[
         "serve",
+        "--ready-file",
+        ready.to_str().unwrap(),
         "--listen",
         &listen,
         "--mode",
@@ -254,12 +259,14 @@ async fn managed_name_is_issued_and_served(challenge: &str) {
         "--http-listen",
         &pebble.http_listen(),
         "--metrics-listen",
-        &metrics,
+        "127.0.0.1:0",
     ]);
     cmd.env("LOBE_TLS_STORE", store.path())
         .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
         .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file);
     let mut serve = Serve(cmd.spawn().unwrap());
+    let addrs = lobe_tls_tests::cli::wait_ready_async(&ready, &mut serve.0).await;
+    let (listen, metrics) = (addrs.listen(), addrs.metrics());
 
     let connector = lobe_tls_tests::tls::connector(&pebble.issuing_root_pem().await);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -378,18 +385,23 @@ async fn serve_with_only_a_store_serves_and_renews_what_it_holds() {
     );
 
     // No -d, no --cert-dir: serve what the store holds, and keep it renewed.
-    let listen = format!("127.0.0.1:{}", free_port());
+    let ready = pebble.dir().join("ready.json");
     let mut cmd = lobe_tls(&[
         "serve",
+        "--ready-file",
+        ready.to_str().unwrap(),
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--upstream",
         "127.0.0.1:1",
         "--http-listen",
         &http,
     ]);
     with_pebble(&mut cmd);
-    let _serve = Serve(cmd.spawn().unwrap());
+    let mut serve = Serve(cmd.spawn().unwrap());
+    let listen = lobe_tls_tests::cli::wait_ready_async(&ready, &mut serve.0)
+        .await
+        .listen();
     let connector = lobe_tls_tests::tls::connector(&pebble.issuing_root_pem().await);
     let first = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -505,18 +517,19 @@ async fn serve_stores_a_wildcard_apart_from_its_apex() {
     let apex_serial = listed(store.path())[APEX]["serial"].clone();
 
     // The wildcard of the same name, issued by serve: it must not take the apex's place.
-    let listen = format!("127.0.0.1:{}", free_port());
-    let http = format!("127.0.0.1:{}", free_port());
     let wildcard = format!("*.{APEX}");
     let dns = pebble.dns_addr.to_string();
+    let ready = pebble.dir().join("ready.json");
     let mut cmd = lobe_tls(&[
         "serve",
+        "--ready-file",
+        ready.to_str().unwrap(),
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--upstream",
         "127.0.0.1:1",
         "--http-listen",
-        &http,
+        "127.0.0.1:0",
         "-d",
         &wildcard,
         "--challenge",
@@ -532,6 +545,9 @@ async fn serve_stores_a_wildcard_apart_from_its_apex() {
     ]);
     with_pebble(&mut cmd);
     let mut serve = Serve(cmd.spawn().unwrap());
+    let listen = lobe_tls_tests::cli::wait_ready_async(&ready, &mut serve.0)
+        .await
+        .listen();
     let connector = lobe_tls_tests::tls::connector(&pebble.issuing_root_pem().await);
     let wildcard_serial =
         wait_for_serial(&connector, &listen, &format!("www.{APEX}"), &mut serve).await;
@@ -657,11 +673,13 @@ async fn default_name_serves_clients_without_or_with_an_unknown_name_from_the_st
         String::from_utf8_lossy(&issued.stderr)
     );
 
-    let listen = format!("127.0.0.1:{}", free_port());
+    let ready = pebble.dir().join("ready.json");
     let mut cmd = lobe_tls(&[
         "serve",
+        "--ready-file",
+        ready.to_str().unwrap(),
         "--listen",
-        &listen,
+        "127.0.0.1:0",
         "--upstream",
         "127.0.0.1:1",
         "--no-http",
@@ -670,6 +688,9 @@ async fn default_name_serves_clients_without_or_with_an_unknown_name_from_the_st
     ]);
     with_pebble(&mut cmd);
     let mut serve = Serve(cmd.spawn().unwrap());
+    let listen = lobe_tls_tests::cli::wait_ready_async(&ready, &mut serve.0)
+        .await
+        .listen();
     let root = pebble.issuing_root_pem().await;
     let serial = wait_for_serial(
         &lobe_tls_tests::tls::connector(&root),
@@ -699,7 +720,7 @@ async fn default_name_serves_clients_without_or_with_an_unknown_name_from_the_st
     let mut cmd = lobe_tls(&[
         "serve",
         "--listen",
-        &format!("127.0.0.1:{}", free_port()),
+        "127.0.0.1:0",
         "--upstream",
         "127.0.0.1:1",
         "--no-http",

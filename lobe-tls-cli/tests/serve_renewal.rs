@@ -39,21 +39,23 @@ impl Drop for Serve {
 
 /// Starts `serve` for `NAME` through HTTP-01 on Pebble's validation port, forwarding to
 /// `upstream`, with every timer at its default.
-fn start_serve(
+async fn start_serve(
     dir: &Path,
     pebble: &Pebble,
     directory_url: &str,
     upstream: &str,
 ) -> (Serve, String) {
-    let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
     let log = dir.join("serve.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+    let ready = dir.join("ready.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
         .args([
             "serve",
             "--mode",
             "tcp",
+            "--ready-file",
+            ready.to_str().unwrap(),
             "--listen",
-            &listen,
+            "127.0.0.1:0",
             "--upstream",
             upstream,
         ])
@@ -68,6 +70,9 @@ fn start_serve(
         .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
         .spawn()
         .unwrap();
+    let listen = lobe_tls_tests::cli::wait_ready_async(&ready, &mut child)
+        .await
+        .listen();
     (Serve { child, log }, listen)
 }
 
@@ -140,7 +145,7 @@ async fn serve_with_its_defaults_keeps_30_second_certificates_fresh_over_three_l
     });
     let dir = tempfile::tempdir().unwrap();
     let upstream = greeting_upstream(GREETING).await;
-    let (serve, listen) = start_serve(dir.path(), &pebble, &pebble.directory_url, &upstream);
+    let (serve, listen) = start_serve(dir.path(), &pebble, &pebble.directory_url, &upstream).await;
     let connector = connector(&pebble.issuing_root_pem().await);
     let first = first_certificate(&serve, &connector, &listen).await;
     assert!(first.not_after - first.not_before <= time::Duration::seconds(31));
@@ -192,7 +197,7 @@ async fn serve_renews_before_expiry_after_the_path_to_the_ca_was_dead_for_25_sec
     let directory_url = format!("https://{}/dir", path.addr);
     let dir = tempfile::tempdir().unwrap();
     let upstream = greeting_upstream(GREETING).await;
-    let (serve, listen) = start_serve(dir.path(), &pebble, &directory_url, &upstream);
+    let (serve, listen) = start_serve(dir.path(), &pebble, &directory_url, &upstream).await;
     let connector = connector(&pebble.issuing_root_pem().await);
     let first = first_certificate(&serve, &connector, &listen).await;
 

@@ -7,7 +7,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lobe_tls_tests::cli::{greeting_upstream, tls_request};
-use lobe_tls_tests::free_port;
 use tokio_rustls::TlsConnector;
 
 // The binary, killed on drop if a test fails half-way.
@@ -17,14 +16,15 @@ const NAME: &str = "serve.example.com";
 
 /// `serve` in tcp mode for the `[[site]]`s of `config`, its store under `dir`, issuing
 /// from `pebble` over HTTP-01; and the address it listens on.
-fn serve_sites(
+async fn serve_sites(
     pebble: &lobe_tls_tests::Pebble,
     dir: &std::path::Path,
     config: &std::path::Path,
 ) -> (Serve, String) {
-    let listen = format!("127.0.0.1:{}", free_port());
+    let ready = dir.join("ready.json");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
-    cmd.args(["serve", "--listen", &listen, "--mode", "tcp"])
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--mode", "tcp"])
+        .args(["--ready-file", ready.to_str().unwrap()])
         .args(["--config", config.to_str().unwrap()])
         .args([
             "--challenge",
@@ -38,7 +38,11 @@ fn serve_sites(
         .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
         .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file)
         .stderr(Stdio::null());
-    (Serve(cmd.spawn().unwrap()), listen)
+    let mut serve = Serve(cmd.spawn().unwrap());
+    let listen = lobe_tls_tests::cli::wait_ready_async(&ready, &mut serve.0)
+        .await
+        .listen();
+    (serve, listen)
 }
 
 #[tokio::test]
@@ -54,7 +58,7 @@ async fn a_site_of_the_config_file_gets_its_certificate_issued_and_served() {
         format!("[[site]]\ndomains = [\"{NAME}\"]\nupstreams = [\"{upstream_addr}\"]\n"),
     )
     .unwrap();
-    let (_serve, listen) = serve_sites(&pebble, store.path(), &config);
+    let (_serve, listen) = serve_sites(&pebble, store.path(), &config).await;
     let connector = lobe_tls_tests::tls::connector(&pebble.issuing_root_pem().await);
     let deadline = Instant::now() + Duration::from_secs(60);
     let greeting = loop {
@@ -104,7 +108,7 @@ async fn a_site_added_by_a_reload_gets_its_certificate_issued_without_a_restart(
     };
     let config = store.path().join("edge.toml");
     std::fs::write(&config, site(NAME, &first)).unwrap();
-    let (serve, listen) = serve_sites(&pebble, store.path(), &config);
+    let (serve, listen) = serve_sites(&pebble, store.path(), &config).await;
     let connector = lobe_tls_tests::tls::connector(&pebble.issuing_root_pem().await);
     let greeted = |name: &'static str, expected: &'static str| {
         let (connector, listen) = (connector.clone(), listen.clone());

@@ -166,6 +166,7 @@ impl Issuance {
                     let addr = config.http_listen.as_deref().ok_or_else(|| {
                         Error::config("http-01 needs a listen address (--http-listen)")
                     })?;
+                    let addr = crate::listen::parse_addr(addr, "--http-listen")?;
                     let registry = Http01Registry::new();
                     let listener = Http01Listener::bind(addr, registry.service()).await?;
                     (Box::new(Http01Solver::new(registry)), Some(listener))
@@ -182,6 +183,7 @@ impl Issuance {
                 let addr = config.tls_listen.as_deref().ok_or_else(|| {
                     Error::config("tls-alpn-01 needs a listen address (--tls-listen)")
                 })?;
+                let addr = crate::listen::parse_addr(addr, "--tls-listen")?;
                 let resolver = CertResolver::new();
                 let listener = TlsAlpn01Listener::bind(addr, resolver.clone()).await?;
                 tls_listener = Some(listener);

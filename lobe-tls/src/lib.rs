@@ -43,7 +43,9 @@
 //! - `http01-listener`: the standalone port-80 listener (`Http01Listener`) the manager
 //!   opens while an HTTP-01 order runs; implies `metrics`.
 //! - `edge`: the L7/L4 edge behind `lobe-tls serve`; implies `metrics` and `on-demand`.
-//! - `terminator`: the edge's tcp mode under its old name; implies `edge`.
+//! - `server`: all of `lobe-tls serve` as one call ([`server::Server`]): the edge, port
+//!   80, the manager, certificate directories; implies `edge`, `http01-listener` and
+//!   `watch`.
 
 pub mod acme;
 pub mod cert;
@@ -70,9 +72,9 @@ pub mod on_demand;
 mod rate_table;
 pub mod renewal;
 pub mod resolver;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod store;
-#[cfg(feature = "terminator")]
-pub mod terminator;
 pub mod tickets;
 pub mod tls_config;
 #[cfg(feature = "watch")]
@@ -101,7 +103,5 @@ pub use resolver::CertResolver;
 #[cfg(feature = "redis")]
 pub use store::RedisStore;
 pub use store::{CertMeta, FileStore, RenewalState, Store, StoredCert};
-#[cfg(feature = "terminator")]
-pub use terminator::{Terminator, TerminatorConfig};
 #[cfg(feature = "watch")]
 pub use watch::{CertDirWatcher, WatchEvent, WatchOptions};

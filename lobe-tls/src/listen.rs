@@ -10,14 +10,24 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Result};
 
 /// Binds `addr`, returning the listener and the address actually bound (port 0 picks one).
-pub(crate) async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr)> {
+pub(crate) async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr)> {
     let listen_error = |source| Error::Listen {
-        addr: addr.to_owned(),
+        addr: addr.to_string(),
         source,
     };
     let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
     let local_addr = listener.local_addr().map_err(listen_error)?;
     Ok((listener, local_addr))
+}
+
+/// A listen address from configuration kept as text (a stored challenge configuration,
+/// an imported certbot file): an IP address and a port, e.g. `0.0.0.0:80` or `[::]:80`.
+pub(crate) fn parse_addr(addr: &str, what: &str) -> Result<SocketAddr> {
+    addr.parse().map_err(|_| {
+        Error::config(format!(
+            "{what} {addr:?} is not an IP address and port (e.g. 0.0.0.0:80 or [::]:80)"
+        ))
+    })
 }
 
 /// A listener's accept loop running in the background; aborted when dropped.
@@ -29,7 +39,10 @@ pub(crate) struct ListenerTask {
 
 impl ListenerTask {
     /// Binds `addr` and runs `serve` on the listener in a task of its own.
-    pub(crate) async fn spawn<F>(addr: &str, serve: impl FnOnce(TcpListener) -> F) -> Result<Self>
+    pub(crate) async fn spawn<F>(
+        addr: SocketAddr,
+        serve: impl FnOnce(TcpListener) -> F,
+    ) -> Result<Self>
     where
         F: Future<Output = ()> + Send + 'static,
     {

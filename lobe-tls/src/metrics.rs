@@ -353,7 +353,7 @@ pub struct MetricsListener {
 
 impl MetricsListener {
     /// Binds `addr` and serves `metrics` there.
-    pub async fn bind(addr: &str, metrics: Arc<Metrics>) -> Result<Self> {
+    pub async fn bind(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<Self> {
         let task = ListenerTask::spawn(addr, |listener| serve(listener, metrics)).await?;
         Ok(MetricsListener { task })
     }

@@ -1,4 +1,5 @@
-//! The terminator with a real TLS client in front and a plain TCP upstream behind.
+//! The edge in tcp mode (a plain TLS terminator, `EdgeConfig::tcp`) with a real TLS
+//! client in front and a plain TCP upstream behind.
 // Test helpers: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
@@ -6,10 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lobe_tls::edge::{Edge, EdgeConfig};
 use lobe_tls::metrics::CertExpiry;
-use lobe_tls::{
-    CertBundle, CertResolver, KeyType, Metrics, MetricsListener, Terminator, TerminatorConfig,
-};
+use lobe_tls::{CertBundle, CertResolver, KeyType, Metrics, MetricsListener};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -70,13 +70,13 @@ struct Running {
 async fn terminator(
     pki: &Pki,
     upstream: SocketAddr,
-    tweak: impl FnOnce(&mut TerminatorConfig),
+    tweak: impl FnOnce(&mut EdgeConfig),
 ) -> Running {
-    let mut config = TerminatorConfig::new(upstream.to_string());
+    let mut config = EdgeConfig::tcp(upstream.to_string());
     tweak(&mut config);
     let metrics = Metrics::new();
-    let terminator = Terminator::bind(
-        "127.0.0.1:0",
+    let terminator = Edge::bind(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
         Arc::new(pki.resolver.clone()),
         config,
         metrics.clone(),
@@ -314,10 +314,7 @@ async fn idle_connections_are_closed_and_busy_ones_are_not() {
             });
         }
     });
-    let running = terminator(&pki, upstream_addr, |c| {
-        c.idle_timeout = Duration::from_millis(400)
-    })
-    .await;
+    let running = terminator(&pki, upstream_addr, |c| c.sites[0].idle_timeout = 0.4).await;
 
     // Busy: a byte every 100 ms for well over the idle timeout keeps it open.
     let mut busy = connect(&pki, running.addr, NAME).await.unwrap();
@@ -386,9 +383,12 @@ async fn metrics_endpoint_serves_prometheus_text() {
             ari_window: None,
         }]
     });
-    let listener = MetricsListener::bind("127.0.0.1:0", running.metrics.clone())
-        .await
-        .unwrap();
+    let listener = MetricsListener::bind(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        running.metrics.clone(),
+    )
+    .await
+    .unwrap();
     let _open = connect(&pki, running.addr, NAME).await.unwrap();
     let _ = connect(&pki, running.addr, "nope.example.com").await;
     let deadline = Instant::now() + STEP;
@@ -507,11 +507,11 @@ async fn drain_is_bounded_for_connections_that_never_finish() {
 async fn busy_port_is_one_clear_error() {
     let pki = pki();
     let taken = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = taken.local_addr().unwrap().to_string();
-    let err = Terminator::bind(
-        &addr,
+    let addr = taken.local_addr().unwrap();
+    let err = Edge::bind(
+        addr,
         Arc::new(pki.resolver.clone()),
-        TerminatorConfig::new("127.0.0.1:1"),
+        EdgeConfig::tcp("127.0.0.1:1"),
         Metrics::new(),
     )
     .await

@@ -104,7 +104,7 @@ async fn run() -> BenchResult<()> {
         instances.push(instance);
         registries.push(http01);
     }
-    let _port80 = Http01Listener::bind(&pebble.http_listen(), registries[2].service()).await?;
+    let _port80 = Http01Listener::bind(pebble.http_addr(), registries[2].service()).await?;
     for instance in &instances {
         instance.manager.start().await?;
     }

@@ -73,7 +73,7 @@ async fn run() -> BenchResult<()> {
     println!("every name is distinct, so no authorization is reused; ECDSA P-256 keys");
 
     // (a) sequential HTTP-01 through the library.
-    let listener = Http01Listener::bind(&pebble.http_listen(), registry.service()).await?;
+    let listener = Http01Listener::bind(pebble.http_addr(), registry.service()).await?;
     // One warm-up order: connections and the account's first requests.
     issue_http01(
         &client,
@@ -172,7 +172,7 @@ async fn concurrent_bench(count: usize, tag: &str) -> BenchResult<()> {
     let client = AcmeClient::connect(&config, &store).await?;
     let registry = Http01Registry::new();
     let solver = Http01Solver::new(registry.clone());
-    let _listener = Http01Listener::bind(&pebble.http_listen(), registry.service()).await?;
+    let _listener = Http01Listener::bind(pebble.http_addr(), registry.service()).await?;
 
     let pebble_pid = pebble_pid(&pebble);
     let cpu_before = (cpu_time("self"), pebble_pid.as_deref().and_then(cpu_time));

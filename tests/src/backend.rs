@@ -4,7 +4,7 @@
 //! (the request's headers, one per line, then `peer: ADDR`), `/page` (100 bytes),
 //! `/sse?n=N&gap_ms=M` (N events, M ms apart, each flushed), `/clock?n=N&every_ms=M` (N
 //! events M ms apart, each carrying its send time, for delay benchmarks), `/ws` (WebSocket echo),
-//! `/status/CODE`, `/slow?ms=M`, `/upload` (the body's length); for the browser test,
+//! `/status/CODE`, `/slow?ms=M` (and `/slow/in-flight`, how many are sleeping now), `/upload` (the body's length; `/upload/in-flight`, how many are being read now); for the browser test,
 //! `/app` (a page that streams over `EventSource` and `WebSocket`), `/tokens?n=N&gap_ms=M`
 //! (SSE that resumes after `Last-Event-ID`), `/streams` (open token streams and
 //! WebSockets) and `/report` (POST stores a page's report, GET reads them).
@@ -126,7 +126,9 @@ async fn respond(
             let reports = REPORTS.lock().map(|r| r.join("\n")).unwrap_or_default();
             status(200, &reports)
         }
+        "/upload/in-flight" => status(200, &UPLOADS_IN_FLIGHT.load(Ordering::Relaxed).to_string()),
         "/upload" => {
+            let _open = Open::new(&UPLOADS_IN_FLIGHT);
             let length = req
                 .into_body()
                 .collect()
@@ -135,7 +137,9 @@ async fn respond(
                 .unwrap_or(0);
             status(200, &length.to_string())
         }
+        "/slow/in-flight" => status(200, &SLOW_IN_FLIGHT.load(Ordering::Relaxed).to_string()),
         "/slow" => {
+            let _open = Open::new(&SLOW_IN_FLIGHT);
             tokio::time::sleep(Duration::from_millis(query(&req, "ms").unwrap_or(1000))).await;
             status(200, name)
         }
@@ -230,6 +234,10 @@ fn tokio_stream_from(
 /// Token streams (`/tokens`) and WebSockets open now, for `/streams`.
 static OPEN_TOKEN_STREAMS: AtomicU32 = AtomicU32::new(0);
 static OPEN_WEBSOCKETS: AtomicU32 = AtomicU32::new(0);
+/// `/slow` requests sleeping now, for `/slow/in-flight`: tests wait on it, not on a guess.
+static SLOW_IN_FLIGHT: AtomicU32 = AtomicU32::new(0);
+/// `/upload` bodies being read now, for `/upload/in-flight`.
+static UPLOADS_IN_FLIGHT: AtomicU32 = AtomicU32::new(0);
 /// What pages posted to `/report`.
 static REPORTS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 

@@ -1,8 +1,10 @@
 //! Helpers of the tests that run the `lobe-tls` binary: reading its output, an upstream
 //! for `serve` to forward to, and a client that makes one verified request through it.
 
-use std::process::Output;
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Output};
+use std::time::{Duration, Instant};
 
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -119,4 +121,119 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The addresses `lobe-tls serve --ready-file` reports once every listener is bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadyAddrs {
+    /// The TLS listener.
+    pub listen: SocketAddr,
+    /// The plain HTTP listener, if on.
+    pub http_listen: Option<SocketAddr>,
+    /// The metrics listener, if on.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+impl ReadyAddrs {
+    /// The TLS listener as `"127.0.0.1:PORT"`.
+    pub fn listen(&self) -> String {
+        self.listen.to_string()
+    }
+
+    /// The metrics listener as `"127.0.0.1:PORT"`; panics when it is off.
+    pub fn metrics(&self) -> String {
+        self.metrics_listen
+            .expect("no metrics listener")
+            .to_string()
+    }
+
+    /// The plain HTTP listener as `"127.0.0.1:PORT"`; panics when it is off.
+    pub fn http(&self) -> String {
+        self.http_listen.expect("no HTTP listener").to_string()
+    }
+}
+
+/// Waits (up to 60 s) for `serve --ready-file path` to write `path`, and returns what it
+/// wrote. Panics at once, with the exit status, if `child` exits first.
+pub fn wait_ready(path: &Path, child: &mut Child) -> ReadyAddrs {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // serve writes the file with a rename: what exists is whole.
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return parse_ready(&text)
+                .unwrap_or_else(|e| panic!("{}: {e}: {text:?}", path.display()));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "lobe-tls serve exited with {status} before writing {}",
+                path.display()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lobe-tls serve did not write {} within 60 s",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process, std's or tokio's, that [`wait_ready_async`] checks on.
+pub trait ChildProcess {
+    /// Its exit status, if it has exited.
+    fn exited(&mut self) -> Option<std::process::ExitStatus>;
+}
+
+impl ChildProcess for Child {
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.try_wait().ok().flatten()
+    }
+}
+
+impl ChildProcess for tokio::process::Child {
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.try_wait().ok().flatten()
+    }
+}
+
+/// [`wait_ready`] for async tests: sleeps without blocking the runtime, so servers the
+/// test runs on it keep answering meanwhile.
+pub async fn wait_ready_async(path: &Path, child: &mut impl ChildProcess) -> ReadyAddrs {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return parse_ready(&text)
+                .unwrap_or_else(|e| panic!("{}: {e}: {text:?}", path.display()));
+        }
+        if let Some(status) = child.exited() {
+            panic!(
+                "lobe-tls serve exited with {status} before writing {}",
+                path.display()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lobe-tls serve did not write {} within 60 s",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn parse_ready(text: &str) -> Result<ReadyAddrs, String> {
+    let json: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let addr = |key: &str| -> Result<Option<SocketAddr>, String> {
+        match json.get(key) {
+            Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(s)) => {
+                s.parse().map(Some).map_err(|e| format!("{key}: {e}"))
+            }
+            _ => Err(format!("{key} missing or not a string")),
+        }
+    };
+    Ok(ReadyAddrs {
+        listen: addr("listen")?.ok_or("listen is null")?,
+        http_listen: addr("http_listen")?,
+        metrics_listen: addr("metrics_listen")?,
+    })
 }

@@ -42,6 +42,8 @@ pub struct DnsTestbed {
     pub tsig_secret: String,
     /// The secret of [`TSIG_KEY_512`] (hmac-sha512), base64.
     pub tsig_secret_512: String,
+    /// unbound's TCP port, held while it lives ([`crate::ports`]; unbound sets SO_REUSEADDR).
+    _resolver_port: crate::Reserved,
 }
 
 impl std::fmt::Debug for DnsTestbed {
@@ -218,7 +220,8 @@ zone:
         wait_for_tcp(knot_addr, &mut knot, "knotd", &knot_log);
         children.push(knot);
 
-        let resolver_port = crate::free_dns_port();
+        let resolver = crate::reserve_dns_port();
+        let resolver_port = resolver.port();
         let resolver_addr = SocketAddr::from(([127, 0, 0, 1], resolver_port));
         // Only `.test` is resolved, through Knot; everything else is refused, so that
         // nothing leaves the machine. No DNSSEC validation, no caching of negative answers
@@ -273,6 +276,7 @@ stub-zone:
             resolver_addr,
             tsig_secret,
             tsig_secret_512,
+            _resolver_port: resolver,
         }
     }
 

@@ -1,10 +1,10 @@
-//! Test harness: real Pebble and pebble-challtestsrv processes on free loopback ports,
+//! Test harness: real Pebble and pebble-challtestsrv processes on reserved loopback ports,
 //! killed when dropped.
 //!
 //! Pebble needs a TLS certificate for its own listener. The harness makes a small CA and
 //! a `localhost` leaf signed by it, and hands the CA to clients as `--directory-ca`.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,9 +18,11 @@ pub mod cloudflare_api;
 pub mod dns;
 pub mod faulty_path;
 pub mod http_server;
+pub mod ports;
 pub mod redis;
 pub mod tls;
 
+pub use ports::{Reserved, reserve_dns_port, reserve_port};
 pub use redis::RedisServer;
 
 /// Pebble's example EAB key id and its HMAC key (base64url).
@@ -28,21 +30,17 @@ pub const EAB_KID: &str = "kid-1";
 /// The HMAC key for [`EAB_KID`].
 pub const EAB_HMAC: &str = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
 
-/// A free TCP port on 127.0.0.1 (bound and released; fine for tests).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port on loopback")
-}
-
-/// A free UDP+TCP port pair for a DNS server.
-pub fn free_dns_port() -> u16 {
-    loop {
-        let port = free_port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
+/// Polls `check` every 20 ms until it holds; panics naming `what` after `within`. For
+/// waiting on a condition instead of sleeping a guessed time.
+pub async fn wait_until<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -96,6 +94,9 @@ pub struct Pebble {
     pub challtestsrv_url: String,
     /// Where Pebble's log goes.
     pub log_file: PathBuf,
+    /// Its ports, held until it dies ([`crate::ports`]); `http_port` and `tls_port` stay
+    /// reserved for the test's own server.
+    _ports: Vec<Reserved>,
 }
 
 impl std::fmt::Debug for Pebble {
@@ -184,12 +185,22 @@ impl Pebble {
         std::fs::write(dir.path().join("cert.pem"), leaf_pem).expect("write cert");
         std::fs::write(dir.path().join("key.pem"), leaf_key).expect("write key");
 
-        let acme_port = free_port();
-        let mgmt_port = free_port();
-        let http_port = free_port();
-        let tls_port = free_port();
-        let dns_port = free_dns_port();
-        let cts_mgmt_port = free_port();
+        let ports = vec![
+            reserve_port(),
+            reserve_port(),
+            reserve_port(),
+            reserve_port(),
+            reserve_dns_port(),
+            reserve_port(),
+        ];
+        let [
+            acme_port,
+            mgmt_port,
+            http_port,
+            tls_port,
+            dns_port,
+            cts_mgmt_port,
+        ] = [0, 1, 2, 3, 4, 5].map(|i| ports[i].port());
 
         let mut config = serde_json::json!({
             "pebble": {
@@ -274,6 +285,7 @@ impl Pebble {
             dns_addr,
             challtestsrv_url: format!("http://127.0.0.1:{cts_mgmt_port}"),
             log_file,
+            _ports: ports,
         }
     }
 
@@ -290,9 +302,19 @@ impl Pebble {
         format!("127.0.0.1:{}", self.http_port)
     }
 
+    /// The same address, for binding a listener in the test.
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.http_port))
+    }
+
     /// The TLS-ALPN-01 listen address matching Pebble's `tlsPort`.
     pub fn tls_listen(&self) -> String {
         format!("127.0.0.1:{}", self.tls_port)
+    }
+
+    /// The same address, for binding a listener in the test.
+    pub fn tls_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.tls_port))
     }
 
     /// Fetches the root that issues this Pebble's certificates (`/roots/0`).

@@ -11,6 +11,8 @@ pub struct RedisServer {
     port: u16,
     child: Option<Child>,
     password: Option<String>,
+    /// Holds `port` across restarts ([`crate::ports`]).
+    _reserved: crate::Reserved,
 }
 
 impl std::fmt::Debug for RedisServer {
@@ -35,11 +37,13 @@ impl RedisServer {
 
     fn start_inner(password: Option<String>) -> RedisServer {
         crate::require("redis-server");
+        let reserved = crate::reserve_port();
         let mut server = RedisServer {
             dir: tempfile::tempdir().expect("tempdir"),
-            port: crate::free_port(),
+            port: reserved.port(),
             child: None,
             password,
+            _reserved: reserved,
         };
         server.restart();
         server
@@ -53,6 +57,51 @@ impl RedisServer {
     /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// How many subscriptions to channels the server holds, over all clients.
+    pub async fn subscribers(&self) -> usize {
+        let url = match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}/", self.port),
+            None => self.url(),
+        };
+        let client = redis::Client::open(url).expect("redis url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis-server");
+        let channels: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .query_async(&mut conn)
+            .await
+            .expect("PUBSUB CHANNELS");
+        if channels.is_empty() {
+            return 0;
+        }
+        let counts: Vec<(String, usize)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channels)
+            .query_async(&mut conn)
+            .await
+            .expect("PUBSUB NUMSUB");
+        counts.iter().map(|(_, n)| n).sum()
+    }
+
+    /// Waits (10 s at most) until the server holds `at_least` channel subscriptions: a
+    /// subscriber started in the background is in place, and hears what is published next.
+    pub async fn wait_subscribers(&self, at_least: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.subscribers().await;
+            if now >= at_least {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{now} subscriptions on redis-server after 10 s, expected {at_least}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Kills the server (SIGKILL: an outage, not a clean shutdown). Data is gone.
@@ -149,6 +198,8 @@ pub struct SentinelCluster {
     /// Data nodes: the first master, then the replica.
     nodes: Vec<(u16, Option<Child>)>,
     sentinels: Vec<(u16, Option<Child>)>,
+    /// Every node's and sentinel's port, held while the cluster lives ([`crate::ports`]).
+    ports: Vec<crate::Reserved>,
 }
 
 impl std::fmt::Debug for SentinelCluster {
@@ -179,10 +230,11 @@ impl SentinelCluster {
             sentinel_password: sentinel_password && password.is_some(),
             nodes: Vec::new(),
             sentinels: Vec::new(),
+            ports: Vec::new(),
         };
-        let master = crate::free_port();
+        let master = cluster.reserve_port();
         cluster.start_data_node(master, None);
-        let replica = crate::free_port();
+        let replica = cluster.reserve_port();
         cluster.start_data_node(replica, Some(master));
         cluster.wait(Duration::from_secs(20), "the replica to sync", |c| {
             c.query(replica, &["INFO", "replication"])
@@ -297,6 +349,21 @@ impl SentinelCluster {
         }
     }
 
+    /// Waits until a client (a store following the sentinels: they do not subscribe to
+    /// each other) is subscribed on one of the live sentinels.
+    pub fn wait_sentinel_subscriber(&self, within: Duration) {
+        self.wait(within, "a client subscribed on a live sentinel", |c| {
+            c.sentinels.iter().any(|(port, child)| {
+                child.is_some()
+                    && c.sentinel_query(*port, &["CLIENT", "LIST"])
+                        .is_some_and(|list| {
+                            list.split_whitespace()
+                                .any(|field| field.starts_with("sub=") && field != "sub=0")
+                        })
+            })
+        });
+    }
+
     /// The ports of the data nodes, master first as started.
     pub fn data_ports(&self) -> Vec<u16> {
         self.nodes.iter().map(|(port, _)| *port).collect()
@@ -334,8 +401,16 @@ impl SentinelCluster {
         });
     }
 
+    /// A port held for as long as the cluster lives.
+    fn reserve_port(&mut self) -> u16 {
+        let reserved = crate::reserve_port();
+        let port = reserved.port();
+        self.ports.push(reserved);
+        port
+    }
+
     fn start_sentinel(&mut self, master: u16) {
-        let port = crate::free_port();
+        let port = self.reserve_port();
         let service = Self::SERVICE;
         let mut conf = format!(
             "port {port}\nbind 127.0.0.1\ndir {dir}\n\

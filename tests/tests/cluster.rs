@@ -161,7 +161,7 @@ async fn three_instances_make_one_order_validated_elsewhere_and_serve_it_within_
         instances.push(Instance::new(&redis, &pebble, fast_retries()).await);
     }
     // Pebble's HTTP-01 validation reaches instance 2 only.
-    let _port80 = Http01Listener::bind(&pebble.http_listen(), instances[2].http01.service())
+    let _port80 = Http01Listener::bind(pebble.http_addr(), instances[2].http01.service())
         .await
         .unwrap();
 
@@ -235,7 +235,7 @@ async fn a_dead_lock_holder_blocks_only_until_its_lease_expires_then_one_instanc
     for _ in 0..3 {
         instances.push(Instance::new(&redis, &pebble, fast_retries()).await);
     }
-    let _port80 = Http01Listener::bind(&pebble.http_listen(), instances[2].http01.service())
+    let _port80 = Http01Listener::bind(pebble.http_addr(), instances[2].http01.service())
         .await
         .unwrap();
 
@@ -305,7 +305,7 @@ async fn redis_restarted_mid_run_never_fails_a_handshake_and_renewal_completes_a
     for _ in 0..3 {
         instances.push(Instance::new(&redis, &pebble, fast_retries()).await);
     }
-    let _port80 = Http01Listener::bind(&pebble.http_listen(), instances[1].http01.service())
+    let _port80 = Http01Listener::bind(pebble.http_addr(), instances[1].http01.service())
         .await
         .unwrap();
     let issued_at = Instant::now();
@@ -382,7 +382,7 @@ async fn http01_validation_is_answered_by_an_instance_that_did_not_order() {
     // Only the answering instance listens where Pebble validates.
     let ordering_registry = Http01Registry::with_shared_store(ordering.clone()).unwrap();
     let answering_registry = Http01Registry::with_shared_store(answering.clone()).unwrap();
-    let _listener = Http01Listener::bind(&pebble.http_listen(), answering_registry.service())
+    let _listener = Http01Listener::bind(pebble.http_addr(), answering_registry.service())
         .await
         .unwrap();
 
@@ -434,8 +434,8 @@ async fn tls_alpn01_validation_is_answered_by_an_instance_that_did_not_order() {
         .unwrap();
     let _cluster = Cluster::builder(answering.clone()).start().unwrap();
     let _tls = TlsServer::bind(&pebble.tls_listen(), answering.resolver().clone()).await;
-    // Let the follower subscribe before the order starts.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The follower's feed is subscribed before the order starts.
+    redis.wait_subscribers(1).await;
 
     let ordering_resolver = CertResolver::new();
     let solver = TlsAlpn01Solver::with_shared_store(ordering_resolver, ordering.clone()).unwrap();
@@ -471,7 +471,7 @@ async fn instances_that_disagree_on_the_names_converge_with_one_extra_order_and_
     let client = client_config(&pebble.issuing_root_pem().await);
     // The old configuration runs and has its certificate.
     let old = Instance::new(&redis, &pebble, fast_retries()).await;
-    let _port80 = Http01Listener::bind(&pebble.http_listen(), old.http01.service())
+    let _port80 = Http01Listener::bind(pebble.http_addr(), old.http01.service())
         .await
         .unwrap();
     old.manager.start().await.unwrap();

@@ -73,7 +73,7 @@ async fn a_store_with_the_core_alone_issues_and_renews_in_one_process() {
     let pebble = Pebble::start(PebbleOptions::default());
     let store: DynStore = Arc::new(MapStore::default());
     let registry = Http01Registry::new();
-    let _http = Http01Listener::bind(&pebble.http_listen(), registry.service())
+    let _http = Http01Listener::bind(pebble.http_addr(), registry.service())
         .await
         .unwrap();
     let names = domain::parse_all(&["core.example.com"]).unwrap();

@@ -84,9 +84,13 @@ async fn connections_with_a_request_in_flight_keep_their_place_when_the_total_is
     publishing.insert("tok", "tok.thumb").await.unwrap();
     let mut config = Http01ListenerConfig::default();
     config.max_conns = Some(2);
-    let listener = Http01Listener::bind_with("127.0.0.1:0", answering.service(), config)
-        .await
-        .unwrap();
+    let listener = Http01Listener::bind_with(
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        answering.service(),
+        config,
+    )
+    .await
+    .unwrap();
     let addr = listener.local_addr();
     let metrics = listener.metrics();
     // The token published elsewhere is known here, so asking for it goes to Redis.

@@ -255,7 +255,9 @@ async fn half_of_all_nonces_rejected_still_issues_http01_and_dns01() {
 async fn unreachable_ca_is_one_clear_line() {
     let dir = tempfile::tempdir().unwrap();
     let store = FileStore::open(dir.path().join("store")).unwrap();
-    let port = lobe_tls_tests::free_port();
+    // Reserved and never listened on: connections are refused.
+    let dead = lobe_tls_tests::reserve_port();
+    let port = dead.port();
     let config = lobe_tls::AcmeConfig::new(format!("https://127.0.0.1:{port}/dir"));
     let err = AcmeClient::connect(&config, &store)
         .await

@@ -62,7 +62,7 @@ async fn manager_issues_missing_certificates_serves_them_and_reloads_without_reo
     let dir = tempfile::tempdir().unwrap();
     let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
     let registry = Http01Registry::new();
-    let _http = Http01Listener::bind(&pebble.http_listen(), registry.service())
+    let _http = Http01Listener::bind(pebble.http_addr(), registry.service())
         .await
         .unwrap();
 
@@ -149,13 +149,16 @@ async fn tls_alpn01_through_the_standalone_listener() {
         .await
         .unwrap();
     // The standalone listener is gone once no order needs it.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        tokio::net::TcpStream::connect(pebble.tls_listen())
-            .await
-            .is_err(),
-        "the standalone TLS-ALPN-01 listener should be closed"
-    );
+    lobe_tls_tests::wait_until(
+        Duration::from_secs(5),
+        "the standalone TLS-ALPN-01 listener closed",
+        || async {
+            tokio::net::TcpStream::connect(pebble.tls_listen())
+                .await
+                .is_err()
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -196,7 +199,7 @@ async fn short_lived_certificates_renew_across_lifetimes_and_every_handshake_is_
     let dir = tempfile::tempdir().unwrap();
     let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
     let registry = Http01Registry::new();
-    let _http = Http01Listener::bind(&pebble.http_listen(), registry.service())
+    let _http = Http01Listener::bind(pebble.http_addr(), registry.service())
         .await
         .unwrap();
     let manager = Manager::builder(pebble.acme_config(), store)
@@ -256,7 +259,7 @@ async fn failed_renewal_keeps_serving_the_old_certificate_and_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
     let registry = Http01Registry::new();
-    let _http = Http01Listener::bind(&pebble.http_listen(), registry.service())
+    let _http = Http01Listener::bind(pebble.http_addr(), registry.service())
         .await
         .unwrap();
     let manager = Manager::builder(pebble.acme_config(), store.clone())
@@ -322,7 +325,7 @@ async fn ari_window_decides_when_to_renew_and_replaces_names_the_old_certificate
     let dir = tempfile::tempdir().unwrap();
     let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
     let registry = Http01Registry::new();
-    let _http = Http01Listener::bind(&pebble.http_listen(), registry.service())
+    let _http = Http01Listener::bind(pebble.http_addr(), registry.service())
         .await
         .unwrap();
     let mut acme = pebble.acme_config();
@@ -393,7 +396,7 @@ async fn already_replaced_is_retried_without_replaces() {
     let dir = tempfile::tempdir().unwrap();
     let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
     let registry = Http01Registry::new();
-    let _http = Http01Listener::bind(&pebble.http_listen(), registry.service())
+    let _http = Http01Listener::bind(pebble.http_addr(), registry.service())
         .await
         .unwrap();
     let mut acme = pebble.acme_config();
@@ -445,7 +448,7 @@ async fn managing_stored_certificates_orders_one_that_expired_while_nothing_ran(
     let dir = tempfile::tempdir().unwrap();
     let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
     let registry = Http01Registry::new();
-    let _http = Http01Listener::bind(&pebble.http_listen(), registry.service())
+    let _http = Http01Listener::bind(pebble.http_addr(), registry.service())
         .await
         .unwrap();
 
@@ -496,7 +499,7 @@ async fn a_manager_on_a_directory_serves_what_other_processes_store_without_a_re
     let root = pebble.issuing_root_pem().await;
     let dir = tempfile::tempdir().unwrap();
     let registry = Http01Registry::new();
-    let _http = Http01Listener::bind(&pebble.http_listen(), registry.service())
+    let _http = Http01Listener::bind(pebble.http_addr(), registry.service())
         .await
         .unwrap();
 

@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use lobe_tls::cluster::Cluster;
 use lobe_tls::store::DynStore;
-use lobe_tls::{
-    FileStore, Manager, Metrics, OnDemand, OnDemandConfig, RedisStore, Terminator, TerminatorConfig,
-};
+use lobe_tls::{FileStore, Manager, Metrics, OnDemand, OnDemandConfig, RedisStore};
 use lobe_tls_tests::http_server::HttpServer;
 use lobe_tls_tests::tls::client_config;
 use lobe_tls_tests::{Pebble, PebbleOptions, RedisServer};
@@ -74,7 +72,7 @@ struct Edge {
 }
 
 impl Edge {
-    async fn start(pebble: &Pebble, store: DynStore, app: &App, listen: &str) -> Edge {
+    async fn start(pebble: &Pebble, store: DynStore, app: &App, listen: SocketAddr) -> Edge {
         let manager = Manager::builder(pebble.acme_config(), store.clone())
             .manage_stored(true)
             .tls_alpn01_on_resolver(true)
@@ -88,10 +86,10 @@ impl Edge {
         let mut config = OnDemandConfig::default();
         config.ask = Some(format!("{}/ask", app.server.url()));
         let on_demand = OnDemand::new(manager.clone(), config).unwrap();
-        let terminator = Terminator::bind(
+        let terminator = lobe_tls::edge::Edge::bind(
             listen,
             Arc::new(manager.resolver().clone()),
-            TerminatorConfig::new(app.server.addr.to_string()),
+            lobe_tls::edge::EdgeConfig::tcp(app.server.addr.to_string()),
             Metrics::new(),
         )
         .await
@@ -153,7 +151,7 @@ async fn allowed_names_are_issued_on_their_first_request_refused_ones_never_orde
     let dir = tempfile::tempdir().unwrap();
     let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
     // On Pebble's TLS-ALPN-01 port: the validation handshakes arrive where clients do.
-    let edge = Edge::start(&pebble, store, &app, &pebble.tls_listen()).await;
+    let edge = Edge::start(&pebble, store, &app, pebble.tls_addr()).await;
 
     // An allowed name: issued while its first request waits, then served.
     let started = Instant::now();
@@ -212,8 +210,14 @@ async fn concurrent_first_requests_on_two_instances_sharing_redis_make_one_order
     let store_b: DynStore = Arc::new(RedisStore::connect(&redis.url()).await.unwrap());
     // Pebble validates through instance A's port; an order placed by B publishes its
     // challenge through Redis, which A follows.
-    let a = Edge::start(&pebble, store_a, &app, &pebble.tls_listen()).await;
-    let b = Edge::start(&pebble, store_b, &app, "127.0.0.1:0").await;
+    let a = Edge::start(&pebble, store_a, &app, pebble.tls_addr()).await;
+    let b = Edge::start(
+        &pebble,
+        store_b,
+        &app,
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    )
+    .await;
 
     let mut burst = tokio::task::JoinSet::new();
     for i in 0..20 {

@@ -100,7 +100,7 @@ async fn an_ip_certificate_is_issued_through_http01_under_shortlived_and_served_
     let dir = tempfile::tempdir().unwrap();
     let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
     let registry = Http01Registry::new();
-    let _http = Http01Listener::bind(&pebble.http_listen(), registry.service())
+    let _http = Http01Listener::bind(pebble.http_addr(), registry.service())
         .await
         .unwrap();
     let mut acme = pebble.acme_config();
@@ -173,7 +173,7 @@ async fn a_profile_is_checked_against_the_directory_stored_and_used_again_on_ren
     let dir = tempfile::tempdir().unwrap();
     let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
     let registry = Http01Registry::new();
-    let _http = Http01Listener::bind(&pebble.http_listen(), registry.service())
+    let _http = Http01Listener::bind(pebble.http_addr(), registry.service())
         .await
         .unwrap();
     let mut acme = pebble.acme_config();
@@ -262,7 +262,7 @@ async fn an_ari_window_that_opened_already_is_acted_on_within_one_poll_and_expor
     let dir = tempfile::tempdir().unwrap();
     let store: DynStore = Arc::new(FileStore::open(dir.path()).unwrap());
     let registry = Http01Registry::new();
-    let _http = Http01Listener::bind(&pebble.http_listen(), registry.service())
+    let _http = Http01Listener::bind(pebble.http_addr(), registry.service())
         .await
         .unwrap();
     let mut acme = pebble.acme_config();

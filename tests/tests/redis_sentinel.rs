@@ -207,7 +207,12 @@ async fn writes_move_to_the_new_master_after_a_graceful_failover() {
     // moves on to the next to hear the switch.
     let mut cluster = cluster;
     cluster.kill_sentinel(0);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.wait_sentinel_subscriber(Duration::from_secs(10));
+        cluster
+    })
+    .await
+    .unwrap();
 
     // The old master stays up, still a writable master until the sentinels reconfigure
     // it (at their next look, up to 10 s later). The store hears the switch and moves
@@ -307,10 +312,15 @@ async fn a_wrong_service_or_dead_sentinels_fail_fast_with_one_line_and_no_passwo
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("check that Redis is up"), "{err}");
 
+    // Reserved and never listened on: connections are refused.
+    let dead_ports = [
+        lobe_tls_tests::reserve_port(),
+        lobe_tls_tests::reserve_port(),
+    ];
     let dead = format!(
-        "redis+sentinel://:{PASSWORD}@127.0.0.1:{},127.0.0.1:{}/lobe",
-        lobe_tls_tests::free_port(),
-        lobe_tls_tests::free_port()
+        "redis+sentinel://:{PASSWORD}@{},{}/lobe",
+        dead_ports[0].addr(),
+        dead_ports[1].addr()
     );
     let started = Instant::now();
     let err = RedisStore::connect(&dead).await.unwrap_err().to_string();

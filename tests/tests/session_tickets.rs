@@ -6,10 +6,10 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use lobe_tls::edge::EdgeConfig;
 use lobe_tls::store::DynStore;
 use lobe_tls::tickets::{SharedTickets, TicketConfig};
-use lobe_tls::{CertBundle, CertResolver, FileStore, Metrics, RedisStore, Terminator};
-use lobe_tls::{TerminatorConfig, tls_config};
+use lobe_tls::{CertBundle, CertResolver, FileStore, Metrics, RedisStore, tls_config};
 use lobe_tls_tests::http_server::HttpServer;
 use lobe_tls_tests::tls::client_config;
 use lobe_tls_tests::{RedisServer, make_listener_certs};
@@ -28,14 +28,15 @@ async fn edge(
     upstream: &HttpServer,
     tickets: Option<&SharedTickets>,
 ) -> Edge {
-    let config = TerminatorConfig::new(upstream.addr.to_string());
+    let config = EdgeConfig::tcp(upstream.addr.to_string());
     let tls = tls_config::server_config(
         Arc::new(resolver.clone()),
-        &config.alpn,
+        &config.alpn(),
         tickets.map(SharedTickets::ticketer),
     )
     .unwrap();
-    let terminator = Terminator::bind_with("127.0.0.1:0", Arc::new(tls), config, Metrics::new())
+    let listen = SocketAddr::from(([127, 0, 0, 1], 0));
+    let terminator = lobe_tls::edge::Edge::bind_tls(listen, Arc::new(tls), config, Metrics::new())
         .await
         .unwrap();
     let addr = terminator.local_addr();

@@ -16,7 +16,7 @@ async fn http01_single_name_verifies_against_pebble_root() {
         .await
         .unwrap();
     let registry = Http01Registry::new();
-    let _listener = Http01Listener::bind(&pebble.http_listen(), registry.service())
+    let _listener = Http01Listener::bind(pebble.http_addr(), registry.service())
         .await
         .unwrap();
     let request = OrderRequest {

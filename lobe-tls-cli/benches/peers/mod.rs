@@ -307,7 +307,9 @@ fn caddy_binary() -> String {
 }
 
 fn lobe(conf: &Conf<'_>, mode: Option<&'static str>) -> BenchResult<Peer> {
-    let port = lobe_tls_tests::free_port();
+    // Held until the peer listens on it: nobody else can take it meanwhile.
+    let port_reserved = lobe_tls_tests::reserve_port();
+    let port = port_reserved.port();
     let listen = format!("127.0.0.1:{port}");
     let upstream = format!("127.0.0.1:{}", conf.backend);
     let store = conf.dir.join(format!("store-{}", mode.unwrap_or("tcp")));
@@ -379,7 +381,9 @@ pub fn descendants(pid: u32) -> Vec<u32> {
 }
 
 fn nginx(conf: &Conf<'_>) -> BenchResult<Peer> {
-    let port = lobe_tls_tests::free_port();
+    // Held until the peer listens on it: nobody else can take it meanwhile.
+    let port_reserved = lobe_tls_tests::reserve_port();
+    let port = port_reserved.port();
     let path = conf.dir.join("nginx.conf");
     let (rlimit, upgrade_map, connection) = if conf.scale.websocket {
         (
@@ -431,7 +435,9 @@ fn nginx(conf: &Conf<'_>) -> BenchResult<Peer> {
 }
 
 fn haproxy(conf: &Conf<'_>) -> BenchResult<Peer> {
-    let port = lobe_tls_tests::free_port();
+    // Held until the peer listens on it: nobody else can take it meanwhile.
+    let port_reserved = lobe_tls_tests::reserve_port();
+    let port = port_reserved.port();
     let path = conf.dir.join("haproxy.cfg");
     std::fs::write(
         &path,
@@ -460,7 +466,9 @@ fn haproxy(conf: &Conf<'_>) -> BenchResult<Peer> {
 }
 
 fn caddy(conf: &Conf<'_>, program: &str) -> BenchResult<Peer> {
-    let port = lobe_tls_tests::free_port();
+    // Held until the peer listens on it: nobody else can take it meanwhile.
+    let port_reserved = lobe_tls_tests::reserve_port();
+    let port = port_reserved.port();
     let path = conf.dir.join("Caddyfile");
     // `bind`: on loopback only, as the others; a wildcard listener would also clash with
     // client sockets bound to 127.0.0.x on the same port.

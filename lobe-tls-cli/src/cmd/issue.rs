@@ -9,7 +9,7 @@ use lobe_tls::acme::{CaChain, ProgressFn};
 use lobe_tls::challenge::ChallengeConfig;
 use lobe_tls::inventory::CertReport;
 use lobe_tls::issue::{Issuance, IssueRequest};
-use lobe_tls::{ChallengeKind, Http01Listener, Http01Registry, KeyType, Result, domain};
+use lobe_tls::{ChallengeKind, Error, Http01Listener, Http01Registry, KeyType, Result, domain};
 
 use crate::challenge_args::ChallengeArgs;
 use crate::global::Global;
@@ -77,6 +77,9 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
         } if spec.is_redis() => {
             let store = spec.open().await?;
             let registry = Http01Registry::with_shared_store(store.clone())?;
+            let addr = addr
+                .parse()
+                .map_err(|_| Error::config(format!("--http-listen {addr:?} is not an address")))?;
             let listener = Http01Listener::bind(addr, registry.service()).await?;
             let issuance = Issuance::prepare(request, Some(registry)).await?;
             (issuance, store, Some(listener))

@@ -94,7 +94,8 @@ async fn a_proxy_header_from_an_untrusted_peer_is_refused_before_tls_and_its_add
         async move { http::Response::new("seen\n".to_owned()) }
     })
     .await;
-    let metrics = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let metrics_port = lobe_tls_tests::reserve_port();
+    let metrics = metrics_port.listen();
     let serve = Serve::start_with(Options {
         upstream: Some(upstream.addr.to_string()),
         wait_handshake: false,

@@ -142,9 +142,8 @@ impl Serve {
                 (Some(backend), addr)
             }
         };
-        let listen: SocketAddr = format!("127.0.0.1:{}", lobe_tls_tests::free_port())
-            .parse()
-            .unwrap();
+        let listen_port = lobe_tls_tests::reserve_port();
+        let listen: SocketAddr = listen_port.addr();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
         cmd.args([
             "serve",

@@ -45,7 +45,11 @@ async fn three_backends_share_the_load_and_a_killed_one_fails_no_request() {
             seen
         }));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Killed mid-traffic, once it is seen serving.
+    lobe_tls_tests::wait_until(Duration::from_secs(2), "\"b\" serving", || async {
+        served_by(&edge.client.get("/whoami", &[]).await) == "b"
+    })
+    .await;
     backends[1].kill();
     let mut seen = Vec::new();
     for worker in workers {
@@ -186,9 +190,12 @@ async fn an_affinity_cookie_pins_on_every_instance_sharing_the_store() {
 
 #[tokio::test]
 async fn with_every_upstream_down_the_answer_is_quick_and_says_when_to_retry() {
-    let dead = [lobe_tls_tests::free_port(), lobe_tls_tests::free_port()]
-        .map(|p| format!("127.0.0.1:{p}"))
-        .join(",");
+    // Reserved, never listened on: connections are refused for the whole test.
+    let dead_ports = [
+        lobe_tls_tests::reserve_port(),
+        lobe_tls_tests::reserve_port(),
+    ];
+    let dead = dead_ports.each_ref().map(|p| p.listen()).join(",");
     let edge = Edge::start(&["--upstream", &dead], None).await;
     for _ in 0..4 {
         let started = Instant::now();
@@ -250,23 +257,13 @@ async fn forwarding_headers_are_replaced_unless_the_peer_is_trusted() {
 #[tokio::test]
 async fn haproxy_in_front_sends_proxy_v2_and_the_backend_sees_the_client() {
     let backend = Backend::start("a");
-    let edge = Edge::start_with(
-        &[
-            "--upstream",
-            &backend.addr,
-            "--accept-proxy-protocol",
-            "--trusted-proxy",
-            "127.0.0.0/8",
-        ],
-        None,
-        false,
-    )
-    .await;
+    let edge = Edge::behind_balancer(&backend, &[], None).await;
     // Without a PROXY header: refused at once, no handshake.
     let started = Instant::now();
     assert!(edge.client.connect().await.is_err());
     assert!(started.elapsed() < Duration::from_secs(6));
-    let front = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let front_port = lobe_tls_tests::reserve_port();
+    let front = front_port.listen();
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
@@ -306,17 +303,7 @@ async fn haproxy_in_front_sends_proxy_v2_and_the_backend_sees_the_client() {
             }
         }
     };
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let request = Request::get("/headers")
-        .header("host", NAME)
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let response = send.send_request(request).await.unwrap();
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    let seen = String::from_utf8_lossy(&body);
+    let seen = get_body(tls, "/headers").await.unwrap();
     assert!(seen.contains("x-forwarded-for: 127.0.0.2\n"), "{seen}");
 }
 
@@ -375,7 +362,8 @@ async fn connection_and_rate_limits_refuse_the_excess() {
 #[tokio::test]
 async fn metrics_count_requests_by_site_and_class_and_upstream_state() {
     let backend = Backend::start("a");
-    let metrics = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let metrics_port = lobe_tls_tests::reserve_port();
+    let metrics = metrics_port.listen();
     let edge = Edge::start(
         &["--upstream", &backend.addr, "--metrics-listen", &metrics],
         None,
@@ -452,18 +440,29 @@ async fn active_health_checks_take_a_failing_upstream_out_and_back_in_rotation()
     // The backend's health path starts failing; its other paths still answer, so only
     // the active check can take it out.
     assert_eq!(plain_get(&sick.addr, "/sick").await.0, 200);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    lobe_tls_tests::wait_until(
+        Duration::from_secs(5),
+        "\"sick\" out of rotation",
+        || async {
+            let two = [
+                edge.client.get("/whoami", &[]).await,
+                edge.client.get("/whoami", &[]).await,
+            ];
+            two.iter().all(|answer| served_by(answer) == "well")
+        },
+    )
+    .await;
     for _ in 0..10 {
         assert_eq!(served_by(&edge.client.get("/whoami", &[]).await), "well");
     }
     // Healthy again: back after `rise` passing checks.
     assert_eq!(plain_get(&sick.addr, "/well").await.0, 200);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    let mut seen = Vec::new();
-    for _ in 0..4 {
-        seen.push(served_by(&edge.client.get("/whoami", &[]).await));
-    }
-    assert!(seen.iter().any(|s| s == "sick"), "{seen:?}");
+    lobe_tls_tests::wait_until(
+        Duration::from_secs(5),
+        "\"sick\" back in rotation",
+        || async { served_by(&edge.client.get("/whoami", &[]).await) == "sick" },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::support::{Backend, Edge, NAME, STEP};
+use super::support::{Backend, Edge, NAME, STEP, plain_get};
 
 /// Starts an upload of `length` bytes on a new connection, sends `sent` of them.
 async fn start_upload(
@@ -28,14 +28,27 @@ async fn start_upload(
 async fn a_client_that_breaks_off_its_body_does_not_take_the_upstream_out() {
     let backend = Backend::start("a");
     let edge = Edge::start(&["--upstream", &backend.addr], None).await;
+    let uploads_at_backend = |n: &'static str| {
+        let addr = backend.addr.clone();
+        move || {
+            let addr = addr.clone();
+            async move { plain_get(&addr, "/upload/in-flight").await.1.trim() == n }
+        }
+    };
     // More aborted uploads than the failures that take an upstream out (3).
     for _ in 0..5 {
         let tls = start_upload(&edge, 1_000_000, 100_000).await;
-        // Time for the edge to start streaming the body to the upstream.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Broken off once the edge streams the body to the upstream.
+        lobe_tls_tests::wait_until(STEP, "the upload at the backend", uploads_at_backend("1"))
+            .await;
         drop(tls);
+        lobe_tls_tests::wait_until(
+            STEP,
+            "the upload cut at the backend",
+            uploads_at_backend("0"),
+        )
+        .await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let answer = edge.client.get("/whoami", &[]).await;
     assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
 }

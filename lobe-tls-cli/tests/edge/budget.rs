@@ -3,10 +3,8 @@
 //! streams through once. The upstreams here read each request whole, count it and close
 //! the connection without an answer, so the edge would try the next one if it could.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -14,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
-use super::support::{Edge, NAME, STEP, plain_get};
+use super::support::{Backend, Edge, NAME, STEP, metric_until, plain_get};
 
 const DROPPER_ENV: &str = "LOBE_TLS_TEST_DROPPER";
 
@@ -29,7 +27,9 @@ fn dropping_backend_process() {
             use tokio::io::AsyncReadExt;
             let dropper = Dropper::start();
             assert_eq!(dropper.attempts().await, 0);
-            let mut tcp = tokio::net::TcpStream::connect(&dropper.addr).await.unwrap();
+            let mut tcp = tokio::net::TcpStream::connect(&dropper.0.addr)
+                .await
+                .unwrap();
             tcp.write_all(b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
                 .await
                 .unwrap();
@@ -73,54 +73,34 @@ fn dropping_backend_process() {
 }
 
 /// A dropping backend process, killed on drop.
-struct Dropper {
-    addr: String,
-    child: Child,
-}
+struct Dropper(Backend);
 
 impl Dropper {
     fn start() -> Dropper {
-        let addr = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "budget::dropping_backend_process",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(DROPPER_ENV, &addr)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + STEP;
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "dropping backend never came up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Dropper { addr, child }
+        let addr_port = lobe_tls_tests::reserve_port();
+        let addr = addr_port.listen();
+        let spec = addr.clone();
+        Dropper(Backend::spawn(
+            addr,
+            "budget::dropping_backend_process",
+            DROPPER_ENV,
+            &spec,
+        ))
     }
 
     async fn attempts(&self) -> u64 {
-        let (status, body) = plain_get(&self.addr, "/attempts").await;
+        let (status, body) = plain_get(&self.0.addr, "/attempts").await;
         assert_eq!(status, 200);
         body.trim().parse().unwrap()
-    }
-}
-
-impl Drop for Dropper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
 /// Two dropping upstreams behind `serve` with `args`, and its metrics address.
 async fn edge_before_droppers(args: &[&str]) -> (Edge, [Dropper; 2], String) {
     let droppers = [Dropper::start(), Dropper::start()];
-    let upstreams = format!("{},{}", droppers[0].addr, droppers[1].addr);
-    let metrics = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let upstreams = format!("{},{}", droppers[0].0.addr, droppers[1].0.addr);
+    let metrics_port = lobe_tls_tests::reserve_port();
+    let metrics = metrics_port.listen();
     let mut all = vec!["--upstream", &upstreams, "--metrics-listen", &metrics];
     all.extend_from_slice(args);
     let edge = Edge::start(&all, None).await;
@@ -147,26 +127,6 @@ async fn put(edge: &Edge, size: usize) -> StatusCode {
         .unwrap()
         .unwrap();
     response.status()
-}
-
-/// The value of the metric line that holds `prefix` (whatever the registry's own prefix
-/// before it), once `wanted` says it is the
-/// one awaited (metrics are scraped until then, for up to a step).
-async fn metric_until(metrics: &str, prefix: &str, wanted: impl Fn(f64) -> bool) -> f64 {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let (_, text) = plain_get(metrics, "/metrics").await;
-        let value = text
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .find_map(|line| line.find(prefix).map(|at| &line[at + prefix.len()..]))
-            .and_then(|rest| rest.trim().parse().ok())
-            .unwrap_or(f64::NAN);
-        if wanted(value) || Instant::now() > deadline {
-            return value;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,54 +2,22 @@
 //! `client_prefix_v6` in the --config file (the flag wins); a bad value stops `serve`
 //! with one line.
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
-use rustls::pki_types::ServerName;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::support::*;
 
-/// A TLS connection that starts with a PROXY v1 header naming the IPv6 `client`.
-async fn as_client(
-    edge: &Edge,
-    client: &str,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut tcp = TcpStream::connect(&edge.listen).await?;
-    let header = format!("PROXY TCP6 {client} ::1 40000 443\r\n");
-    tcp.write_all(header.as_bytes()).await?;
-    edge.client
-        .tls
-        .connect(ServerName::try_from(NAME).unwrap(), tcp)
-        .await
-}
-
 /// The first connection of `client`, retried while the edge settles (the readiness
 /// probe's connection may still count for a moment).
 async fn first(edge: &Edge, client: &str) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let deadline = Instant::now() + STEP;
-    loop {
-        match as_client(edge, client).await {
-            Ok(tls) => return tls,
-            Err(e) => assert!(Instant::now() < deadline, "{client}: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(client, || edge.client.connect_as(client)).await
 }
 
 /// `serve` behind a trusted balancer on loopback, one connection per client.
 async fn edge(backend: &Backend, extra: &[&str], config: Option<&str>) -> Edge {
-    let mut args = vec![
-        "--upstream",
-        &backend.addr,
-        "--accept-proxy-protocol",
-        "--trusted-proxy",
-        "127.0.0.0/8",
-        "--max-conns-per-ip",
-        "1",
-    ];
+    let mut args = vec!["--max-conns-per-ip", "1"];
     args.extend_from_slice(extra);
-    Edge::start_with(&args, config, false).await
+    Edge::behind_balancer(backend, &args, config).await
 }
 
 #[tokio::test]
@@ -60,19 +28,31 @@ async fn an_ipv6_64_is_one_client_unless_the_prefix_says_otherwise() {
     let by_64 = edge(&backend, &[], None).await;
     let _held = first(&by_64, "2001:db8:0:1::1").await;
     assert!(
-        as_client(&by_64, "2001:db8:0:1:ffff::2").await.is_err(),
+        by_64
+            .client
+            .connect_as("2001:db8:0:1:ffff::2")
+            .await
+            .is_err(),
         "a second address of the same /64 got a place of its own"
     );
-    let _other = as_client(&by_64, "2001:db8:0:2::1").await.unwrap();
+    let _other = by_64.client.connect_as("2001:db8:0:2::1").await.unwrap();
     drop(by_64);
 
     // client_prefix_v6 = 128 in the --config file: each address is a client.
     let config = "client_prefix_v6 = 128\n";
     let by_address = edge(&backend, &[], Some(config)).await;
     let _held = first(&by_address, "2001:db8:0:1::1").await;
-    let _second = as_client(&by_address, "2001:db8:0:1::2").await.unwrap();
+    let _second = by_address
+        .client
+        .connect_as("2001:db8:0:1::2")
+        .await
+        .unwrap();
     assert!(
-        as_client(&by_address, "2001:db8:0:1::1").await.is_err(),
+        by_address
+            .client
+            .connect_as("2001:db8:0:1::1")
+            .await
+            .is_err(),
         "the per-address cap did not hold with client_prefix_v6 = 128"
     );
     drop(by_address);
@@ -81,10 +61,10 @@ async fn an_ipv6_64_is_one_client_unless_the_prefix_says_otherwise() {
     let by_48 = edge(&backend, &["--client-prefix-v6", "48"], Some(config)).await;
     let _held = first(&by_48, "2001:db8:0:1::1").await;
     assert!(
-        as_client(&by_48, "2001:db8:0:2::1").await.is_err(),
+        by_48.client.connect_as("2001:db8:0:2::1").await.is_err(),
         "--client-prefix-v6 48 did not win over the file"
     );
-    let _other = as_client(&by_48, "2001:db8:1:1::1").await.unwrap();
+    let _other = by_48.client.connect_as("2001:db8:1:1::1").await.unwrap();
 }
 
 #[tokio::test]
@@ -93,7 +73,8 @@ async fn an_out_of_range_client_prefix_is_one_line_and_exit_status_1() {
     write_certificate(&dir.path().join("certs"));
     let config = dir.path().join("edge.toml");
     std::fs::write(&config, "client_prefix_v4 = 33\n").unwrap();
-    let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let listen_port = lobe_tls_tests::reserve_port();
+    let listen = listen_port.listen();
     // Flags, an environment variable, and what stderr must say.
     type Case<'a> = (&'a [&'a str], Option<(&'a str, &'a str)>, &'a str);
     let cases: [Case; 3] = [

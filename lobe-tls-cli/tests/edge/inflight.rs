@@ -19,6 +19,15 @@ use crate::support::*;
 /// The upstream's delay for the requests that hold their places.
 const SLOW_MS: u64 = 4000;
 
+/// Waits until `backend` sleeps on `n` `/slow` requests: they hold their places.
+async fn until_slow_in_flight(backend: &Backend, n: usize) {
+    let what = format!("{n} slow requests at the backend");
+    lobe_tls_tests::wait_until(STEP, &what, || async {
+        plain_get(&backend.addr, "/slow/in-flight").await.1.trim() == n.to_string()
+    })
+    .await;
+}
+
 const FIRST: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
 const SECOND: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
@@ -134,7 +143,8 @@ const REFUSED: &str = "lobe_tls_edge_rejected_requests_total{reason=\"max_reques
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fifth_request_in_flight_from_one_address_is_refused_at_once_and_counted() {
     let backend = Backend::start("a");
-    let metrics = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let metrics_port = lobe_tls_tests::reserve_port();
+    let metrics = metrics_port.listen();
     let edge = Edge::start(
         &[
             "--upstream",
@@ -158,7 +168,7 @@ async fn a_fifth_request_in_flight_from_one_address_is_refused_at_once_and_count
     let edge = std::sync::Arc::new(edge);
     let (e, s) = (edge.clone(), slow.clone());
     held.push(tokio::spawn(async move { h1_get(&e, FIRST, &s).await }));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    until_slow_in_flight(&backend, 4).await;
 
     // The fifth, on either protocol, is refused at once.
     let (status, retry_after, body, took) = h2_get(&mut h2, &slow).await;
@@ -248,7 +258,7 @@ async fn trusted_proxies_are_not_capped_but_other_addresses_are() {
     let mut client = h2_from(&edge, SECOND).await;
     let (mut send, s) = (client.clone(), slow.clone());
     let first = tokio::spawn(async move { h2_get(&mut send, &s).await });
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    until_slow_in_flight(&backend, 4).await;
     // Beside three requests of the proxy's: one more of its own is served.
     let (status, _, body, _) = h2_get(&mut proxy, "/whoami").await;
     assert_eq!((status, body.trim()), (StatusCode::OK, "a"));

@@ -2,27 +2,9 @@
 //! behind a PROXY header the per-address cap counts the client the header names.
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::ServerName;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::support::*;
-
-/// Retries `connect` until it succeeds: the readiness probe's connection, or one just
-/// closed, may still count for a moment.
-async fn eventually<T, F: std::future::Future<Output = std::io::Result<T>>>(
-    what: &str,
-    mut connect: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + STEP;
-    loop {
-        match connect().await {
-            Ok(done) => return done,
-            Err(e) => assert!(Instant::now() < deadline, "{what}: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test]
 async fn open_websockets_keep_their_places_under_the_per_address_cap() {
@@ -37,7 +19,6 @@ async fn open_websockets_keep_their_places_under_the_per_address_cap() {
     assert_eq!(echo(&mut first, "one").await, "a: one");
     assert_eq!(echo(&mut second, "two").await, "a: two");
     // Both upgraded connections still count: a third from the same address is refused.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         edge.client.connect().await.is_err(),
         "a third connection was accepted beside two open WebSockets"
@@ -52,45 +33,18 @@ async fn open_websockets_keep_their_places_under_the_per_address_cap() {
     assert_eq!(echo(&mut second, "still").await, "a: still");
 }
 
-/// A TLS connection that starts with a PROXY v1 header naming `client`.
-async fn through_proxy(
-    edge: &Edge,
-    client: &str,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let mut tcp = TcpStream::connect(&edge.listen).await?;
-    let header = format!("PROXY TCP4 {client} 127.0.0.1 40000 443\r\n");
-    tcp.write_all(header.as_bytes()).await?;
-    edge.client
-        .tls
-        .connect(ServerName::try_from(NAME).unwrap(), tcp)
-        .await
-}
-
 #[tokio::test]
 async fn behind_a_proxy_header_the_per_address_cap_counts_the_named_client() {
     let backend = Backend::start("a");
-    let edge = Edge::start_with(
-        &[
-            "--upstream",
-            &backend.addr,
-            "--accept-proxy-protocol",
-            "--trusted-proxy",
-            "127.0.0.0/8",
-            "--max-conns-per-ip",
-            "1",
-        ],
-        None,
-        false,
-    )
-    .await;
+    let edge = Edge::behind_balancer(&backend, &["--max-conns-per-ip", "1"], None).await;
     // All from 127.0.0.1: the balancer's address is not what is capped.
     let _first = eventually("a first client behind the balancer", || {
-        through_proxy(&edge, "192.0.2.1")
+        edge.client.connect_as("192.0.2.1")
     })
     .await;
-    let _other = through_proxy(&edge, "192.0.2.2").await.unwrap();
+    let _other = edge.client.connect_as("192.0.2.2").await.unwrap();
     assert!(
-        through_proxy(&edge, "192.0.2.1").await.is_err(),
+        edge.client.connect_as("192.0.2.1").await.is_err(),
         "a second connection of one client behind the balancer was accepted"
     );
 }
@@ -130,7 +84,8 @@ async fn serve_raises_its_open_file_limit_and_caps_connections_by_default() {
     let backend = Backend::start("a");
     let certs = tempfile::tempdir().unwrap();
     write_certificate(certs.path());
-    let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let listen_port = lobe_tls_tests::reserve_port();
+    let listen = listen_port.listen();
     // Started with a low soft limit, as many systems start services.
     let mut child = std::process::Command::new("sh")
         .args(["-c", "ulimit -Sn 512 && exec \"$0\" \"$@\""])
@@ -190,7 +145,10 @@ async fn idle_upstream_connections_the_upstream_closed_are_let_go_without_more_t
     for answer in futures_util::future::join_all(burst).await {
         assert_eq!(answer.status, 200);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    lobe_tls_tests::wait_until(Duration::from_secs(5), "the pooled connections", || async {
+        sockets_of(pid) >= before + BURST
+    })
+    .await;
     let pooled = sockets_of(pid);
     assert!(pooled >= before + BURST, "{before} sockets, then {pooled}");
     // The upstream goes away and nothing asks for it again: its closed connections must

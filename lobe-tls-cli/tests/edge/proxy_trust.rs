@@ -6,10 +6,6 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -46,36 +42,20 @@ fn collect_stderr(edge: &mut Edge) -> std::thread::JoinHandle<String> {
 /// Scrapes `metrics` until the connections refused for the PROXY protocol number `n`;
 /// the scrape.
 async fn refused_reach(metrics: &str, n: u64) -> String {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let scraped = match TcpStream::connect(metrics).await {
-            Ok(_) => plain_get(metrics, "/metrics").await.1,
-            Err(_) => String::new(),
-        };
-        // (The family's full name carries the registry's prefix before it.)
-        let count = scraped
-            .lines()
-            .find_map(|line| {
-                line.split_once(r#"edge_rejected_connections_total{reason="proxy_protocol"} "#)
-                    .map(|(_, n)| n)
-            })
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        if count == n {
-            return scraped;
-        }
-        assert!(
-            count < n && Instant::now() < deadline,
-            "refused connections: {count}, not {n}\n{scraped}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let series = r#"edge_rejected_connections_total{reason="proxy_protocol"} "#;
+    let (count, scraped) = scrape_until(metrics, series, |v| v >= n as f64).await;
+    assert_eq!(
+        count, n as f64,
+        "refused connections: {count}, not {n}\n{scraped}"
+    );
+    scraped
 }
 
 #[tokio::test]
 async fn a_proxy_header_from_an_untrusted_peer_is_refused_before_tls_and_counted() {
     let backend = Backend::start("a");
-    let metrics = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+    let metrics_port = lobe_tls_tests::reserve_port();
+    let metrics = metrics_port.listen();
     let mut edge = Edge::start_with(
         &[
             "--upstream",
@@ -135,18 +115,7 @@ async fn a_proxy_header_from_an_untrusted_peer_is_refused_before_tls_and_counted
 #[tokio::test]
 async fn a_trusted_balancer_may_split_its_header_over_several_packets() {
     let backend = Backend::start("a");
-    let edge = Edge::start_with(
-        &[
-            "--upstream",
-            &backend.addr,
-            "--accept-proxy-protocol",
-            "--trusted-proxy",
-            "127.0.0.0/8",
-        ],
-        None,
-        false,
-    )
-    .await;
+    let edge = Edge::behind_balancer(&backend, &[], None).await;
     let header = v2_header("198.51.100.9");
     let deadline = Instant::now() + STEP;
     let answer = loop {
@@ -162,25 +131,7 @@ async fn a_trusted_balancer_may_split_its_header_over_several_packets() {
                 .tls
                 .connect(ServerName::try_from(NAME).unwrap(), tcp)
                 .await?;
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                .await
-                .map_err(std::io::Error::other)?;
-            tokio::spawn(conn);
-            let request = Request::get("/headers")
-                .header("host", NAME)
-                .body(Empty::<Bytes>::new())
-                .unwrap();
-            let response = send
-                .send_request(request)
-                .await
-                .map_err(std::io::Error::other)?;
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(std::io::Error::other)?
-                .to_bytes();
-            Ok::<_, std::io::Error>(String::from_utf8_lossy(&body).into_owned())
+            get_body(tls, "/headers").await
         };
         match tokio::time::timeout(STEP, exchange).await {
             Ok(Ok(body)) => break body,

@@ -49,15 +49,18 @@ pub struct Backend {
 
 impl Backend {
     pub fn start(name: &str) -> Backend {
-        let addr = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+        let addr_port = lobe_tls_tests::reserve_port();
+        let addr = addr_port.listen();
+        let spec = format!("{addr} {name}");
+        Backend::spawn(addr, "support::backend_process", BACKEND_ENV, &spec)
+    }
+
+    /// This test binary re-run as the process of `test` (a `#[test]` that serves at
+    /// `addr` when the variable `env` holds `spec`), once `addr` accepts connections.
+    pub fn spawn(addr: String, test: &str, env: &str, spec: &str) -> Backend {
         let child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "support::backend_process",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(BACKEND_ENV, format!("{addr} {name}"))
+            .args(["--exact", test, "--nocapture", "--test-threads=1"])
+            .env(env, spec)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -65,7 +68,7 @@ impl Backend {
             .unwrap();
         let deadline = Instant::now() + STEP;
         while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "backend {name} never came up");
+            assert!(Instant::now() < deadline, "{test} ({spec}) never came up");
             std::thread::sleep(Duration::from_millis(20));
         }
         Backend { addr, child }
@@ -171,6 +174,21 @@ impl Edge {
         Edge::launch(args, config, handshake, None).await
     }
 
+    /// `serve` to `backend` behind a trusted balancer on loopback
+    /// (`--accept-proxy-protocol`, `--trusted-proxy 127.0.0.0/8`), with `extra` flags;
+    /// ready once its port is, as a connection must start with a PROXY header.
+    pub async fn behind_balancer(backend: &Backend, extra: &[&str], config: Option<&str>) -> Edge {
+        let mut args = vec![
+            "--upstream",
+            &backend.addr,
+            "--accept-proxy-protocol",
+            "--trusted-proxy",
+            "127.0.0.0/8",
+        ];
+        args.extend_from_slice(extra);
+        Edge::start_with(&args, config, false).await
+    }
+
     /// `serve` of the certificate for NAME that `store` holds (a file store several
     /// instances share; see [`store_certificate`]), with no --cert-dir.
     pub async fn start_on_store(
@@ -188,7 +206,8 @@ impl Edge {
         store: Option<(&Path, &rustls::pki_types::CertificateDer<'static>)>,
     ) -> Edge {
         let dir = tempfile::tempdir().unwrap();
-        let listen = format!("127.0.0.1:{}", lobe_tls_tests::free_port());
+        let listen_port = lobe_tls_tests::reserve_port();
+        let listen = listen_port.listen();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
         let ca = match store {
             Some((store, ca)) => {
@@ -286,6 +305,21 @@ impl Client {
             .await
     }
 
+    /// A TLS connection that starts with a PROXY v1 header naming `client` (an IPv4 or
+    /// IPv6 address), as a trusted balancer sends it.
+    pub async fn connect_as(&self, client: &str) -> std::io::Result<TlsStream<TcpStream>> {
+        let mut tcp = TcpStream::connect(&self.addr).await?;
+        let header = if client.contains(':') {
+            format!("PROXY TCP6 {client} ::1 40000 443\r\n")
+        } else {
+            format!("PROXY TCP4 {client} 127.0.0.1 40000 443\r\n")
+        };
+        tcp.write_all(header.as_bytes()).await?;
+        self.tls
+            .connect(ServerName::try_from(NAME).unwrap(), tcp)
+            .await
+    }
+
     /// GET `path` for Host `host` on a new HTTP/1.1 connection.
     pub async fn get_host(
         &self,
@@ -364,4 +398,75 @@ pub async fn echo(
 pub fn served_by(answer: &Answer) -> String {
     assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
     answer.body.trim().to_owned()
+}
+
+/// GET `path` for NAME on `tls`, an HTTP/1.1 connection already made; the body.
+pub async fn get_body(tls: TlsStream<TcpStream>, path: &str) -> std::io::Result<String> {
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    let request = Request::get(path)
+        .header("host", NAME)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let response = send
+        .send_request(request)
+        .await
+        .map_err(std::io::Error::other)?;
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Retries `connect` until it succeeds: the readiness probe's connection, or one just
+/// closed, may still count for a moment.
+pub async fn eventually<T, F: std::future::Future<Output = std::io::Result<T>>>(
+    what: &str,
+    mut connect: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + STEP;
+    loop {
+        match connect().await {
+            Ok(done) => return done,
+            Err(e) => assert!(Instant::now() < deadline, "{what}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Scrapes `metrics` until the value on the line that holds `series` (whatever the
+/// registry's own prefix before it; NaN while it is absent) is one `wanted` accepts, for
+/// up to a step; that value and the last scrape. A port not open yet scrapes as empty.
+pub async fn scrape_until(
+    metrics: &str,
+    series: &str,
+    wanted: impl Fn(f64) -> bool,
+) -> (f64, String) {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let text = match TcpStream::connect(metrics).await {
+            Ok(_) => plain_get(metrics, "/metrics").await.1,
+            Err(_) => String::new(),
+        };
+        let value = text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .find_map(|line| line.find(series).map(|at| &line[at + series.len()..]))
+            .and_then(|rest| rest.trim().parse().ok())
+            .unwrap_or(f64::NAN);
+        if wanted(value) || Instant::now() > deadline {
+            return (value, text);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// As [`scrape_until`], the value alone.
+pub async fn metric_until(metrics: &str, series: &str, wanted: impl Fn(f64) -> bool) -> f64 {
+    scrape_until(metrics, series, wanted).await.0
 }

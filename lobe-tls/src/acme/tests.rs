@@ -1,4 +1,10 @@
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::retry::{fast_poll_policy, steady_poll_policy};
 use super::*;
+use crate::challenge::Solver;
 
 #[test]
 fn the_paused_refusal_names_its_unpause_url() {

@@ -402,11 +402,13 @@ mod tests {
     #[cfg(feature = "http01-listener")]
     #[tokio::test]
     async fn busy_port_is_a_clear_error() {
-        let first = Http01Listener::bind("127.0.0.1:0", Http01Registry::new().service())
-            .await
-            .unwrap();
-        let addr = first.local_addr().to_string();
-        let err = Http01Listener::bind(&addr, Http01Registry::new().service())
+        let first = Http01Listener::bind(
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            Http01Registry::new().service(),
+        )
+        .await
+        .unwrap();
+        let err = Http01Listener::bind(first.local_addr(), Http01Registry::new().service())
             .await
             .unwrap_err();
         assert!(err.to_string().contains("cannot listen on"), "{err}");

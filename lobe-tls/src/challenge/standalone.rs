@@ -3,6 +3,7 @@
 //! while an order needs them.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -16,8 +17,8 @@ use crate::store::DynStore;
 /// closed when the last of them ends.
 #[derive(Default)]
 pub(crate) struct Standalone {
-    http: tokio::sync::Mutex<HashMap<String, (Weak<Http01Listener>, Http01Registry)>>,
-    tls: tokio::sync::Mutex<HashMap<String, (Weak<TlsAlpn01Listener>, CertResolver)>>,
+    http: tokio::sync::Mutex<HashMap<SocketAddr, (Weak<Http01Listener>, Http01Registry)>>,
+    tls: tokio::sync::Mutex<HashMap<SocketAddr, (Weak<TlsAlpn01Listener>, CertResolver)>>,
 }
 
 /// How long to retry binding a port that a just-closed listener may still hold.
@@ -29,11 +30,11 @@ impl Standalone {
     /// instance sharing the store can answer, wherever the CA's request lands.
     pub(crate) async fn http(
         &self,
-        addr: &str,
+        addr: SocketAddr,
         shared: Option<DynStore>,
     ) -> Result<(Arc<Http01Listener>, Http01Registry)> {
         let mut map = self.http.lock().await;
-        if let Some((weak, registry)) = map.get(addr)
+        if let Some((weak, registry)) = map.get(&addr)
             && let Some(listener) = weak.upgrade()
         {
             return Ok((listener, registry.clone()));
@@ -44,17 +45,17 @@ impl Standalone {
         };
         let listener =
             Arc::new(bind_retrying(|| Http01Listener::bind(addr, registry.service())).await?);
-        map.insert(
-            addr.to_owned(),
-            (Arc::downgrade(&listener), registry.clone()),
-        );
+        map.insert(addr, (Arc::downgrade(&listener), registry.clone()));
         Ok((listener, registry))
     }
 
     /// The TLS-ALPN-01 listener on `addr` and its resolver, bound now if none is open.
-    pub(crate) async fn tls(&self, addr: &str) -> Result<(Arc<TlsAlpn01Listener>, CertResolver)> {
+    pub(crate) async fn tls(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(Arc<TlsAlpn01Listener>, CertResolver)> {
         let mut map = self.tls.lock().await;
-        if let Some((weak, resolver)) = map.get(addr)
+        if let Some((weak, resolver)) = map.get(&addr)
             && let Some(listener) = weak.upgrade()
         {
             return Ok((listener, resolver.clone()));
@@ -62,10 +63,7 @@ impl Standalone {
         let resolver = CertResolver::new();
         let listener =
             Arc::new(bind_retrying(|| TlsAlpn01Listener::bind(addr, resolver.clone())).await?);
-        map.insert(
-            addr.to_owned(),
-            (Arc::downgrade(&listener), resolver.clone()),
-        );
+        map.insert(addr, (Arc::downgrade(&listener), resolver.clone()));
         Ok((listener, resolver))
     }
 }

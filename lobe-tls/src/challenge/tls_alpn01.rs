@@ -243,7 +243,7 @@ pub struct TlsAlpn01Listener {
 
 impl TlsAlpn01Listener {
     /// Binds `addr` and answers validation handshakes from `resolver`'s challenge certificates.
-    pub async fn bind(addr: &str, resolver: CertResolver) -> Result<Self> {
+    pub async fn bind(addr: SocketAddr, resolver: CertResolver) -> Result<Self> {
         let mut config =
             rustls::ServerConfig::builder_with_provider(crate::cert::crypto_provider())
                 .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])

@@ -424,7 +424,7 @@ mod tests {
         let mut config = crate::edge::EdgeConfig::new(Vec::new());
         config.accept_proxy_protocol = Some(Duration::from_secs(5));
         let bound = crate::edge::Edge::bind(
-            "127.0.0.1:0",
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             Arc::new(crate::resolver::CertResolver::new()),
             config.clone(),
             crate::metrics::Metrics::new(),
@@ -436,7 +436,7 @@ mod tests {
         assert!(why.contains("trusted_proxies"), "{why}");
         config.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
         let bound = crate::edge::Edge::bind(
-            "127.0.0.1:0",
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             Arc::new(crate::resolver::CertResolver::new()),
             config,
             crate::metrics::Metrics::new(),

@@ -112,6 +112,17 @@ pub const DEFAULT_H2_MAX_STREAMS: u32 = 128;
 pub const DEFAULT_MAX_REQUESTS_PER_IP: usize = 1024;
 
 impl EdgeConfig {
+    /// tcp mode with one site that takes every name and forwards its decrypted bytes
+    /// to `upstream` (`host:port`), offering ALPN `http/1.1`: a plain TLS terminator.
+    /// Idle connections close after an hour, as [`SiteConfig::new`] sets.
+    pub fn tcp(upstream: impl Into<String>) -> Self {
+        let site = SiteConfig::new(Vec::new(), vec![UpstreamSpec::Addr(upstream.into())]);
+        let mut config = EdgeConfig::new(vec![site]);
+        config.mode = Mode::Tcp;
+        config.alpn = Some(vec![b"http/1.1".to_vec()]);
+        config
+    }
+
     /// The defaults for `sites`, safe to face the Internet as they are: http mode, 10 s
     /// handshakes and header reads, 75 s keep-alive, 16 KiB heads, 30 s drain;
     /// at most 10,000 connections in total and 4,096 from one client address; 128 h2

@@ -11,12 +11,17 @@
 //!   (PROXY header, ClientHello, handshake), then its mode.
 //! - `http` / `tcp`: the connection's protocol; `tcp` forwards bytes to an upstream.
 //! - `proxy`: one exchange: `limits` (request rate), `forwarded` (the client's
-//!   identity), upgrades and streaming, with the retry `budget` and `inflight` caps.
+//!   identity), `headers` (Host, hop-by-hop fields), `request_body` (a slow body cut,
+//!   a small one kept for a retry within the `budget`), `upgrade` (WebSocket and h2
+//!   CONNECT), `relay` (the response body, streamed), with the `inflight` caps.
 //! - `site`: Host and path to a pool; it builds the pools and starts their checks.
 //! - `upstream`: the balancing policies that pick an upstream in a pool.
 //! - `pool`: keep-alive connections to one upstream.
 //! - `health`: active checks beside the request path, writing `upstream_state`.
 //! - `reload`: reads the sites of a configuration file, for a start or a reload.
+//!
+//! `crate::server` stands above the edge: it binds it with the manager, port 80 and the
+//! metrics listener, as `lobe-tls serve` runs them.
 //!
 //! Below them all stand leaves that import nothing of the edge: `config` (settings,
 //! sites, durations), `upstream_state` (each upstream's open count and health),
@@ -31,6 +36,7 @@ mod clock;
 mod config;
 mod conn;
 mod forwarded;
+mod headers;
 mod health;
 mod hold;
 mod http;
@@ -39,12 +45,15 @@ mod limits;
 mod metrics;
 mod pool;
 mod proxy;
-pub mod reload;
+mod relay;
+mod reload;
+mod request_body;
 mod shard;
 mod shared;
 mod site;
 pub(crate) mod tcp;
 mod thread_slot;
+mod upgrade;
 mod upstream;
 mod upstream_state;
 
@@ -166,7 +175,7 @@ impl Edge {
     /// Binds `listen`, builds the TLS configuration around `resolver` and the sites.
     /// Must be called inside a Tokio runtime (health checks start here).
     pub async fn bind(
-        listen: &str,
+        listen: SocketAddr,
         resolver: Arc<dyn ResolvesServerCert>,
         config: EdgeConfig,
         metrics: Arc<Metrics>,
@@ -179,7 +188,7 @@ impl Edge {
     /// [`crate::tls_config::server_config`] with session tickets shared through a store.
     /// Its ALPN list should be [`EdgeConfig::alpn`]'s.
     pub async fn bind_tls(
-        listen: &str,
+        listen: SocketAddr,
         tls: Arc<rustls::ServerConfig>,
         config: EdgeConfig,
         metrics: Arc<Metrics>,

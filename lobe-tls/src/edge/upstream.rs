@@ -419,7 +419,7 @@ mod tests {
         );
         site.lb = LbPolicy::Cookie;
         Edge::bind(
-            "127.0.0.1:0",
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
             Arc::new(crate::resolver::CertResolver::new()),
             EdgeConfig::new(vec![site]),
             crate::metrics::Metrics::new(),

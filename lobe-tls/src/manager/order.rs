@@ -341,6 +341,7 @@ impl Manager {
                 Some(registry) => SolverHandle::new(Http01Solver::new(registry.clone())),
                 None => {
                     let addr = challenge.http_listen.as_deref().unwrap_or("0.0.0.0:80");
+                    let addr = crate::listen::parse_addr(addr, "http_listen")?;
                     // With challenge tokens in the store, any instance answers the CA.
                     let store = &self.inner.store;
                     let shared = store.as_challenge_store().map(|_| store.clone());
@@ -352,6 +353,7 @@ impl Manager {
             },
             ChallengeKind::TlsAlpn01 => match &challenge.tls_listen {
                 Some(addr) if !self.inner.tls_alpn01_on_resolver => {
+                    let addr = crate::listen::parse_addr(addr, "tls_listen")?;
                     let (listener, resolver) = self.inner.standalone.tls(addr).await?;
                     let mut handle = SolverHandle::new(TlsAlpn01Solver::new(resolver));
                     handle.keep.push(listener);

@@ -192,14 +192,14 @@ pub struct Http01Listener {
 impl Http01Listener {
     /// Binds `addr` and starts answering challenges from `service`, with the default
     /// guards ([`Http01ListenerConfig::default`]).
-    pub async fn bind(addr: &str, service: Http01Service) -> Result<Self> {
+    pub async fn bind(addr: SocketAddr, service: Http01Service) -> Result<Self> {
         Self::bind_with(addr, service, Http01ListenerConfig::default()).await
     }
 
     /// Binds `addr` and starts answering challenges from `service`, guarded as `config`
     /// says.
     pub async fn bind_with(
-        addr: &str,
+        addr: SocketAddr,
         service: Http01Service,
         config: Http01ListenerConfig,
     ) -> Result<Self> {
@@ -470,9 +470,13 @@ mod tests {
     async fn listener_with_token(config: Http01ListenerConfig) -> Http01Listener {
         let registry = Http01Registry::new();
         registry.insert("tok", "tok.thumb").await.expect("insert");
-        Http01Listener::bind_with("127.0.0.1:0", registry.service(), config)
-            .await
-            .expect("bind")
+        Http01Listener::bind_with(
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            registry.service(),
+            config,
+        )
+        .await
+        .expect("bind")
     }
 
     #[tokio::test]

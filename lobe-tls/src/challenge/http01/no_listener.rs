@@ -17,7 +17,7 @@ pub(crate) enum Http01Listener {}
 
 impl Http01Listener {
     /// Always an error: this build has no HTTP server to listen with.
-    pub(crate) async fn bind(addr: &str, _service: Http01Service) -> Result<Self> {
+    pub(crate) async fn bind(addr: SocketAddr, _service: Http01Service) -> Result<Self> {
         Err(Error::config(format!(
             "cannot listen on {addr} for http-01: this build of lobe-tls has no standalone \
              listener (feature `http01-listener`); use a webroot or mount Http01Service in \

@@ -1,6 +1,33 @@
 //! The event feed: one pub/sub connection that turns announcements into store events.
 
-use super::*;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use super::codec::parse_event;
+use super::conn::Conn;
+use super::{RESPONSE_TIMEOUT, RedisStore};
+use crate::error::Result;
+use crate::store::{FeedStore, StoreEvent, StoreSubscription};
+
+/// Reconnect backoff of the event feed.
+const FEED_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const FEED_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The events channel, through a subscription that reconnects by itself.
+impl FeedStore for RedisStore {
+    fn subscribe(&self) -> Result<StoreSubscription> {
+        let (tx, rx) = mpsc::channel(256);
+        let task = tokio::spawn(feed(
+            self.conn.clone(),
+            self.channel(),
+            self.target.clone(),
+            tx,
+        ));
+        Ok(StoreSubscription::new(rx, task))
+    }
+}
 
 /// Keeps one pub/sub connection open, forwarding announcements as events. After every
 /// (re)connection it sends [`StoreEvent::Resync`], since announcements made while it was

@@ -1,6 +1,53 @@
 //! The cluster lock: a lease with a token, renewed in the background, released by script.
 
-use super::*;
+use std::time::Duration;
+
+use ::redis::{RedisError, Script};
+use async_trait::async_trait;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::codec::encode_cert;
+use super::conn::Conn;
+use super::{RedisStore, millis};
+use crate::error::{Error, Result};
+use crate::store::fs::check_name;
+use crate::store::{LockStore, Store, StoreLock, StoredCert};
+
+/// How often `lock` retries while another instance holds the lock.
+const LOCK_POLL: Duration = Duration::from_millis(50);
+/// Shortest lease accepted, so renewal (every third of the lease) stays sane.
+const MIN_LEASE: Duration = Duration::from_secs(1);
+
+/// Deletes the lock only if it still holds our token: a holder whose lease expired must
+/// not release the lock another instance has taken since.
+const RELEASE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// Saves a certificate (value, index, announcement) only if the lock still holds our
+/// token: the fencing that keeps a holder whose lease ran out from writing over a newer
+/// certificate. KEYS: lock, cert, index. ARGV: token, value, name, channel.
+const FENCED_SAVE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[3])
+redis.call('PUBLISH', ARGV[4], 'cert ' .. ARGV[3])
+return 1
+"#;
+
+/// Extends the lease only if the lock still holds our token.
+const RENEW_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#;
 
 /// A held Redis lock. A background task renews the lease every third of it until the
 /// lock is released or dropped, so a long order keeps the lock, and a crashed holder
@@ -119,6 +166,77 @@ impl Drop for RedisLock {
                     .invoke_async::<i64>(&mut conn)
                     .await;
             });
+        }
+    }
+}
+
+/// Leases under `<prefix>:lock:<name>`, renewed while held; a write under a lock is
+/// fenced by its token.
+#[async_trait]
+impl LockStore for RedisStore {
+    async fn lock(
+        &self,
+        name: &str,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Option<Box<dyn StoreLock>>> {
+        check_name(name)?;
+        let lease = lease.max(MIN_LEASE);
+        let key = self.key("lock", name);
+        let token = format!("{:032x}", rand::random::<u128>());
+        let deadline = Instant::now() + wait;
+        let mut conn = self.conn.clone();
+        loop {
+            let taken: Option<String> = ::redis::cmd("SET")
+                .arg(&key)
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(millis(lease))
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.error(&format!("take the lock on {name}"), &e))?;
+            if taken.is_some() {
+                tracing::debug!(name, "took the cluster lock");
+                return Ok(Some(Box::new(RedisLock::held(
+                    self, name, key, token, lease,
+                ))));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(LOCK_POLL.min(deadline - Instant::now())).await;
+        }
+    }
+
+    async fn save_cert_fenced(&self, cert: &StoredCert, lock: &dyn StoreLock) -> Result<()> {
+        let Some(token) = lock.fencing_token() else {
+            return self.save_cert(cert).await;
+        };
+        let name = cert.meta.name.as_str();
+        let value = encode_cert(cert)?;
+        let mut conn = self.conn.clone();
+        let saved = Script::new(FENCED_SAVE_SCRIPT)
+            .key(self.key("lock", name))
+            .key(self.key("cert", name))
+            .key(self.index("certs"))
+            .arg(token)
+            .arg(value)
+            .arg(name)
+            .arg(self.channel())
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map_err(|e| self.error(&format!("save certificate {name}"), &e))?;
+        if saved == 1 {
+            Ok(())
+        } else {
+            Err(Error::store(
+                "redis",
+                crate::error::StoreErrorKind::Locked,
+                format!(
+                    "the lock on {name} was lost before the new certificate was stored (its lease ran out); not overwriting what another instance may have stored since"
+                ),
+            ))
         }
     }
 }

@@ -1,4 +1,6 @@
+use super::codec::{CertRecord, SERIAL_HEAD, serial_from_head};
 use super::*;
+use crate::store::{CertMeta, StoreEvent};
 
 #[test]
 fn prefix_is_taken_out_of_the_url() {

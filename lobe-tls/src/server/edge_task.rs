@@ -5,15 +5,15 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use lobe_tls::{Error, Result};
+use crate::error::{Error, Result};
 use tokio::sync::oneshot;
 use tokio::task::{JoinError, JoinHandle};
 
-/// Completes when the edge is asked to stop (what [`lobe_tls::edge::Edge::run`] waits on).
-pub type Stopped = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// Completes when the edge is asked to stop (what [`crate::edge::Edge::run`] waits on).
+pub(super) type Stopped = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A running edge task.
-pub struct EdgeTask {
+pub(super) struct EdgeTask {
     task: JoinHandle<()>,
     stop: oneshot::Sender<()>,
     ended: Option<oneshot::Receiver<()>>,
@@ -21,7 +21,7 @@ pub struct EdgeTask {
 
 impl EdgeTask {
     /// Spawns `serve(stopped)`, where `stopped` completes when [`EdgeTask::stop`] runs.
-    pub fn spawn<F>(serve: impl FnOnce(Stopped) -> F) -> Self
+    pub(super) fn spawn<F>(serve: impl FnOnce(Stopped) -> F) -> Self
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -44,7 +44,7 @@ impl EdgeTask {
 
     /// A future that completes when the task has ended (asked to or not); the first
     /// call takes it, later ones never complete.
-    pub fn ended(&mut self) -> impl Future<Output = ()> + Send + 'static {
+    pub(super) fn ended(&mut self) -> impl Future<Output = ()> + Send + 'static {
         let ended = self.ended.take();
         async move {
             match ended {
@@ -58,7 +58,7 @@ impl EdgeTask {
 
     /// Asks the task to stop and waits for it to drain. An error (one line, with the
     /// cause) when it panicked, or had stopped before it was asked to.
-    pub async fn stop(self) -> Result<()> {
+    pub(super) async fn stop(self) -> Result<()> {
         // The task holds the receiver while it runs: a failed send means it had ended.
         let asked = self.stop.send(()).is_ok();
         match self.task.await {

@@ -1,0 +1,240 @@
+//! The flags of `lobe-tls serve`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lobe_tls::edge::{IpNet, LbPolicy, Mode};
+use lobe_tls::{Error, OnDemandConfig, Result, domain};
+
+use crate::challenge_args::ChallengeArgs;
+use crate::profile_args::ProfileArgs;
+
+/// Options of `lobe-tls serve`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Address to accept TLS connections on.
+    #[arg(long, env = "LOBE_TLS_LISTEN", default_value = "0.0.0.0:443")]
+    pub listen: SocketAddr,
+
+    /// `http` (default): an HTTP/1.1 and h2 proxy with pooled keep-alive connections to
+    /// the upstreams. `tcp`: decrypted bytes forwarded as they arrive.
+    #[arg(long, env = "LOBE_TLS_MODE", default_value = "http")]
+    pub mode: Mode,
+
+    /// Upstream address (host:port) of the site these flags describe, which answers every
+    /// Host that no site of the --config file claims. Repeatable.
+    #[arg(long, env = "LOBE_TLS_UPSTREAM", value_delimiter = ',')]
+    pub upstream: Vec<String>,
+
+    /// Balancing over the --upstream addresses: least-conn, round-robin, ip-hash or cookie.
+    #[arg(long, env = "LOBE_TLS_LB", default_value = "least-conn")]
+    pub lb: LbPolicy,
+
+    /// Path of the active HTTP health check of the --upstream addresses (e.g. /healthz).
+    #[arg(long, env = "LOBE_TLS_HEALTH_PATH")]
+    pub health_path: Option<String>,
+
+    /// Seconds between health checks.
+    #[arg(long, env = "LOBE_TLS_HEALTH_INTERVAL", default_value_t = 5.0)]
+    pub health_interval: f64,
+
+    /// Send `Strict-Transport-Security: max-age=SECONDS` from the --upstream site.
+    #[arg(long, env = "LOBE_TLS_HSTS", value_name = "SECONDS")]
+    pub hsts: Option<u64>,
+
+    /// Largest request body in bytes for the --upstream site (413 beyond).
+    #[arg(long, env = "LOBE_TLS_MAX_BODY_SIZE")]
+    pub max_body_size: Option<u64>,
+
+    /// tcp mode: start each upstream connection with a PROXY v2 header.
+    #[arg(long, env = "LOBE_TLS_SEND_PROXY_V2")]
+    pub send_proxy_v2: bool,
+
+    /// Require a PROXY v1/v2 header from an outer load balancer on --listen; connections
+    /// without one, or from a peer outside --trusted-proxy, are refused before TLS.
+    #[arg(long, env = "LOBE_TLS_ACCEPT_PROXY_PROTOCOL")]
+    pub accept_proxy_protocol: bool,
+
+    /// Network (CIDR) whose X-Forwarded-* and Forwarded headers are kept (from anyone
+    /// else they are replaced), and, with --accept-proxy-protocol, the only peers that
+    /// may connect and whose PROXY headers are believed. Repeatable.
+    #[arg(
+        long = "trusted-proxy",
+        env = "LOBE_TLS_TRUSTED_PROXY",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<IpNet>,
+
+    /// Connections open at once, in total; more are refused. Default: (open-file limit -
+    /// 256) / 2, after serve raised its soft open-file limit to the hard one; 0: no cap.
+    #[arg(long, env = "LOBE_TLS_MAX_CONNS")]
+    pub max_conns: Option<usize>,
+
+    /// Connections open at once from one client address (with --accept-proxy-protocol,
+    /// the one the PROXY header names); more are refused. Peers in --trusted-proxy are
+    /// not capped per address. Default: 4096; 0: no cap.
+    #[arg(long, env = "LOBE_TLS_MAX_CONNS_PER_IP")]
+    pub max_conns_per_ip: Option<usize>,
+
+    /// Requests in flight at once from one client address (grouped as for
+    /// --max-conns-per-ip), over HTTP/1.1 and h2 together; an event stream or a
+    /// WebSocket counts while it is open. More are answered 429 at once, without reaching
+    /// an upstream. Peers in --trusted-proxy are not capped. Default: 1024; 0: no cap.
+    #[arg(long, env = "LOBE_TLS_MAX_REQUESTS_PER_IP")]
+    pub max_requests_per_ip: Option<usize>,
+
+    /// Bytes of request bodies one client connection may hold at once so that a request
+    /// can be sent again to another upstream when the first fails (each body at most
+    /// 64 KiB); a body that does not fit streams through once, unretried. Default:
+    /// 1048576 (1 MiB); 0: no body is retried.
+    #[arg(long, env = "LOBE_TLS_RETRY_BUFFER_PER_CONN", value_name = "BYTES")]
+    pub retry_buffer_per_conn: Option<usize>,
+
+    /// As --retry-buffer-per-conn, for all connections together. Default: 67108864
+    /// (64 MiB).
+    #[arg(long, env = "LOBE_TLS_RETRY_BUFFER_TOTAL", value_name = "BYTES")]
+    pub retry_buffer_total: Option<usize>,
+
+    /// Requests per second per client address; more are answered 429 with Retry-After.
+    #[arg(long, env = "LOBE_TLS_RATE_LIMIT")]
+    pub rate_limit: Option<u32>,
+
+    /// Leading bits of an IPv4 address that make one client for --max-conns-per-ip and
+    /// --rate-limit (or `client_prefix_v4` in --config). Default: 32, each address.
+    #[arg(long, env = "LOBE_TLS_CLIENT_PREFIX_V4", value_name = "BITS")]
+    pub client_prefix_v4: Option<u32>,
+
+    /// Leading bits of an IPv6 address that make one client for --max-conns-per-ip and
+    /// --rate-limit (or `client_prefix_v6` in --config). Default: 64, so a /64 (one
+    /// host's or one site's subnet) is one client.
+    #[arg(long, env = "LOBE_TLS_CLIENT_PREFIX_V6", value_name = "BITS")]
+    pub client_prefix_v6: Option<u32>,
+
+    /// Threads that accept and serve client connections, each serving its own
+    /// connections start to finish (default: one per CPU).
+    #[arg(long, env = "LOBE_TLS_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
+
+    /// Seconds a client has to send a request's headers.
+    #[arg(long, env = "LOBE_TLS_HEADER_READ_TIMEOUT", default_value_t = 10)]
+    pub header_read_timeout: u64,
+
+    /// Serve the certificates another process writes here (certbot's live/, a Kubernetes
+    /// secret mount, fullchain.pem/privkey.pem or tls.crt/tls.key pairs); repeatable.
+    #[arg(long = "cert-dir", env = "LOBE_TLS_CERT_DIR", value_delimiter = ',')]
+    pub cert_dirs: Vec<PathBuf>,
+
+    /// Certificate for clients that send no or an unknown server name: a certificate's
+    /// name in the store, a pair's name under --cert-dir, or a DNS name one of them
+    /// serves. Without it such handshakes are refused.
+    #[arg(long, env = "LOBE_TLS_DEFAULT_NAME")]
+    pub default_name: Option<String>,
+
+    /// Name of the managed certificate in the store (default: its first domain, with `*`
+    /// as `_`, as `issue` names it).
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// Domain of a certificate to manage: issued at start if the store lacks it, then
+    /// renewed in the background. Repeatable.
+    #[arg(short = 'd', long = "domain")]
+    pub domains: Vec<String>,
+
+    #[command(flatten)]
+    pub challenge: ChallengeArgs,
+
+    #[command(flatten)]
+    pub profile: ProfileArgs,
+
+    /// Do not listen for plain HTTP (challenges and the redirect to https) on --http-listen.
+    #[arg(long, env = "LOBE_TLS_NO_HTTP")]
+    pub no_http: bool,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "LOBE_TLS_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Close connections, streams and WebSockets of the --upstream site that move no byte
+    /// for this many seconds (sites of the --config file set their own idle_timeout).
+    #[arg(long, env = "LOBE_TLS_IDLE_TIMEOUT", default_value_t = 3600)]
+    pub idle_timeout: u64,
+
+    /// Once every listener is bound, write their addresses here as JSON
+    /// ({"listen": "127.0.0.1:8443", "http_listen": ..., "metrics_listen": ...}), for
+    /// scripts and supervisors; the bound addresses are logged too (useful with port 0).
+    #[arg(long, env = "LOBE_TLS_READY_FILE", value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
+
+    /// On SIGTERM, seconds to let open connections finish before cutting them.
+    #[arg(long, env = "LOBE_TLS_DRAIN_TIMEOUT", default_value_t = 30)]
+    pub drain_timeout: u64,
+
+    #[command(flatten)]
+    pub on_demand: OnDemandArgs,
+}
+
+/// On-demand TLS: certificates issued during the first handshake for a new name.
+#[derive(clap::Args)]
+pub struct OnDemandArgs {
+    /// Issue a certificate during the first handshake for a name nothing serves, if
+    /// GET URL?domain=NAME answers 2xx (validated through TLS-ALPN-01 on --listen).
+    // The URL may carry a token: its value stays out of --help.
+    #[arg(
+        long,
+        env = "LOBE_TLS_ON_DEMAND_ASK",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub on_demand_ask: Option<String>,
+
+    /// Issue on demand only names matching PATTERN (example.com, or *.example.com for one
+    /// label under it); repeatable. Alone it turns on-demand issuance on; with
+    /// --on-demand-ask a name must pass both.
+    #[arg(
+        long,
+        env = "LOBE_TLS_ON_DEMAND_ALLOW",
+        value_name = "PATTERN",
+        value_delimiter = ','
+    )]
+    pub on_demand_allow: Vec<String>,
+
+    /// Seconds a handshake waits for its on-demand certificate.
+    #[arg(long, env = "LOBE_TLS_ON_DEMAND_TIMEOUT", default_value_t = 20)]
+    pub on_demand_timeout: u64,
+
+    /// New names issued on demand per minute, in all.
+    #[arg(long, env = "LOBE_TLS_ON_DEMAND_RATE", default_value_t = 20)]
+    pub on_demand_rate: u32,
+}
+
+impl std::fmt::Debug for OnDemandArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The ask URL may carry a token.
+        f.debug_struct("OnDemandArgs")
+            .field("on_demand_ask", &self.on_demand_ask.is_some())
+            .field("on_demand_allow", &self.on_demand_allow)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OnDemandArgs {
+    /// The library configuration, when on-demand issuance is asked for.
+    pub fn to_config(&self) -> Result<Option<OnDemandConfig>> {
+        if self.on_demand_ask.is_none() && self.on_demand_allow.is_empty() {
+            return Ok(None);
+        }
+        // Checked before the store is opened: a bad pattern is a typo, not a reason to
+        // create anything.
+        for pattern in &self.on_demand_allow {
+            domain::DomainName::parse(pattern)?;
+        }
+        let mut config = OnDemandConfig::default();
+        config.ask = self.on_demand_ask.clone();
+        config.allow = self.on_demand_allow.clone();
+        config.issue_timeout = Duration::from_secs(self.on_demand_timeout.max(1));
+        config.global_per_minute = std::num::NonZeroU32::new(self.on_demand_rate)
+            .ok_or_else(|| Error::config("--on-demand-rate must be at least 1"))?;
+        Ok(Some(config))
+    }
+}

@@ -1,0 +1,109 @@
+//! Upgrades: a WebSocket (or other protocol) switch asked for with HTTP/1.1 `Upgrade`,
+//! or with RFC 8441 extended CONNECT over h2, passed on to the upstream as an HTTP/1.1
+//! upgrade; once both sides have switched, their bytes are copied both ways.
+
+use std::time::Duration;
+
+use base64::Engine;
+use http::header::{self, HeaderValue};
+use http::{Method, Request};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use super::headers::strip_hop_by_hop;
+
+/// What kind of upgrade a request asks for.
+pub(super) enum Upgrade {
+    None,
+    /// HTTP/1.1 `Upgrade: <protocol>`.
+    Http1(HeaderValue),
+    /// h2 extended CONNECT with `:protocol websocket`.
+    H2WebSocket,
+}
+
+/// The upgrade `req` asks for, if any.
+pub(super) fn upgrade_of(req: &Request<Incoming>) -> Upgrade {
+    if req.method() == Method::CONNECT {
+        let websocket = req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+        return if websocket {
+            Upgrade::H2WebSocket
+        } else {
+            Upgrade::None
+        };
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    match req.headers().get(header::UPGRADE) {
+        Some(protocol) if asks && req.version() == http::Version::HTTP_11 => {
+            Upgrade::Http1(protocol.clone())
+        }
+        _ => Upgrade::None,
+    }
+}
+
+/// Writes the upgrade into the head of the request to the upstream, whose hop-by-hop
+/// fields are already gone.
+pub(super) fn ask_upstream(upgrade: &Upgrade, parts: &mut http::request::Parts) {
+    match upgrade {
+        Upgrade::Http1(protocol) => {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol.clone());
+        }
+        Upgrade::H2WebSocket => {
+            // RFC 8441 → RFC 6455 towards the upstream: a GET with a fresh key.
+            parts.method = Method::GET;
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts
+                .headers
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            let key: [u8; 16] = rand::random();
+            let key = base64::engine::general_purpose::STANDARD.encode(key);
+            if let Ok(key) = HeaderValue::from_str(&key) {
+                parts.headers.insert(header::SEC_WEBSOCKET_KEY, key);
+            }
+            parts
+                .headers
+                .entry(header::SEC_WEBSOCKET_VERSION)
+                .or_insert(HeaderValue::from_static("13"));
+        }
+        Upgrade::None => {}
+    }
+}
+
+/// The head of the switch answered to the client: an h2 client gets a 200 for its
+/// CONNECT, as the key exchange was ours.
+pub(super) fn answer_client(upgrade: &Upgrade, parts: &mut http::response::Parts) {
+    if matches!(upgrade, Upgrade::H2WebSocket) {
+        parts.status = http::StatusCode::OK;
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+    }
+}
+
+/// Copies the bytes of an upgraded connection both ways once both sides have switched,
+/// until it closes or stays idle for `idle`; `held` is dropped then.
+pub(super) async fn splice<H>(client: OnUpgrade, upstream: OnUpgrade, idle: Duration, held: H) {
+    let (client, upstream) = match tokio::join!(client, upstream) {
+        (Ok(client), Ok(upstream)) => (client, upstream),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let moved = super::tcp::forward(TokioIo::new(client), TokioIo::new(upstream), idle).await;
+    tracing::debug!(?moved, "upgraded connection closed");
+    drop(held);
+}
