@@ -30,40 +30,64 @@ pub enum DnsProviderName {
 #[derive(Args, Debug, Clone)]
 pub struct ChallengeArgs {
     /// Challenge type: http-01, dns-01 (needed for wildcards) or tls-alpn-01.
-    #[arg(long, env = "LOBE_TLS_CHALLENGE", default_value = "http-01")]
+    #[arg(
+        long,
+        env = "LOBE_TLS_CHALLENGE",
+        default_value = "http-01",
+        help_heading = "ACME"
+    )]
     pub challenge: ChallengeKind,
 
     /// Address of the standalone HTTP-01 listener.
-    #[arg(long, env = "LOBE_TLS_HTTP_LISTEN", default_value = "0.0.0.0:80")]
+    #[arg(
+        long,
+        env = "LOBE_TLS_HTTP_LISTEN",
+        default_value = "0.0.0.0:80",
+        help_heading = "Listeners"
+    )]
     pub http_listen: std::net::SocketAddr,
 
     /// Answer HTTP-01 through the web server that serves DIR: the token is written to
     /// DIR/.well-known/acme-challenge/ and removed afterwards; no port is bound for it.
     /// Recorded with the certificate, so renewals use it again.
-    #[arg(long, env = "LOBE_TLS_HTTP_WEBROOT", value_name = "DIR")]
+    #[arg(
+        long,
+        env = "LOBE_TLS_HTTP_WEBROOT",
+        value_name = "DIR",
+        help_heading = "ACME"
+    )]
     pub http_webroot: Option<PathBuf>,
 
     /// Address of the standalone TLS-ALPN-01 listener (port 443 must reach it), for
-    /// --challenge tls-alpn-01.
-    #[arg(long, env = "LOBE_TLS_TLS_LISTEN")]
+    /// --challenge tls-alpn-01 with issue and renew; serve ignores it and answers
+    /// TLS-ALPN-01 on --listen.
+    #[arg(long, env = "LOBE_TLS_TLS_LISTEN", help_heading = "ACME")]
     pub tls_listen: Option<std::net::SocketAddr>,
 
     /// DNS provider for dns-01.
-    #[arg(long, env = "LOBE_TLS_DNS_PROVIDER")]
+    #[arg(long, env = "LOBE_TLS_DNS_PROVIDER", help_heading = "ACME")]
     pub dns_provider: Option<DnsProviderName>,
 
     /// Program for --dns-provider exec.
-    #[arg(long, env = "LOBE_TLS_DNS_EXEC")]
+    #[arg(long, env = "LOBE_TLS_DNS_EXEC", help_heading = "ACME")]
     pub dns_exec: Option<String>,
 
     /// Management API URL for --dns-provider challtestsrv.
-    #[arg(long, env = "LOBE_TLS_CHALLTESTSRV")]
+    #[arg(long, env = "LOBE_TLS_CHALLTESTSRV", help_heading = "ACME")]
     pub challtestsrv: Option<String>,
 
-    /// TOML file with the DNS provider's settings and secrets, in tables named rfc2136,
-    /// cloudflare and httpreq, and a top-level `profile` for --profile. Environment
-    /// variables and flags win over it.
-    #[arg(long = "config", env = "LOBE_TLS_CONFIG", value_name = "FILE")]
+    /// TOML file with, for serve, the sites: `[[site]]` tables, re-read on SIGHUP, whose
+    /// keys include some no flag sets (rise, fall, health_timeout, cookie_name: README,
+    /// "Sites"), and `client_prefix_v4`/`client_prefix_v6`; for every command, fallback
+    /// CAs (`[[ca]]`), the DNS provider's settings and secrets (tables rfc2136, cloudflare
+    /// and httpreq) and a top-level `profile` for --profile. Environment variables and
+    /// flags win over it; serve refuses any other top-level key.
+    #[arg(
+        long = "config",
+        env = "LOBE_TLS_CONFIG",
+        value_name = "FILE",
+        help_heading = "ACME"
+    )]
     pub config_file: Option<PathBuf>,
 
     /// Check the DNS-01 record at these servers (IP:PORT, repeatable) instead of the
@@ -71,7 +95,8 @@ pub struct ChallengeArgs {
     #[arg(
         long = "dns-resolver",
         env = "LOBE_TLS_DNS_RESOLVER",
-        value_delimiter = ','
+        value_delimiter = ',',
+        help_heading = "ACME"
     )]
     pub dns_resolvers: Vec<SocketAddr>,
 
@@ -80,21 +105,32 @@ pub struct ChallengeArgs {
     #[arg(
         long = "dns-recursive",
         env = "LOBE_TLS_DNS_RECURSIVE",
-        value_delimiter = ','
+        value_delimiter = ',',
+        help_heading = "ACME"
     )]
     pub dns_recursive: Vec<SocketAddr>,
 
     /// Seconds to wait for a DNS-01 record to become visible.
-    #[arg(long, env = "LOBE_TLS_PROPAGATION_TIMEOUT", default_value_t = 120)]
+    #[arg(
+        long,
+        env = "LOBE_TLS_PROPAGATION_TIMEOUT",
+        default_value_t = 120,
+        help_heading = "ACME"
+    )]
     pub propagation_timeout: u64,
 
     /// Longest pause between two rounds of the propagation check, in seconds (the first
     /// rounds come after 25 ms, doubling).
-    #[arg(long, env = "LOBE_TLS_PROPAGATION_INTERVAL", default_value_t = 1.0)]
+    #[arg(
+        long,
+        env = "LOBE_TLS_PROPAGATION_INTERVAL",
+        default_value_t = 1.0,
+        help_heading = "ACME"
+    )]
     pub propagation_interval: f64,
 
     /// Skip the DNS propagation check.
-    #[arg(long, env = "LOBE_TLS_NO_PROPAGATION_CHECK")]
+    #[arg(long, env = "LOBE_TLS_NO_PROPAGATION_CHECK", help_heading = "ACME")]
     pub no_propagation_check: bool,
 }
 

@@ -22,7 +22,8 @@ pub struct Global {
         global = true,
         env = "LOBE_TLS_STORE",
         hide_env_values = true,
-        default_value = "/var/lib/lobe-tls"
+        default_value = "/var/lib/lobe-tls",
+        help_heading = "Certificates"
     )]
     pub store: String,
 
@@ -32,20 +33,26 @@ pub struct Global {
         global = true,
         env = "LOBE_TLS_DIRECTORY",
         hide_env_values = true,
-        default_value = "letsencrypt"
+        default_value = "letsencrypt",
+        help_heading = "ACME"
     )]
     pub directory: String,
 
     /// Extra trust root (PEM) for the ACME server's own HTTPS, e.g. Pebble's.
-    #[arg(long, global = true, env = "LOBE_TLS_DIRECTORY_CA")]
+    #[arg(
+        long,
+        global = true,
+        env = "LOBE_TLS_DIRECTORY_CA",
+        help_heading = "ACME"
+    )]
     pub directory_ca: Option<PathBuf>,
 
     /// Contact email for the ACME account.
-    #[arg(long, global = true, env = "LOBE_TLS_EMAIL")]
+    #[arg(long, global = true, env = "LOBE_TLS_EMAIL", help_heading = "ACME")]
     pub email: Option<String>,
 
     /// External Account Binding key id.
-    #[arg(long, global = true, env = "LOBE_TLS_EAB_KID")]
+    #[arg(long, global = true, env = "LOBE_TLS_EAB_KID", help_heading = "ACME")]
     pub eab_kid: Option<String>,
 
     /// External Account Binding HMAC key (base64url). Prefer the env var: the command line shows in ps.
@@ -53,7 +60,8 @@ pub struct Global {
         long,
         global = true,
         env = "LOBE_TLS_EAB_HMAC_KEY",
-        hide_env_values = true
+        hide_env_values = true,
+        help_heading = "ACME"
     )]
     pub eab_hmac_key: Option<String>,
 
@@ -66,7 +74,8 @@ pub struct Global {
         env = "LOBE_TLS_FALLBACK_DIRECTORY",
         hide_env_values = true,
         value_delimiter = ',',
-        value_name = "URL"
+        value_name = "URL",
+        help_heading = "ACME"
     )]
     pub fallback_directories: Vec<String>,
 
@@ -77,17 +86,25 @@ pub struct Global {
         global = true,
         env = "LOBE_TLS_CAA_RESOLVER",
         value_delimiter = ',',
-        value_name = "IP:PORT"
+        value_name = "IP:PORT",
+        help_heading = "ACME"
     )]
     pub caa_resolvers: Vec<SocketAddr>,
 
     /// Skip the CAA check before ordering (the CA still checks CAA).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "ACME")]
     pub no_caa_check: bool,
 
-    /// Log filter (error, warn, info, debug, trace, or a tracing directive).
-    #[arg(long, global = true, env = "LOBE_TLS_LOG", default_value = "warn")]
-    pub log: String,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive). Default:
+    /// info for serve (one line per listener and site at start, what a reload changed,
+    /// issuance and renewals), warn for the other commands.
+    #[arg(
+        long,
+        global = true,
+        env = "LOBE_TLS_LOG",
+        help_heading = "Logging and admin"
+    )]
+    pub log: Option<String>,
 }
 
 impl Global {
@@ -182,13 +199,13 @@ impl std::fmt::Debug for Global {
 /// No dependency's target is filtered out: at `trace`, none of them (rustls, hyper-util,
 /// hickory, redis-rs) logs a credential. `tests/secrets.rs` plants secrets and checks
 /// the trace logs, so one that starts to would be caught there.
-pub fn init_logging(global: &Global) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&global.log).map_err(|e| {
+pub fn init_logging(global: &Global, default: &str) -> Result<()> {
+    let log = global.log.as_deref().unwrap_or(default);
+    let filter = tracing_subscriber::EnvFilter::try_new(log).map_err(|e| {
         Error::config_key(
             "--log",
             format!(
-                "--log {:?} is not a log filter ({e}); use a level such as info or debug, or a directive such as lobe_tls=debug",
-                global.log
+                "--log {log:?} is not a log filter ({e}); use a level such as info or debug, or a directive such as lobe_tls=debug"
             ),
         )
         .with_source(e)

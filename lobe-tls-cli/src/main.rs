@@ -51,7 +51,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(message) = global::init_logging(&cli.global) {
+    // serve runs for months: what it listens on, serves and changes is worth a line.
+    let default_log = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    if let Err(message) = global::init_logging(&cli.global, default_log) {
         eprintln!("lobe-tls: error: {message}");
         return ExitCode::from(1);
     }

@@ -13,7 +13,7 @@ pub struct ProfileArgs {
     /// directory must list it. Stored with the certificate and used again on renewal.
     /// Default: `profile` in the --config file, else the CA's default (shortlived for an
     /// IP address when the CA lists it).
-    #[arg(long, env = "LOBE_TLS_PROFILE")]
+    #[arg(long, env = "LOBE_TLS_PROFILE", help_heading = "Certificates")]
     pub profile: Option<String>,
 }
 

@@ -300,9 +300,13 @@ impl Metrics {
         (self.handshakes_ok.get(), self.handshakes_failed.get())
     }
 
-    /// Makes `name` appear in the renewal failure counter, at zero if it has not failed.
+    /// Makes `name` appear in the renewal failure, conflict and unusable counters, at
+    /// zero until they count something.
     pub fn track_renewals(&self, name: &str) {
-        let _ = self.renewal_failures.get_or_create(&name_label(name));
+        let label = name_label(name);
+        let _ = self.renewal_failures.get_or_create(&label);
+        let _ = self.conflicts.get_or_create(&label);
+        let _ = self.unusable.get_or_create(&label);
     }
 
     /// Counts a failed renewal of `name`.

@@ -65,6 +65,10 @@ impl Store for MapStore {
         states.insert(name.to_owned(), state.clone());
         Ok(())
     }
+
+    async fn check_writable(&self) -> lobe_tls::Result<()> {
+        Ok(())
+    }
 }
 
 #[tokio::test]

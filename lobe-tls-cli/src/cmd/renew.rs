@@ -95,6 +95,9 @@ impl RenewResult {
 /// Runs the command.
 pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     let store = global.open_existing_store().await?;
+    // A renewal writes the store: one this user cannot write fails here, in one line,
+    // before anything is ordered.
+    store.check_writable().await?;
     let base = global.acme_config_with_fallbacks(args.config_file.as_deref(), &[])?;
     let chain = lobe_tls::acme::CaChain::new(&base);
     if args.jitter > 0 {

@@ -14,11 +14,15 @@ use crate::global::Global;
 
 mod args;
 mod caps;
+mod check;
 
 pub use args::Args;
 
 /// Runs the command until SIGTERM or SIGINT.
 pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
+    if args.check_config {
+        return Ok(check::check_config(global, args));
+    }
     let nofile = caps::raise_nofile();
     let config = server_config(global, args, nofile)?;
     // Registered before anything is bound, so a SIGTERM during start-up is not lost.
@@ -46,23 +50,11 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
 
 /// The server the flags and the --config file describe.
 fn server_config(global: &Global, args: &Args, nofile: Option<u64>) -> Result<ServerConfig> {
-    if args.name.is_some() && args.domains.is_empty() {
-        return Err(Error::config(
-            "--name needs the certificate's domains: add -d DOMAIN (repeatable)",
-        ));
-    }
-    if args.profile.profile.is_some() && args.domains.is_empty() {
-        return Err(Error::config(
-            "--profile applies to the certificate -d names: add -d DOMAIN (stored certificates keep their own profile)",
-        ));
-    }
-    if args.accept_proxy_protocol && args.trusted_proxies.is_empty() {
-        return Err(Error::config(
-            "--accept-proxy-protocol believes PROXY headers only from --trusted-proxy peers: add your balancer's network (e.g. --trusted-proxy 10.0.0.0/8), or --trusted-proxy 0.0.0.0/0 --trusted-proxy ::/0 to believe every peer",
-        ));
+    if let Some(problem) = flag_problems(args).into_iter().next() {
+        return Err(Error::config(problem));
     }
     let sites = sites(args)?;
-    let managed = managed_cert(args)?;
+    let managed = managed_cert(args, args.challenge.config_file.as_deref())?;
     let on_demand = args.on_demand.to_config()?;
     let mut edge = edge_config(args, sites, nofile);
     edge.client_prefixes = caps::client_prefixes(
@@ -87,8 +79,28 @@ fn server_config(global: &Global, args: &Args, nofile: Option<u64>) -> Result<Se
     Ok(config)
 }
 
-/// The managed certificate `--name`/`-d` and the challenge options describe, if any.
-fn managed_cert(args: &Args) -> Result<Option<ManagedCert>> {
+/// Flags that do not go together, one line each.
+fn flag_problems(args: &Args) -> Vec<&'static str> {
+    let mut problems = Vec::new();
+    if args.name.is_some() && args.domains.is_empty() {
+        problems.push("--name needs the certificate's domains: add -d DOMAIN (repeatable)");
+    }
+    if args.profile.profile.is_some() && args.domains.is_empty() {
+        problems.push(
+            "--profile applies to the certificate -d names: add -d DOMAIN (stored certificates keep their own profile)",
+        );
+    }
+    if args.accept_proxy_protocol && args.trusted_proxies.is_empty() {
+        problems.push(
+            "--accept-proxy-protocol believes PROXY headers only from --trusted-proxy peers: add your balancer's network (e.g. --trusted-proxy 10.0.0.0/8), or --trusted-proxy 0.0.0.0/0 --trusted-proxy ::/0 to believe every peer",
+        );
+    }
+    problems
+}
+
+/// The managed certificate `--name`/`-d` and the challenge options describe, if any;
+/// its profile may come from `config_file`.
+fn managed_cert(args: &Args, config_file: Option<&std::path::Path>) -> Result<Option<ManagedCert>> {
     if args.domains.is_empty() {
         return Ok(None);
     }
@@ -101,9 +113,7 @@ fn managed_cert(args: &Args) -> Result<Option<ManagedCert>> {
     let mut challenge = args.challenge.to_config()?;
     // TLS-ALPN-01 is answered by the edge's own listener, not a standalone one.
     challenge.tls_listen = None;
-    let profile = args
-        .profile
-        .resolve(args.challenge.config_file.as_deref())?;
+    let profile = args.profile.resolve(config_file)?;
     Ok(Some(
         ManagedCert::new(name, domains)
             .with_challenge(challenge)
@@ -118,13 +128,29 @@ fn sites(args: &Args) -> Result<Vec<SiteConfig>> {
         Some(path) => lobe_tls::edge::read_sites(path)?,
         None => Vec::new(),
     };
-    sites.extend(flag_site(args));
+    if let Some(site) = flag_site(args) {
+        if let Some(problem) = flag_site_problems(&site).into_iter().next() {
+            return Err(Error::config(problem));
+        }
+        sites.push(site);
+    }
     if sites.is_empty() {
         return Err(Error::config(
             "no upstream: give --upstream HOST:PORT (repeatable) or [[site]] tables in --config",
         ));
     }
     Ok(sites)
+}
+
+/// What the --upstream site cannot be served with, named as the README names it.
+fn flag_site_problems(site: &SiteConfig) -> Vec<String> {
+    site.problems()
+        .into_iter()
+        .map(|problem| match problem.strip_prefix("upstream ") {
+            Some(addr) => format!("--upstream {addr}"),
+            None => format!("the --upstream site: {problem}"),
+        })
+        .collect()
 }
 
 /// The site of --upstream, --lb, --health-path and --health-interval, if any.
@@ -144,6 +170,8 @@ fn flag_site(args: &Args) -> Option<SiteConfig> {
     site.idle_timeout = args.idle_timeout as f64;
     site.hsts = args.hsts;
     site.max_body_size = args.max_body_size;
+    site.allow = args.allow.clone();
+    site.deny = args.deny.clone();
     Some(site)
 }
 

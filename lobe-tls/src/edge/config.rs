@@ -226,6 +226,14 @@ pub struct SiteConfig {
     /// Path routes, first match wins; requests matching none go to `upstreams`.
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// Client networks (CIDR, or a bare address) admitted; empty: everyone not denied.
+    /// Judged on the client address after `trusted_proxies` and PROXY handling, never on
+    /// `X-Forwarded-For`.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Client networks refused with 403; wins over `allow`.
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 /// A path prefix with its own upstreams.
@@ -240,6 +248,14 @@ pub struct RouteConfig {
     /// This route's balancing policy (default: the site's).
     #[serde(default)]
     pub lb: Option<LbPolicy>,
+    /// As the site's `allow`. A route that sets `allow` or `deny` is judged by its own
+    /// lists alone (the site's do not apply to it, as with nginx's `location`); one that
+    /// sets neither inherits the site's.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// As the site's `deny`; see `allow` for how a route's lists replace the site's.
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 /// An upstream address with its weight.
@@ -326,6 +342,8 @@ impl SiteConfig {
             hsts: None,
             cookie_name: defaults::cookie_name(),
             routes: Vec::new(),
+            allow: Vec::new(),
+            deny: Vec::new(),
         }
     }
 
@@ -342,12 +360,21 @@ impl SiteConfig {
         secs(self.idle_timeout)
     }
 
-    /// Refuses values the edge cannot serve with (a missing upstream, a bad duration).
+    /// Refuses values the edge cannot serve with (a missing upstream, a bad duration):
+    /// the first of [`problems`](Self::problems), naming the site.
     pub(crate) fn check(&self) -> Result<()> {
-        let name = self.name();
-        let bad = |what: &str| Err(Error::config(format!("site {name}: {what}")));
+        match self.problems().into_iter().next() {
+            Some(problem) => Err(Error::config(format!("site {}: {problem}", self.name()))),
+            None => Ok(()),
+        }
+    }
+
+    /// Every value the edge cannot serve with, one line each, without the site's name
+    /// (the caller knows what to call it); empty when the site is fine.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
         if self.upstreams.is_empty() {
-            return bad("needs at least one upstream (upstreams = [\"host:port\"])");
+            problems.push("needs at least one upstream (upstreams = [\"host:port\"])".to_owned());
         }
         for (what, value) in [
             ("health_interval", self.health_interval),
@@ -357,49 +384,111 @@ impl SiteConfig {
             ("idle_timeout", self.idle_timeout),
         ] {
             if !(value.is_finite() && value > 0.0 && value < 1e9) {
-                return bad(&format!("{what} must be a positive number of seconds"));
+                problems.push(format!("{what} must be a positive number of seconds"));
             }
         }
         if let Some(path) = &self.health_path
             && !path.starts_with('/')
         {
-            return bad("health_path must start with /");
+            problems.push("health_path must start with /".to_owned());
         }
         if self.rise == 0 || self.fall == 0 {
-            return bad("rise and fall must be at least 1");
+            problems.push("rise and fall must be at least 1".to_owned());
         }
         for spec in self
             .upstreams
             .iter()
             .chain(self.routes.iter().flat_map(|r| &r.upstreams))
         {
-            check_addr(&name, spec.addr())?;
+            if let Err(problem) = check_upstream_addr(spec.addr()) {
+                problems.push(format!("upstream {problem}"));
+            }
         }
         for route in &self.routes {
             if !route.path.starts_with('/') {
-                return bad(&format!("route path {:?} must start with /", route.path));
+                problems.push(format!("route path {:?} must start with /", route.path));
             }
             if route.upstreams.is_empty() {
-                return bad(&format!("route {} needs at least one upstream", route.path));
+                problems.push(format!("route {} needs at least one upstream", route.path));
             }
         }
-        Ok(())
+        problems
     }
 }
 
-fn check_addr(site: &str, addr: &str) -> Result<()> {
-    let valid = addr
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
-        && !addr.contains('/')
+/// Checks that `addr` is an upstream address, `host:port`; the error quotes it and says
+/// how to fix it (`"127.0.0.1" is not host:port: add a port, e.g. 127.0.0.1:8080`).
+pub fn check_upstream_addr(addr: &str) -> std::result::Result<(), String> {
+    // An IPv6 host is bracketed, or "::1" would read as host ":" and port 1.
+    let valid = addr.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty()
+            && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')))
+            && port.parse::<u16>().is_ok_and(|p| p > 0)
+    }) && !addr.contains('/')
         && !addr.contains('@');
     if valid {
-        Ok(())
-    } else {
-        Err(Error::config(format!(
-            "site {site}: upstream {addr:?} is not host:port"
-        )))
+        return Ok(());
     }
+    let fix = if let Some((scheme, rest)) = addr.split_once("://") {
+        // The edge speaks HTTP/1.1 to upstreams in the clear; a scheme says nothing more.
+        let rest = rest.split('/').next().unwrap_or_default();
+        let port = if scheme.eq_ignore_ascii_case("https") {
+            443
+        } else {
+            80
+        };
+        match rest.rsplit_once(':') {
+            Some((_, port)) if port.parse::<u16>().is_ok() => {
+                format!("drop the scheme, e.g. {rest}")
+            }
+            _ if !rest.is_empty() => format!("drop the scheme, e.g. {rest}:{port}"),
+            _ => "drop the scheme and give host:port, e.g. 127.0.0.1:8080".to_owned(),
+        }
+    } else if addr.contains('/') {
+        "drop the path: an upstream is host:port, e.g. 127.0.0.1:8080".to_owned()
+    } else if addr.contains('@') {
+        "drop the user part: an upstream is host:port, e.g. 127.0.0.1:8080".to_owned()
+    } else if !addr.is_empty() && !addr.contains(':') {
+        format!("add a port, e.g. {addr}:8080")
+    } else if addr.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("bracket an IPv6 address and add a port, e.g. [{addr}]:8080")
+    } else if let Some((host, port)) = addr.rsplit_once(':')
+        && host.parse::<std::net::Ipv6Addr>().is_ok()
+    {
+        format!("bracket an IPv6 address, e.g. [{host}]:{port}")
+    } else {
+        "give host:port with a port from 1 to 65535, e.g. 127.0.0.1:8080".to_owned()
+    };
+    Err(format!("{addr:?} is not host:port: {fix}"))
+}
+
+/// What makes `sites` unservable together, one line each: a domain two sites claim, or
+/// two sites without domains (only one may take every other Host). Spelled as
+/// `Router::build` compares them (lower case, no trailing dot, one spelling per address).
+pub fn claim_problems(sites: &[SiteConfig]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut claimed = std::collections::HashSet::new();
+    let mut fallbacks = 0;
+    for site in sites {
+        if site.domains.is_empty() {
+            fallbacks += 1;
+        }
+        for domain in &site.domains {
+            let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+            let bare = domain.trim_start_matches('[').trim_end_matches(']');
+            let domain = match bare.parse::<std::net::IpAddr>() {
+                Ok(ip) => ip.to_canonical().to_string(),
+                Err(_) => domain,
+            };
+            if !claimed.insert(domain.clone()) {
+                problems.push(format!("domain {domain} is claimed by two sites"));
+            }
+        }
+    }
+    if fallbacks > 1 {
+        problems.push("two sites without domains: only one may take every other Host".to_owned());
+    }
+    problems
 }
 
 /// Seconds as a duration (callers checked the range).
@@ -426,6 +515,18 @@ pub enum LbPolicy {
     Cookie,
 }
 
+impl std::fmt::Display for LbPolicy {
+    /// The name `--lb` and the `lb` key take.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LbPolicy::RoundRobin => "round-robin",
+            LbPolicy::LeastConn => "least-conn",
+            LbPolicy::IpHash => "ip-hash",
+            LbPolicy::Cookie => "cookie",
+        })
+    }
+}
+
 impl std::str::FromStr for LbPolicy {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -441,9 +542,36 @@ impl std::str::FromStr for LbPolicy {
     }
 }
 
+/// The top-level keys of the configuration file, each read by one part of lobe-tls:
+/// `site` (here), `ca` (the fallback CAs), `rfc2136`, `cloudflare` and `httpreq` (the
+/// DNS providers), `profile` (`--profile`), `client_prefix_v4` and `client_prefix_v6`
+/// (who counts as one client). Any other is refused, not ignored: a misspelled
+/// `[[sites]]` would drop its sites without a word.
+pub const CONFIG_KEYS: &[&str] = &[
+    "site",
+    "ca",
+    "rfc2136",
+    "cloudflare",
+    "httpreq",
+    "profile",
+    "client_prefix_v4",
+    "client_prefix_v6",
+];
+
 /// Reads the `[[site]]` tables of a configuration file's text (other tables are left to
-/// their readers).
+/// their readers). A top-level key outside [`CONFIG_KEYS`] is an error, and errors name
+/// the line and column where the TOML parser gives one.
 pub fn parse_sites(text: &str) -> Result<Vec<SiteConfig>> {
+    let keys: std::collections::BTreeMap<toml::Spanned<String>, serde::de::IgnoredAny> =
+        toml::from_str(text).map_err(|e| Error::config(toml_error(text, &e)))?;
+    let mut unknown: Vec<_> = keys
+        .into_keys()
+        .filter(|key| !CONFIG_KEYS.contains(&key.get_ref().as_str()))
+        .collect();
+    unknown.sort_by_key(|key| key.span().start);
+    if let Some(key) = unknown.first() {
+        return Err(Error::config(unknown_key(text, key)));
+    }
     #[derive(Deserialize)]
     struct File {
         #[serde(default)]
@@ -452,10 +580,98 @@ pub fn parse_sites(text: &str) -> Result<Vec<SiteConfig>> {
     let file: File = toml::from_str(text).map_err(|e| {
         Error::config(format!(
             "cannot read the [[site]] tables: {}",
-            e.to_string().replace('\n', " ").trim_end()
+            toml_error(text, &e)
         ))
     })?;
     Ok(file.site)
+}
+
+/// A TOML error on one line, with its line and column when the parser gives a place.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    // The parser puts a detail on a line of its own ("invalid table header\nexpected ...").
+    let message = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ");
+    match e.span() {
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
+/// The 1-based line and column of byte `offset` of `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .count()
+        + 1;
+    (line, column)
+}
+
+/// How a known top-level key is written.
+fn written(key: &str) -> String {
+    match key {
+        "site" | "ca" => format!("[[{key}]]"),
+        "rfc2136" | "cloudflare" | "httpreq" => format!("[{key}]"),
+        _ => key.to_owned(),
+    }
+}
+
+/// The error for a top-level key nothing reads, with the closest known one when a
+/// small typo explains it.
+fn unknown_key(text: &str, key: &toml::Spanned<String>) -> String {
+    let (line, _) = line_column(text, key.span().start);
+    let name = key.get_ref();
+    let hint = closest_key(name)
+        .map(|known| format!(" (did you mean {}?)", written(known)))
+        .unwrap_or_default();
+    let known: Vec<String> = CONFIG_KEYS.iter().map(|k| written(k)).collect();
+    format!(
+        "line {line}: unknown top-level key `{name}`{hint}; the file takes {}",
+        known.join(", ")
+    )
+}
+
+/// The known key within a typo or two of `name` (one for short names), if any.
+fn closest_key(name: &str) -> Option<&'static str> {
+    let budget = (name.chars().count() / 3).clamp(1, 2);
+    CONFIG_KEYS
+        .iter()
+        .map(|known| (edit_distance(name, known), *known))
+        .filter(|(distance, _)| *distance <= budget)
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, known)| known)
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                diagonal
+            } else {
+                1 + diagonal.min(above).min(row[j])
+            };
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 #[cfg(test)]
@@ -508,5 +724,106 @@ lb = "ip-hash"
             panic!("accepted a broken file");
         };
         assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn a_misspelled_table_is_refused_with_its_line_and_the_closest_key() {
+        let text = "client_prefix_v6 = 56\n\n[[sites]]\nupstreams = [\"127.0.0.1:1\"]\n";
+        let e = parse_sites(text)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("line 3: unknown top-level key `sites` (did you mean [[site]]?)"),
+            "{e}"
+        );
+        assert!(e.contains("[rfc2136]") && !e.contains('\n'), "{e}");
+        // No guess when nothing is close.
+        let e = parse_sites("banana = 1\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("unknown top-level key `banana`;"), "{e}");
+        assert_eq!(closest_key("client_prefix_4"), Some("client_prefix_v4"));
+        assert_eq!(closest_key("cloudfare"), Some("cloudflare"));
+        // Every key another reader takes is accepted.
+        let all = "profile = \"classic\"\nclient_prefix_v4 = 24\nclient_prefix_v6 = 56\n\
+                   [rfc2136]\n[cloudflare]\n[httpreq]\n[[ca]]\ndirectory = \"x\"\n\
+                   [[site]]\nupstreams = [\"127.0.0.1:1\"]\n";
+        assert_eq!(parse_sites(all).map(|s| s.len()).ok(), Some(1));
+    }
+
+    #[test]
+    fn toml_errors_name_their_line() {
+        let e = parse_sites("[[site]]\nupstreams = [\"127.0.0.1:1\"]\nupstream = 3\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("line 3, column 1: unknown field `upstream`"),
+            "{e}"
+        );
+        let e = parse_sites("[[site]\n")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.starts_with("line 1, column"), "{e}");
+    }
+
+    #[test]
+    fn upstream_address_errors_say_how_to_fix_them() {
+        let fix = |addr: &str| check_upstream_addr(addr).err().unwrap_or_default();
+        assert_eq!(
+            fix("127.0.0.1"),
+            "\"127.0.0.1\" is not host:port: add a port, e.g. 127.0.0.1:8080"
+        );
+        assert_eq!(
+            fix("http://app.internal:3000/"),
+            "\"http://app.internal:3000/\" is not host:port: drop the scheme, e.g. app.internal:3000"
+        );
+        assert!(fix("http://app").ends_with("drop the scheme, e.g. app:80"));
+        assert!(fix("::1").contains("[::1]:8080"));
+        // A port of five digits cannot be read as one more group of the address.
+        assert!(fix("fd00::1:10000").ends_with("e.g. [fd00::1]:10000"));
+        assert!(fix("a:0").contains("port from 1 to 65535"));
+        assert_eq!(check_upstream_addr("[::1]:8080"), Ok(()));
+        let mut site = SiteConfig::new(vec![], vec![UpstreamSpec::Addr("127.0.0.1".into())]);
+        site.rise = 0;
+        let problems = site.problems();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        let e = site
+            .check()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert_eq!(e, "site default: rise and fall must be at least 1");
+        site.rise = 1;
+        let e = site
+            .check()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.starts_with("site default: upstream \"127.0.0.1\" is not host:port: add a port"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn two_sites_may_not_claim_one_name() {
+        let site = |domains: &[&str]| {
+            SiteConfig::new(
+                domains.iter().map(|d| d.to_string()).collect(),
+                vec![UpstreamSpec::Addr("127.0.0.1:1".into())],
+            )
+        };
+        assert!(claim_problems(&[site(&["a.example"]), site(&[])]).is_empty());
+        let problems = claim_problems(&[
+            site(&["a.example"]),
+            site(&["A.example."]),
+            site(&[]),
+            site(&[]),
+        ]);
+        assert_eq!(problems.len(), 2, "{problems:?}");
     }
 }

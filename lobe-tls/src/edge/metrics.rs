@@ -40,6 +40,15 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// A site and why the edge refused a request there.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeniedLabels {
+    /// The site's name.
+    pub site: String,
+    /// `ip`: the client's address is denied, or not allowed, by the IP lists.
+    pub reason: String,
+}
+
 /// Which byte budget for request bodies kept for replay was spent.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BudgetLabels {
@@ -80,6 +89,8 @@ pub struct EdgeMetrics {
     pub retry_buffer_bytes: Gauge,
     /// Request bodies streamed once, unretried, because a replay budget was spent.
     pub retry_buffer_refused: Family<BudgetLabels, Counter>,
+    /// Requests refused 403 by the site's access rules, by site and reason (`ip`).
+    pub denied: Family<DeniedLabels, Counter>,
 }
 
 impl Default for EdgeMetrics {
@@ -97,6 +108,7 @@ impl Default for EdgeMetrics {
             rejected_requests: Family::default(),
             retry_buffer_bytes: Gauge::default(),
             retry_buffer_refused: Family::default(),
+            denied: Family::default(),
         }
     }
 }
@@ -106,6 +118,16 @@ impl EdgeMetrics {
     /// to carry the crate's `lobe_tls` prefix already (as the one behind
     /// [`crate::metrics::Metrics::register`] does), so the names read `lobe_tls_edge_*`.
     pub fn register(&self, registry: &mut Registry) {
+        // Every reason shows from the start, at zero, so a dashboard or an alert has a
+        // series to read before the first refusal.
+        for reason in ["max_conns", "max_conns_per_ip", "proxy_protocol"] {
+            let _ = self.rejected.get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            });
+        }
+        let _ = self.rejected_requests.get_or_create(&ReasonLabels {
+            reason: "max_requests_per_ip".to_owned(),
+        });
         let r = registry.sub_registry_with_prefix("edge");
         r.register(
             "requests",
@@ -158,6 +180,11 @@ impl EdgeMetrics {
             "retry_buffer_refused",
             "Request bodies streamed once, unretried, because a replay budget was spent",
             self.retry_buffer_refused.clone(),
+        );
+        r.register(
+            "denied",
+            "Requests refused 403 by a site's access rules, by reason",
+            self.denied.clone(),
         );
     }
 
@@ -232,6 +259,8 @@ pub(crate) struct SiteMetrics {
     pub rate_limited: Counter,
     pub websockets: Gauge,
     pub streams: Gauge,
+    /// Requests refused by the IP lists.
+    pub denied_ip: Counter,
 }
 
 impl SiteMetrics {
@@ -261,6 +290,13 @@ impl EdgeMetrics {
             rate_limited: self.rate_limited.get_or_create(&labels).clone(),
             websockets: self.websockets.get_or_create(&labels).clone(),
             streams: self.streams.get_or_create(&labels).clone(),
+            denied_ip: self
+                .denied
+                .get_or_create(&DeniedLabels {
+                    site: site.to_owned(),
+                    reason: "ip".to_owned(),
+                })
+                .clone(),
         }
     }
 }

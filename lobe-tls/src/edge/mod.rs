@@ -41,6 +41,7 @@ mod health;
 mod hold;
 mod http;
 mod inflight;
+mod ip_lists;
 mod limits;
 mod metrics;
 mod pool;
@@ -48,6 +49,7 @@ mod proxy;
 mod relay;
 mod reload;
 mod request_body;
+mod request_id;
 mod shard;
 mod shared;
 mod site;
@@ -68,10 +70,12 @@ use tokio::task::JoinSet;
 
 pub use accept::BeforeHandshake;
 pub use config::{
-    DEFAULT_H2_MAX_STREAMS, DEFAULT_MAX_CONNS, DEFAULT_MAX_CONNS_PER_IP,
+    CONFIG_KEYS, DEFAULT_H2_MAX_STREAMS, DEFAULT_MAX_CONNS, DEFAULT_MAX_CONNS_PER_IP,
     DEFAULT_MAX_REQUESTS_PER_IP, DEFAULT_RETRY_BUFFER_PER_CONN, DEFAULT_RETRY_BUFFER_TOTAL,
-    EdgeConfig, LbPolicy, Mode, RouteConfig, SiteConfig, UpstreamSpec, parse_sites,
+    EdgeConfig, LbPolicy, Mode, RouteConfig, SiteConfig, UpstreamSpec, check_upstream_addr,
+    claim_problems, parse_sites,
 };
+pub use ip_lists::{IpTable, parse_cidr};
 pub use ipnet::IpNet;
 pub use metrics::EdgeMetrics;
 pub use reload::read_sites;

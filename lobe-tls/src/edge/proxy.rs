@@ -24,6 +24,7 @@ use super::metrics::GaugeGuard;
 use super::pool::{PooledBody, SendError};
 use super::relay::Relay;
 use super::request_body::{BodyTooSlow, Paced, REPLAYABLE_BODY, Replay};
+use super::request_id::RequestId;
 use super::shared::Shared;
 use super::site::Site;
 use super::upgrade::{self, Upgrade};
@@ -72,10 +73,17 @@ fn is_idempotent(method: &Method) -> bool {
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     conn: ConnInfo,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<BoxBody> {
     let _in_flight = conn.tracker.start();
-    answer(shared, &conn, req).await
+    // The id goes with the request (an extension, for the later phases) and comes back
+    // on every answer, the edge's own included.
+    let trusted = forwarded::is_trusted(&shared.config.trusted_proxies, conn.client.ip());
+    let id = RequestId::of(req.headers(), trusted);
+    req.extensions_mut().insert(id.clone());
+    let mut response = answer(shared, &conn, req).await;
+    id.stamp(response.headers_mut());
+    response
 }
 
 async fn answer(shared: Arc<Shared>, conn: &ConnInfo, req: Request<Incoming>) -> Response<BoxBody> {
@@ -91,6 +99,14 @@ async fn answer(shared: Arc<Shared>, conn: &ConnInfo, req: Request<Incoming>) ->
             "lobe-tls: no site is configured for this host",
         );
     };
+    // The IP lists, on the address the connection established (PROXY from a trusted
+    // peer, else the TCP peer), never on a header the client wrote.
+    if !site.admits(req.uri().path(), conn.client.ip()) {
+        site.metrics.denied_ip.inc();
+        site.metrics.response(StatusCode::FORBIDDEN, 0.0);
+        tracing::debug!(client = %conn.client.ip(), site = site.name, "request refused by the IP lists");
+        return plain(StatusCode::FORBIDDEN, "lobe-tls: forbidden");
+    }
     if let Err(wait) = shared.limits.check_rate(conn.client.ip()) {
         site.metrics.rate_limited.inc();
         site.metrics.response(StatusCode::TOO_MANY_REQUESTS, 0.0);
@@ -169,6 +185,10 @@ async fn forward(
         .cookie_name()
         .and_then(|name| cookie_value(&parts.headers, name));
     strip_hop_by_hop(&mut parts.headers);
+    // After the hop-by-hop headers went: a `Connection: x-request-id` cannot drop it.
+    if let Some(id) = parts.extensions.get::<RequestId>() {
+        id.stamp(&mut parts.headers);
+    }
     join_cookies(&mut parts.headers);
     upgrade::ask_upstream(&upgrade, &mut parts);
     if parts.headers.get(header::HOST).is_none()

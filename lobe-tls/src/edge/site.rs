@@ -1,10 +1,12 @@
 //! Sites: routing a request to the pool that serves its Host and path.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::config::{LbPolicy, SiteConfig, UpstreamSpec};
 use super::health;
+use super::ip_lists::IpAccess;
 use super::metrics::EdgeMetrics;
 use super::upstream::{AffinityKey, Pool, UpstreamSet};
 use crate::error::{Error, Result};
@@ -17,6 +19,10 @@ pub(crate) struct Site {
     pub metrics: super::metrics::SiteMetrics,
     pub default: Arc<Pool>,
     pub routes: Vec<(String, Arc<Pool>)>,
+    /// The IP lists that judge requests outside every route.
+    pub access: Option<Arc<IpAccess>>,
+    /// The IP lists in force for each route (its own, or else the site's), by index.
+    pub route_access: Vec<Option<Arc<IpAccess>>>,
 }
 
 impl Site {
@@ -28,6 +34,85 @@ impl Site {
             .map(|(_, pool)| pool)
             .unwrap_or(&self.default)
     }
+
+    /// The IP lists that judge a request for `path` (the route's, as `pool` picks it),
+    /// if any.
+    pub fn access(&self, path: &str) -> Option<&IpAccess> {
+        self.routes
+            .iter()
+            .position(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map_or(self.access.as_deref(), |i| {
+                self.route_access.get(i).and_then(|a| a.as_deref())
+            })
+    }
+}
+
+impl Site {
+    /// Whether `client` may make a request for `path`. Judged on the path as sent and,
+    /// when it holds `%`-escapes, `//` or dot segments, on the path an upstream may read
+    /// from it too (decoded, merged, resolved), so `/%61dmin/` or `/x/../admin/` cannot
+    /// slip past the lists of `/admin/`.
+    pub fn admits(&self, path: &str, client: IpAddr) -> bool {
+        let judge = |path: &str| self.access(path).is_none_or(|a| a.admits(client));
+        judge(path) && normalized(path).is_none_or(|path| judge(&path))
+    }
+}
+
+/// `path` with `%XX` decoded once, empty and `.` segments dropped and `..` resolved;
+/// `None` when there is nothing to do (nearly always).
+fn normalized(path: &str) -> Option<String> {
+    if !(path.contains('%') || path.contains("//") || path.contains("/.")) {
+        return None;
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                decoded.push(((hex(h).unwrap_or(0) << 4) | hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                decoded.push(b);
+                i += 1;
+            }
+        }
+    }
+    let decoded = String::from_utf8_lossy(&decoded);
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            other => segments.push(other),
+        }
+    }
+    let mut out = String::with_capacity(decoded.len());
+    for segment in &segments {
+        out.push('/');
+        out.push_str(segment);
+    }
+    let last = decoded.rsplit('/').next().unwrap_or_default();
+    if out.is_empty() || decoded.ends_with('/') || last == "." || last == ".." {
+        out.push('/');
+    }
+    Some(out)
+}
+
+/// A block's lists compiled, with the site's name in any error.
+fn lists(
+    site: &str,
+    block: &str,
+    allow: &[String],
+    deny: &[String],
+) -> Result<Option<Arc<IpAccess>>> {
+    IpAccess::new(allow, deny)
+        .map(|access| access.map(Arc::new))
+        .map_err(|e| Error::config(format!("site {site}{block}: allow/deny: {e}")))
 }
 
 /// A pool with a health check running for each member, kept as long as the pool.
@@ -98,13 +183,20 @@ impl Router {
             }
             let set = UpstreamSet::new(config, &name, &known, metrics, key);
             let default = checked_pool(&set, &config.upstreams, config.lb, config, metrics)?;
+            let access = lists(&name, "", &config.allow, &config.deny)?;
             let mut routes = Vec::new();
+            let mut route_access = Vec::new();
             for route in &config.routes {
                 let lb = route.lb.unwrap_or(config.lb);
                 routes.push((
                     route.path.clone(),
                     checked_pool(&set, &route.upstreams, lb, config, metrics)?,
                 ));
+                let block = format!(" route {}", route.path);
+                // The most specific block that sets lists decides.
+                route_access.push(
+                    lists(&name, &block, &route.allow, &route.deny)?.or_else(|| access.clone()),
+                );
             }
             let mut config = config.clone();
             config.domains = site_domains;
@@ -113,6 +205,8 @@ impl Router {
                 name,
                 default,
                 routes,
+                access,
+                route_access,
                 config,
             });
             if site.config.domains.is_empty() {
@@ -202,6 +296,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::edge::config::RouteConfig;
 
     #[tokio::test]
     async fn bad_upstreams_and_duplicate_domains_are_refused() {
@@ -213,6 +308,59 @@ mod tests {
             vec![UpstreamSpec::Addr("127.0.0.1:1".into())],
         );
         assert!(Router::build(&[a.clone(), a], None, &metrics, &AffinityKey::random()).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_most_specific_block_with_lists_decides() {
+        let metrics = Arc::new(EdgeMetrics::default());
+        let upstream = || vec![UpstreamSpec::Addr("127.0.0.1:1".into())];
+        let route = |path: &str, allow: &[&str]| RouteConfig {
+            path: path.into(),
+            upstreams: upstream(),
+            lb: None,
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+            deny: Vec::new(),
+        };
+        let mut site = SiteConfig::new(vec![], upstream());
+        site.deny = vec!["192.0.2.6".into()];
+        site.routes = vec![route("/admin/", &["198.51.100.0/24"]), route("/api/", &[])];
+        let router =
+            Router::build(&[site], None, &metrics, &AffinityKey::random()).unwrap_or_default();
+        let Some(site) = router.site(None) else {
+            panic!("no site");
+        };
+        let admits = |path: &str, ip: [u8; 4]| site.admits(path, IpAddr::from(ip));
+        // The site's deny list; the route without lists inherits it.
+        assert!(!admits("/", [192, 0, 2, 6]));
+        assert!(!admits("/api/x", [192, 0, 2, 6]));
+        assert!(admits("/api/x", [192, 0, 2, 7]));
+        // The admin route's own lists replace the site's.
+        assert!(!admits("/admin/x", [192, 0, 2, 7]));
+        assert!(admits("/admin/x", [198, 51, 100, 9]));
+        assert!(!admits("/%61dmin/x", [192, 0, 2, 7]));
+        assert!(!admits("/api/../admin/x", [192, 0, 2, 7]));
+        let mut bad = SiteConfig::new(vec![], upstream());
+        bad.allow = vec!["office".into()];
+        let Err(e) = Router::build(&[bad], None, &metrics, &AffinityKey::random()) else {
+            panic!("accepted a bad list");
+        };
+        assert!(e.to_string().contains("office"), "{e}");
+    }
+
+    #[test]
+    fn paths_are_judged_as_an_upstream_may_read_them() {
+        assert_eq!(normalized("/admin/x"), None);
+        for (sent, read) in [
+            ("/%61dmin/x", "/admin/x"),
+            ("//admin/", "/admin/"),
+            ("/x/../admin/", "/admin/"),
+            ("/./admin", "/admin"),
+            ("/admin/..", "/"),
+            ("/a/%2e%2e/admin/", "/admin/"),
+            ("/%zz", "/%zz"),
+        ] {
+            assert_eq!(normalized(sent).as_deref(), Some(read), "{sent}");
+        }
     }
 
     #[tokio::test]

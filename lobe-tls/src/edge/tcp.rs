@@ -46,6 +46,15 @@ pub(crate) async fn serve(accepted: Accepted, shared: Arc<Shared>) {
         let _ = tls.shutdown().await;
         return;
     };
+    // The site's IP lists (routes are paths: http mode only), closing the connection.
+    if let Some(access) = site.access.as_deref()
+        && !access.admits(client.ip())
+    {
+        site.metrics.denied_ip.inc();
+        tracing::debug!(%client, site = site.name, "connection refused by the IP lists");
+        let _ = tls.shutdown().await;
+        return;
+    }
     let pool = site.default.clone();
     let cx = PickContext {
         client_ip: client.ip(),

@@ -70,6 +70,13 @@ pub(super) async fn start(config: ServerConfig) -> Result<Server> {
         set_default_name(&resolver, default, &managed, store, !cert_dirs.is_empty()).await?;
     }
     let mut managed_certs = managed;
+    // Orders write the store: one it cannot write is refused now, not at the first
+    // renewal weeks later.
+    if let Some(store) = &store
+        && (!managed_certs.is_empty() || !site_domains.is_empty())
+    {
+        store.check_writable().await?;
+    }
     if let Some(store) = &store {
         for domains in &site_domains {
             if let Some(cert) = site_certs.cert_for(domains, store, &managed_certs).await? {
@@ -132,6 +139,7 @@ pub(super) async fn start(config: ServerConfig) -> Result<Server> {
         edge_config.trusted_proxies.clone(),
     );
     let sites = edge_config.sites.len();
+    let site_list = edge_config.sites.clone();
     let tls = crate::tls_config::server_config(
         Arc::new(resolver.clone()),
         &edge_config.alpn(),
@@ -174,13 +182,23 @@ pub(super) async fn start(config: ServerConfig) -> Result<Server> {
         http_listen: http.as_ref().map(Http01Listener::local_addr),
         metrics_listen: metrics_listener.as_ref().map(MetricsListener::local_addr),
     };
-    tracing::info!(
-        listen = %addrs.listen,
-        http_listen = ?addrs.http_listen,
-        metrics_listen = ?addrs.metrics_listen,
-        "listening"
+    tracing::info!(addr = %addrs.listen, "listening for TLS");
+    if let Some(addr) = addrs.http_listen {
+        tracing::info!(%addr, "listening for plain HTTP (HTTP-01, redirects to https)");
+    }
+    if let Some(addr) = addrs.metrics_listen {
+        tracing::info!(%addr, "listening for metrics scrapes (/metrics)");
+    }
+    for site in &site_list {
+        super::reload::log_site("site", site);
+    }
+    let handle = ServerHandle::new(
+        edge.handle(),
+        resolver.clone(),
+        manager.clone(),
+        site_certs,
+        site_list,
     );
-    let handle = ServerHandle::new(edge.handle(), resolver.clone(), manager.clone(), site_certs);
     Ok(Server {
         addrs,
         edge,

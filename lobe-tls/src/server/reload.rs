@@ -76,6 +76,55 @@ impl SiteCerts {
     }
 }
 
+/// Logs one site, at start or when a reload adds or changes it: its domains, its
+/// upstreams and its balancing.
+pub(super) fn log_site(what: &str, site: &SiteConfig) {
+    let upstreams: Vec<&str> = site.upstreams.iter().map(|u| u.addr()).collect();
+    tracing::info!(
+        domains = %site_name(site),
+        upstreams = %upstreams.join(","),
+        lb = %site.lb,
+        routes = site.routes.len(),
+        "{what}"
+    );
+}
+
+/// A site as the logs name it: its domains, or what the README calls the site without
+/// any (the one the command-line flags describe, or a catch-all table).
+fn site_name(site: &SiteConfig) -> String {
+    if site.domains.is_empty() {
+        "(every other host)".to_owned()
+    } else {
+        site.domains.join(",")
+    }
+}
+
+/// Logs what a reload from `old` to `new` added, removed and changed, sites matched by
+/// their domains.
+fn log_changes(old: &[SiteConfig], new: &[SiteConfig]) {
+    // Sites compare by everything they configure; every field is `Debug`.
+    let by_name = |sites: &[SiteConfig]| -> std::collections::BTreeMap<String, String> {
+        sites
+            .iter()
+            .map(|site| (site_name(site), format!("{site:?}")))
+            .collect()
+    };
+    let (before, after) = (by_name(old), by_name(new));
+    for site in new {
+        match before.get(&site_name(site)) {
+            None => log_site("reload: site added", site),
+            Some(was) if *was != format!("{site:?}") => log_site("reload: site changed", site),
+            Some(_) => {}
+        }
+    }
+    for site in old
+        .iter()
+        .filter(|site| !after.contains_key(&site_name(site)))
+    {
+        log_site("reload: site removed", site);
+    }
+}
+
 /// Reloads a running [`super::Server`]'s sites.
 #[derive(Clone)]
 pub struct ServerHandle {
@@ -83,6 +132,8 @@ pub struct ServerHandle {
     resolver: CertResolver,
     manager: Option<Manager>,
     site_certs: SiteCerts,
+    // The sites in force, for the reload's account of what changed.
+    sites: std::sync::Arc<std::sync::Mutex<Vec<SiteConfig>>>,
 }
 
 impl std::fmt::Debug for ServerHandle {
@@ -97,12 +148,14 @@ impl ServerHandle {
         resolver: CertResolver,
         manager: Option<Manager>,
         site_certs: SiteCerts,
+        sites: Vec<SiteConfig>,
     ) -> Self {
         ServerHandle {
             edge,
             resolver,
             manager,
             site_certs,
+            sites: std::sync::Arc::new(std::sync::Mutex::new(sites)),
         }
     }
 
@@ -112,6 +165,11 @@ impl ServerHandle {
     /// the rest of the store, never revoked).
     pub async fn reload(&self, sites: Vec<SiteConfig>) -> Result<()> {
         self.edge.reload(sites.clone())?;
+        let old = std::mem::replace(
+            &mut *self.sites.lock().unwrap_or_else(|e| e.into_inner()),
+            sites.clone(),
+        );
+        log_changes(&old, &sites);
         tracing::info!(sites = sites.len(), "sites reloaded");
         self.issue_new(&sites).await;
         Ok(())

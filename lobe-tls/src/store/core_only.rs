@@ -58,6 +58,11 @@ impl Store for CoreOnly {
         locked(&self.states).insert(name.to_owned(), state.clone());
         Ok(())
     }
+
+    async fn check_writable(&self) -> Result<()> {
+        // Memory is always writable.
+        Ok(())
+    }
 }
 
 /// What a store with the core alone can and cannot be used for.

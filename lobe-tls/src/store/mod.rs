@@ -329,6 +329,11 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Stores the renewal state of a certificate.
     async fn save_renewal_state(&self, name: &str, state: &RenewalState) -> Result<()>;
 
+    /// Checks that this process can write the store, by writing something harmless and
+    /// removing it, so that a store it cannot write is found at start rather than at the
+    /// first renewal, weeks later.
+    async fn check_writable(&self) -> Result<()>;
+
     /// Loads a batch of certificates with their renewal state, as start-up does for
     /// everything stored. Each result is what [`Store::load_cert`] and
     /// [`Store::load_renewal_state`] would give for that name.

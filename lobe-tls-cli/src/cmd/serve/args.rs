@@ -12,48 +12,102 @@ use crate::profile_args::ProfileArgs;
 
 /// Options of `lobe-tls serve`.
 #[derive(clap::Args, Debug)]
+// Shared with issue and renew, which list them under ACME: here --config is the sites
+// file first, and --tls-listen still parses but is hidden (TLS-ALPN-01 is answered on
+// --listen).
+#[command(
+    mut_arg("config_file", |a| a.help_heading("Sites and upstreams")),
+    mut_arg("tls_listen", |a| a.hide(true))
+)]
 pub struct Args {
+    /// Check the flags and the --config file, then exit: print `ok: N sites, M upstreams,
+    /// K certificate names` (exit 0) or every error found, one line each (exit 2). Binds,
+    /// orders and contacts nothing.
+    #[arg(long)]
+    pub check_config: bool,
+
     /// Address to accept TLS connections on.
-    #[arg(long, env = "LOBE_TLS_LISTEN", default_value = "0.0.0.0:443")]
+    #[arg(
+        long,
+        env = "LOBE_TLS_LISTEN",
+        default_value = "0.0.0.0:443",
+        help_heading = "Listeners"
+    )]
     pub listen: SocketAddr,
 
     /// `http` (default): an HTTP/1.1 and h2 proxy with pooled keep-alive connections to
     /// the upstreams. `tcp`: decrypted bytes forwarded as they arrive.
-    #[arg(long, env = "LOBE_TLS_MODE", default_value = "http")]
+    #[arg(
+        long,
+        env = "LOBE_TLS_MODE",
+        default_value = "http",
+        help_heading = "Listeners"
+    )]
     pub mode: Mode,
 
     /// Upstream address (host:port) of the site these flags describe, which answers every
     /// Host that no site of the --config file claims. Repeatable.
-    #[arg(long, env = "LOBE_TLS_UPSTREAM", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "LOBE_TLS_UPSTREAM",
+        value_delimiter = ',',
+        help_heading = "Sites and upstreams"
+    )]
     pub upstream: Vec<String>,
 
     /// Balancing over the --upstream addresses: least-conn, round-robin, ip-hash or cookie.
-    #[arg(long, env = "LOBE_TLS_LB", default_value = "least-conn")]
+    /// The affinity cookie's name is `cookie_name` of a `[[site]]` table (README, "Sites").
+    #[arg(
+        long,
+        env = "LOBE_TLS_LB",
+        default_value = "least-conn",
+        help_heading = "Balancing and health"
+    )]
     pub lb: LbPolicy,
 
     /// Path of the active HTTP health check of the --upstream addresses (e.g. /healthz).
-    #[arg(long, env = "LOBE_TLS_HEALTH_PATH")]
+    /// A `[[site]]` table of --config also sets `health_timeout` and the checks in a row
+    /// that bring an upstream back (`rise`) or take it out (`fall`) (README, "Health").
+    #[arg(
+        long,
+        env = "LOBE_TLS_HEALTH_PATH",
+        help_heading = "Balancing and health"
+    )]
     pub health_path: Option<String>,
 
     /// Seconds between health checks.
-    #[arg(long, env = "LOBE_TLS_HEALTH_INTERVAL", default_value_t = 5.0)]
+    #[arg(
+        long,
+        env = "LOBE_TLS_HEALTH_INTERVAL",
+        default_value_t = 5.0,
+        help_heading = "Balancing and health"
+    )]
     pub health_interval: f64,
 
     /// Send `Strict-Transport-Security: max-age=SECONDS` from the --upstream site.
-    #[arg(long, env = "LOBE_TLS_HSTS", value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "LOBE_TLS_HSTS",
+        value_name = "SECONDS",
+        help_heading = "Sites and upstreams"
+    )]
     pub hsts: Option<u64>,
 
     /// Largest request body in bytes for the --upstream site (413 beyond).
-    #[arg(long, env = "LOBE_TLS_MAX_BODY_SIZE")]
+    #[arg(long, env = "LOBE_TLS_MAX_BODY_SIZE", help_heading = "Limits")]
     pub max_body_size: Option<u64>,
 
     /// tcp mode: start each upstream connection with a PROXY v2 header.
-    #[arg(long, env = "LOBE_TLS_SEND_PROXY_V2")]
+    #[arg(long, env = "LOBE_TLS_SEND_PROXY_V2", help_heading = "Client identity")]
     pub send_proxy_v2: bool,
 
     /// Require a PROXY v1/v2 header from an outer load balancer on --listen; connections
     /// without one, or from a peer outside --trusted-proxy, are refused before TLS.
-    #[arg(long, env = "LOBE_TLS_ACCEPT_PROXY_PROTOCOL")]
+    #[arg(
+        long,
+        env = "LOBE_TLS_ACCEPT_PROXY_PROTOCOL",
+        help_heading = "Client identity"
+    )]
     pub accept_proxy_protocol: bool,
 
     /// Network (CIDR) whose X-Forwarded-* and Forwarded headers are kept (from anyone
@@ -62,83 +116,139 @@ pub struct Args {
     #[arg(
         long = "trusted-proxy",
         env = "LOBE_TLS_TRUSTED_PROXY",
-        value_delimiter = ','
+        value_delimiter = ',',
+        help_heading = "Client identity"
     )]
     pub trusted_proxies: Vec<IpNet>,
 
+    /// Client network (CIDR, or a bare address) admitted to the --upstream site; with
+    /// any, everyone else gets 403. Judged on the address after --trusted-proxy and
+    /// PROXY handling, never X-Forwarded-For. Repeatable. (TOML sites: `allow`.)
+    #[arg(
+        long,
+        env = "LOBE_TLS_ALLOW",
+        value_delimiter = ',',
+        value_name = "CIDR",
+        value_parser = cidr,
+        help_heading = "Access control"
+    )]
+    pub allow: Vec<String>,
+
+    /// Client network (CIDR, or a bare address) refused 403 by the --upstream site; wins
+    /// over --allow. Repeatable. (TOML sites: `deny`.)
+    #[arg(
+        long,
+        env = "LOBE_TLS_DENY",
+        value_delimiter = ',',
+        value_name = "CIDR",
+        value_parser = cidr,
+        help_heading = "Access control"
+    )]
+    pub deny: Vec<String>,
+
     /// Connections open at once, in total; more are refused. Default: (open-file limit -
     /// 256) / 2, after serve raised its soft open-file limit to the hard one; 0: no cap.
-    #[arg(long, env = "LOBE_TLS_MAX_CONNS")]
+    #[arg(long, env = "LOBE_TLS_MAX_CONNS", help_heading = "Limits")]
     pub max_conns: Option<usize>,
 
     /// Connections open at once from one client address (with --accept-proxy-protocol,
     /// the one the PROXY header names); more are refused. Peers in --trusted-proxy are
     /// not capped per address. Default: 4096; 0: no cap.
-    #[arg(long, env = "LOBE_TLS_MAX_CONNS_PER_IP")]
+    #[arg(long, env = "LOBE_TLS_MAX_CONNS_PER_IP", help_heading = "Limits")]
     pub max_conns_per_ip: Option<usize>,
 
     /// Requests in flight at once from one client address (grouped as for
     /// --max-conns-per-ip), over HTTP/1.1 and h2 together; an event stream or a
     /// WebSocket counts while it is open. More are answered 429 at once, without reaching
     /// an upstream. Peers in --trusted-proxy are not capped. Default: 1024; 0: no cap.
-    #[arg(long, env = "LOBE_TLS_MAX_REQUESTS_PER_IP")]
+    #[arg(long, env = "LOBE_TLS_MAX_REQUESTS_PER_IP", help_heading = "Limits")]
     pub max_requests_per_ip: Option<usize>,
 
     /// Bytes of request bodies one client connection may hold at once so that a request
     /// can be sent again to another upstream when the first fails (each body at most
     /// 64 KiB); a body that does not fit streams through once, unretried. Default:
     /// 1048576 (1 MiB); 0: no body is retried.
-    #[arg(long, env = "LOBE_TLS_RETRY_BUFFER_PER_CONN", value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "LOBE_TLS_RETRY_BUFFER_PER_CONN",
+        value_name = "BYTES",
+        help_heading = "Limits"
+    )]
     pub retry_buffer_per_conn: Option<usize>,
 
     /// As --retry-buffer-per-conn, for all connections together. Default: 67108864
     /// (64 MiB).
-    #[arg(long, env = "LOBE_TLS_RETRY_BUFFER_TOTAL", value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "LOBE_TLS_RETRY_BUFFER_TOTAL",
+        value_name = "BYTES",
+        help_heading = "Limits"
+    )]
     pub retry_buffer_total: Option<usize>,
 
     /// Requests per second per client address; more are answered 429 with Retry-After.
-    #[arg(long, env = "LOBE_TLS_RATE_LIMIT")]
+    #[arg(long, env = "LOBE_TLS_RATE_LIMIT", help_heading = "Limits")]
     pub rate_limit: Option<u32>,
 
     /// Leading bits of an IPv4 address that make one client for --max-conns-per-ip and
     /// --rate-limit (or `client_prefix_v4` in --config). Default: 32, each address.
-    #[arg(long, env = "LOBE_TLS_CLIENT_PREFIX_V4", value_name = "BITS")]
+    #[arg(
+        long,
+        env = "LOBE_TLS_CLIENT_PREFIX_V4",
+        value_name = "BITS",
+        help_heading = "Client identity"
+    )]
     pub client_prefix_v4: Option<u32>,
 
     /// Leading bits of an IPv6 address that make one client for --max-conns-per-ip and
     /// --rate-limit (or `client_prefix_v6` in --config). Default: 64, so a /64 (one
     /// host's or one site's subnet) is one client.
-    #[arg(long, env = "LOBE_TLS_CLIENT_PREFIX_V6", value_name = "BITS")]
+    #[arg(
+        long,
+        env = "LOBE_TLS_CLIENT_PREFIX_V6",
+        value_name = "BITS",
+        help_heading = "Client identity"
+    )]
     pub client_prefix_v6: Option<u32>,
 
     /// Threads that accept and serve client connections, each serving its own
     /// connections start to finish (default: one per CPU).
-    #[arg(long, env = "LOBE_TLS_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, env = "LOBE_TLS_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024), help_heading = "Listeners")]
     pub threads: Option<u16>,
 
     /// Seconds a client has to send a request's headers.
-    #[arg(long, env = "LOBE_TLS_HEADER_READ_TIMEOUT", default_value_t = 10)]
+    #[arg(
+        long,
+        env = "LOBE_TLS_HEADER_READ_TIMEOUT",
+        default_value_t = 10,
+        help_heading = "Limits"
+    )]
     pub header_read_timeout: u64,
 
     /// Serve the certificates another process writes here (certbot's live/, a Kubernetes
     /// secret mount, fullchain.pem/privkey.pem or tls.crt/tls.key pairs); repeatable.
-    #[arg(long = "cert-dir", env = "LOBE_TLS_CERT_DIR", value_delimiter = ',')]
+    #[arg(
+        long = "cert-dir",
+        env = "LOBE_TLS_CERT_DIR",
+        value_delimiter = ',',
+        help_heading = "Certificates"
+    )]
     pub cert_dirs: Vec<PathBuf>,
 
     /// Certificate for clients that send no or an unknown server name: a certificate's
     /// name in the store, a pair's name under --cert-dir, or a DNS name one of them
     /// serves. Without it such handshakes are refused.
-    #[arg(long, env = "LOBE_TLS_DEFAULT_NAME")]
+    #[arg(long, env = "LOBE_TLS_DEFAULT_NAME", help_heading = "Certificates")]
     pub default_name: Option<String>,
 
     /// Name of the managed certificate in the store (default: its first domain, with `*`
     /// as `_`, as `issue` names it).
-    #[arg(long)]
+    #[arg(long, help_heading = "Certificates")]
     pub name: Option<String>,
 
     /// Domain of a certificate to manage: issued at start if the store lacks it, then
     /// renewed in the background. Repeatable.
-    #[arg(short = 'd', long = "domain")]
+    #[arg(short = 'd', long = "domain", help_heading = "Certificates")]
     pub domains: Vec<String>,
 
     #[command(flatten)]
@@ -148,26 +258,45 @@ pub struct Args {
     pub profile: ProfileArgs,
 
     /// Do not listen for plain HTTP (challenges and the redirect to https) on --http-listen.
-    #[arg(long, env = "LOBE_TLS_NO_HTTP")]
+    #[arg(long, env = "LOBE_TLS_NO_HTTP", help_heading = "Listeners")]
     pub no_http: bool,
 
     /// Serve Prometheus metrics at http://ADDR/metrics.
-    #[arg(long, env = "LOBE_TLS_METRICS_LISTEN")]
+    #[arg(
+        long,
+        env = "LOBE_TLS_METRICS_LISTEN",
+        help_heading = "Logging and admin"
+    )]
     pub metrics_listen: Option<SocketAddr>,
 
     /// Close connections, streams and WebSockets of the --upstream site that move no byte
     /// for this many seconds (sites of the --config file set their own idle_timeout).
-    #[arg(long, env = "LOBE_TLS_IDLE_TIMEOUT", default_value_t = 3600)]
+    #[arg(
+        long,
+        env = "LOBE_TLS_IDLE_TIMEOUT",
+        default_value_t = 3600,
+        help_heading = "Sites and upstreams"
+    )]
     pub idle_timeout: u64,
 
     /// Once every listener is bound, write their addresses here as JSON
     /// ({"listen": "127.0.0.1:8443", "http_listen": ..., "metrics_listen": ...}), for
     /// scripts and supervisors; the bound addresses are logged too (useful with port 0).
-    #[arg(long, env = "LOBE_TLS_READY_FILE", value_name = "PATH")]
+    #[arg(
+        long,
+        env = "LOBE_TLS_READY_FILE",
+        value_name = "PATH",
+        help_heading = "Listeners"
+    )]
     pub ready_file: Option<PathBuf>,
 
     /// On SIGTERM, seconds to let open connections finish before cutting them.
-    #[arg(long, env = "LOBE_TLS_DRAIN_TIMEOUT", default_value_t = 30)]
+    #[arg(
+        long,
+        env = "LOBE_TLS_DRAIN_TIMEOUT",
+        default_value_t = 30,
+        help_heading = "Listeners"
+    )]
     pub drain_timeout: u64,
 
     #[command(flatten)]
@@ -184,7 +313,8 @@ pub struct OnDemandArgs {
         long,
         env = "LOBE_TLS_ON_DEMAND_ASK",
         value_name = "URL",
-        hide_env_values = true
+        hide_env_values = true,
+        help_heading = "Certificates"
     )]
     pub on_demand_ask: Option<String>,
 
@@ -195,16 +325,27 @@ pub struct OnDemandArgs {
         long,
         env = "LOBE_TLS_ON_DEMAND_ALLOW",
         value_name = "PATTERN",
-        value_delimiter = ','
+        value_delimiter = ',',
+        help_heading = "Certificates"
     )]
     pub on_demand_allow: Vec<String>,
 
     /// Seconds a handshake waits for its on-demand certificate.
-    #[arg(long, env = "LOBE_TLS_ON_DEMAND_TIMEOUT", default_value_t = 20)]
+    #[arg(
+        long,
+        env = "LOBE_TLS_ON_DEMAND_TIMEOUT",
+        default_value_t = 20,
+        help_heading = "Certificates"
+    )]
     pub on_demand_timeout: u64,
 
     /// New names issued on demand per minute, in all.
-    #[arg(long, env = "LOBE_TLS_ON_DEMAND_RATE", default_value_t = 20)]
+    #[arg(
+        long,
+        env = "LOBE_TLS_ON_DEMAND_RATE",
+        default_value_t = 20,
+        help_heading = "Certificates"
+    )]
     pub on_demand_rate: u32,
 }
 
@@ -237,4 +378,11 @@ impl OnDemandArgs {
             .ok_or_else(|| Error::config("--on-demand-rate must be at least 1"))?;
         Ok(Some(config))
     }
+}
+
+/// A network for --allow and --deny, checked here so that a typo fails at parse time.
+fn cidr(text: &str) -> std::result::Result<String, String> {
+    lobe_tls::edge::parse_cidr(text)
+        .map(|_| text.trim().to_owned())
+        .map_err(|e| e.to_string())
 }

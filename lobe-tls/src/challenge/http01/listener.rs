@@ -140,6 +140,12 @@ impl Http01Metrics {
     /// `lobe_tls_http01_rejected_connections_total{reason}`,
     /// `lobe_tls_http01_evicted_connections_total` and `lobe_tls_http01_connections`.
     pub fn register(&self, registry: &mut Registry) {
+        // Both reasons show from the start, at zero.
+        for reason in ["max_conns", "max_conns_per_ip"] {
+            let _ = self.rejected.get_or_create(&RefusalLabels {
+                reason: reason.to_owned(),
+            });
+        }
         let r = registry.sub_registry_with_prefix("http01");
         r.register(
             "rejected_connections",

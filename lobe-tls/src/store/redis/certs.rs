@@ -21,6 +21,25 @@ const VERSION_CHUNK: usize = 1000;
 
 #[async_trait]
 impl Store for RedisStore {
+    async fn check_writable(&self) -> Result<()> {
+        // A key that expires by itself should the DEL never come (a cut connection).
+        let key = self.key("write-probe", &std::process::id().to_string());
+        let mut conn = self.conn.clone();
+        let written: std::result::Result<(), RedisError> = ::redis::pipe()
+            .cmd("SET")
+            .arg(&key)
+            .arg(1)
+            .arg("PX")
+            .arg(10_000)
+            .ignore()
+            .cmd("DEL")
+            .arg(&key)
+            .ignore()
+            .query_async(&mut conn)
+            .await;
+        written.map_err(|e| self.error("write a probe key (is the user allowed to write?)", &e))
+    }
+
     async fn load_cert(&self, name: &str) -> Result<Option<StoredCert>> {
         check_name(name)?;
         let mut conn = self.conn.clone();
