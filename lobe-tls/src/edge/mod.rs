@@ -24,7 +24,7 @@
 //! metrics listener, as `lobe-tls serve` runs them.
 //!
 //! Below them all stand leaves that import nothing of the edge: `config` (settings,
-//! sites, durations), `upstream_state` (each upstream's open count and health),
+//! sites, durations; `config_file` reads them from the TOML file), `upstream_state` (each upstream's open count and health),
 //! `body`, `metrics`, `clock` and `thread_slot`; `hold` is what one connection holds
 //! (its permits, its requests in flight), and `shared` what every connection task of one
 //! edge shares.
@@ -34,6 +34,7 @@ mod body;
 mod budget;
 mod clock;
 mod config;
+mod config_file;
 mod conn;
 mod forwarded;
 mod headers;
@@ -70,11 +71,11 @@ use tokio::task::JoinSet;
 
 pub use accept::BeforeHandshake;
 pub use config::{
-    CONFIG_KEYS, DEFAULT_H2_MAX_STREAMS, DEFAULT_MAX_CONNS, DEFAULT_MAX_CONNS_PER_IP,
+    DEFAULT_H2_MAX_STREAMS, DEFAULT_MAX_CONNS, DEFAULT_MAX_CONNS_PER_IP,
     DEFAULT_MAX_REQUESTS_PER_IP, DEFAULT_RETRY_BUFFER_PER_CONN, DEFAULT_RETRY_BUFFER_TOTAL,
-    EdgeConfig, LbPolicy, Mode, RouteConfig, SiteConfig, UpstreamSpec, check_upstream_addr,
-    claim_problems, parse_sites,
+    EdgeConfig, LbPolicy, Mode, RouteConfig, SiteConfig, UpstreamSpec, claim_problems,
 };
+pub use config_file::{CONFIG_KEYS, parse_sites};
 pub use ip_lists::{IpTable, parse_cidr};
 pub use ipnet::IpNet;
 pub use metrics::EdgeMetrics;

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use super::config::{SiteConfig, parse_sites};
+use super::config::SiteConfig;
+use super::config_file::parse_sites;
 use crate::error::{Error, Result};
 
 /// Reads the `[[site]]` tables of the file at `path`.

@@ -194,3 +194,37 @@ pub(super) fn prune_versions(archive: &Path) {
         let _ = fs::remove_dir_all(archive.join(format!("{v:04}")));
     }
 }
+
+/// Writes and removes a probe file in the root and in each directory saves write into,
+/// so a store this process cannot write is found at once, in one line that says who
+/// cannot write where.
+pub(super) fn check_writable(root: &Path) -> Result<()> {
+    // The root, and the directories saves write into where they exist already.
+    let dirs = ["", "live", "archive", "state", "accounts"];
+    let dirs = dirs.iter().map(|d| {
+        if d.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(d)
+        }
+    });
+    for dir in dirs.filter(|d| d.is_dir()) {
+        let probe = dir.join(format!(".write-probe-{}", std::process::id()));
+        let written = fs::write(&probe, b"");
+        let _ = fs::remove_file(&probe);
+        if let Err(e) = written {
+            let uid = rustix::process::getuid().as_raw();
+            return Err(Error::store(
+                "fs",
+                crate::error::StoreErrorKind::Write,
+                format!(
+                    "--store {}: this process (uid {uid}) cannot write {} ({e}); give it write access or run as the store's owner",
+                    root.display(),
+                    dir.display()
+                ),
+            )
+            .with_source(e));
+        }
+    }
+    Ok(())
+}

@@ -453,33 +453,7 @@ impl FileStore {
 impl Store for FileStore {
     async fn check_writable(&self) -> Result<()> {
         let root = self.root.clone();
-        blocking(move || {
-            // The root, and the directories saves write into where they exist already.
-            let dirs = ["", "live", "archive", "state", "accounts"];
-            let dirs = dirs
-                .iter()
-                .map(|d| if d.is_empty() { root.clone() } else { root.join(d) });
-            for dir in dirs.filter(|d| d.is_dir()) {
-                let probe = dir.join(format!(".write-probe-{}", std::process::id()));
-                let written = fs::write(&probe, b"");
-                let _ = fs::remove_file(&probe);
-                if let Err(e) = written {
-                    let uid = rustix::process::getuid().as_raw();
-                    return Err(Error::store(
-                        "fs",
-                        crate::error::StoreErrorKind::Write,
-                        format!(
-                            "--store {}: this process (uid {uid}) cannot write {} ({e}); give it write access or run as the store's owner",
-                            root.display(),
-                            dir.display()
-                        ),
-                    )
-                    .with_source(e));
-                }
-            }
-            Ok(())
-        })
-        .await
+        blocking(move || files::check_writable(&root)).await
     }
 
     async fn load_cert(&self, name: &str) -> Result<Option<StoredCert>> {
