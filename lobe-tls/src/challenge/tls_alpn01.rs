@@ -30,6 +30,10 @@ use crate::store::DynStore;
 
 /// How long published material lives in a shared store if cleanup never runs.
 const SHARED_TTL: Duration = Duration::from_secs(600);
+/// How long an order waits after publishing its certificate before the CA validates, so
+/// that the other instances' followers install it first. The store's announcements
+/// arrive within milliseconds; 250 ms covers a busy instance and costs an order little.
+const SHARED_PROPAGATION: Duration = Duration::from_millis(250);
 
 /// What sharing the material needs the store's challenge tokens for, in messages.
 const NEEDED_FOR: &str = "TLS-ALPN-01 answered by every instance sharing the store";
@@ -217,6 +221,11 @@ impl Solver for TlsAlpn01Solver {
                 .challenges_for(NEEDED_FOR)?
                 .put_challenge(&store_key(&server_name), &cert.to_store_value(), SHARED_TTL)
                 .await?;
+            // Other instances install the certificate when the store's announcement
+            // reaches them, and a handshake cannot wait for it (resolving is
+            // synchronous): give the announcement a moment before the CA is told to
+            // validate, which it may do at once, on any instance.
+            tokio::time::sleep(SHARED_PROPAGATION).await;
         }
         Ok(())
     }
