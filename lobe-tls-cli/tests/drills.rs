@@ -159,15 +159,27 @@ impl Drill {
         );
         self.assert_store_holds_a_servable_pair(Some(&self.first.serial.clone()))
             .await;
-        let scraped = self.metrics.render();
+        // The metrics count the manager's events in a task of their own, which may see
+        // the failure after this test's subscriber did: wait for it, with a deadline.
         let line = format!("{alarm_metric}{{name=\"{NAME}\"}} ");
-        let count: u64 = scraped
-            .lines()
-            .find_map(|l| l.strip_prefix(&line))
-            .unwrap_or_else(|| panic!("no {line}in {scraped}"))
-            .parse()
-            .unwrap();
-        assert!(count >= 1, "{alarm_metric} is {count}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let scraped = self.metrics.render();
+            let count: u64 = scraped
+                .lines()
+                .find_map(|l| l.strip_prefix(&line))
+                .unwrap_or_else(|| panic!("no {line}in {scraped}"))
+                .parse()
+                .unwrap();
+            if count >= 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{alarm_metric} is {count}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(self.check(), 2, "check raises the alarm");
     }
 
