@@ -4,49 +4,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 
 use crate::support::*;
-
-/// GET `path` for NAME on `tls`, a connection already made, with `headers`.
-pub async fn get_on(
-    tls: TlsStream<TcpStream>,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> std::io::Result<Answer> {
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(std::io::Error::other)?;
-    tokio::spawn(conn);
-    let mut request = Request::get(path).header("host", NAME);
-    for (k, v) in headers {
-        request = request.header(*k, *v);
-    }
-    let response = tokio::time::timeout(
-        STEP,
-        send.send_request(request.body(Empty::<Bytes>::new()).unwrap()),
-    )
-    .await
-    .map_err(std::io::Error::other)?
-    .map_err(std::io::Error::other)?;
-    let (parts, body) = response.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map_err(std::io::Error::other)?
-        .to_bytes();
-    Ok(Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
-}
 
 /// A TLS connection to the edge from the loopback address `from` (e.g. `127.0.0.2`).
 pub async fn connect_from(client: &Client, from: &str) -> std::io::Result<TlsStream<TcpStream>> {
@@ -64,14 +27,14 @@ pub async fn connect_from(client: &Client, from: &str) -> std::io::Result<TlsStr
 /// GET `path` from the loopback address `from`.
 pub async fn get_from(client: &Client, from: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
     let tls = connect_from(client, from).await.unwrap();
-    get_on(tls, path, headers).await.unwrap()
+    get_on(tls, NAME, path, headers).await.unwrap()
 }
 
 /// The status of GET `path` from `from`, once the edge answers at all.
 async fn status_from(client: &Client, from: &str, path: &str) -> StatusCode {
     eventually("a request", || async {
         let tls = connect_from(client, from).await?;
-        get_on(tls, path, &[]).await
+        get_on(tls, NAME, path, &[]).await
     })
     .await
     .status
@@ -192,6 +155,7 @@ async fn the_proxy_named_address_is_judged_and_x_forwarded_for_is_not() {
     let refused = eventually("a client behind the balancer", || async {
         get_on(
             balanced.client.connect_as("192.0.2.66").await?,
+            NAME,
             "/whoami",
             &[],
         )
@@ -202,7 +166,7 @@ async fn the_proxy_named_address_is_judged_and_x_forwarded_for_is_not() {
     // The balancer's own address (127.0.0.1) is not denied, and a header naming the
     // denied address blocks nobody.
     let tls = balanced.client.connect_as("192.0.2.7").await.unwrap();
-    let passed = get_on(tls, "/whoami", &[("x-forwarded-for", "192.0.2.66")])
+    let passed = get_on(tls, NAME, "/whoami", &[("x-forwarded-for", "192.0.2.66")])
         .await
         .unwrap();
     assert_eq!(served_by(&passed), "a");

@@ -327,33 +327,7 @@ impl Client {
         path: &str,
         headers: &[(&str, &str)],
     ) -> std::io::Result<Answer> {
-        let tls = self.connect().await?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(std::io::Error::other)?;
-        tokio::spawn(conn.with_upgrades());
-        let mut request = Request::get(path).header("host", host);
-        for (k, v) in headers {
-            request = request.header(*k, *v);
-        }
-        let response = tokio::time::timeout(
-            STEP,
-            send.send_request(request.body(Empty::<Bytes>::new()).unwrap()),
-        )
-        .await
-        .map_err(std::io::Error::other)?
-        .map_err(std::io::Error::other)?;
-        let (parts, body) = response.into_parts();
-        let body = tokio::time::timeout(STEP, body.collect())
-            .await
-            .map_err(std::io::Error::other)?
-            .map_err(std::io::Error::other)?
-            .to_bytes();
-        Ok(Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
-        })
+        get_on(self.connect().await?, host, path, headers).await
     }
 
     pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Answer {
@@ -469,4 +443,40 @@ pub async fn scrape_until(
 /// As [`scrape_until`], the value alone.
 pub async fn metric_until(metrics: &str, series: &str, wanted: impl Fn(f64) -> bool) -> f64 {
     scrape_until(metrics, series, wanted).await.0
+}
+
+/// GET `path` for Host `host` on `tls`, a connection already made (e.g. from a chosen
+/// source address), with `headers`.
+pub async fn get_on(
+    tls: TlsStream<TcpStream>,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<Answer> {
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(conn.with_upgrades());
+    let mut request = Request::get(path).header("host", host);
+    for (k, v) in headers {
+        request = request.header(*k, *v);
+    }
+    let response = tokio::time::timeout(
+        STEP,
+        send.send_request(request.body(Empty::<Bytes>::new()).unwrap()),
+    )
+    .await
+    .map_err(std::io::Error::other)?
+    .map_err(std::io::Error::other)?;
+    let (parts, body) = response.into_parts();
+    let body = tokio::time::timeout(STEP, body.collect())
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
