@@ -11,6 +11,8 @@
 // Each bench uses its own part of this module.
 #![allow(dead_code)]
 
+pub mod page;
+
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -307,12 +309,22 @@ fn caddy_binary() -> String {
 }
 
 fn lobe(conf: &Conf<'_>, mode: Option<&'static str>) -> BenchResult<Peer> {
+    lobe_with(conf, mode, &[], &label(Kind::Lobe(mode)))
+}
+
+/// `serve` in `mode` with `extra` arguments after the usual ones, under `label`.
+pub fn lobe_with(
+    conf: &Conf<'_>,
+    mode: Option<&'static str>,
+    extra: &[&str],
+    label: &str,
+) -> BenchResult<Peer> {
     // Held until the peer listens on it: nobody else can take it meanwhile.
     let port_reserved = lobe_tls_tests::reserve_port();
     let port = port_reserved.port();
     let listen = format!("127.0.0.1:{port}");
     let upstream = format!("127.0.0.1:{}", conf.backend);
-    let store = conf.dir.join(format!("store-{}", mode.unwrap_or("tcp")));
+    let store = conf.dir.join(format!("store-{port}"));
     let cert_dir = conf.certs.cert_dir.display().to_string();
     let store = store.display().to_string();
     let mut args = vec![
@@ -332,6 +344,7 @@ fn lobe(conf: &Conf<'_>, mode: Option<&'static str>) -> BenchResult<Peer> {
     if let Some(mode) = mode {
         args.extend(["--mode", mode]);
     }
+    args.extend(extra);
     // A diagnostic hook: `BENCH_LOBE_WRAP="heaptrack -o /tmp/serve"` runs `serve` under
     // that command. The memory read is then the wrapper's and its children's, `serve`'s
     // among them.
@@ -347,7 +360,7 @@ fn lobe(conf: &Conf<'_>, mode: Option<&'static str>) -> BenchResult<Peer> {
         None => (env!("CARGO_BIN_EXE_lobe-tls"), args),
     };
     let mut peer = spawn(
-        &label(Kind::Lobe(mode)),
+        label,
         program,
         &args,
         port,
@@ -381,10 +394,30 @@ pub fn descendants(pid: u32) -> Vec<u32> {
 }
 
 fn nginx(conf: &Conf<'_>) -> BenchResult<Peer> {
+    nginx_with(conf, &NginxTuning::default(), &label(Kind::Nginx))
+}
+
+/// What an nginx peer does beyond the common configuration.
+#[derive(Default)]
+pub struct NginxTuning {
+    /// `listen ... reuseport`: one listening socket per worker, as nginx's experts run it
+    /// on a multi-core machine.
+    pub reuseport: bool,
+    /// nginx's default access log (`combined`, unbuffered) to this file; `None`: `access_log off`.
+    pub access_log: Option<PathBuf>,
+}
+
+/// nginx with `tuning`, under `label`.
+pub fn nginx_with(conf: &Conf<'_>, tuning: &NginxTuning, label: &str) -> BenchResult<Peer> {
     // Held until the peer listens on it: nobody else can take it meanwhile.
     let port_reserved = lobe_tls_tests::reserve_port();
     let port = port_reserved.port();
-    let path = conf.dir.join("nginx.conf");
+    let path = conf.dir.join(format!("nginx-{port}.conf"));
+    let access_log = match &tuning.access_log {
+        Some(file) => format!("access_log {} combined;", file.display()),
+        None => "access_log off;".to_owned(),
+    };
+    let reuseport = if tuning.reuseport { " reuseport" } else { "" };
     let (rlimit, upgrade_map, connection) = if conf.scale.websocket {
         (
             // Two descriptors per proxied connection, plus a margin.
@@ -400,9 +433,9 @@ fn nginx(conf: &Conf<'_>) -> BenchResult<Peer> {
         format!(
             "daemon off; worker_processes auto; pid {pid}; error_log stderr error;\n{rlimit}\
              events {{ worker_connections {worker_connections}; }}\n\
-             http {{ access_log off;\n{upgrade_map}\
+             http {{ {access_log}\n{upgrade_map}\
                upstream app {{ server 127.0.0.1:{backend}; keepalive 64; }}\n\
-               server {{ listen 127.0.0.1:{port} ssl http2;\n\
+               server {{ listen 127.0.0.1:{port} ssl http2{reuseport};\n\
                  ssl_certificate {cert}; ssl_certificate_key {key};\n\
                  ssl_session_cache shared:SSL:10m;\n\
                  ssl_protocols TLSv1.2 TLSv1.3;\n\
@@ -413,7 +446,7 @@ fn nginx(conf: &Conf<'_>) -> BenchResult<Peer> {
                    proxy_set_header X-Forwarded-Host $host;\n\
                    proxy_set_header Forwarded \"for=$remote_addr;proto=$scheme;host=$host\";\n\
                    proxy_buffering off; proxy_read_timeout 3600s; }} }} }}\n",
-            pid = conf.dir.join("nginx.pid").display(),
+            pid = conf.dir.join(format!("nginx-{port}.pid")).display(),
             worker_connections = if conf.scale.websocket {
                 conf.scale.max_conns * 2
             } else {
@@ -426,7 +459,7 @@ fn nginx(conf: &Conf<'_>) -> BenchResult<Peer> {
     )?;
     let path = path.display().to_string();
     spawn(
-        &label(Kind::Nginx),
+        label,
         "nginx",
         &["-c", &path, "-e", "stderr"],
         port,
