@@ -56,12 +56,17 @@ async def open_conn(args, tls=True):
 
 
 async def trickle(args, head, payload, tls=True):
-    """Sends `head` at once, then `payload` a byte per GAP; seconds until cut, or None."""
-    start = time.monotonic()
+    """Sends `head` at once, then `payload` a byte per GAP; seconds until cut, or None.
+
+    The clock starts once the connection is open (with TLS: after the handshake), where
+    the server's timer for the head starts too: a handshake slowed by a loaded machine
+    must not count against the server. A connection that could not be opened is neither
+    cut nor held: it is counted apart (`unopened`)."""
     try:
         reader, writer = await open_conn(args, tls)
     except (OSError, asyncio.TimeoutError) as e:
-        return {"cut": 0.0, "how": "connect: " + type(e).__name__}
+        return {"cut": None, "unopened": True, "how": "connect: " + type(e).__name__}
+    start = time.monotonic()
     # The reader sees the cut (EOF or reset); whatever the server answered first is kept.
     answer = bytearray()
 
@@ -113,10 +118,12 @@ async def slow(args, head, payload, tls=True):
         *(trickle(args, head, payload, tls) for _ in range(args.conns))
     )
     cuts = [r["cut"] for r in results if r["cut"] is not None]
+    unopened = sum(1 for r in results if r.get("unopened"))
     return {
         "conns": args.conns,
+        "unopened": unopened,
         "cut": len(cuts),
-        "held": args.conns - len(cuts),
+        "held": args.conns - unopened - len(cuts),
         "first_cut": min(cuts) if cuts else None,
         "last_cut": max(cuts) if cuts else None,
         "hows": sorted({str(r["how"]) for r in results}),
