@@ -151,6 +151,8 @@ impl Manager {
         // the failure goes into it rather than over it.
         let stored = self.inner.store.load_renewal_state(name).await.ok();
         let now = OffsetDateTime::now_utc();
+        // No certificate yet: this was the first issuance, not a renewal.
+        let mut first = false;
         let state = {
             let mut slots = self.inner.slots();
             let Some(slot) = slots.get_mut(name) else {
@@ -160,6 +162,7 @@ impl Manager {
                 slot.state.revoked_serial = Some(revoked);
             }
             let not_after = slot.current.as_ref().map(|c| c.info.not_after);
+            first = slot.current.is_none();
             slot.state.failures = slot.state.failures.saturating_add(1);
             slot.state.last_error = Some(error.to_string());
             if error.ca_problem() == Some("alreadyReplaced") {
@@ -178,13 +181,23 @@ impl Manager {
             slot.state.clone()
         };
         let next_attempt = state.next_attempt.unwrap_or(now);
-        tracing::error!(
-            cert = %name,
-            failures = state.failures,
-            next_attempt = %rfc3339(next_attempt),
-            error = %error,
-            "certificate renewal failed; still serving the previous certificate, if any"
-        );
+        if first {
+            tracing::error!(
+                cert = %name,
+                failures = state.failures,
+                next_attempt = %rfc3339(next_attempt),
+                error = %error,
+                "certificate issuance failed; nothing to serve for this name until it succeeds"
+            );
+        } else {
+            tracing::error!(
+                cert = %name,
+                failures = state.failures,
+                next_attempt = %rfc3339(next_attempt),
+                error = %error,
+                "certificate renewal failed; still serving the previous certificate"
+            );
+        }
         if let Err(e) = self.inner.store.save_renewal_state(name, &state).await {
             tracing::warn!(cert = %name, error = %e, "cannot save renewal state");
         }
