@@ -151,9 +151,7 @@ impl Manager {
         // the failure goes into it rather than over it.
         let stored = self.inner.store.load_renewal_state(name).await.ok();
         let now = OffsetDateTime::now_utc();
-        // No certificate yet: this was the first issuance, not a renewal.
-        let mut first = false;
-        let state = {
+        let (state, first) = {
             let mut slots = self.inner.slots();
             let Some(slot) = slots.get_mut(name) else {
                 return;
@@ -162,7 +160,8 @@ impl Manager {
                 slot.state.revoked_serial = Some(revoked);
             }
             let not_after = slot.current.as_ref().map(|c| c.info.not_after);
-            first = slot.current.is_none();
+            // No certificate yet: this was the first issuance, not a renewal.
+            let first = slot.current.is_none();
             slot.state.failures = slot.state.failures.saturating_add(1);
             slot.state.last_error = Some(error.to_string());
             if error.ca_problem() == Some("alreadyReplaced") {
@@ -178,7 +177,7 @@ impl Manager {
                 Some(at) if at > backoff => at,
                 _ => backoff,
             });
-            slot.state.clone()
+            (slot.state.clone(), first)
         };
         let next_attempt = state.next_attempt.unwrap_or(now);
         if first {

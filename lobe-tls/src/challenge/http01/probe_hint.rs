@@ -98,7 +98,10 @@ mod tests {
     #[test]
     fn a_refused_probe_without_a_port_in_the_url_was_on_port_80() {
         let hint = hint(BOULDER_REFUSED, Some("0.0.0.0:8080")).unwrap();
-        assert!(hint.contains("probed port 80 and found no listener"), "{hint}");
+        assert!(
+            hint.contains("probed port 80 and found no listener"),
+            "{hint}"
+        );
         let hint = super::hint(PEBBLE_REFUSED, None).unwrap();
         assert!(hint.contains("probed port 5002"), "{hint}");
     }
@@ -112,7 +115,10 @@ mod tests {
     #[test]
     fn other_failures_and_other_errors_are_left_alone() {
         assert_eq!(
-            hint("validation failed: the key authorization did not match", None),
+            hint(
+                "validation failed: the key authorization did not match",
+                None
+            ),
             None
         );
         let error = amend(Error::config("x404"), Some("127.0.0.1:80"));
