@@ -261,6 +261,21 @@ impl Issuance {
         self.run_inner(client, store, Some(lock), progress).await
     }
 
+    /// `error` with the port the CA probed and the address this process answers on,
+    /// when an HTTP-01 validation found nobody or got a 404 (not for a webroot, which
+    /// another server answers).
+    fn explain_http01(&self, error: Error) -> Error {
+        let challenge = &self.request.challenge;
+        if challenge.kind != ChallengeKind::Http01 || challenge.http_webroot.is_some() {
+            return error;
+        }
+        let listen = self
+            .http_listen_addr()
+            .map(|addr| addr.to_string())
+            .or_else(|| challenge.http_listen.clone());
+        crate::challenge::http01::explain_probe_failure(error, listen.as_deref())
+    }
+
     pub(crate) async fn run_inner(
         &self,
         client: &AcmeClient,
@@ -280,7 +295,8 @@ impl Issuance {
                 self.solver.as_ref(),
                 progress,
             )
-            .await?;
+            .await
+            .map_err(|e| self.explain_http01(e))?;
         bundle.validate_for(&self.request.domains)?;
         let stored = StoredCert {
             bundle,

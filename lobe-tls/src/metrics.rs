@@ -5,6 +5,7 @@
 //! | metric | type | labels |
 //! |---|---|---|
 //! | `lobe_tls_certificate_expiry_timestamp_seconds` | gauge | `name`, `source` |
+//! | `lobe_tls_certificate_not_before_timestamp_seconds` | gauge | `name`, `source` |
 //! | `lobe_tls_renewal_failures_total` | counter | `name` |
 //! | `lobe_tls_certificate_conflicts_total` | counter | `name` |
 //! | `lobe_tls_unusable_certificates_total` | counter | `name` |
@@ -80,6 +81,9 @@ pub struct CertExpiry {
     pub name: String,
     /// Where it comes from: `dir` for the watcher, `managed` for the manager.
     pub source: &'static str,
+    /// The start of its validity as a Unix timestamp in seconds: with `not_after`, an
+    /// alert can speak of the lifetime ("a third of it left") rather than of fixed days.
+    pub not_before: i64,
     /// Its expiry as a Unix timestamp in seconds.
     pub not_after: i64,
     /// The renewal window (start, end) the CA suggested through ARI, Unix seconds.
@@ -150,6 +154,15 @@ impl Collector for CertSources {
         };
         for cert in &certs {
             ConstGauge::new(cert.not_after).encode(family.encode_family(&labels(cert))?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "certificate_not_before_timestamp_seconds",
+            "When each served certificate became valid (Unix time)",
+            None,
+            probe.metric_type(),
+        )?;
+        for cert in &certs {
+            ConstGauge::new(cert.not_before).encode(family.encode_family(&labels(cert))?)?;
         }
         for (edge, pick) in [("start", 0), ("end", 1)] {
             let name = format!("certificate_ari_window_{edge}_timestamp_seconds");
@@ -426,12 +439,14 @@ mod tests {
                 CertExpiry {
                     name: "a\"b".into(),
                     source: "dir",
+                    not_before: 1_790_000_000,
                     not_after: 1_800_000_000,
                     ari_window: None,
                 },
                 CertExpiry {
                     name: "m".into(),
                     source: "managed",
+                    not_before: 1_790_000_000,
                     not_after: 1_800_000_000,
                     ari_window: Some((1_700_000_000, 1_700_086_400)),
                 },
@@ -446,6 +461,7 @@ mod tests {
         let text = metrics.render();
         for line in [
             "lobe_tls_certificate_expiry_timestamp_seconds{name=\"a\\\"b\",source=\"dir\"} 1800000000",
+            "lobe_tls_certificate_not_before_timestamp_seconds{name=\"m\",source=\"managed\"} 1790000000",
             "lobe_tls_renewal_failures_total{name=\"managed.example\"} 1",
             "lobe_tls_certificate_ari_window_start_timestamp_seconds{name=\"m\",source=\"managed\"} 1700000000",
             "lobe_tls_certificate_ari_window_end_timestamp_seconds{name=\"m\",source=\"managed\"} 1700086400",

@@ -379,6 +379,7 @@ async fn metrics_endpoint_serves_prometheus_text() {
         vec![CertExpiry {
             name: NAME.into(),
             source: "dir",
+            not_before: 1_890_000_000,
             not_after: 1_900_000_000,
             ari_window: None,
         }]

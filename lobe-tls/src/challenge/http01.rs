@@ -25,12 +25,14 @@ mod no_listener;
 mod per_second;
 #[cfg(feature = "http01-listener")]
 mod places;
+mod probe_hint;
 mod view;
 
 #[cfg(feature = "http01-listener")]
 pub use listener::{Http01Listener, Http01ListenerConfig, Http01Metrics, RefusalLabels, serve};
 #[cfg(not(feature = "http01-listener"))]
 pub(crate) use no_listener::Http01Listener;
+pub(crate) use probe_hint::amend as explain_probe_failure;
 use view::SharedTokens;
 
 /// The path prefix ACME validation requests use.

@@ -228,8 +228,10 @@ impl Manager {
                 .certificates()
                 .into_iter()
                 .filter_map(|state| {
+                    let info = state.info?;
                     Some(crate::metrics::CertExpiry {
-                        not_after: state.info?.not_after.unix_timestamp(),
+                        not_before: info.not_before.unix_timestamp(),
+                        not_after: info.not_after.unix_timestamp(),
                         name: state.name,
                         source: "managed",
                         ari_window: state

@@ -151,7 +151,7 @@ impl Manager {
         // the failure goes into it rather than over it.
         let stored = self.inner.store.load_renewal_state(name).await.ok();
         let now = OffsetDateTime::now_utc();
-        let state = {
+        let (state, first) = {
             let mut slots = self.inner.slots();
             let Some(slot) = slots.get_mut(name) else {
                 return;
@@ -160,6 +160,8 @@ impl Manager {
                 slot.state.revoked_serial = Some(revoked);
             }
             let not_after = slot.current.as_ref().map(|c| c.info.not_after);
+            // No certificate yet: this was the first issuance, not a renewal.
+            let first = slot.current.is_none();
             slot.state.failures = slot.state.failures.saturating_add(1);
             slot.state.last_error = Some(error.to_string());
             if error.ca_problem() == Some("alreadyReplaced") {
@@ -175,16 +177,26 @@ impl Manager {
                 Some(at) if at > backoff => at,
                 _ => backoff,
             });
-            slot.state.clone()
+            (slot.state.clone(), first)
         };
         let next_attempt = state.next_attempt.unwrap_or(now);
-        tracing::error!(
-            cert = %name,
-            failures = state.failures,
-            next_attempt = %rfc3339(next_attempt),
-            error = %error,
-            "certificate renewal failed; still serving the previous certificate, if any"
-        );
+        if first {
+            tracing::error!(
+                cert = %name,
+                failures = state.failures,
+                next_attempt = %rfc3339(next_attempt),
+                error = %error,
+                "certificate issuance failed; nothing to serve for this name until it succeeds"
+            );
+        } else {
+            tracing::error!(
+                cert = %name,
+                failures = state.failures,
+                next_attempt = %rfc3339(next_attempt),
+                error = %error,
+                "certificate renewal failed; still serving the previous certificate"
+            );
+        }
         if let Err(e) = self.inner.store.save_renewal_state(name, &state).await {
             tracing::warn!(cert = %name, error = %e, "cannot save renewal state");
         }

@@ -287,6 +287,7 @@ async fn watch_dir(
             .map(|cert| CertExpiry {
                 name: cert.name,
                 source: "dir",
+                not_before: cert.info.not_before.unix_timestamp(),
                 not_after: cert.info.not_after.unix_timestamp(),
                 ari_window: None,
             })
