@@ -64,6 +64,7 @@ async fn every_metric_the_readme_documents_is_exported_under_its_name() {
     let upstream = lobe_tls_tests::cli::greeting_upstream("hello").await;
     let mut serve = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+            .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
             .args([
                 "serve",
                 "-d",

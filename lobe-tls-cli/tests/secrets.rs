@@ -86,7 +86,9 @@ fn tail(log: &str) -> String {
 /// `lobe-tls` with a clean environment plus `env`.
 fn lobe(env: &[(&str, String)], args: &[&str]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
+    cmd.env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0");
     cmd.env_clear()
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .args(args)
         .stdin(Stdio::null())

@@ -183,6 +183,8 @@ impl Manager {
                     .current
                     .as_ref()
                     .and_then(|c| slot.state.ari_window_for(&c.info)),
+                profile: slot.managed.as_ref().and_then(|m| m.profile.clone()),
+                next_attempt: slot.state.next_attempt.filter(|_| slot.state.failures > 0),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
