@@ -18,9 +18,13 @@ fn documented() -> BTreeSet<String> {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
     let mut names = BTreeSet::new();
-    for line in readme.lines().filter(|l| l.starts_with("| `lobe_tls_")) {
+    let metric = |n: &str| n.starts_with("lobe_tls_") || n.starts_with("process_");
+    for line in readme
+        .lines()
+        .filter(|l| l.starts_with("| `lobe_tls_") || l.starts_with("| `process_"))
+    {
         let first = line.split('|').nth(1).unwrap_or_default();
-        for name in first.split('`').filter(|n| n.starts_with("lobe_tls_")) {
+        for name in first.split('`').filter(|n| metric(n)) {
             names.insert(name.to_owned());
         }
     }
