@@ -49,7 +49,8 @@ async fn get(addr: &str, path: &str, auth: Option<&str>) -> (u16, String) {
         let auth = auth
             .map(|a| format!("Authorization: {a}\r\n"))
             .unwrap_or_default();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n");
         tcp.write_all(request.as_bytes()).await.unwrap();
         let mut response = String::new();
         tcp.read_to_string(&mut response).await.unwrap();
@@ -255,7 +256,10 @@ async fn chromium_renders_the_status_page_with_a_pebble_certificate_and_a_down_u
         "directory",
         "obtained",
     ] {
-        assert!(text.contains(needle), "{needle:?} missing from the page: {text}");
+        assert!(
+            text.contains(needle),
+            "{needle:?} missing from the page: {text}"
+        );
     }
     assert!(dom.contains("http-equiv=\"refresh\""), "{dom}");
     assert!(!dom.contains("<script"), "{dom}");
@@ -273,7 +277,11 @@ async fn chromium_renders_the_status_page_with_a_pebble_certificate_and_a_down_u
     let _ = std::fs::remove_file(&shot);
     chromium_run(&url, &format!("--screenshot={}", shot.display()));
     let png = std::fs::read(&shot).unwrap();
-    assert!(png.starts_with(b"\x89PNG"), "no screenshot at {}", shot.display());
+    assert!(
+        png.starts_with(b"\x89PNG"),
+        "no screenshot at {}",
+        shot.display()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -310,7 +318,10 @@ async fn readyz_turns_503_when_the_drain_starts_and_process_metrics_are_exported
         "process_max_fds ",
         "process_start_time_seconds ",
     ] {
-        assert!(metrics.contains(name), "{name} missing from /metrics:\n{metrics}");
+        assert!(
+            metrics.contains(name),
+            "{name} missing from /metrics:\n{metrics}"
+        );
     }
 
     // A slow request holds the drain open.
@@ -345,7 +356,10 @@ async fn readyz_turns_503_when_the_drain_starts_and_process_metrics_are_exported
     let (_, metrics) = get(&admin, "/metrics", None).await;
     assert!(metrics.contains("lobe_tls_ready 0"), "{metrics}");
     // Still draining: the slow request is in flight and serve still runs.
-    assert!(serve.0.try_wait().unwrap().is_none(), "serve ended before its drain");
+    assert!(
+        serve.0.try_wait().unwrap().is_none(),
+        "serve ended before its drain"
+    );
     let mut answer = String::new();
     tokio::time::timeout(Duration::from_secs(20), tls.read_to_string(&mut answer))
         .await
@@ -391,7 +405,11 @@ async fn off_loopback_the_status_page_needs_the_token_and_shows_no_secret() {
         .args(["--check-config", "--admin-listen", "127.0.0.2:9180"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", lobe_tls_tests::cli::stderr(&out));
+    assert!(
+        out.status.success(),
+        "{}",
+        lobe_tls_tests::cli::stderr(&out)
+    );
 
     // With a token: 401 without it, 200 with it; probes need none.
     let token = "admin-token-MARKER-7f3a";
@@ -405,7 +423,10 @@ async fn off_loopback_the_status_page_needs_the_token_and_shows_no_secret() {
     let cmd = serve(
         dir.path(),
         &args,
-        &[("LOBE_TLS_EAB_KID", eab_kid), ("LOBE_TLS_EAB_HMAC_KEY", eab_key)],
+        &[
+            ("LOBE_TLS_EAB_KID", eab_kid),
+            ("LOBE_TLS_EAB_HMAC_KEY", eab_key),
+        ],
     );
     let (_serve, addrs) = start(cmd, dir.path()).await;
     let admin = format!("127.0.0.1:{}", addrs.admin_listen.unwrap().port());
@@ -437,7 +458,13 @@ async fn the_admin_listener_is_on_127_0_0_1_9180_by_default() {
     let up = backend("replica-a");
     let mut cmd = serve(
         dir.path(),
-        &["--no-http", "--upstream", &up, "--cert-dir", certs.to_str().unwrap()],
+        &[
+            "--no-http",
+            "--upstream",
+            &up,
+            "--cert-dir",
+            certs.to_str().unwrap(),
+        ],
         &[],
     );
     cmd.env_remove("LOBE_TLS_ADMIN_LISTEN");
@@ -449,5 +476,8 @@ async fn the_admin_listener_is_on_127_0_0_1_9180_by_default() {
     // On loopback the page needs no token.
     let (status, page) = get("127.0.0.1:9180", "/status", None).await;
     assert_eq!(status, 200);
-    assert!(page.contains("<meta http-equiv=\"refresh\" content=\"5\">"), "{page}");
+    assert!(
+        page.contains("<meta http-equiv=\"refresh\" content=\"5\">"),
+        "{page}"
+    );
 }
