@@ -13,7 +13,6 @@ use serde_json::Value;
 /// directory and CA of `pebble`.
 fn lobe(store: &Path, pebble: Option<&Pebble>, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
-    cmd.env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0");
     cmd.env_clear()
         .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())

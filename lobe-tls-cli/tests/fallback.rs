@@ -16,7 +16,6 @@ use serde_json::Value;
 /// Runs `lobe-tls` with a clean environment, the store at `store`, and `env` set.
 async fn lobe(store: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
-    cmd.env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0");
     cmd.env_clear()
         .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())

@@ -14,7 +14,6 @@ fn lobe(store: &Path, pebble: &Pebble, args: &[&str]) -> Output {
 
 fn command(store: &Path, pebble: &Pebble, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
-    cmd.env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0");
     cmd.env_clear()
         .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
