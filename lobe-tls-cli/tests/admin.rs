@@ -481,3 +481,63 @@ async fn the_admin_listener_is_on_127_0_0_1_9180_by_default() {
         "{page}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_warnings_say_why_and_a_name_that_does_not_resolve_is_warned_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    lobe_tls_tests::tls::write_site_pair(&certs, &[NAME]);
+    let down = closed_port();
+    let config = dir.path().join("sites.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[site]]\ndomains = [\"{NAME}\"]\nupstreams = [\"no-such-upstream.invalid:8080\"]\n\n\
+             [[site]]\nupstreams = [\"{down}\"]\nhealth_path = \"/healthz\"\nhealth_interval = 0.5\nfall = 1\n"
+        ),
+    )
+    .unwrap();
+    let cmd = serve(
+        dir.path(),
+        &[
+            "--no-http",
+            "--config",
+            config.to_str().unwrap(),
+            "--cert-dir",
+            certs.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let (mut serve, _addrs) = start(cmd, dir.path()).await;
+    let stderr = serve.0.stderr.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { return };
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let (mut unresolved, mut refused) = (false, false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(unresolved && refused) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines.recv_timeout(left).unwrap_or_else(|_| {
+            panic!("warnings missing: unresolved {unresolved}, refused {refused}")
+        });
+        if line.contains("upstream name does not resolve") {
+            assert!(line.contains("no-such-upstream.invalid:8080"), "{line}");
+            unresolved = true;
+        }
+        if line.contains("upstream fails its health checks") {
+            assert!(
+                line.contains("reason=\"refused\"") || line.contains("reason=refused"),
+                "{line}"
+            );
+            assert!(line.contains(&down), "{line}");
+            refused = true;
+        }
+    }
+}
