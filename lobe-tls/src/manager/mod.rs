@@ -191,6 +191,12 @@ impl Manager {
         out
     }
 
+    /// The names this manager is ordering now (it holds their lock, in the store too
+    /// where the store has locks).
+    pub fn orders_in_flight(&self) -> Vec<String> {
+        self.inner.name_locks.held()
+    }
+
     /// Feeds `metrics` from this manager: every certificate's expiry at each scrape,
     /// renewal failures and configuration conflicts as they happen. Call it before
     /// [`Manager::start`]; certificates configured or found later are counted from their

@@ -285,9 +285,14 @@ impl Sources {
                 store_kind: self.store_kind,
                 store: self.store.clone(),
                 instance_id: self.instance.clone(),
-                // Neither store names the holder of a lock: a Redis lock holds a random
-                // fencing token, a directory's lock a file handle.
-                lock_holders: None,
+                orders_in_flight: self
+                    .manager
+                    .as_ref()
+                    .map(Manager::orders_in_flight)
+                    .unwrap_or_default(),
+                // Neither store names the holder of another process's lock: a Redis lock
+                // holds a random fencing token, a directory's lock a file handle.
+                lock_holders_elsewhere: None,
             },
             events: self.events.snapshot(),
         }
@@ -347,9 +352,11 @@ pub struct ClusterStatus {
     pub store: Option<String>,
     /// This instance: host name and process id.
     pub instance_id: String,
-    /// Who holds the lock of each order in flight, where the store can say (`None`:
-    /// it cannot).
-    pub lock_holders: Option<Vec<String>>,
+    /// The orders this instance runs now: it holds their locks.
+    pub orders_in_flight: Vec<String>,
+    /// Who holds the locks of other instances' orders, where the store can say
+    /// (`None`: it cannot).
+    pub lock_holders_elsewhere: Option<Vec<String>>,
 }
 
 /// This instance's id: the host name and the process id.
@@ -478,11 +485,16 @@ fn write_html(h: &mut String, s: &ServerStatus) -> std::fmt::Result {
     let c = &s.cluster;
     writeln!(
         h,
-        "</table>\n<h2>Cluster</h2>\n<table><tr><th>Store kind</th><td>{}</td></tr><tr><th>Store</th><td>{}</td></tr><tr><th>This instance</th><td>{}</td></tr><tr><th>Lock holders</th><td>{}</td></tr></table>",
+        "</table>\n<h2>Cluster</h2>\n<table><tr><th>Store kind</th><td>{}</td></tr><tr><th>Store</th><td>{}</td></tr><tr><th>This instance</th><td>{}</td></tr><tr><th>Orders in flight here (lock held by this instance)</th><td>{}</td></tr><tr><th>Lock holders elsewhere</th><td>{}</td></tr></table>",
         c.store_kind,
         opt(&c.store),
         esc(&c.instance_id),
-        match &c.lock_holders {
+        if c.orders_in_flight.is_empty() {
+            "none".to_owned()
+        } else {
+            esc(&c.orders_in_flight.join(", ")).into_owned()
+        },
+        match &c.lock_holders_elsewhere {
             Some(holders) if holders.is_empty() => "none".into(),
             Some(holders) => esc(&holders.join(", ")).into_owned(),
             None => "not reported by this store".to_owned(),
@@ -554,7 +566,8 @@ mod tests {
                 store_kind: "directory",
                 store: None,
                 instance_id: "h/1".into(),
-                lock_holders: None,
+                orders_in_flight: Vec::new(),
+                lock_holders_elsewhere: None,
             },
             events: Vec::new(),
         };
