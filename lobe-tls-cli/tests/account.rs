@@ -11,7 +11,9 @@ use serde_json::Value;
 
 fn lobe(store: &str, pebble: &Pebble, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env_clear()
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("LOBE_TLS_STORE", store)
         .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)

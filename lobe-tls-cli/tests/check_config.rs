@@ -13,7 +13,9 @@ use lobe_tls_tests::cli::{stderr, stdout};
 /// Runs `lobe-tls` with a clean environment and the store at `store`.
 fn lobe(store: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env_clear()
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("LOBE_TLS_STORE", store)
         .args(args)

@@ -14,6 +14,7 @@ use serde_json::Value;
 fn lobe(store: &Path, pebble: Option<&Pebble>, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
     cmd.env_clear()
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("LOBE_TLS_STORE", store);
     if let Some(pebble) = pebble {
@@ -396,7 +397,9 @@ async fn eab_required_names_the_flags_and_issues_with_them_from_the_environment(
     );
 
     let out = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env_clear()
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("LOBE_TLS_STORE", &store)
         .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
         .env("LOBE_TLS_DIRECTORY_CA", &pebble.ca_file)

@@ -13,6 +13,7 @@ use lobe_tls_tests::{Pebble, PebbleOptions, verify_chain};
 fn lobe(store: &Path, pebble: &Pebble, env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
     cmd.env_clear()
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("LOBE_TLS_STORE", store)
         .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)

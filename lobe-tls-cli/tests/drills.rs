@@ -215,6 +215,7 @@ impl Drill {
     /// `lobe-tls check` on the store, as a monitoring probe runs it: its exit status.
     fn check(&self) -> i32 {
         let output = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+            .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
             .arg("check")
             .arg("--store")
             .arg(self.store_dir())
@@ -500,6 +501,7 @@ async fn drill_lock_holder_killed_with_sigkill() {
     let http_listen_port = lobe_tls_tests::reserve_port();
     let http_listen = http_listen_port.listen();
     let mut holder = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .args([
             "issue",
             "-d",

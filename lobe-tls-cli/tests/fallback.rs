@@ -17,6 +17,7 @@ use serde_json::Value;
 async fn lobe(store: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
     cmd.env_clear()
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("LOBE_TLS_STORE", store);
     for (name, value) in env {
@@ -304,7 +305,9 @@ async fn serve_obtains_its_certificate_from_the_fallback_when_the_primary_refuse
     let listen_port = lobe_tls_tests::reserve_port();
     let listen = listen_port.listen();
     let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env_clear()
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("LOBE_TLS_STORE", &store)
         .env("LOBE_TLS_DIRECTORY", &primary)

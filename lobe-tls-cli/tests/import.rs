@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 fn lobe(store: impl AsRef<OsStr>, pebble: Option<&Pebble>, args: &[&str]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
     cmd.env_clear()
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("LOBE_TLS_STORE", store.as_ref());
     if let Some(pebble) = pebble {
@@ -754,7 +755,9 @@ async fn serve_orders_a_managed_name_through_http_webroot() {
     // No plain HTTP listener at all: the web server serving the webroot answers HTTP-01.
     let serve = Running(
         Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+            .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
             .env_clear()
+            .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("LOBE_TLS_STORE", &store)
             .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)

@@ -18,9 +18,13 @@ fn documented() -> BTreeSet<String> {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
     let mut names = BTreeSet::new();
-    for line in readme.lines().filter(|l| l.starts_with("| `lobe_tls_")) {
+    let metric = |n: &str| n.starts_with("lobe_tls_") || n.starts_with("process_");
+    for line in readme
+        .lines()
+        .filter(|l| l.starts_with("| `lobe_tls_") || l.starts_with("| `process_"))
+    {
         let first = line.split('|').nth(1).unwrap_or_default();
-        for name in first.split('`').filter(|n| n.starts_with("lobe_tls_")) {
+        for name in first.split('`').filter(|n| metric(n)) {
             names.insert(name.to_owned());
         }
     }
@@ -64,6 +68,7 @@ async fn every_metric_the_readme_documents_is_exported_under_its_name() {
     let upstream = lobe_tls_tests::cli::greeting_upstream("hello").await;
     let mut serve = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+            .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
             .args([
                 "serve",
                 "-d",

@@ -19,6 +19,7 @@ const GREETING: &str = "upstream says hi\n";
 fn command(store: &Path, pebble: &Pebble, directory: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
     cmd.env_clear()
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("LOBE_TLS_STORE", store)
         .env("LOBE_TLS_DIRECTORY", directory)

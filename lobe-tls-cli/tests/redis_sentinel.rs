@@ -34,6 +34,7 @@ fn serve(
 ) -> Serve {
     let log = std::fs::File::create(log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .args([
             "serve",
             "--mode",

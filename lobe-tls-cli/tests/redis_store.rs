@@ -9,6 +9,7 @@ use lobe_tls_tests::{Pebble, PebbleOptions, RedisServer};
 
 fn lobe_tls(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .args(args)
         .env_remove("LOBE_TLS_STORE")
         .output()
@@ -173,6 +174,7 @@ impl Serve {
         [listen, upstream, name, http_listen]: [&str; 4],
     ) -> Serve {
         let child = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+            .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
             .args(["serve", "--listen", listen, "--upstream", upstream])
             .args(["-d", name, "--http-listen", http_listen])
             .env("LOBE_TLS_STORE", redis.url())

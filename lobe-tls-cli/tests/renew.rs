@@ -15,6 +15,7 @@ fn lobe(store: &Path, pebble: &Pebble, args: &[&str]) -> Output {
 fn command(store: &Path, pebble: &Pebble, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
     cmd.env_clear()
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("LOBE_TLS_STORE", store)
         .env("LOBE_TLS_DIRECTORY", &pebble.directory_url)
@@ -133,7 +134,9 @@ async fn renew_leaves_fresh_certificates_alone_and_renews_due_ones_running_the_d
     std::fs::copy(&ca, &keep_ca).unwrap();
     drop(pebble);
     let out = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env_clear()
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("LOBE_TLS_STORE", &store)
         .env("LOBE_TLS_DIRECTORY", &directory)

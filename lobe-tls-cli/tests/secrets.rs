@@ -83,10 +83,25 @@ fn tail(log: &str) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
+/// The answer to `GET path` on the admin listener at `addr`, whole.
+async fn admin_get(addr: &str, path: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut page = String::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut page))
+        .await
+        .unwrap()
+        .unwrap();
+    page
+}
+
 /// `lobe-tls` with a clean environment plus `env`.
 fn lobe(env: &[(&str, String)], args: &[&str]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
     cmd.env_clear()
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .args(args)
         .stdin(Stdio::null())
@@ -443,6 +458,8 @@ async fn trace_logs_and_errors_never_show_planted_secrets() {
     let listen = listen_port.listen();
     let http_port = lobe_tls_tests::reserve_port();
     let http = http_port.listen();
+    let admin_port = lobe_tls_tests::reserve_port();
+    let admin = admin_port.listen();
     let mut serve = lobe(
         &env,
         &[
@@ -453,6 +470,8 @@ async fn trace_logs_and_errors_never_show_planted_secrets() {
             "127.0.0.1:1",
             "--http-listen",
             &http,
+            "--admin-listen",
+            &admin,
         ],
     )
     .spawn()
@@ -477,6 +496,17 @@ async fn trace_logs_and_errors_never_show_planted_secrets() {
             "serve never served lobe.test from Redis"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The status page names the store, its password redacted, and shows no secret.
+    for path in ["/status", "/status.json"] {
+        let page = admin_get(&admin, path).await;
+        assert!(page.contains("redis://***@"), "{path}: {page}");
+        for secret in &secrets {
+            assert!(
+                !page.contains(secret.as_str()),
+                "{path} shows {secret}: {page}"
+            );
+        }
     }
     let pid = serve.id().unwrap().to_string();
     let killed = std::process::Command::new("kill")

@@ -27,6 +27,7 @@ use lobe_tls_tests::cli::KillOnDrop as Serve;
 
 fn lobe_tls(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
+    cmd.env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0");
     cmd.args(args)
         .env_remove("LOBE_TLS_STORE")
         .stdin(Stdio::null())

@@ -57,6 +57,7 @@ fn start_serve(dir: &Path, pebble: &Pebble, ask: &str, upstream: &str) -> Serve 
     let log = dir.join("serve.log");
     // On Pebble's TLS-ALPN-01 port: on-demand certificates are validated there.
     let child = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .args([
             "serve",
             "--listen",
@@ -148,6 +149,7 @@ async fn serve_issues_an_allowed_name_on_its_first_request_and_resumes_sessions(
 fn serve_refuses_an_empty_guard() {
     let dir = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .args([
             "serve",
             "--listen",

@@ -48,6 +48,7 @@ async fn start_serve(
     let log = dir.join("serve.log");
     let ready = dir.join("ready.json");
     let mut child = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .args([
             "serve",
             "--mode",

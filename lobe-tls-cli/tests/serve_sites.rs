@@ -23,6 +23,7 @@ async fn serve_sites(
 ) -> (Serve, String) {
     let ready = dir.join("ready.json");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
+    cmd.env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0");
     cmd.args(["serve", "--listen", "127.0.0.1:0", "--mode", "tcp"])
         .args(["--ready-file", ready.to_str().unwrap()])
         .args(["--config", config.to_str().unwrap()])

@@ -34,6 +34,7 @@ fn as_a_user_who_cannot_write(store: &std::path::Path, args: &[&str]) -> std::pr
         .arg(store)
         .args(args)
         .env_remove("LOBE_TLS_STORE")
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .stdin(Stdio::null())
         .output()
         .unwrap()

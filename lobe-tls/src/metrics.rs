@@ -98,6 +98,9 @@ type ResultLabel = [(&'static str, &'static str); 1];
 /// [`Metrics::register`] and the certificate sources, which are not on the handshake path.
 pub struct Metrics {
     registry: RwLock<Registry>,
+    /// Families under their own standard names, without the `lobe_tls_` prefix
+    /// (`process_*`).
+    unprefixed: RwLock<Registry>,
     // The family's two members, held so that a handshake costs one atomic add.
     handshakes_ok: Counter,
     handshakes_failed: Counter,
@@ -239,6 +242,7 @@ impl Default for Metrics {
         let handshakes_failed = handshakes.get_or_create(&FAILED).clone();
         Metrics {
             registry: RwLock::new(registry),
+            unprefixed: RwLock::new(Registry::default()),
             handshakes_ok,
             handshakes_failed,
             active_connections,
@@ -269,6 +273,15 @@ impl Metrics {
     /// (names get the `lobe_tls_` prefix). Call it at setup, not per request.
     pub fn register(&self, add: impl FnOnce(&mut Registry)) {
         match self.registry.write() {
+            Ok(mut registry) => add(&mut registry),
+            Err(poisoned) => add(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// As [`Metrics::register`], for families whose standard names carry no prefix (the
+    /// process metrics, `process_*`).
+    pub fn register_unprefixed(&self, add: impl FnOnce(&mut Registry)) {
+        match self.unprefixed.write() {
             Ok(mut registry) => add(&mut registry),
             Err(poisoned) => add(&mut poisoned.into_inner()),
         }
@@ -347,13 +360,15 @@ impl Metrics {
 
     /// The metrics in the OpenMetrics text format ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut out = String::new();
-        let encoded = match self.registry.read() {
-            Ok(registry) => prometheus_client::encoding::text::encode(&mut out, &registry),
-            Err(poisoned) => {
-                prometheus_client::encoding::text::encode(&mut out, &poisoned.into_inner())
-            }
+        let read = |lock: &RwLock<Registry>, out: &mut String| match lock.read() {
+            Ok(registry) => encode_registry(out, &registry),
+            Err(poisoned) => encode_registry(out, &poisoned.into_inner()),
         };
+        let encoded = read(&self.registry, &mut out)
+            .and_then(|()| read(&self.unprefixed, &mut out))
+            .and_then(|()| encode_eof(&mut out));
         if let Err(e) = encoded {
             // Writing into a String cannot fail; a collector that did is a bug worth a line.
             tracing::error!(error = %e, "metrics could not be encoded");

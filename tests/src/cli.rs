@@ -132,6 +132,8 @@ pub struct ReadyAddrs {
     pub http_listen: Option<SocketAddr>,
     /// The metrics listener, if on.
     pub metrics_listen: Option<SocketAddr>,
+    /// The admin listener, if on.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl ReadyAddrs {
@@ -145,6 +147,11 @@ impl ReadyAddrs {
         self.metrics_listen
             .expect("no metrics listener")
             .to_string()
+    }
+
+    /// The admin listener as `"127.0.0.1:PORT"`; panics when it is off.
+    pub fn admin(&self) -> String {
+        self.admin_listen.expect("no admin listener").to_string()
     }
 
     /// The plain HTTP listener as `"127.0.0.1:PORT"`; panics when it is off.
@@ -235,5 +242,6 @@ fn parse_ready(text: &str) -> Result<ReadyAddrs, String> {
         listen: addr("listen")?.ok_or("listen is null")?,
         http_listen: addr("http_listen")?,
         metrics_listen: addr("metrics_listen")?,
+        admin_listen: addr("admin_listen")?,
     })
 }

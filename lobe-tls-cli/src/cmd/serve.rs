@@ -65,6 +65,11 @@ fn server_config(global: &Global, args: &Args, nofile: Option<u64>) -> Result<Se
     let mut config = ServerConfig::new(args.listen, edge);
     config.http_listen = (!args.no_http).then_some(args.challenge.http_listen);
     config.metrics_listen = args.metrics_listen;
+    config.admin_listen = args.admin_listen.0;
+    config.admin_token = match &args.admin_token_file {
+        Some(path) => Some(lobe_tls::server::AdminToken::read_file(path)?),
+        None => None,
+    };
     config.store = Some(global.store_spec()?);
     // The manager renews everything in the store against the CA of the flags.
     config.acme = Some(global.acme_config_with_fallbacks(

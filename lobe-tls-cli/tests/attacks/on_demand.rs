@@ -149,6 +149,7 @@ async fn an_sni_spray_stays_within_the_on_demand_rate_and_served_names_keep_answ
     let listen: SocketAddr = pebble.tls_listen().parse().unwrap();
     // On Pebble's TLS-ALPN-01 port: names issued on demand are validated there.
     let child = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .args(["serve", "--listen", &pebble.tls_listen()])
         .args(["--upstream", &backend.addr, "--no-http"])
         .args(["--on-demand-ask", &format!("{}/check", ask.url())])

@@ -145,6 +145,7 @@ impl Serve {
         let listen_port = lobe_tls_tests::reserve_port();
         let listen: SocketAddr = listen_port.addr();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
+        cmd.env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0");
         cmd.args([
             "serve",
             "--listen",

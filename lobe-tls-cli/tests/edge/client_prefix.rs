@@ -96,6 +96,7 @@ async fn an_out_of_range_client_prefix_is_one_line_and_exit_status_1() {
     ];
     for (args, env, expected) in cases {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
+        cmd.env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0");
         cmd.args(["serve", "--listen", &listen, "--no-http", "--upstream"])
             .arg("127.0.0.1:1")
             .arg("--cert-dir")

@@ -274,6 +274,7 @@ async fn trusted_proxies_are_not_capped_but_other_addresses_are() {
 #[tokio::test]
 async fn the_cap_is_on_by_default_and_documented() {
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .args(["serve", "--help"])
         .output()
         .unwrap();

@@ -66,6 +66,7 @@ fn nofile_of(pid: &str) -> (String, String) {
 #[tokio::test]
 async fn serve_raises_its_open_file_limit_and_caps_connections_by_default() {
     let help = std::process::Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .args(["serve", "--help"])
         .output()
         .unwrap();
@@ -90,6 +91,7 @@ async fn serve_raises_its_open_file_limit_and_caps_connections_by_default() {
     let mut child = std::process::Command::new("sh")
         .args(["-c", "ulimit -Sn 512 && exec \"$0\" \"$@\""])
         .arg(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .args(["serve", "--listen", &listen, "--no-http", "--upstream"])
         .arg(&backend.addr)
         .arg("--cert-dir")

@@ -152,6 +152,7 @@ fn accept_proxy_protocol_without_a_trusted_proxy_is_refused_at_start_in_one_line
     write_certificate(&dir.path().join("certs"));
     let started = Instant::now();
     let output = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .args(["serve", "--no-http", "--listen", "127.0.0.1:0"])
         .arg("--cert-dir")
         .arg(dir.path().join("certs"))

@@ -209,6 +209,7 @@ impl Edge {
         let listen_port = lobe_tls_tests::reserve_port();
         let listen = listen_port.listen();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
+        cmd.env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0");
         let ca = match store {
             Some((store, ca)) => {
                 cmd.arg("--store").arg(store);

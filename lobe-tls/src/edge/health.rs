@@ -17,7 +17,7 @@ use tokio::task::AbortHandle;
 use super::config::{SiteConfig, secs};
 use super::metrics::EdgeMetrics;
 use super::pool::ConnPool;
-use super::upstream_state::Upstream;
+use super::upstream_state::{CheckResult, Upstream};
 
 /// Starts the checks of `upstream`, writing its health state and sweeping the idle
 /// connections of `conns`; the caller stops them through the handle (when the pool that
@@ -56,7 +56,9 @@ pub(crate) fn spawn(
                 && tokio::time::Instant::now() >= next_check
             {
                 next_check += interval;
-                let ok = check(&client, &upstream.addr, &host, path, timeout).await;
+                let result = check(&client, &upstream.addr, &host, path, timeout).await;
+                let (ok, reason) = (result.ok, result.result.clone());
+                upstream.record_check(result);
                 if ok {
                     passes += 1;
                     failures = 0;
@@ -75,6 +77,7 @@ pub(crate) fn spawn(
                             upstream = upstream.addr,
                             site,
                             path,
+                            reason,
                             "upstream fails its health checks; taken out"
                         );
                     }
@@ -95,28 +98,133 @@ pub(crate) fn spawn(
     .abort_handle()
 }
 
-/// One check: a 2xx or 3xx answer within `timeout` passes.
+/// One check: a 2xx or 3xx answer within `timeout` passes. The result says why not:
+/// `dns`, `refused`, `timeout`, `reset`, `status 404`, or `error` with the cause.
 async fn check(
     client: &Client<HttpConnector, Empty<Bytes>>,
     addr: &str,
     host: &str,
     path: &str,
     timeout: Duration,
-) -> bool {
+) -> CheckResult {
+    let started = std::time::Instant::now();
+    let at = std::time::SystemTime::now();
+    let done = |ok: bool, result: String| CheckResult {
+        ok,
+        result,
+        latency: started.elapsed(),
+        at,
+    };
     let Ok(request) = http::Request::get(format!("http://{addr}{path}"))
         .header(http::header::HOST, host)
         .header(http::header::USER_AGENT, "lobe-tls health check")
         .body(Empty::new())
     else {
-        return false;
+        return done(false, "error: not a valid request URL".to_owned());
     };
     let answered = tokio::time::timeout(timeout, async {
-        let response = client.request(request).await.ok()?;
+        let response = client.request(request).await?;
         let status = response.status();
         // Read the (small) body so the upstream sees a complete exchange.
         let _ = response.into_body().collect().await;
-        Some(status)
+        Ok::<_, hyper_util::client::legacy::Error>(status)
     })
     .await;
-    matches!(answered, Ok(Some(status)) if status.is_success() || status.is_redirection())
+    match answered {
+        Err(_) => done(false, "timeout".to_owned()),
+        Ok(Err(e)) => done(false, failure_reason(&e)),
+        Ok(Ok(status)) => done(
+            status.is_success() || status.is_redirection(),
+            format!("status {}", status.as_u16()),
+        ),
+    }
+}
+
+/// Why a check's request failed, in one word where the cause is a common one.
+fn failure_reason(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut source = Some(error);
+    let mut text = String::new();
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => return "refused".to_owned(),
+                std::io::ErrorKind::TimedOut => return "timeout".to_owned(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted => {
+                    return "reset".to_owned();
+                }
+                _ => {}
+            }
+        }
+        text = e.to_string();
+        // hyper-util's connector names its resolver's failures so.
+        if text.contains("dns error") {
+            return "dns".to_owned();
+        }
+        source = e.source();
+    }
+    format!("error: {text}")
+}
+
+/// Resolves every upstream host name of `sites` once and warns about each that does
+/// not resolve (a typo, a missing /etc/hosts entry), so the operator learns it at start
+/// rather than from a health check later. Addresses are skipped; each lookup is bounded
+/// to 5 s.
+pub async fn warn_unresolved_upstreams(sites: &[SiteConfig]) {
+    let mut seen = std::collections::HashSet::new();
+    for site in sites {
+        let name = site.name();
+        let specs = site
+            .upstreams
+            .iter()
+            .chain(site.routes.iter().flat_map(|r| &r.upstreams));
+        for spec in specs {
+            let addr = spec.addr();
+            let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            if host.parse::<std::net::IpAddr>().is_ok() || !seen.insert(addr.to_owned()) {
+                continue;
+            }
+            let looked_up =
+                tokio::time::timeout(Duration::from_secs(5), tokio::net::lookup_host(addr)).await;
+            let problem = match looked_up {
+                Err(_) => Some("no answer within 5 s".to_owned()),
+                Ok(Err(e)) => Some(e.to_string()),
+                Ok(Ok(mut addrs)) => addrs.next().is_none().then(|| "no address".to_owned()),
+            };
+            if let Some(error) = problem {
+                tracing::warn!(
+                    site = name,
+                    upstream = addr,
+                    error,
+                    "upstream name does not resolve"
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failed_check_says_why() {
+        let client: Client<HttpConnector, Empty<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        // A port nothing listens on.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let timeout = Duration::from_secs(5);
+        let refused = check(&client, &addr, "x", "/", timeout).await;
+        assert_eq!((refused.ok, refused.result.as_str()), (false, "refused"));
+        let dns = check(&client, "no-such-host.invalid:80", "x", "/", timeout).await;
+        assert_eq!((dns.ok, dns.result.as_str()), (false, "dns"));
+        // Accepts and never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let slow = check(&client, &addr, "x", "/", Duration::from_millis(200)).await;
+        assert_eq!((slow.ok, slow.result.as_str()), (false, "timeout"));
+        assert!(slow.latency >= Duration::from_millis(200));
+    }
 }

@@ -76,10 +76,13 @@ pub use config::{
     EdgeConfig, LbPolicy, Mode, RouteConfig, SiteConfig, UpstreamSpec, claim_problems,
 };
 pub use config_file::{CONFIG_KEYS, parse_sites};
+pub use health::warn_unresolved_upstreams;
 pub use ip_lists::{IpTable, parse_cidr};
 pub use ipnet::IpNet;
 pub use metrics::EdgeMetrics;
 pub use reload::read_sites;
+pub use site::SiteStatus;
+pub use upstream_state::{CheckResult, UpstreamStatus};
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -145,6 +148,16 @@ impl EdgeHandle {
         sites.extend(extra.iter().cloned());
         self.reload(sites.clone())?;
         Ok(sites)
+    }
+
+    /// Every site now in effect, with its upstreams' state (for a status page).
+    pub fn status(&self) -> Vec<SiteStatus> {
+        self.shared
+            .router
+            .load()
+            .all()
+            .map(|site| site.status())
+            .collect()
     }
 
     /// The edge's metric families.

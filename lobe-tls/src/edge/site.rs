@@ -143,6 +143,36 @@ fn checked_pool(
     Ok(Arc::new(pool))
 }
 
+/// One site as the status page shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[non_exhaustive]
+pub struct SiteStatus {
+    /// The site's name (its first domain, or `default`).
+    pub name: String,
+    /// The names it answers.
+    pub domains: Vec<String>,
+    /// Every upstream of its pools (its own and its routes'), once each.
+    pub upstreams: Vec<super::upstream_state::UpstreamStatus>,
+}
+
+impl Site {
+    /// What the status page shows of this site.
+    pub fn status(&self) -> SiteStatus {
+        let mut upstreams: Vec<super::upstream_state::UpstreamStatus> = Vec::new();
+        let pools = std::iter::once(&self.default).chain(self.routes.iter().map(|(_, p)| p));
+        for member in pools.flat_map(|pool| pool.members().iter()) {
+            if !upstreams.iter().any(|u| u.addr == member.upstream.addr) {
+                upstreams.push(member.upstream.status());
+            }
+        }
+        SiteStatus {
+            name: self.name.clone(),
+            domains: self.config.domains.clone(),
+            upstreams,
+        }
+    }
+}
+
 /// Host → site, swapped whole on reload.
 #[derive(Debug, Default)]
 pub(crate) struct Router {

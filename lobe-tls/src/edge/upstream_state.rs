@@ -5,8 +5,8 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The process's start, the zero of the upstreams' clocks.
 fn epoch() -> Instant {
@@ -29,6 +29,46 @@ pub struct Upstream {
     /// Passive ejection: out until this time (ms since the epoch).
     ejected_until: AtomicU64,
     failures: AtomicU32,
+    /// Requests and connections sent to it since start (for the status page).
+    requests: AtomicU64,
+    /// The last active check, written by `health` once per interval.
+    last_check: Mutex<Option<CheckResult>>,
+}
+
+/// What the last active health check of an upstream found.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CheckResult {
+    /// Whether it passed (a 2xx or 3xx answer within the timeout).
+    pub ok: bool,
+    /// `status 200` when it answered; otherwise why not: `dns`, `refused`, `timeout`,
+    /// `reset` or `error`.
+    pub result: String,
+    /// How long the check took.
+    #[serde(rename = "latency_ms", serialize_with = "millis")]
+    pub latency: Duration,
+    /// When it ran.
+    #[serde(skip)]
+    pub at: SystemTime,
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// One upstream as the status page shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[non_exhaustive]
+pub struct UpstreamStatus {
+    /// `host:port`.
+    pub addr: String,
+    /// In rotation: passing its checks and not ejected.
+    pub up: bool,
+    /// Open requests, streams and connections now.
+    pub in_flight: usize,
+    /// Requests and connections sent to it since start.
+    pub requests: u64,
+    /// The last active health check, if one ran.
+    pub last_check: Option<CheckResult>,
 }
 
 impl fmt::Debug for Upstream {
@@ -49,6 +89,28 @@ impl Upstream {
             healthy: AtomicBool::new(true),
             ejected_until: AtomicU64::new(0),
             failures: AtomicU32::new(0),
+            requests: AtomicU64::new(0),
+            last_check: Mutex::new(None),
+        }
+    }
+
+    /// Records an active check's result.
+    pub(crate) fn record_check(&self, check: CheckResult) {
+        *self.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(check);
+    }
+
+    /// What the status page shows of it.
+    pub fn status(&self) -> UpstreamStatus {
+        UpstreamStatus {
+            addr: self.addr.clone(),
+            up: self.is_up(),
+            in_flight: self.active(),
+            requests: self.requests.load(Ordering::Relaxed),
+            last_check: self
+                .last_check
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 
@@ -66,6 +128,7 @@ impl Upstream {
     /// Counts one request or connection as open until the guard is dropped.
     pub(crate) fn open(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
         ActiveGuard(self.clone())
     }
 

@@ -145,4 +145,8 @@ pub struct CertState {
     pub last_error: Option<String>,
     /// The renewal window the CA suggested for the served certificate through ARI.
     pub ari_window: Option<(OffsetDateTime, OffsetDateTime)>,
+    /// The ACME profile it is ordered under, if any.
+    pub profile: Option<String>,
+    /// After a failure, when the manager tries again.
+    pub next_attempt: Option<OffsetDateTime>,
 }

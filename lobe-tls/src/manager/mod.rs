@@ -183,10 +183,18 @@ impl Manager {
                     .current
                     .as_ref()
                     .and_then(|c| slot.state.ari_window_for(&c.info)),
+                profile: slot.managed.as_ref().and_then(|m| m.profile.clone()),
+                next_attempt: slot.state.next_attempt.filter(|_| slot.state.failures > 0),
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// The names this manager is ordering now (it holds their lock, in the store too
+    /// where the store has locks).
+    pub fn orders_in_flight(&self) -> Vec<String> {
+        self.inner.name_locks.held()
     }
 
     /// Feeds `metrics` from this manager: every certificate's expiry at each scrape,

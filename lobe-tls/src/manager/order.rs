@@ -40,6 +40,18 @@ impl NameLocks {
         }
     }
 
+    /// The names whose lock is held now: the orders this process runs.
+    pub(super) fn held(&self) -> Vec<String> {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held: Vec<String> = map
+            .iter()
+            .filter(|(_, lock)| lock.try_lock().is_err())
+            .map(|(name, _)| name.clone())
+            .collect();
+        held.sort();
+        held
+    }
+
     /// How many names have an entry.
     #[cfg(test)]
     fn len(&self) -> usize {

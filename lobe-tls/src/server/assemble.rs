@@ -25,6 +25,8 @@ pub(super) async fn start(config: ServerConfig) -> Result<Server> {
         edge: edge_config,
         http_listen,
         metrics_listen,
+        admin_listen,
+        admin_token,
         store: store_spec,
         acme,
         managed,
@@ -33,6 +35,10 @@ pub(super) async fn start(config: ServerConfig) -> Result<Server> {
         default_name,
         on_demand,
     } = config;
+    // Refused before anything is opened: an exposed status page without a token.
+    if let Some(addr) = admin_listen {
+        super::admin::check_exposure(addr, admin_token.is_some())?;
+    }
     let resolver = CertResolver::new();
     let metrics = Metrics::new();
     let mut watchers = Vec::new();
@@ -177,10 +183,44 @@ pub(super) async fn start(config: ServerConfig) -> Result<Server> {
         Some(addr) => Some(MetricsListener::bind(addr, metrics.clone()).await?),
         None => None,
     };
+    let events = Arc::new(super::status::EventRing::default());
+    if let Some(manager) = &manager {
+        // Subscribed before the manager starts (in `run`), so its first loads show.
+        events.follow(manager);
+    }
+    let status = Arc::new(super::status::Sources {
+        phase: Arc::default(),
+        edge: edge.handle(),
+        resolver: resolver.clone(),
+        manager: manager.clone(),
+        watchers: watchers.clone(),
+        events,
+        store: store_spec.as_ref().map(ToString::to_string),
+        store_kind: match &store_spec {
+            Some(StoreSpec::Dir(_)) => "directory",
+            Some(StoreSpec::Redis(_)) => "redis",
+            None => "none",
+        },
+        instance: super::status::instance_id(),
+    });
+    let ready = super::status::ReadyGauge(Arc::downgrade(&status));
+    metrics.register(|registry| registry.register_collector(Box::new(ready)));
+    #[cfg(target_os = "linux")]
+    metrics.register_unprefixed(|registry| {
+        registry.register_collector(Box::new(super::process::ProcessMetrics));
+    });
+    let admin = match admin_listen {
+        Some(addr) => Some(
+            super::admin::AdminListener::bind(addr, status.clone(), metrics.clone(), admin_token)
+                .await?,
+        ),
+        None => None,
+    };
     let addrs = ServerAddrs {
         listen: edge.local_addr(),
         http_listen: http.as_ref().map(Http01Listener::local_addr),
         metrics_listen: metrics_listener.as_ref().map(MetricsListener::local_addr),
+        admin_listen: admin.as_ref().map(super::admin::AdminListener::local_addr),
     };
     tracing::info!(addr = %addrs.listen, "listening for TLS");
     if let Some(addr) = addrs.http_listen {
@@ -189,9 +229,18 @@ pub(super) async fn start(config: ServerConfig) -> Result<Server> {
     if let Some(addr) = addrs.metrics_listen {
         tracing::info!(%addr, "listening for metrics scrapes (/metrics)");
     }
+    if let Some(addr) = addrs.admin_listen {
+        tracing::info!(
+            %addr,
+            "admin listener: /healthz /readyz /metrics /status /status.json"
+        );
+    }
     for site in &site_list {
         super::reload::log_site("site", site);
     }
+    // Names that do not resolve are warned about now, not at the first failed check.
+    let names = site_list.clone();
+    tokio::spawn(async move { crate::edge::warn_unresolved_upstreams(&names).await });
     let handle = ServerHandle::new(
         edge.handle(),
         resolver.clone(),
@@ -211,6 +260,8 @@ pub(super) async fn start(config: ServerConfig) -> Result<Server> {
         tickets,
         http,
         metrics_listener,
+        admin,
+        status,
     })
 }
 

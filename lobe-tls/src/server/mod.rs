@@ -24,9 +24,13 @@
 //! issues what is missing (the listeners are up first, so the CA reaches the
 //! challenges), serves until its shutdown future completes, then drains.
 
+mod admin;
 mod assemble;
 mod edge_task;
+#[cfg(target_os = "linux")]
+mod process;
 mod reload;
+mod status;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -47,7 +51,12 @@ use crate::store::StoreSpec;
 use crate::tickets::SharedTickets;
 use crate::watch::CertDirWatcher;
 
+pub use admin::{AdminToken, check_exposure as check_admin_exposure};
 pub use reload::ServerHandle;
+pub use status::{
+    CertStatus, ClusterStatus, EventEntry, Readiness, ServerStatus,
+    render_html as render_status_html,
+};
 
 /// Everything [`Server`] runs, in one value.
 #[derive(Debug, Clone)]
@@ -62,6 +71,12 @@ pub struct ServerConfig {
     pub http_listen: Option<SocketAddr>,
     /// Where Prometheus scrapes `/metrics`. `None`: no metrics listener.
     pub metrics_listen: Option<SocketAddr>,
+    /// The admin listener: `/healthz`, `/readyz`, `/metrics`, `/status`,
+    /// `/status.json`. `None`: none.
+    pub admin_listen: Option<SocketAddr>,
+    /// The Bearer token `/status` requires when `admin_listen` is not a loopback
+    /// address (without one, such an address is refused).
+    pub admin_token: Option<AdminToken>,
     /// The store to serve, and to issue into. It is opened when names are managed, when
     /// a site has domains nothing else covers, or for on-demand issuance; otherwise it
     /// is served when no `cert_dirs` are given, and must then hold a certificate.
@@ -85,7 +100,7 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
-    /// `edge` on `listen`, with port 80 on `0.0.0.0:80`, no metrics listener, no store,
+    /// `edge` on `listen`, with port 80 on `0.0.0.0:80`, no metrics or admin listener, no store,
     /// nothing managed, and HTTP-01 for sites' domains.
     pub fn new(listen: SocketAddr, edge: EdgeConfig) -> Self {
         ServerConfig {
@@ -93,6 +108,8 @@ impl ServerConfig {
             edge,
             http_listen: Some(SocketAddr::from(([0, 0, 0, 0], 80))),
             metrics_listen: None,
+            admin_listen: None,
+            admin_token: None,
             store: None,
             acme: None,
             managed: Vec::new(),
@@ -114,6 +131,8 @@ pub struct ServerAddrs {
     pub http_listen: Option<SocketAddr>,
     /// The metrics listener, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// The admin listener, if any.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// A server whose listeners are bound; [`Server::run`] serves.
@@ -130,6 +149,9 @@ pub struct Server {
     tickets: Option<SharedTickets>,
     http: Option<Http01Listener>,
     metrics_listener: Option<MetricsListener>,
+    admin: Option<admin::AdminListener>,
+    /// What readiness and the status page read; the `lobe_tls_ready` gauge holds it weakly.
+    status: Arc<status::Sources>,
 }
 
 impl std::fmt::Debug for Server {
@@ -185,8 +207,11 @@ impl Server {
             tickets,
             http,
             metrics_listener,
+            admin,
+            status,
         } = self;
         let mut serving = edge_task::EdgeTask::spawn(|stopped| edge.run(stopped));
+        status.phase.serving();
         let edge_ended = serving.ended();
         let shutdown = async move {
             tokio::select! {
@@ -215,12 +240,15 @@ impl Server {
             tracing::info!(listen = %addrs.listen, sites, certificates = resolver.len(), "serving");
             shutdown.await;
         }
+        // From here /readyz answers 503, so balancers stop sending before the drain ends.
+        status.phase.draining();
         let served = serving.stop().await;
         drop(maintenance);
         drop(watchers);
         drop(tickets);
         drop(http);
         drop(metrics_listener);
+        drop(admin);
         served
     }
 }

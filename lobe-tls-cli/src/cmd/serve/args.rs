@@ -269,6 +269,29 @@ pub struct Args {
     )]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// The admin listener (plain HTTP): /healthz, /readyz, /metrics, /status and
+    /// /status.json; `off` disables it. On an address that is not loopback, /status and
+    /// /status.json need a Bearer token: give --admin-token-file.
+    #[arg(
+        long,
+        env = "LOBE_TLS_ADMIN_LISTEN",
+        value_name = "ADDR|off",
+        default_value = "127.0.0.1:9180",
+        value_parser = admin_listen,
+        help_heading = "Logging and admin"
+    )]
+    pub admin_listen: AdminListen,
+
+    /// A file holding the Bearer token that /status and /status.json require when
+    /// --admin-listen is not a loopback address.
+    #[arg(
+        long,
+        env = "LOBE_TLS_ADMIN_TOKEN_FILE",
+        value_name = "PATH",
+        help_heading = "Logging and admin"
+    )]
+    pub admin_token_file: Option<PathBuf>,
+
     /// Close connections, streams and WebSockets of the --upstream site that move no byte
     /// for this many seconds (sites of the --config file set their own idle_timeout).
     #[arg(
@@ -385,4 +408,18 @@ fn cidr(text: &str) -> std::result::Result<String, String> {
     lobe_tls::edge::parse_cidr(text)
         .map(|_| text.trim().to_owned())
         .map_err(|e| e.to_string())
+}
+
+/// `--admin-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminListen(pub Option<SocketAddr>);
+
+fn admin_listen(value: &str) -> std::result::Result<AdminListen, String> {
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(AdminListen(None));
+    }
+    value
+        .parse()
+        .map(|addr| AdminListen(Some(addr)))
+        .map_err(|_| "an IP address and port (e.g. 127.0.0.1:9180), or off".to_owned())
 }

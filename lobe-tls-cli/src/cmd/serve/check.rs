@@ -62,6 +62,16 @@ fn check(global: &Global, args: &Args) -> Report {
     for problem in flag_problems(args) {
         report.push(problem.to_owned());
     }
+    // The admin listener: a token file that reads, and no exposed page without one.
+    let token = args
+        .admin_token_file
+        .as_deref()
+        .map(|path| report.note(lobe_tls::server::AdminToken::read_file(path)));
+    if let Some(addr) = args.admin_listen.0
+        && token.is_none()
+    {
+        report.note(lobe_tls::server::check_admin_exposure(addr, false));
+    }
     // The file is read once for its sites; when it cannot be read or is not TOML, that
     // one error stands and the other readers of the file are not asked to repeat it.
     let path = args.challenge.config_file.as_deref();
