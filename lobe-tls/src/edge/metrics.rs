@@ -45,7 +45,8 @@ pub struct ReasonLabels {
 pub struct DeniedLabels {
     /// The site's name.
     pub site: String,
-    /// `ip`: the client's address is denied, or not allowed, by the IP lists.
+    /// `ip`: the client's address is denied, or not allowed, by the IP lists (403);
+    /// `auth`: no valid API key or password (401).
     pub reason: String,
 }
 
@@ -89,7 +90,8 @@ pub struct EdgeMetrics {
     pub retry_buffer_bytes: Gauge,
     /// Request bodies streamed once, unretried, because a replay budget was spent.
     pub retry_buffer_refused: Family<BudgetLabels, Counter>,
-    /// Requests refused 403 by the site's access rules, by site and reason (`ip`).
+    /// Requests refused by the site's access rules, by site and reason (`ip`: 403,
+    /// `auth`: 401).
     pub denied: Family<DeniedLabels, Counter>,
 }
 
@@ -183,7 +185,7 @@ impl EdgeMetrics {
         );
         r.register(
             "denied",
-            "Requests refused 403 by a site's access rules, by reason",
+            "Requests refused by a site's access rules (ip: 403, auth: 401), by reason",
             self.denied.clone(),
         );
     }
@@ -261,6 +263,8 @@ pub(crate) struct SiteMetrics {
     pub streams: Gauge,
     /// Requests refused by the IP lists.
     pub denied_ip: Counter,
+    /// Requests refused 401 for a missing or wrong API key or password.
+    pub denied_auth: Counter,
 }
 
 impl SiteMetrics {
@@ -295,6 +299,13 @@ impl EdgeMetrics {
                 .get_or_create(&DeniedLabels {
                     site: site.to_owned(),
                     reason: "ip".to_owned(),
+                })
+                .clone(),
+            denied_auth: self
+                .denied
+                .get_or_create(&DeniedLabels {
+                    site: site.to_owned(),
+                    reason: "auth".to_owned(),
                 })
                 .clone(),
         }
