@@ -295,17 +295,25 @@ pass_credentials = true
         )
         .await;
     let headers = seen(&answer);
-    assert!(headers.contains("x-authenticated-name: billing\n"), "{headers}");
-    assert_eq!(headers.matches("x-authenticated-name").count(), 1, "{headers}");
+    assert!(
+        headers.contains("x-authenticated-name: billing\n"),
+        "{headers}"
+    );
+    assert_eq!(
+        headers.matches("x-authenticated-name").count(),
+        1,
+        "{headers}"
+    );
     assert!(!headers.contains("x-api-key") && !headers.contains(&SHA_KEY.to_ascii_lowercase()));
     // The argon2id key as a Bearer token (twice: the second from the cache).
     for _ in 0..2 {
         let bearer = format!("Bearer {ARGON_KEY}");
-        let answer = serve
-            .get("/headers", &[("Authorization", &bearer)])
-            .await;
+        let answer = serve.get("/headers", &[("Authorization", &bearer)]).await;
         let headers = seen(&answer);
-        assert!(headers.contains("x-authenticated-name: reports\n"), "{headers}");
+        assert!(
+            headers.contains("x-authenticated-name: reports\n"),
+            "{headers}"
+        );
         assert!(!headers.contains("authorization:"), "{headers}");
     }
     // The htpasswd -B user.
@@ -313,7 +321,10 @@ pass_credentials = true
         .get("/headers", &[("Authorization", &basic("alice", PASSWORD))])
         .await;
     let headers = seen(&answer);
-    assert!(headers.contains("x-authenticated-name: alice\n"), "{headers}");
+    assert!(
+        headers.contains("x-authenticated-name: alice\n"),
+        "{headers}"
+    );
     assert!(!headers.contains("authorization:"), "{headers}");
 
     // The admin route takes its own keys alone, in its own header.
@@ -323,13 +334,21 @@ pass_credentials = true
     let answer = serve
         .get("/admin/whoami", &[("X-Admin-Key", ADMIN_KEY)])
         .await;
-    assert_eq!((answer.status, answer.body.trim()), (StatusCode::OK, "admin"));
+    assert_eq!(
+        (answer.status, answer.body.trim()),
+        (StatusCode::OK, "admin")
+    );
     let answer = serve
-        .get("/admin/whoami", &[("Authorization", &format!("Bearer {ADMIN_KEY}"))])
+        .get(
+            "/admin/whoami",
+            &[("Authorization", &format!("Bearer {ADMIN_KEY}"))],
+        )
         .await;
     assert_eq!(answer.status, StatusCode::OK, "{answer:?}");
     // An escaped path that an upstream may read as /admin/ needs the admin key too.
-    let answer = serve.get("/%61dmin/whoami", &[("X-Api-Key", SHA_KEY)]).await;
+    let answer = serve
+        .get("/%61dmin/whoami", &[("X-Api-Key", SHA_KEY)])
+        .await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{answer:?}");
 
     // pass_credentials: the key goes on, with the name beside it.
@@ -339,10 +358,16 @@ pass_credentials = true
         .await;
     let headers = seen(&answer);
     assert!(headers.contains(&format!("x-api-key: {}\n", SHA_KEY.to_ascii_lowercase())));
-    assert!(headers.contains("x-authenticated-name: billing\n"), "{headers}");
+    assert!(
+        headers.contains("x-authenticated-name: billing\n"),
+        "{headers}"
+    );
     let answer = serve.get_host(&host, "/headers", &[]).await;
     assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{answer:?}");
-    assert_eq!(challenges(&answer), [r#"Bearer realm="pass.edge.example.com""#]);
+    assert_eq!(
+        challenges(&answer),
+        [r#"Bearer realm="pass.edge.example.com""#]
+    );
 
     // Every refusal of the default site counted (the pass site counts apart).
     let (count, scraped) = scrape_until(&serve.metrics, DENIED, |v| v >= 7.0).await;
@@ -370,7 +395,10 @@ async fn sighup_rereads_the_files_and_a_malformed_one_keeps_the_old_set() {
         &format!("{}\n", sha256_line("old", SHA_KEY)),
     );
     let keys_arg = keys.to_str().unwrap();
-    let serve = Serve::start(&["--upstream", &backend.addr, "--api-keys-file", keys_arg], None);
+    let serve = Serve::start(
+        &["--upstream", &backend.addr, "--api-keys-file", keys_arg],
+        None,
+    );
     let status = |key: &'static str| {
         let serve = &serve;
         async move { serve.get("/whoami", &[("X-Api-Key", key)]).await.status }
@@ -400,7 +428,10 @@ async fn sighup_rereads_the_files_and_a_malformed_one_keeps_the_old_set() {
     );
     serve.signal("-HUP");
     let line = serve.log_line("SIGHUP: configuration refused");
-    assert!(line.contains(&format!("{keys_arg}:2: expected NAME:HASH")), "{line}");
+    assert!(
+        line.contains(&format!("{keys_arg}:2: expected NAME:HASH")),
+        "{line}"
+    );
     assert_eq!(status(NEW_KEY).await, StatusCode::OK);
     assert_eq!(status(THIRD_KEY).await, StatusCode::UNAUTHORIZED);
 
@@ -413,7 +444,10 @@ async fn sighup_rereads_the_files_and_a_malformed_one_keeps_the_old_set() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains(&format!("{keys_arg}:2: expected NAME:HASH")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{keys_arg}:2: expected NAME:HASH")),
+        "{stderr}"
+    );
     assert!(!stderr.contains(THIRD_KEY), "{stderr}");
     serve.assert_log_hides(&secrets());
 }

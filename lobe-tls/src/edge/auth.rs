@@ -183,8 +183,7 @@ impl Credentials {
         let realm = &self.realm;
         if self.users.is_some() {
             out.extend(
-                HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\""))
-                    .ok(),
+                HeaderValue::from_str(&format!("Basic realm=\"{realm}\", charset=\"UTF-8\"")).ok(),
             );
         }
         if self.api_keys.is_some() {
@@ -485,7 +484,11 @@ fn read_users(path: &Path) -> Result<Users> {
     let mut first_line = HashMap::new();
     for (line, text) in lines("basic_auth_file", path)? {
         let Some((user, hash)) = text.split_once(':') else {
-            return Err(malformed(path, line, "expected USER:HASH (htpasswd format)"));
+            return Err(malformed(
+                path,
+                line,
+                "expected USER:HASH (htpasswd format)",
+            ));
         };
         let name = entry_name(path, line, user)?;
         let bcrypt_hash = ["$2y$", "$2b$", "$2a$"]
@@ -588,7 +591,8 @@ mod tests {
         use argon2::password_hash::PasswordHasher;
         // Small parameters: a test, not a deployment.
         let params = argon2::Params::new(1024, 1, 1, None).unwrap_or_default();
-        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let argon =
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         argon
             .hash_password_with_salt(secret.as_bytes(), b"saltsaltsaltsalt")
             .map(|h| h.to_string())
@@ -619,7 +623,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (k, v) in pairs {
-            if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            if let (Ok(k), Ok(v)) = (
+                HeaderName::from_bytes(k.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
                 map.append(k, v);
             }
         }
@@ -658,7 +665,11 @@ mod tests {
             .verify(&headers(&[("authorization", "bearer another-key")]))
             .await;
         assert_eq!(admitted(verdict).as_deref(), Some("reports"));
-        for wrong in [&[("x-api-key", "nope")][..], &[], &[("authorization", "Basic eDp5")]] {
+        for wrong in [
+            &[("x-api-key", "nope")][..],
+            &[],
+            &[("authorization", "Basic eDp5")],
+        ] {
             let Verdict::Refused(refusal) = creds.verify(&headers(wrong)).await else {
                 panic!("admitted {wrong:?}");
             };
@@ -668,7 +679,10 @@ mod tests {
         assert!(creds.verified.lock().map(|v| v.len()).unwrap_or(0) == 1);
         // Debug output shows counts, not hashes.
         let debug = format!("{creds:?}");
-        assert!(!debug.contains("argon2") && !debug.contains("sha256"), "{debug}");
+        assert!(
+            !debug.contains("argon2") && !debug.contains("sha256"),
+            "{debug}"
+        );
     }
 
     #[tokio::test]
@@ -683,8 +697,14 @@ mod tests {
                 base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
             headers(&[("authorization", &format!("Basic {encoded}"))])
         };
-        assert_eq!(admitted(creds.verify(&basic("alice", "s3cret")).await).as_deref(), Some("alice"));
-        assert_eq!(admitted(creds.verify(&basic("bob", "hunter2")).await).as_deref(), Some("bob"));
+        assert_eq!(
+            admitted(creds.verify(&basic("alice", "s3cret")).await).as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            admitted(creds.verify(&basic("bob", "hunter2")).await).as_deref(),
+            Some("bob")
+        );
         // Either credential admits a site with both.
         let verdict = creds.verify(&headers(&[("x-api-key", KEY)])).await;
         assert_eq!(admitted(verdict).as_deref(), Some("svc"));
@@ -693,7 +713,12 @@ mod tests {
         };
         assert_eq!(refusal.name.as_deref(), Some("alice"));
         assert_eq!(refusal.challenges.len(), 2);
-        assert!(refusal.challenges[0].to_str().unwrap_or_default().starts_with("Basic realm=\"a.example\""));
+        assert!(
+            refusal.challenges[0]
+                .to_str()
+                .unwrap_or_default()
+                .starts_with("Basic realm=\"a.example\"")
+        );
         let Verdict::Refused(refusal) = creds.verify(&basic("mallory", "s3cret")).await else {
             panic!("an unknown user passed");
         };
@@ -715,10 +740,25 @@ mod tests {
     fn malformed_lines_name_the_file_and_line_and_never_the_secret() {
         let hex = "A".repeat(64);
         for (keys, users, line, says) in [
-            (Some(format!("ok:sha256:{}\nbad:sha256:{hex}\n", "a".repeat(64))), None, 2, "lowercase hex"),
-            (Some("\n# c\nno-colon-here\n".to_owned()), None, 3, "NAME:HASH"),
+            (
+                Some(format!("ok:sha256:{}\nbad:sha256:{hex}\n", "a".repeat(64))),
+                None,
+                2,
+                "lowercase hex",
+            ),
+            (
+                Some("\n# c\nno-colon-here\n".to_owned()),
+                None,
+                3,
+                "NAME:HASH",
+            ),
             (Some("x:md5:abc\n".to_owned()), None, 1, "argon2id"),
-            (Some("x:$argon2id$garbage\n".to_owned()), None, 1, "argon2id"),
+            (
+                Some("x:$argon2id$garbage\n".to_owned()),
+                None,
+                1,
+                "argon2id",
+            ),
             (Some(":sha256:abc\n".to_owned()), None, 1, "name"),
             (None, Some("u:$apr1$xyz$abc\n".to_owned()), 1, "htpasswd -B"),
             (None, Some("u:$2y$05$tooshort\n".to_owned()), 1, "bcrypt"),
@@ -730,12 +770,28 @@ mod tests {
             let file = if keys.is_some() { "keys" } else { "users" };
             assert!(e.contains(&format!("{file}:{line}: ")), "{e}");
             assert!(e.contains(says), "{e}");
-            assert!(!e.contains('\n') && !e.contains(&hex) && !e.contains("xyz"), "{e}");
+            assert!(
+                !e.contains('\n') && !e.contains(&hex) && !e.contains("xyz"),
+                "{e}"
+            );
         }
-        let twice = format!("u:{}\nu:{}\n", bcrypt::hash("a", 4).unwrap_or_default(), bcrypt::hash("b", 4).unwrap_or_default());
-        let e = load(None, Some(&twice)).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains("users:2: user u is listed already on line 1"), "{e}");
-        let e = load(Some("x"), None).err().map(|e| e.to_string()).unwrap_or_default();
+        let twice = format!(
+            "u:{}\nu:{}\n",
+            bcrypt::hash("a", 4).unwrap_or_default(),
+            bcrypt::hash("b", 4).unwrap_or_default()
+        );
+        let e = load(None, Some(&twice))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("users:2: user u is listed already on line 1"),
+            "{e}"
+        );
+        let e = load(Some("x"), None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("keys:1"), "{e}");
     }
 
@@ -754,7 +810,10 @@ mod tests {
         };
         map.insert(AUTHENTICATED_NAME, HeaderValue::from_static("admin"));
         vouch(&mut map, Some(&who));
-        assert_eq!(map.get("x-authenticated-name").map(|v| v.as_bytes()), Some(&b"billing"[..]));
+        assert_eq!(
+            map.get("x-authenticated-name").map(|v| v.as_bytes()),
+            Some(&b"billing"[..])
+        );
         assert!(map.get("x-api-key").is_none());
         // Only the credential that admitted goes.
         assert!(map.get("authorization").is_some());

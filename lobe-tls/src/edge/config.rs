@@ -468,7 +468,9 @@ impl SiteConfig {
                 } else {
                     format!("route {place}: ")
                 };
-                problems.push(format!("{place}api_key_header {header:?} is not a header name"));
+                problems.push(format!(
+                    "{place}api_key_header {header:?} is not a header name"
+                ));
             }
         }
         problems

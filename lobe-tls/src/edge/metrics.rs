@@ -287,6 +287,18 @@ impl EdgeMetrics {
                 })
                 .clone()
         };
+        // One statement each: a family's read guard lives to the end of the statement
+        // that took it, and a second `get_or_create` on the family would wait for it.
+        let denied = |reason: &str| {
+            self.denied
+                .get_or_create(&DeniedLabels {
+                    site: site.to_owned(),
+                    reason: reason.to_owned(),
+                })
+                .clone()
+        };
+        let denied_ip = denied("ip");
+        let denied_auth = denied("auth");
         SiteMetrics {
             requests: [class(1), class(2), class(3), class(4), class(5)],
             latency: self.latency.get_or_create(&labels).clone(),
@@ -294,20 +306,8 @@ impl EdgeMetrics {
             rate_limited: self.rate_limited.get_or_create(&labels).clone(),
             websockets: self.websockets.get_or_create(&labels).clone(),
             streams: self.streams.get_or_create(&labels).clone(),
-            denied_ip: self
-                .denied
-                .get_or_create(&DeniedLabels {
-                    site: site.to_owned(),
-                    reason: "ip".to_owned(),
-                })
-                .clone(),
-            denied_auth: self
-                .denied
-                .get_or_create(&DeniedLabels {
-                    site: site.to_owned(),
-                    reason: "auth".to_owned(),
-                })
-                .clone(),
+            denied_ip,
+            denied_auth,
         }
     }
 }

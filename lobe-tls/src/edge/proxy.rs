@@ -202,7 +202,10 @@ async fn forward(
     }
     // The same for the name the edge vouches for; the credential that admitted the
     // request stays here unless the site passes credentials.
-    auth::vouch(&mut parts.headers, parts.extensions.get::<auth::Authenticated>());
+    auth::vouch(
+        &mut parts.headers,
+        parts.extensions.get::<auth::Authenticated>(),
+    );
     join_cookies(&mut parts.headers);
     upgrade::ask_upstream(&upgrade, &mut parts);
     if parts.headers.get(header::HOST).is_none()

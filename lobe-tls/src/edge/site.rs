@@ -99,14 +99,24 @@ impl Site {
                     self.metrics.denied_auth.inc();
                     match &refusal.name {
                         Some(name) => {
-                            tracing::info!(site = self.name, name = &**name, "request refused: wrong credential")
+                            tracing::info!(
+                                site = self.name,
+                                name = &**name,
+                                "request refused: wrong credential"
+                            )
                         }
-                        None => tracing::debug!(site = self.name, "request refused: no valid credential"),
+                        None => tracing::debug!(
+                            site = self.name,
+                            "request refused: no valid credential"
+                        ),
                     }
                     return Err(Refused::Unauthorized(refusal));
                 }
                 Verdict::Busy => {
-                    tracing::warn!(site = self.name, "request refused: too many password checks waiting");
+                    tracing::warn!(
+                        site = self.name,
+                        "request refused: too many password checks waiting"
+                    );
                     return Err(Refused::Busy);
                 }
             }
@@ -156,7 +166,10 @@ impl Refused {
                 }
             }
             Refused::Busy => {
-                headers.insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+                headers.insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from_static("1"),
+                );
             }
         }
         answer
