@@ -177,6 +177,8 @@ fn flag_site(args: &Args) -> Option<SiteConfig> {
     site.max_body_size = args.max_body_size;
     site.allow = args.allow.clone();
     site.deny = args.deny.clone();
+    site.api_keys_file = args.api_keys_file.clone();
+    site.basic_auth_file = args.basic_auth_file.clone();
     Some(site)
 }
 
@@ -237,11 +239,14 @@ async fn reload_on_hangup(
 ) -> std::convert::Infallible {
     loop {
         hangup.recv().await;
-        let Some(path) = args.challenge.config_file.clone() else {
-            tracing::info!("SIGHUP: no --config file to re-read");
-            continue;
-        };
-        let read = tokio::task::spawn_blocking(move || lobe_tls::edge::read_sites(&path)).await;
+        // Without --config the flags' site is rebuilt alone: its credential files are
+        // re-read.
+        let path = args.challenge.config_file.clone();
+        let read = tokio::task::spawn_blocking(move || match path {
+            Some(path) => lobe_tls::edge::read_sites(&path),
+            None => Ok(Vec::new()),
+        })
+        .await;
         let sites = match read {
             Ok(Ok(mut sites)) => {
                 sites.extend(flag_site(args));

@@ -2,6 +2,7 @@
 //! configuration file, their upstreams and balancing policy, and the duration helpers. A leaf: it imports nothing
 //! of the edge, so every phase may read it.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -234,6 +235,22 @@ pub struct SiteConfig {
     /// Client networks refused with 403; wins over `allow`.
     #[serde(default)]
     pub deny: Vec<String>,
+    /// API keys admitted: a file of `NAME:HASH` lines (HASH `sha256:<lowercase hex>` or
+    /// an argon2id PHC string), read when the sites are built (at start and on SIGHUP).
+    #[serde(default)]
+    pub api_keys_file: Option<PathBuf>,
+    /// The header that carries an API key (default `X-Api-Key`); `Authorization: Bearer
+    /// KEY` is accepted too.
+    #[serde(default)]
+    pub api_key_header: Option<String>,
+    /// Basic-auth users admitted: an htpasswd file with bcrypt (`htpasswd -B`) or
+    /// argon2 hashes. With `api_keys_file` too, either credential admits.
+    #[serde(default)]
+    pub basic_auth_file: Option<PathBuf>,
+    /// Send the credential that admitted a request on to the upstream (by default it is
+    /// removed; `X-Authenticated-Name` says who it was either way).
+    #[serde(default)]
+    pub pass_credentials: bool,
 }
 
 /// A path prefix with its own upstreams.
@@ -256,6 +273,18 @@ pub struct RouteConfig {
     /// As the site's `deny`; see `allow` for how a route's lists replace the site's.
     #[serde(default)]
     pub deny: Vec<String>,
+    /// As the site's `api_keys_file`. A route that sets `api_keys_file` or
+    /// `basic_auth_file` is judged by its own credentials alone; one that sets neither
+    /// inherits the site's.
+    #[serde(default)]
+    pub api_keys_file: Option<PathBuf>,
+    /// As the site's `api_key_header` (default: the site's, else `X-Api-Key`).
+    #[serde(default)]
+    pub api_key_header: Option<String>,
+    /// As the site's `basic_auth_file`; see `api_keys_file` for how a route's
+    /// credentials replace the site's.
+    #[serde(default)]
+    pub basic_auth_file: Option<PathBuf>,
 }
 
 /// An upstream address with its weight.
@@ -344,7 +373,21 @@ impl SiteConfig {
             routes: Vec::new(),
             allow: Vec::new(),
             deny: Vec::new(),
+            api_keys_file: None,
+            api_key_header: None,
+            basic_auth_file: None,
+            pass_credentials: false,
         }
+    }
+
+    /// Whether the site or one of its routes asks for API keys or basic auth.
+    pub fn has_auth(&self) -> bool {
+        self.api_keys_file.is_some()
+            || self.basic_auth_file.is_some()
+            || self
+                .routes
+                .iter()
+                .any(|r| r.api_keys_file.is_some() || r.basic_auth_file.is_some())
     }
 
     /// The name the site goes by in metrics and logs: its first domain, or `default`.
@@ -410,6 +453,24 @@ impl SiteConfig {
             }
             if route.upstreams.is_empty() {
                 problems.push(format!("route {} needs at least one upstream", route.path));
+            }
+        }
+        for (place, header) in std::iter::once(("", &self.api_key_header)).chain(
+            self.routes
+                .iter()
+                .map(|r| (r.path.as_str(), &r.api_key_header)),
+        ) {
+            if let Some(header) = header
+                && http::HeaderName::from_bytes(header.as_bytes()).is_err()
+            {
+                let place = if place.is_empty() {
+                    String::new()
+                } else {
+                    format!("route {place}: ")
+                };
+                problems.push(format!(
+                    "{place}api_key_header {header:?} is not a header name"
+                ));
             }
         }
         problems

@@ -45,7 +45,8 @@ pub struct ReasonLabels {
 pub struct DeniedLabels {
     /// The site's name.
     pub site: String,
-    /// `ip`: the client's address is denied, or not allowed, by the IP lists.
+    /// `ip`: the client's address is denied, or not allowed, by the IP lists (403);
+    /// `auth`: no valid API key or password (401).
     pub reason: String,
 }
 
@@ -89,7 +90,8 @@ pub struct EdgeMetrics {
     pub retry_buffer_bytes: Gauge,
     /// Request bodies streamed once, unretried, because a replay budget was spent.
     pub retry_buffer_refused: Family<BudgetLabels, Counter>,
-    /// Requests refused 403 by the site's access rules, by site and reason (`ip`).
+    /// Requests refused by the site's access rules, by site and reason (`ip`: 403,
+    /// `auth`: 401).
     pub denied: Family<DeniedLabels, Counter>,
 }
 
@@ -183,7 +185,7 @@ impl EdgeMetrics {
         );
         r.register(
             "denied",
-            "Requests refused 403 by a site's access rules, by reason",
+            "Requests refused by a site's access rules (ip: 403, auth: 401), by reason",
             self.denied.clone(),
         );
     }
@@ -261,6 +263,8 @@ pub(crate) struct SiteMetrics {
     pub streams: Gauge,
     /// Requests refused by the IP lists.
     pub denied_ip: Counter,
+    /// Requests refused 401 for a missing or wrong API key or password.
+    pub denied_auth: Counter,
 }
 
 impl SiteMetrics {
@@ -283,6 +287,18 @@ impl EdgeMetrics {
                 })
                 .clone()
         };
+        // One statement each: a family's read guard lives to the end of the statement
+        // that took it, and a second `get_or_create` on the family would wait for it.
+        let denied = |reason: &str| {
+            self.denied
+                .get_or_create(&DeniedLabels {
+                    site: site.to_owned(),
+                    reason: reason.to_owned(),
+                })
+                .clone()
+        };
+        let denied_ip = denied("ip");
+        let denied_auth = denied("auth");
         SiteMetrics {
             requests: [class(1), class(2), class(3), class(4), class(5)],
             latency: self.latency.get_or_create(&labels).clone(),
@@ -290,13 +306,8 @@ impl EdgeMetrics {
             rate_limited: self.rate_limited.get_or_create(&labels).clone(),
             websockets: self.websockets.get_or_create(&labels).clone(),
             streams: self.streams.get_or_create(&labels).clone(),
-            denied_ip: self
-                .denied
-                .get_or_create(&DeniedLabels {
-                    site: site.to_owned(),
-                    reason: "ip".to_owned(),
-                })
-                .clone(),
+            denied_ip,
+            denied_auth,
         }
     }
 }

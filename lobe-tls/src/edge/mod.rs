@@ -14,7 +14,9 @@
 //!   identity), `headers` (Host, hop-by-hop fields), `request_body` (a slow body cut,
 //!   a small one kept for a retry within the `budget`), `upgrade` (WebSocket and h2
 //!   CONNECT), `relay` (the response body, streamed), with the `inflight` caps.
-//! - `site`: Host and path to a pool; it builds the pools and starts their checks.
+//! - `site`: Host and path to a pool; it builds the pools and starts their checks, and
+//!   holds each block's IP lists (`ip_lists`) and credentials (`auth`: API keys and
+//!   basic auth).
 //! - `upstream`: the balancing policies that pick an upstream in a pool.
 //! - `pool`: keep-alive connections to one upstream.
 //! - `health`: active checks beside the request path, writing `upstream_state`.
@@ -30,6 +32,7 @@
 //! edge shares.
 
 mod accept;
+mod auth;
 mod body;
 mod budget;
 mod clock;
@@ -70,6 +73,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 pub use accept::BeforeHandshake;
+pub use auth::problems as auth_problems;
 pub use config::{
     DEFAULT_H2_MAX_STREAMS, DEFAULT_MAX_CONNS, DEFAULT_MAX_CONNS_PER_IP,
     DEFAULT_MAX_REQUESTS_PER_IP, DEFAULT_RETRY_BUFFER_PER_CONN, DEFAULT_RETRY_BUFFER_TOTAL,
@@ -117,6 +121,7 @@ impl EdgeHandle {
             .reload_lock
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        check_auth_mode(&sites, self.shared.config.mode)?;
         let current = self.shared.router.load_full();
         let key = self.shared.affinity_key.load();
         let router = Router::build(&sites, Some(&current), &self.shared.metrics, &key)?;
@@ -172,6 +177,18 @@ impl EdgeHandle {
     }
 }
 
+/// API keys and basic auth are HTTP headers: a tcp-mode edge, which never reads them,
+/// refuses sites that ask for them rather than letting everyone through.
+fn check_auth_mode(sites: &[SiteConfig], mode: Mode) -> Result<()> {
+    match sites.iter().find(|site| site.has_auth()) {
+        Some(site) if mode == Mode::Tcp => Err(Error::config(format!(
+            "site {}: api_keys_file and basic_auth_file need --mode http (tcp mode reads no headers)",
+            site.name()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// A bound TLS listener, ready to [`run`](Edge::run).
 pub struct Edge {
     listener: TcpListener,
@@ -217,6 +234,7 @@ impl Edge {
                 "accept_proxy_protocol needs trusted_proxies: the peers whose PROXY headers are believed",
             ));
         }
+        check_auth_mode(&config.sites, config.mode)?;
         let edge_metrics = Arc::new(EdgeMetrics::default());
         let affinity_key = upstream::AffinityKey::random();
         let router = Router::build(&config.sites, None, &edge_metrics, &affinity_key)?;

@@ -14,6 +14,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body, Incoming};
 
+use super::auth;
 use super::body::{BoxBody, boxed};
 use super::budget::ConnBudget;
 use super::config::secs;
@@ -86,7 +87,11 @@ pub(crate) async fn handle(
     response
 }
 
-async fn answer(shared: Arc<Shared>, conn: &ConnInfo, req: Request<Incoming>) -> Response<BoxBody> {
+async fn answer(
+    shared: Arc<Shared>,
+    conn: &ConnInfo,
+    mut req: Request<Incoming>,
+) -> Response<BoxBody> {
     let started = Instant::now();
     let host = request_host(&req);
     let router = shared.router.load_full();
@@ -106,6 +111,12 @@ async fn answer(shared: Arc<Shared>, conn: &ConnInfo, req: Request<Incoming>) ->
         site.metrics.response(StatusCode::FORBIDDEN, 0.0);
         tracing::debug!(client = %conn.client.ip(), site = site.name, "request refused by the IP lists");
         return plain(StatusCode::FORBIDDEN, "lobe-tls: forbidden");
+    }
+    // API keys and basic auth (401), after the IP lists: a refused address costs no hash.
+    if let Err(refused) = site.authenticate(&mut req).await {
+        site.metrics.response(refused.status(), 0.0);
+        let answer = plain(refused.status(), refused.text());
+        return refused.answer(answer);
     }
     if let Err(wait) = shared.limits.check_rate(conn.client.ip()) {
         site.metrics.rate_limited.inc();
@@ -189,6 +200,12 @@ async fn forward(
     if let Some(id) = parts.extensions.get::<RequestId>() {
         id.stamp(&mut parts.headers);
     }
+    // The same for the name the edge vouches for; the credential that admitted the
+    // request stays here unless the site passes credentials.
+    auth::vouch(
+        &mut parts.headers,
+        parts.extensions.get::<auth::Authenticated>(),
+    );
     join_cookies(&mut parts.headers);
     upgrade::ask_upstream(&upgrade, &mut parts);
     if parts.headers.get(header::HOST).is_none()

@@ -4,6 +4,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::auth::{self, Authenticated, Credentials, Refusal, Verdict};
 use super::config::{LbPolicy, SiteConfig, UpstreamSpec};
 use super::health;
 use super::ip_lists::IpAccess;
@@ -23,6 +24,10 @@ pub(crate) struct Site {
     pub access: Option<Arc<IpAccess>>,
     /// The IP lists in force for each route (its own, or else the site's), by index.
     pub route_access: Vec<Option<Arc<IpAccess>>>,
+    /// The API keys and basic-auth users that judge requests outside every route.
+    pub auth: Option<Arc<Credentials>>,
+    /// The credentials in force for each route (its own, or else the site's), by index.
+    pub route_auth: Vec<Option<Arc<Credentials>>>,
 }
 
 impl Site {
@@ -56,6 +61,131 @@ impl Site {
         let judge = |path: &str| self.access(path).is_none_or(|a| a.admits(client));
         judge(path) && normalized(path).is_none_or(|path| judge(&path))
     }
+}
+
+impl Site {
+    /// The credentials that judge a request for `path` (the route's, as `pool` picks
+    /// it), if any.
+    fn credentials(&self, path: &str) -> Option<&Arc<Credentials>> {
+        self.routes
+            .iter()
+            .position(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map_or(self.auth.as_ref(), |i| {
+                self.route_auth.get(i).and_then(Option::as_ref)
+            })
+    }
+
+    /// Checks the API key or basic-auth credential of `req` where its path asks for one
+    /// (as `admits` judges it: on the path as sent and as an upstream may read it). On
+    /// success the request carries who it was admitted as (an [`Authenticated`]
+    /// extension, for the forwarding phase); a refusal is counted and logged, with the
+    /// name of the key or user that was tried, never the credential.
+    pub async fn authenticate<B>(&self, req: &mut http::Request<B>) -> Result<(), Refused> {
+        let path = req.uri().path();
+        let first = self.credentials(path).cloned();
+        let second = normalized(path)
+            .and_then(|path| self.credentials(&path).cloned())
+            .filter(|c| !first.as_ref().is_some_and(|f| Arc::ptr_eq(f, c)));
+        let mut admitted: Option<Authenticated> = None;
+        for credentials in first.iter().chain(second.iter()) {
+            match credentials.verify(req.headers()).await {
+                Verdict::Admitted(who) => {
+                    admitted = Some(match admitted {
+                        Some(before) => before.and(who),
+                        None => who,
+                    });
+                }
+                Verdict::Refused(refusal) => {
+                    self.metrics.denied_auth.inc();
+                    match &refusal.name {
+                        Some(name) => {
+                            tracing::info!(
+                                site = self.name,
+                                name = &**name,
+                                "request refused: wrong credential"
+                            )
+                        }
+                        None => tracing::debug!(
+                            site = self.name,
+                            "request refused: no valid credential"
+                        ),
+                    }
+                    return Err(Refused::Unauthorized(refusal));
+                }
+                Verdict::Busy => {
+                    tracing::warn!(
+                        site = self.name,
+                        "request refused: too many password checks waiting"
+                    );
+                    return Err(Refused::Busy);
+                }
+            }
+        }
+        if let Some(who) = admitted {
+            tracing::debug!(site = self.name, name = &*who.name, "request authenticated");
+            req.extensions_mut().insert(who);
+        }
+        Ok(())
+    }
+}
+
+/// Why [`Site::authenticate`] refused a request.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// 401, with these `WWW-Authenticate` challenges.
+    Unauthorized(Refusal),
+    /// 503: too many password checks wait already.
+    Busy,
+}
+
+impl Refused {
+    /// The status of the answer.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            Refused::Unauthorized(_) => http::StatusCode::UNAUTHORIZED,
+            Refused::Busy => http::StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The text of the answer.
+    pub fn text(&self) -> &'static str {
+        match self {
+            Refused::Unauthorized(_) => "lobe-tls: a valid API key or password is required",
+            Refused::Busy => "lobe-tls: too many credential checks at once; retry",
+        }
+    }
+
+    /// `answer` (the edge's plain answer of `status` and `text`) with its challenges, or
+    /// a Retry-After.
+    pub fn answer<B>(self, mut answer: http::Response<B>) -> http::Response<B> {
+        let headers = answer.headers_mut();
+        match self {
+            Refused::Unauthorized(refusal) => {
+                for challenge in refusal.challenges {
+                    headers.append(http::header::WWW_AUTHENTICATE, challenge);
+                }
+            }
+            Refused::Busy => {
+                headers.insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from_static("1"),
+                );
+            }
+        }
+        answer
+    }
+}
+
+/// A block's credentials loaded, with the site's name in any error.
+fn credentials(
+    site: &str,
+    block: &str,
+    sources: auth::Sources<'_>,
+    pass_credentials: bool,
+) -> Result<Option<Arc<Credentials>>> {
+    Credentials::load(site, sources, pass_credentials)
+        .map(|c| c.map(Arc::new))
+        .map_err(|e| Error::config(format!("site {site}{block}: {e}")))
 }
 
 /// `path` with `%XX` decoded once, empty and `.` segments dropped and `..` resolved;
@@ -214,6 +344,20 @@ impl Router {
             let set = UpstreamSet::new(config, &name, &known, metrics, key);
             let default = checked_pool(&set, &config.upstreams, config.lb, config, metrics)?;
             let access = lists(&name, "", &config.allow, &config.deny)?;
+            // The credential files, read now: on a reload a malformed one refuses the
+            // new sites, and the running ones (with the old sets) stay.
+            let mut blocks = auth::blocks(config).into_iter();
+            let pass = config.pass_credentials;
+            let site_auth = match blocks.next() {
+                Some((block, sources)) => credentials(&name, &block, sources, pass)?,
+                None => None,
+            };
+            let mut route_auth = Vec::new();
+            for (block, sources) in blocks {
+                // The most specific block that sets credentials decides.
+                route_auth
+                    .push(credentials(&name, &block, sources, pass)?.or_else(|| site_auth.clone()));
+            }
             let mut routes = Vec::new();
             let mut route_access = Vec::new();
             for route in &config.routes {
@@ -237,6 +381,8 @@ impl Router {
                 routes,
                 access,
                 route_access,
+                auth: site_auth,
+                route_auth,
                 config,
             });
             if site.config.domains.is_empty() {
@@ -350,6 +496,9 @@ mod tests {
             lb: None,
             allow: allow.iter().map(|s| s.to_string()).collect(),
             deny: Vec::new(),
+            api_keys_file: None,
+            api_key_header: None,
+            basic_auth_file: None,
         };
         let mut site = SiteConfig::new(vec![], upstream());
         site.deny = vec!["192.0.2.6".into()];

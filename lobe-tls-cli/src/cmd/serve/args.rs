@@ -146,6 +146,30 @@ pub struct Args {
     )]
     pub deny: Vec<String>,
 
+    /// API keys admitted by the --upstream site: a file of `NAME:HASH` lines (HASH
+    /// `sha256:<lowercase hex>`, from `printf %s KEY | sha256sum`, or `$argon2id$...`).
+    /// The key comes in `X-Api-Key` or `Authorization: Bearer`; without a valid one, 401.
+    /// Re-read on SIGHUP. (TOML sites: `api_keys_file`.)
+    #[arg(
+        long,
+        env = "LOBE_TLS_API_KEYS_FILE",
+        value_name = "PATH",
+        help_heading = "Access control"
+    )]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Basic-auth users admitted by the --upstream site: an htpasswd file with bcrypt
+    /// (`htpasswd -B`) or argon2 hashes; without a valid password, 401. With
+    /// --api-keys-file too, either credential admits. Re-read on SIGHUP. (TOML sites:
+    /// `basic_auth_file`.)
+    #[arg(
+        long,
+        env = "LOBE_TLS_BASIC_AUTH_FILE",
+        value_name = "PATH",
+        help_heading = "Access control"
+    )]
+    pub basic_auth_file: Option<PathBuf>,
+
     /// Connections open at once, in total; more are refused. Default: (open-file limit -
     /// 256) / 2, after serve raised its soft open-file limit to the hard one; 0: no cap.
     #[arg(long, env = "LOBE_TLS_MAX_CONNS", help_heading = "Limits")]

@@ -102,6 +102,18 @@ fn check(global: &Global, args: &Args) -> Report {
         }
         sites.push(site);
     }
+    // The credential files, read as the edge reads them when it builds the sites.
+    for site in &sites {
+        for problem in lobe_tls::edge::auth_problems(site) {
+            report.push(problem);
+        }
+        if site.has_auth() && args.mode == lobe_tls::edge::Mode::Tcp {
+            report.push(format!(
+                "site {}: api_keys_file and basic_auth_file need --mode http (tcp mode reads no headers)",
+                site.name()
+            ));
+        }
+    }
     for problem in lobe_tls::edge::claim_problems(&sites) {
         report.push(problem);
     }
