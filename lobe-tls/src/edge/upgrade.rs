@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use super::access_log::Pending;
 use super::headers::strip_hop_by_hop;
 
 /// What kind of upgrade a request asks for.
@@ -94,16 +95,43 @@ pub(super) fn answer_client(upgrade: &Upgrade, parts: &mut http::response::Parts
 }
 
 /// Copies the bytes of an upgraded connection both ways once both sides have switched,
-/// until it closes or stays idle for `idle`; `held` is dropped then.
-pub(super) async fn splice<H>(client: OnUpgrade, upstream: OnUpgrade, idle: Duration, held: H) {
+/// until it closes or stays idle for `idle`; `held` is dropped then, and the access log
+/// record (if any) written with the bytes each way.
+pub(super) async fn splice<H>(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    idle: Duration,
+    held: H,
+    log: Option<Pending>,
+) {
     let (client, upstream) = match tokio::join!(client, upstream) {
         (Ok(client), Ok(upstream)) => (client, upstream),
         (Err(e), _) | (_, Err(e)) => {
             tracing::debug!(error = %e, "upgrade failed");
+            log.map(Pending::finish);
             return;
         }
     };
     let moved = super::tcp::forward(TokioIo::new(client), TokioIo::new(upstream), idle).await;
     tracing::debug!(?moved, "upgraded connection closed");
     drop(held);
+    if let Some(mut pending) = log {
+        if let Ok((bytes_in, bytes_out)) = moved {
+            pending.record.bytes_in = bytes_in;
+            pending.record.bytes_out = bytes_out;
+        }
+        pending.finish();
+    }
+}
+
+/// The access log's `upgrade` value of a request: `websocket`, `h2-websocket`, or
+/// `None` (another protocol; an event stream is known from its response).
+pub(super) fn log_name(upgrade: &Upgrade) -> Option<&'static str> {
+    match upgrade {
+        Upgrade::Http1(protocol) if protocol.as_bytes().eq_ignore_ascii_case(b"websocket") => {
+            Some("websocket")
+        }
+        Upgrade::H2WebSocket => Some("h2-websocket"),
+        Upgrade::Http1(_) | Upgrade::None => None,
+    }
 }
