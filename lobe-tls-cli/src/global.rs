@@ -230,7 +230,9 @@ pub fn init_logging(global: &Global, default: &str) -> Result<()> {
         // One object per line: timestamp, level, target, message and fields.
         builder.json().flatten_event(true).try_init()
     } else {
-        builder.with_ansi(std::io::stderr().is_terminal()).try_init()
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
     };
     Ok(())
 }

@@ -75,7 +75,10 @@ async fn a_request_leaves_one_json_line_with_every_field() {
         .client
         .get(
             "/whoami?x=1&y=%22q%22",
-            &[("user-agent", "probe/1.0"), ("referer", "https://ref.example/")],
+            &[
+                ("user-agent", "probe/1.0"),
+                ("referer", "https://ref.example/"),
+            ],
         )
         .await;
     assert_eq!(support::served_by(&answer), "a");
@@ -246,10 +249,17 @@ async fn sigusr1_reopens_the_file_after_logrotate_moved_it() {
     let backend = Backend::start("a");
     let (edge, dir, path) = edge_with_log(&["--upstream", &backend.addr], None).await;
     edge.client.get("/whoami?before", &[]).await;
-    json_lines(&path, 1, |r| r.iter().any(|r| r["path"] == "/whoami?before")).await;
+    json_lines(&path, 1, |r| {
+        r.iter().any(|r| r["path"] == "/whoami?before")
+    })
+    .await;
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode & 0o137, 0, "mode {mode:o}: not writable by others, not executable");
+    assert_eq!(
+        mode & 0o137,
+        0,
+        "mode {mode:o}: not writable by others, not executable"
+    );
     let rotated = dir.path().join("access.log.1");
     std::fs::rename(&path, &rotated).unwrap();
     edge.signal("-USR1");
@@ -264,7 +274,10 @@ async fn sigusr1_reopens_the_file_after_logrotate_moved_it() {
     assert!(old.iter().any(|l| l.contains("/whoami?before")), "{old:?}");
     assert!(!old.iter().any(|l| l.contains("/whoami?after")), "{old:?}");
     // Still serving, as SIGUSR1 would otherwise have ended the process.
-    assert_eq!(support::served_by(&edge.client.get("/whoami", &[]).await), "a");
+    assert_eq!(
+        support::served_by(&edge.client.get("/whoami", &[]).await),
+        "a"
+    );
 }
 
 #[tokio::test]
@@ -278,11 +291,8 @@ async fn credentials_never_reach_the_access_log() {
         "PLANTEDsetcookie",
     ];
     let backend = Backend::start("a");
-    let (edge, _dir, path) = edge_with_log(
-        &["--upstream", &backend.addr, "--lb", "cookie"],
-        None,
-    )
-    .await;
+    let (edge, _dir, path) =
+        edge_with_log(&["--upstream", &backend.addr, "--lb", "cookie"], None).await;
     let basic = format!("Basic {}", MARKERS[0]);
     let cookie = format!("session={}; lobe_tls_affinity=x", MARKERS[1]);
     let bearer = format!("Bearer {}", MARKERS[4]);
@@ -313,6 +323,9 @@ async fn credentials_never_reach_the_access_log() {
     assert_eq!(record(&records, "/whoami")["affinity"], "new");
     let text = std::fs::read_to_string(&path).unwrap();
     for marker in MARKERS.iter().copied().chain([token.as_str()]) {
-        assert!(!text.contains(marker), "{marker} in the access log:\n{text}");
+        assert!(
+            !text.contains(marker),
+            "{marker} in the access log:\n{text}"
+        );
     }
 }

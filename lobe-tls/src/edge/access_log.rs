@@ -192,7 +192,13 @@ impl Record {
                 // host ident authuser [date] "request line" status bytes; the request
                 // line is the client's, quotes and controls escaped as nginx does.
                 let mut request = String::new();
-                for part in [self.method.as_str(), " ", self.path.as_str(), " ", self.proto] {
+                for part in [
+                    self.method.as_str(),
+                    " ",
+                    self.path.as_str(),
+                    " ",
+                    self.proto,
+                ] {
                     escape_into(&mut request, part);
                 }
                 let bytes = match self.bytes_out {
@@ -392,10 +398,7 @@ impl Writer {
         if buffer.is_empty() {
             return failing;
         }
-        let written = self
-            .sink
-            .write_all(buffer)
-            .and_then(|()| self.sink.flush());
+        let written = self.sink.write_all(buffer).and_then(|()| self.sink.flush());
         buffer.clear();
         match written {
             Ok(()) => false,
@@ -417,7 +420,9 @@ impl Writer {
                 self.sink = sink;
                 tracing::info!("access log reopened");
             }
-            Err(e) => tracing::warn!(error = %e, "cannot reopen the access log; writing on to the old file"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reopen the access log; writing on to the old file")
+            }
         }
     }
 }
@@ -589,7 +594,10 @@ mod tests {
         .unwrap();
         let wait_lines = |path: &std::path::Path, n: usize| {
             for _ in 0..500 {
-                let lines = std::fs::read_to_string(path).unwrap_or_default().lines().count();
+                let lines = std::fs::read_to_string(path)
+                    .unwrap_or_default()
+                    .lines()
+                    .count();
                 if lines >= n {
                     return lines;
                 }

@@ -73,9 +73,10 @@ use tokio::task::JoinSet;
 
 pub use accept::BeforeHandshake;
 pub use config::{
-    AccessLogFormat, AccessLogTarget, DEFAULT_H2_MAX_STREAMS, DEFAULT_MAX_CONNS, DEFAULT_MAX_CONNS_PER_IP,
-    DEFAULT_MAX_REQUESTS_PER_IP, DEFAULT_RETRY_BUFFER_PER_CONN, DEFAULT_RETRY_BUFFER_TOTAL,
-    EdgeConfig, LbPolicy, Mode, RouteConfig, SiteConfig, UpstreamSpec, claim_problems,
+    AccessLogFormat, AccessLogTarget, DEFAULT_H2_MAX_STREAMS, DEFAULT_MAX_CONNS,
+    DEFAULT_MAX_CONNS_PER_IP, DEFAULT_MAX_REQUESTS_PER_IP, DEFAULT_RETRY_BUFFER_PER_CONN,
+    DEFAULT_RETRY_BUFFER_TOTAL, EdgeConfig, LbPolicy, Mode, RouteConfig, SiteConfig, UpstreamSpec,
+    claim_problems,
 };
 pub use config_file::{CONFIG_KEYS, parse_sites};
 pub use ip_lists::{IpTable, parse_cidr};

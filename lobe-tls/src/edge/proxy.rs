@@ -135,7 +135,8 @@ async fn answer(
     }
     if let Err(wait) = shared.limits.check_rate(conn.client.ip()) {
         site.metrics.rate_limited.inc();
-        site.metrics.response(route, StatusCode::TOO_MANY_REQUESTS, 0.0);
+        site.metrics
+            .response(route, StatusCode::TOO_MANY_REQUESTS, 0.0);
         return retry_after(
             plain(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -155,7 +156,8 @@ async fn answer(
                 reason: inflight::REASON.to_owned(),
             })
             .inc();
-        site.metrics.response(route, StatusCode::TOO_MANY_REQUESTS, 0.0);
+        site.metrics
+            .response(route, StatusCode::TOO_MANY_REQUESTS, 0.0);
         return retry_after(
             plain(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -364,8 +366,7 @@ async fn forward(
                 }
                 if let Some(pending) = log {
                     let connect = response.extensions().get::<ConnectTime>();
-                    pending.record.upstream_connect_ms =
-                        Some(connect.map_or(0.0, |c| ms(c.0)));
+                    pending.record.upstream_connect_ms = Some(connect.map_or(0.0, |c| ms(c.0)));
                     pending.record.upstream_ttfb_ms = Some(ms(waited));
                 }
                 return respond(

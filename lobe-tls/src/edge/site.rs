@@ -273,17 +273,21 @@ impl Router {
 
     /// (site, route, upstream address) of every pool member, for the per-upstream
     /// metrics' labels.
-    pub fn upstream_route_labels(&self) -> std::collections::HashSet<super::metrics::UpstreamRouteLabels> {
+    pub fn upstream_route_labels(
+        &self,
+    ) -> std::collections::HashSet<super::metrics::UpstreamRouteLabels> {
         self.all()
             .flat_map(|site| {
                 std::iter::once(("", &site.default))
                     .chain(site.routes.iter().map(|(path, pool)| (path.as_str(), pool)))
                     .flat_map(move |(route, pool)| {
-                        pool.members().iter().map(move |m| super::metrics::UpstreamRouteLabels {
-                            site: site.name.clone(),
-                            route: route.to_owned(),
-                            upstream: m.upstream.addr.clone(),
-                        })
+                        pool.members()
+                            .iter()
+                            .map(move |m| super::metrics::UpstreamRouteLabels {
+                                site: site.name.clone(),
+                                route: route.to_owned(),
+                                upstream: m.upstream.addr.clone(),
+                            })
                     })
             })
             .collect()

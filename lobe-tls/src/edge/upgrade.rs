@@ -123,8 +123,7 @@ pub(super) async fn splice<H>(
         written: 0,
     };
     let mut client = std::pin::pin!(client);
-    let moved =
-        super::tcp::forward(client.as_mut(), TokioIo::new(upstream), idle).await;
+    let moved = super::tcp::forward(client.as_mut(), TokioIo::new(upstream), idle).await;
     tracing::debug!(?moved, "upgraded connection closed");
     drop(held);
     if let Some(mut pending) = log {
@@ -171,10 +170,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
