@@ -475,7 +475,7 @@ mod tests {
     fn record() -> Record {
         let req = http::Request::builder()
             .method("GET")
-            .uri("/chat?room=\"1\"")
+            .uri("/chat?room=a%22b")
             .header("host", "app.example.com")
             .header("user-agent", "curl/8 \"quoted\"")
             .header("referer", "https://app.example.com/")
@@ -538,7 +538,7 @@ mod tests {
         assert_eq!(value["ts"], "2026-01-02T03:04:05.678Z");
         assert_eq!(value["client_ip"], "127.0.0.7");
         assert_eq!(value["client_port"], 5555);
-        assert_eq!(value["path"], "/chat?room=\"1\"");
+        assert_eq!(value["path"], "/chat?room=a%22b");
         assert_eq!(value["proto"], "HTTP/1.1");
         assert_eq!(value["host"], "app.example.com");
         assert_eq!(value["user_agent"], "curl/8 \"quoted\"");
@@ -552,13 +552,20 @@ mod tests {
         record().write_line(AccessLogFormat::Common, &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "127.0.0.7 - - [02/Jan/2026:03:04:05 +0000] \"GET /chat?room=\\x221\\x22 HTTP/1.1\" 200 1234\n"
+            "127.0.0.7 - - [02/Jan/2026:03:04:05 +0000] \"GET /chat?room=a%22b HTTP/1.1\" 200 1234\n"
         );
         let mut empty = record();
         empty.bytes_out = 0;
         let mut out = Vec::new();
         empty.write_line(AccessLogFormat::Common, &mut out);
         assert!(String::from_utf8(out).unwrap().ends_with("\" 200 -\n"));
+    }
+
+    #[test]
+    fn common_request_lines_escape_quotes_and_controls() {
+        let mut out = String::new();
+        escape_into(&mut out, "a\"b\\c\x01\u{e9}");
+        assert_eq!(out, "a\\x22b\\x5Cc\\x01\\xC3\\xA9");
     }
 
     #[test]

@@ -26,7 +26,8 @@
 //!
 //! Below them all stand leaves that import nothing of the edge: `config` (settings,
 //! sites, durations; `config_file` reads them from the TOML file), `upstream_state` (each upstream's open count and health),
-//! `body`, `metrics`, `clock` and `thread_slot`; `hold` is what one connection holds
+//! `body`, `metrics`, `clock`, `thread_slot` and `access_log` (the record and its writer
+//! thread); `hold` is what one connection holds
 //! (its permits, its requests in flight), and `shared` what every connection task of one
 //! edge shares.
 

@@ -111,7 +111,9 @@ pub(super) async fn splice<H>(
         (Ok(client), Ok(upstream)) => (client, upstream),
         (Err(e), _) | (_, Err(e)) => {
             tracing::debug!(error = %e, "upgrade failed");
-            log.map(Pending::finish);
+            if let Some(pending) = log {
+                pending.finish();
+            }
             return;
         }
     };
