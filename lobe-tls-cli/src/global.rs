@@ -105,6 +105,19 @@ pub struct Global {
         help_heading = "Logging and admin"
     )]
     pub log: Option<String>,
+
+    /// This process's own log lines: text for people, or one JSON object per line for a
+    /// collector (Loki, ELK) that takes the access log too.
+    #[arg(
+        long,
+        global = true,
+        env = "LOBE_TLS_LOG_FORMAT",
+        value_name = "text|json",
+        default_value = "text",
+        value_parser = ["text", "json"],
+        help_heading = "Logging and admin"
+    )]
+    pub log_format: String,
 }
 
 impl Global {
@@ -210,10 +223,16 @@ pub fn init_logging(global: &Global, default: &str) -> Result<()> {
         )
         .with_source(e)
     })?;
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if global.log_format == "json" {
+        // One object per line: timestamp, level, target, message and fields.
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+    };
     Ok(())
 }

@@ -31,11 +31,15 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     // So is a SIGHUP (whose default action ends the process): it is handled once serving.
     let hangup = signal(SignalKind::hangup())
         .map_err(|e| Error::config(format!("cannot handle SIGHUP: {e}")))?;
+    // And SIGUSR1 (which would end it too): logrotate's signal to reopen the access log.
+    let user1 = signal(SignalKind::user_defined1())
+        .map_err(|e| Error::config(format!("cannot handle SIGUSR1: {e}")))?;
     let server = Server::start(config).await?;
     if let Some(path) = &args.ready_file {
         write_ready_file(path, server.addrs())?;
     }
     let reloads = reload_on_hangup(hangup, server.handle(), args);
+    let reopens = reopen_on_user1(user1, server.edge_handle());
     let shutdown = async move {
         tokio::select! {
             _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
@@ -45,6 +49,20 @@ pub async fn run(global: &Global, args: &Args) -> Result<ExitCode> {
     tokio::select! {
         served = server.run(shutdown) => served.map(|()| ExitCode::SUCCESS),
         never = reloads => match never {},
+        never = reopens => match never {},
+    }
+}
+
+/// Reopens the access log file on each SIGUSR1 (logrotate's `postrotate`). Never
+/// returns.
+async fn reopen_on_user1(
+    mut user1: Signal,
+    edge: lobe_tls::edge::EdgeHandle,
+) -> std::convert::Infallible {
+    loop {
+        user1.recv().await;
+        tracing::info!("SIGUSR1: reopening the access log");
+        edge.reopen_access_log();
     }
 }
 
@@ -57,6 +75,8 @@ fn server_config(global: &Global, args: &Args, nofile: Option<u64>) -> Result<Se
     let managed = managed_cert(args, args.challenge.config_file.as_deref())?;
     let on_demand = args.on_demand.to_config()?;
     let mut edge = edge_config(args, sites, nofile);
+    edge.access_log = lobe_tls::edge::AccessLogTarget::parse(&args.access_log)
+        .map_err(|e| Error::config(format!("--access-log: {e}")))?;
     edge.client_prefixes = caps::client_prefixes(
         args.client_prefix_v4,
         args.client_prefix_v6,
@@ -215,6 +235,7 @@ fn edge_config(args: &Args, sites: Vec<SiteConfig>, nofile: Option<u64>) -> Edge
     config.trusted_proxies = args.trusted_proxies.clone();
     config.send_proxy_v2 = args.send_proxy_v2;
     config.accept_proxy_protocol = args.accept_proxy_protocol.then_some(Duration::from_secs(5));
+    config.access_log_format = args.access_log_format;
     config
 }
 

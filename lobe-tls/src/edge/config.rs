@@ -93,6 +93,65 @@ pub struct EdgeConfig {
     /// open. More are answered 429 at once, without reaching an upstream. Peers in
     /// `trusted_proxies` are not capped. `None`: no cap.
     pub max_requests_per_ip: Option<usize>,
+    /// Where the access log goes: one line per request, WebSocket or stream (written
+    /// when it ends). `None` (the default): no access log. A site may opt out with
+    /// [`SiteConfig::access_log`].
+    pub access_log: Option<AccessLogTarget>,
+    /// How access log lines are written: JSON (the default) or NCSA common.
+    pub access_log_format: AccessLogFormat,
+}
+
+/// Where the access log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AccessLogTarget {
+    /// The process's standard output (for a collector reading the container's logs).
+    Stdout,
+    /// The process's standard error.
+    Stderr,
+    /// A file, opened in append mode (created 0640) and reopened on demand
+    /// ([`EdgeHandle::reopen_access_log`](crate::edge::EdgeHandle::reopen_access_log)),
+    /// for logrotate.
+    File(std::path::PathBuf),
+}
+
+impl AccessLogTarget {
+    /// `stdout`, `stderr`, `off` (`None`) or a path.
+    pub fn parse(text: &str) -> Result<Option<Self>> {
+        match text {
+            "" => Err(Error::config(
+                "the access log needs stdout, stderr, off or a file path",
+            )),
+            "off" => Ok(None),
+            "stdout" | "-" => Ok(Some(AccessLogTarget::Stdout)),
+            "stderr" => Ok(Some(AccessLogTarget::Stderr)),
+            path => Ok(Some(AccessLogTarget::File(path.into()))),
+        }
+    }
+}
+
+/// How access log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AccessLogFormat {
+    /// One JSON object per line, with every field (see the README).
+    #[default]
+    Json,
+    /// The NCSA common log format (`host - - [date] "request" status bytes`).
+    Common,
+}
+
+impl std::str::FromStr for AccessLogFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "json" => Ok(AccessLogFormat::Json),
+            "common" => Ok(AccessLogFormat::Common),
+            other => Err(Error::config(format!(
+                "unknown access log format {other:?}: use json or common"
+            ))),
+        }
+    }
 }
 
 /// Connections open at once, in total, unless [`EdgeConfig::max_conns`] says otherwise.
@@ -152,6 +211,8 @@ impl EdgeConfig {
             retry_buffer_total: DEFAULT_RETRY_BUFFER_TOTAL,
             h2_max_streams: DEFAULT_H2_MAX_STREAMS,
             max_requests_per_ip: Some(DEFAULT_MAX_REQUESTS_PER_IP),
+            access_log: None,
+            access_log_format: AccessLogFormat::Json,
         }
     }
 
@@ -251,6 +312,10 @@ pub struct SiteConfig {
     /// removed; `X-Authenticated-Name` says who it was either way).
     #[serde(default)]
     pub pass_credentials: bool,
+    /// `false`: this site's requests leave no access log line (default `true`; the
+    /// access log itself is the edge's, [`EdgeConfig::access_log`]).
+    #[serde(default = "defaults::yes")]
+    pub access_log: bool,
 }
 
 /// A path prefix with its own upstreams.
@@ -346,6 +411,9 @@ mod defaults {
     pub fn weight() -> u32 {
         1
     }
+    pub fn yes() -> bool {
+        true
+    }
     pub fn cookie_name() -> String {
         "lobe_tls_affinity".into()
     }
@@ -377,6 +445,7 @@ impl SiteConfig {
             api_key_header: None,
             basic_auth_file: None,
             pass_credentials: false,
+            access_log: true,
         }
     }
 

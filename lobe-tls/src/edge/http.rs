@@ -13,13 +13,18 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::hold::{ConnHold, RequestTracker};
 use super::shared::Shared;
-use super::{accept, clock, proxy, tcp};
+use super::{accept, access_log, clock, proxy, tcp};
 
 pub(super) async fn serve(accepted: accept::Accepted, shared: Arc<Shared>, hold: ConnHold) {
     let client = accepted.client;
     // The protocol is the one ALPN agreed on (RFC 9113 §3.2: h2 over TLS is negotiated,
     // never guessed), so no connection pays for sniffing its first bytes.
     let h2 = accepted.tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+    // What the access log says of the TLS session; read only when there is one.
+    let tls = Arc::new(match shared.access_log {
+        Some(_) => access_log::TlsFacts::of(accepted.tls.get_ref().1),
+        None => access_log::TlsFacts::default(),
+    });
     let clock = Arc::new(clock::ActivityClock::new());
     let tracker = Arc::new(RequestTracker::new(hold));
     let io = TokioIo::new(tcp::Tracked::new(accepted.tls, clock.clone()));
@@ -28,6 +33,7 @@ pub(super) async fn serve(accepted: accept::Accepted, shared: Arc<Shared>, hold:
         tracker: tracker.clone(),
         values: super::forwarded::ClientValues::new(client.ip()),
         budget: shared.replay.connection(),
+        tls,
     };
     let service_shared = shared.clone();
     let service = service_fn(move |req| {

@@ -7,13 +7,35 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-/// A site and a status class (`2xx`, ..., `5xx`).
+/// A site, a route and a status class (`2xx`, ..., `5xx`).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabels {
     /// The site's name (its first domain).
     pub site: String,
+    /// The answering `[[site.route]]`'s `path`; empty for the site's own upstreams.
+    pub route: String,
     /// `1xx` to `5xx`.
     pub class: String,
+}
+
+/// A site and one of its routes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The site's name.
+    pub site: String,
+    /// The route's `path`; empty for the site's own upstreams.
+    pub route: String,
+}
+
+/// An upstream of one route of a site (an address listed in two routes has two).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamRouteLabels {
+    /// The site's name.
+    pub site: String,
+    /// The route's `path`; empty for the site's own upstreams.
+    pub route: String,
+    /// `host:port`.
+    pub upstream: String,
 }
 
 /// A site.
@@ -65,10 +87,18 @@ fn latency_histogram() -> Histogram {
 /// Every family the edge updates.
 #[derive(Debug)]
 pub struct EdgeMetrics {
-    /// Responses by site and status class.
+    /// Responses by site, route and status class.
     pub requests: Family<StatusLabels, Counter>,
-    /// Seconds until the response's head, by site.
-    pub latency: Family<SiteLabels, Histogram, fn() -> Histogram>,
+    /// Seconds until the response's head, by site and route.
+    pub latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    /// Requests sent to an upstream (each attempt), by site, route and upstream.
+    pub upstream_requests: Family<UpstreamRouteLabels, Counter>,
+    /// Attempts that failed at an upstream: no connection, no answer, or a 5xx answer.
+    pub upstream_errors: Family<UpstreamRouteLabels, Counter>,
+    /// Seconds from sending a request to an upstream until its response head.
+    pub upstream_response: Family<UpstreamRouteLabels, Histogram, fn() -> Histogram>,
+    /// Access log lines dropped because the writer was behind.
+    pub access_log_dropped: Counter,
     /// 1 while an upstream is in rotation, 0 while it is out.
     pub upstream_up: Family<UpstreamLabels, Gauge>,
     /// Open client connections (after TLS).
@@ -100,6 +130,10 @@ impl Default for EdgeMetrics {
         EdgeMetrics {
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
+            upstream_requests: Family::default(),
+            upstream_errors: Family::default(),
+            upstream_response: Family::new_with_constructor(latency_histogram),
+            access_log_dropped: Counter::default(),
             upstream_up: Family::default(),
             connections: Gauge::default(),
             websockets: Family::default(),
@@ -130,16 +164,36 @@ impl EdgeMetrics {
         let _ = self.rejected_requests.get_or_create(&ReasonLabels {
             reason: "max_requests_per_ip".to_owned(),
         });
+        registry.register(
+            "access_log_dropped",
+            "Access log lines dropped because the writer was behind",
+            self.access_log_dropped.clone(),
+        );
         let r = registry.sub_registry_with_prefix("edge");
         r.register(
             "requests",
-            "Responses by site and status class",
+            "Responses by site, route and status class",
             self.requests.clone(),
         );
         r.register(
             "request_duration_seconds",
-            "Seconds until the response head, by site",
+            "Seconds until the response head, by site and route",
             self.latency.clone(),
+        );
+        r.register(
+            "upstream_requests",
+            "Requests sent to an upstream (each attempt), by site, route and upstream",
+            self.upstream_requests.clone(),
+        );
+        r.register(
+            "upstream_errors",
+            "Attempts that failed at an upstream: no connection, no answer, or a 5xx answer",
+            self.upstream_errors.clone(),
+        );
+        r.register(
+            "upstream_response_seconds",
+            "Seconds from sending a request to an upstream until its response head",
+            self.upstream_response.clone(),
         );
         r.register(
             "upstream_up",
@@ -229,17 +283,43 @@ impl EdgeMetrics {
         }
     }
 
+    /// Counts a response outside every site's routes (no site for the Host).
     pub(crate) fn response(&self, site: &str, status: http::StatusCode, seconds: f64) {
         let class = format!("{}xx", status.as_u16() / 100);
         self.requests
             .get_or_create(&StatusLabels {
                 site: site.to_owned(),
+                route: String::new(),
                 class,
             })
             .inc();
         self.latency
-            .get_or_create(&self.site(site))
+            .get_or_create(&RouteLabels {
+                site: site.to_owned(),
+                route: String::new(),
+            })
             .observe(seconds);
+    }
+
+    /// The metrics of one upstream of one route, created (at zero) if new.
+    pub(crate) fn for_upstream(&self, site: &str, route: &str, upstream: &str) -> UpstreamMetrics {
+        let labels = UpstreamRouteLabels {
+            site: site.to_owned(),
+            route: route.to_owned(),
+            upstream: upstream.to_owned(),
+        };
+        UpstreamMetrics {
+            requests: self.upstream_requests.get_or_create(&labels).clone(),
+            errors: self.upstream_errors.get_or_create(&labels).clone(),
+            response: self.upstream_response.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Drops the per-upstream series of `labels` (an upstream a reload removed).
+    pub(crate) fn remove_upstream(&self, labels: &UpstreamRouteLabels) {
+        self.upstream_requests.remove(labels);
+        self.upstream_errors.remove(labels);
+        self.upstream_response.remove(labels);
     }
 
     pub(crate) fn reject(&self, reason: &str) {
@@ -251,12 +331,27 @@ impl EdgeMetrics {
     }
 }
 
+/// One upstream's metrics in one route, looked up once when the site is built.
+#[derive(Debug, Clone)]
+pub(crate) struct UpstreamMetrics {
+    pub requests: Counter,
+    pub errors: Counter,
+    pub response: Histogram,
+}
+
+/// One route's response metrics (index 0 of a site's: its own upstreams).
+#[derive(Debug, Clone)]
+struct RouteMetrics {
+    requests: [Counter; 5],
+    latency: Histogram,
+}
+
 /// One site's metrics, looked up once when the site is built, so a request touches
 /// atomics only (no label lookup).
 #[derive(Debug, Clone)]
 pub(crate) struct SiteMetrics {
-    requests: [Counter; 5],
-    latency: Histogram,
+    /// By route index: 0 for the site's own upstreams, then its routes in order.
+    routes: Vec<RouteMetrics>,
     pub retries: Counter,
     pub rate_limited: Counter,
     pub websockets: Gauge,
@@ -268,24 +363,42 @@ pub(crate) struct SiteMetrics {
 }
 
 impl SiteMetrics {
-    /// Counts a response by status class and records its latency.
-    pub fn response(&self, status: http::StatusCode, seconds: f64) {
+    /// Counts a response of route `route` (0: the site's own upstreams, then its routes
+    /// in order) by status class and records its latency.
+    pub fn response(&self, route: usize, status: http::StatusCode, seconds: f64) {
+        let Some(metrics) = self.routes.get(route).or(self.routes.first()) else {
+            return;
+        };
         let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
-        self.requests[class].inc();
-        self.latency.observe(seconds);
+        metrics.requests[class].inc();
+        metrics.latency.observe(seconds);
     }
 }
 
 impl EdgeMetrics {
-    pub(crate) fn for_site(&self, site: &str) -> SiteMetrics {
+    /// The metrics of site `site` whose routes have the paths `routes` (in order).
+    pub(crate) fn for_site(&self, site: &str, routes: &[&str]) -> SiteMetrics {
         let labels = self.site(site);
-        let class = |n: u16| {
-            self.requests
-                .get_or_create(&StatusLabels {
-                    site: site.to_owned(),
-                    class: format!("{n}xx"),
-                })
-                .clone()
+        let route = |route: &str| {
+            let class = |n: u16| {
+                self.requests
+                    .get_or_create(&StatusLabels {
+                        site: site.to_owned(),
+                        route: route.to_owned(),
+                        class: format!("{n}xx"),
+                    })
+                    .clone()
+            };
+            RouteMetrics {
+                requests: [class(1), class(2), class(3), class(4), class(5)],
+                latency: self
+                    .latency
+                    .get_or_create(&RouteLabels {
+                        site: site.to_owned(),
+                        route: route.to_owned(),
+                    })
+                    .clone(),
+            }
         };
         // One statement each: a family's read guard lives to the end of the statement
         // that took it, and a second `get_or_create` on the family would wait for it.
@@ -300,8 +413,10 @@ impl EdgeMetrics {
         let denied_ip = denied("ip");
         let denied_auth = denied("auth");
         SiteMetrics {
-            requests: [class(1), class(2), class(3), class(4), class(5)],
-            latency: self.latency.get_or_create(&labels).clone(),
+            routes: std::iter::once("")
+                .chain(routes.iter().copied())
+                .map(route)
+                .collect(),
             retries: self.retries.get_or_create(&labels).clone(),
             rate_limited: self.rate_limited.get_or_create(&labels).clone(),
             websockets: self.websockets.get_or_create(&labels).clone(),

@@ -13,7 +13,8 @@
 //! - `proxy`: one exchange: `limits` (request rate), `forwarded` (the client's
 //!   identity), `headers` (Host, hop-by-hop fields), `request_body` (a slow body cut,
 //!   a small one kept for a retry within the `budget`), `upgrade` (WebSocket and h2
-//!   CONNECT), `relay` (the response body, streamed), with the `inflight` caps.
+//!   CONNECT), `relay` (the response body, streamed), with the `inflight` caps; each
+//!   ends in `access_log` (a record to the log's writer thread).
 //! - `site`: Host and path to a pool; it builds the pools and starts their checks, and
 //!   holds each block's IP lists (`ip_lists`) and credentials (`auth`: API keys and
 //!   basic auth).
@@ -27,11 +28,13 @@
 //!
 //! Below them all stand leaves that import nothing of the edge: `config` (settings,
 //! sites, durations; `config_file` reads them from the TOML file), `upstream_state` (each upstream's open count and health),
-//! `body`, `metrics`, `clock` and `thread_slot`; `hold` is what one connection holds
+//! `body`, `metrics`, `clock`, `thread_slot` and `access_log` (the record and its writer
+//! thread); `hold` is what one connection holds
 //! (its permits, its requests in flight), and `shared` what every connection task of one
 //! edge shares.
 
 mod accept;
+mod access_log;
 mod auth;
 mod body;
 mod budget;
@@ -75,9 +78,10 @@ use tokio::task::JoinSet;
 pub use accept::BeforeHandshake;
 pub use auth::problems as auth_problems;
 pub use config::{
-    DEFAULT_H2_MAX_STREAMS, DEFAULT_MAX_CONNS, DEFAULT_MAX_CONNS_PER_IP,
-    DEFAULT_MAX_REQUESTS_PER_IP, DEFAULT_RETRY_BUFFER_PER_CONN, DEFAULT_RETRY_BUFFER_TOTAL,
-    EdgeConfig, LbPolicy, Mode, RouteConfig, SiteConfig, UpstreamSpec, claim_problems,
+    AccessLogFormat, AccessLogTarget, DEFAULT_H2_MAX_STREAMS, DEFAULT_MAX_CONNS,
+    DEFAULT_MAX_CONNS_PER_IP, DEFAULT_MAX_REQUESTS_PER_IP, DEFAULT_RETRY_BUFFER_PER_CONN,
+    DEFAULT_RETRY_BUFFER_TOTAL, EdgeConfig, LbPolicy, Mode, RouteConfig, SiteConfig, UpstreamSpec,
+    claim_problems,
 };
 pub use config_file::{CONFIG_KEYS, parse_sites};
 pub use health::warn_unresolved_upstreams;
@@ -136,8 +140,23 @@ impl EdgeHandle {
                     upstream: upstream.clone(),
                 });
         }
+        for labels in current
+            .upstream_route_labels()
+            .difference(&router.upstream_route_labels())
+        {
+            self.shared.metrics.remove_upstream(labels);
+        }
         self.shared.router.store(Arc::new(router));
         Ok(())
+    }
+
+    /// Reopens the access log file by its path (after logrotate moved it away): lines
+    /// go to the new file from the next batch on. Nothing happens without an access log
+    /// file.
+    pub fn reopen_access_log(&self) {
+        if let Some(log) = &self.shared.access_log {
+            log.reopen();
+        }
     }
 
     /// Re-reads the configuration file at `path` and swaps in its sites, plus `extra`
@@ -265,6 +284,14 @@ impl Edge {
             config.retry_buffer_total,
             &edge_metrics,
         );
+        let access_log = match &config.access_log {
+            Some(target) => Some(access_log::AccessLog::start(
+                target,
+                config.access_log_format,
+                edge_metrics.access_log_dropped.clone(),
+            )?),
+            None => None,
+        };
         let detached = (0..config.threads.max(1))
             .map(|_| Mutex::new(JoinSet::new()))
             .collect();
@@ -279,6 +306,7 @@ impl Edge {
                 in_flight,
                 affinity_key: ArcSwap::from_pointee(affinity_key),
                 replay,
+                access_log,
                 metrics: edge_metrics,
                 cert_metrics: metrics,
                 detached,

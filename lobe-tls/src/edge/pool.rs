@@ -29,6 +29,11 @@ use tokio::net::TcpStream;
 use super::body::BoxBody;
 use super::clock::coarse_now;
 
+/// How long the connection for a response took to open, as a response extension; a
+/// response on a kept-alive connection has none.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnectTime(pub Duration);
+
 /// Why a request did not get a response head.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum SendError {
@@ -180,8 +185,14 @@ impl ConnPool {
         }
         // The cold path (a new connection) is boxed, so the future of every request
         // stays small.
+        let connecting = std::time::Instant::now();
         match Box::pin(self.connect()).await {
-            Ok(link) => self.exchange(link, request).await,
+            Ok(link) => {
+                let connected = ConnectTime(connecting.elapsed());
+                let mut response = self.exchange(link, request).await?;
+                response.extensions_mut().insert(connected);
+                Ok(response)
+            }
             Err(e) => Err((e, Some(request))),
         }
     }

@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body, Incoming};
 
 use super::auth;
+use super::access_log::{Counted, Pending, Record, TlsFacts, ms};
 use super::body::{BoxBody, boxed};
 use super::budget::ConnBudget;
 use super::config::secs;
@@ -22,7 +23,7 @@ use super::forwarded;
 use super::headers::{cookie_value, join_cookies, origin_form, request_host, strip_hop_by_hop};
 use super::inflight::{self, InFlightPermit};
 use super::metrics::GaugeGuard;
-use super::pool::{PooledBody, SendError};
+use super::pool::{ConnectTime, PooledBody, SendError};
 use super::relay::Relay;
 use super::request_body::{BodyTooSlow, Paced, REPLAYABLE_BODY, Replay};
 use super::request_id::RequestId;
@@ -41,6 +42,8 @@ pub(crate) struct ConnInfo {
     pub values: forwarded::ClientValues,
     /// What the connection's requests may hold of their bodies for replay.
     pub budget: ConnBudget,
+    /// The TLS session, as the access log writes it (empty without an access log).
+    pub tls: Arc<TlsFacts>,
 }
 
 /// A short plain-text answer from the edge itself.
@@ -81,16 +84,29 @@ pub(crate) async fn handle(
     // on every answer, the edge's own included.
     let trusted = forwarded::is_trusted(&shared.config.trusted_proxies, conn.client.ip());
     let id = RequestId::of(req.headers(), trusted);
+    // The access log record, filled as the request goes; a response with a body to
+    // relay, or an upgrade, takes it along and writes it when done.
+    let mut log = shared.access_log.as_ref().map(|log| {
+        let record = Record::start(&req, id.as_str(), conn.client, &conn.tls);
+        Pending::new(Box::new(record), log.clone())
+    });
     req.extensions_mut().insert(id.clone());
-    let mut response = answer(shared, &conn, req).await;
+    let mut response = answer(&shared, &conn, req, &mut log).await;
     id.stamp(response.headers_mut());
+    if let Some(mut pending) = log {
+        // The edge's own answer, or one whose body is all in its head.
+        pending.record.status = response.status().as_u16();
+        pending.record.bytes_out = response.body().size_hint().exact().unwrap_or(0);
+        pending.finish();
+    }
     response
 }
 
 async fn answer(
-    shared: Arc<Shared>,
+    shared: &Arc<Shared>,
     conn: &ConnInfo,
     mut req: Request<Incoming>,
+    log: &mut Option<Pending>,
 ) -> Response<BoxBody> {
     let started = Instant::now();
     let host = request_host(&req);
@@ -104,23 +120,30 @@ async fn answer(
             "lobe-tls: no site is configured for this host",
         );
     };
+    if !site.config.access_log {
+        *log = None;
+    } else if let Some(pending) = log {
+        pending.record.site = Some(site.name.clone());
+    }
+    let route = site.route(req.uri().path());
     // The IP lists, on the address the connection established (PROXY from a trusted
     // peer, else the TCP peer), never on a header the client wrote.
     if !site.admits(req.uri().path(), conn.client.ip()) {
         site.metrics.denied_ip.inc();
-        site.metrics.response(StatusCode::FORBIDDEN, 0.0);
+        site.metrics.response(route, StatusCode::FORBIDDEN, 0.0);
         tracing::debug!(client = %conn.client.ip(), site = site.name, "request refused by the IP lists");
         return plain(StatusCode::FORBIDDEN, "lobe-tls: forbidden");
     }
     // API keys and basic auth (401), after the IP lists: a refused address costs no hash.
     if let Err(refused) = site.authenticate(&mut req).await {
-        site.metrics.response(refused.status(), 0.0);
+        site.metrics.response(route, refused.status(), 0.0);
         let answer = plain(refused.status(), refused.text());
         return refused.answer(answer);
     }
     if let Err(wait) = shared.limits.check_rate(conn.client.ip()) {
         site.metrics.rate_limited.inc();
-        site.metrics.response(StatusCode::TOO_MANY_REQUESTS, 0.0);
+        site.metrics
+            .response(route, StatusCode::TOO_MANY_REQUESTS, 0.0);
         return retry_after(
             plain(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -140,7 +163,8 @@ async fn answer(
                 reason: inflight::REASON.to_owned(),
             })
             .inc();
-        site.metrics.response(StatusCode::TOO_MANY_REQUESTS, 0.0);
+        site.metrics
+            .response(route, StatusCode::TOO_MANY_REQUESTS, 0.0);
         return retry_after(
             plain(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -149,9 +173,19 @@ async fn answer(
             Duration::from_secs(1),
         );
     };
-    let mut response = forward(&shared, &site, conn, host.as_deref(), req, permit).await;
+    let mut response = forward(
+        shared,
+        &site,
+        route,
+        conn,
+        host.as_deref(),
+        req,
+        permit,
+        log,
+    )
+    .await;
     site.metrics
-        .response(response.status(), started.elapsed().as_secs_f64());
+        .response(route, response.status(), started.elapsed().as_secs_f64());
     if let Some(max_age) = site.config.hsts {
         response.headers_mut().insert(
             header::STRICT_TRANSPORT_SECURITY,
@@ -162,16 +196,22 @@ async fn answer(
     response
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     shared: &Arc<Shared>,
     site: &Arc<Site>,
+    route: usize,
     conn: &ConnInfo,
     host: Option<&str>,
     mut req: Request<Incoming>,
     permit: InFlightPermit,
+    log: &mut Option<Pending>,
 ) -> Response<BoxBody> {
-    let pool = site.pool(req.uri().path()).clone();
+    let pool = site.pool_of(route).clone();
     let upgrade = upgrade::upgrade_of(&req);
+    if let Some(pending) = log {
+        pending.record.upgrade = upgrade::log_name(&upgrade);
+    }
     let client_upgrade = match upgrade {
         Upgrade::None => None,
         _ => Some(hyper::upgrade::on(&mut req)),
@@ -236,13 +276,25 @@ async fn forward(
         .await;
         match read {
             Ok(Ok(collected)) => {
-                replayable = Some(Replay::new(collected.to_bytes(), reservation));
+                let collected = collected.to_bytes();
+                if let Some(pending) = log {
+                    pending.record.bytes_in = collected.len() as u64;
+                }
+                replayable = Some(Replay::new(collected, reservation));
             }
             Ok(Err(e)) => return body_failed(&*e),
             Err(_) => return body_failed(&BodyTooSlow),
         }
     } else {
         let paced = Paced::new(body, shared.config.header_read_timeout);
+        let paced = match log {
+            Some(pending) => {
+                let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+                pending.record.bytes_in_counter = Some(count.clone());
+                boxed(Counted::new(paced, count))
+            }
+            None => boxed(paced),
+        };
         streamed = Some(match limit {
             Some(limit) => boxed(Limited::new(
                 paced,
@@ -274,6 +326,18 @@ async fn forward(
         let Some(conns) = pool.conns(choice.index) else {
             break;
         };
+        let counted = site
+            .upstream_metrics
+            .get(route)
+            .and_then(|members| members.get(choice.index));
+        if let Some(counted) = counted {
+            counted.requests.inc();
+        }
+        if let Some(pending) = log {
+            pending.record.attempts += 1;
+            pending.record.upstream = Some(upstream.addr.clone());
+            pending.record.affinity = choice.affinity;
+        }
         let request = match unsent.take() {
             Some(request) => request,
             None => {
@@ -292,15 +356,31 @@ async fn forward(
             }
         };
         let guard = upstream.open();
+        let sending = Instant::now();
         // Boxed: the exchange's state is large, and would otherwise be copied along with
         // every future that holds this one.
         let sent = tokio::time::timeout(idle, Box::pin(conns.send(request))).await;
+        if let (Err(_) | Ok(Err(_)), Some(counted)) = (&sent, counted) {
+            counted.errors.inc();
+        }
         match sent {
             Ok(Ok(response)) => {
+                let waited = sending.elapsed();
+                if let Some(counted) = counted {
+                    counted.response.observe(waited.as_secs_f64());
+                    if response.status().is_server_error() {
+                        counted.errors.inc();
+                    }
+                }
                 if response.status().is_server_error() {
                     upstream.failed(pool.fall, pool.cooldown);
                 } else {
                     upstream.succeeded();
+                }
+                if let Some(pending) = log {
+                    let connect = response.extensions().get::<ConnectTime>();
+                    pending.record.upstream_connect_ms = Some(connect.map_or(0.0, |c| ms(c.0)));
+                    pending.record.upstream_ttfb_ms = Some(ms(waited));
                 }
                 return respond(
                     shared,
@@ -312,6 +392,7 @@ async fn forward(
                     client_upgrade,
                     &upgrade,
                     permit,
+                    log.take(),
                 );
             }
             Ok(Err((e, returned))) => {
@@ -384,6 +465,7 @@ fn respond(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     upgrade: &Upgrade,
     permit: InFlightPermit,
+    mut log: Option<Pending>,
 ) -> Response<BoxBody> {
     let idle = site.config.idle();
     // The response counts as in flight on its client connection until its body is
@@ -395,11 +477,14 @@ fn respond(
     {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         let websockets = GaugeGuard::new(site.metrics.websockets.clone());
-        let held = (guard, websockets, in_flight, permit);
-        let task = upgrade::splice(client_upgrade, upstream_upgrade, idle, held);
-        shared.spawn_detached(task);
         let (mut parts, _) = response.into_parts();
         upgrade::answer_client(upgrade, &mut parts);
+        if let Some(pending) = &mut log {
+            pending.record.status = parts.status.as_u16();
+        }
+        let held = (guard, websockets, in_flight, permit);
+        let task = upgrade::splice(client_upgrade, upstream_upgrade, idle, held, log);
+        shared.spawn_detached(task);
         if let Some(cookie) = choice
             .set_cookie
             .and_then(|c| HeaderValue::from_str(&c).ok())
@@ -422,7 +507,13 @@ fn respond(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"))
         .then(|| GaugeGuard::new(site.metrics.streams.clone()));
-    let body = Relay::new(body, idle, (guard, stream, in_flight, permit));
+    if let Some(pending) = &mut log {
+        pending.record.status = parts.status.as_u16();
+        if stream.is_some() {
+            pending.record.upgrade = Some("sse");
+        }
+    }
+    let body = Relay::new(body, idle, (guard, stream, in_flight, permit), log);
     Response::from_parts(parts, BoxBody::new(body))
 }
 

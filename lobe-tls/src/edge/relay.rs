@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
+use super::access_log::Pending;
 use super::body::BoxError;
 use super::hold::RequestGuard;
 use super::inflight::InFlightPermit;
@@ -28,6 +29,10 @@ pub(super) struct Relay {
     /// Waiting since the last frame (the timer is armed for this wait).
     waiting: bool,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Body bytes passed on so far, for the access log.
+    sent: u64,
+    /// The access log record, written when the body ends (or is dropped).
+    log: Option<Pending>,
     _guards: (
         ActiveGuard,
         Option<GaugeGuard>,
@@ -37,7 +42,8 @@ pub(super) struct Relay {
 }
 
 impl Relay {
-    /// Relays `inner`, cut after `idle` without a frame, holding `guards` until it ends.
+    /// Relays `inner`, cut after `idle` without a frame, holding `guards` until it ends;
+    /// `log` is written then, with the bytes sent.
     pub(super) fn new(
         inner: PooledBody,
         idle: Duration,
@@ -47,13 +53,25 @@ impl Relay {
             RequestGuard,
             InFlightPermit,
         ),
+        log: Option<Pending>,
     ) -> Self {
         Relay {
             inner,
             idle,
             waiting: false,
             timer: None,
+            sent: 0,
+            log,
             _guards: guards,
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(mut pending) = self.log.take() {
+            pending.record.bytes_out = self.sent;
+            pending.finish();
         }
     }
 }
@@ -68,6 +86,11 @@ impl Body for Relay {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
             self.waiting = false;
+            if let Some(Ok(data)) = &frame
+                && let Some(data) = data.data_ref()
+            {
+                self.sent += data.len() as u64;
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         if !self.waiting {

@@ -40,7 +40,6 @@ impl RequestId {
     }
 
     /// The id as text.
-    #[allow(dead_code)] // For the access log.
     pub(crate) fn as_str(&self) -> &str {
         self.0.to_str().unwrap_or_default()
     }

@@ -11,7 +11,7 @@ use super::config::EdgeConfig;
 use super::limits::Limits;
 use super::metrics::EdgeMetrics;
 use super::site::Router;
-use super::{budget, inflight, thread_slot, upstream};
+use super::{access_log, budget, inflight, thread_slot, upstream};
 use crate::metrics::Metrics;
 
 /// What every connection task shares.
@@ -25,6 +25,8 @@ pub(crate) struct Shared {
     pub affinity_key: ArcSwap<upstream::AffinityKey>,
     /// Bytes of request bodies held for replay.
     pub replay: budget::ReplayBudget,
+    /// Where finished requests are recorded, if anywhere.
+    pub access_log: Option<Arc<access_log::AccessLog>>,
     pub metrics: Arc<EdgeMetrics>,
     pub cert_metrics: Arc<Metrics>,
     /// Upgraded connections (WebSockets) outlive the HTTP connection they came on; they

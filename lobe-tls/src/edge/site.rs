@@ -28,16 +28,26 @@ pub(crate) struct Site {
     pub auth: Option<Arc<Credentials>>,
     /// The credentials in force for each route (its own, or else the site's), by index.
     pub route_auth: Vec<Option<Arc<Credentials>>>,
+    /// Each pool member's metrics, by route index (see [`Site::route`]) then member.
+    pub upstream_metrics: Vec<Vec<super::metrics::UpstreamMetrics>>,
 }
 
 impl Site {
-    /// The pool for `path`.
-    pub fn pool(&self, path: &str) -> &Arc<Pool> {
+    /// The route index of `path`: 0 for the site's own upstreams, `i + 1` for route `i`
+    /// (the first whose prefix matches).
+    pub fn route(&self, path: &str) -> usize {
         self.routes
             .iter()
-            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
-            .map(|(_, pool)| pool)
-            .unwrap_or(&self.default)
+            .position(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map_or(0, |i| i + 1)
+    }
+
+    /// The pool of route index `route`.
+    pub fn pool_of(&self, route: usize) -> &Arc<Pool> {
+        route
+            .checked_sub(1)
+            .and_then(|i| self.routes.get(i))
+            .map_or(&self.default, |(_, pool)| pool)
     }
 
     /// The IP lists that judge a request for `path` (the route's, as `pool` picks it),
@@ -374,8 +384,21 @@ impl Router {
             }
             let mut config = config.clone();
             config.domains = site_domains;
+            let paths: Vec<&str> = routes.iter().map(|(path, _)| path.as_str()).collect();
+            let site_metrics = metrics.for_site(&name, &paths);
+            // Every upstream's series exists from the start, at zero.
+            let upstream_metrics = std::iter::once(("", &default))
+                .chain(routes.iter().map(|(path, pool)| (path.as_str(), pool)))
+                .map(|(route, pool)| {
+                    pool.members()
+                        .iter()
+                        .map(|m| metrics.for_upstream(&name, route, &m.upstream.addr))
+                        .collect()
+                })
+                .collect();
             let site = Arc::new(Site {
-                metrics: metrics.for_site(&name),
+                metrics: site_metrics,
+                upstream_metrics,
                 name,
                 default,
                 routes,
@@ -420,6 +443,28 @@ impl Router {
                     .chain(site.routes.iter().map(|(_, pool)| pool))
                     .flat_map(|pool| pool.members().iter())
                     .map(|m| (site.name.clone(), m.upstream.addr.clone()))
+            })
+            .collect()
+    }
+
+    /// (site, route, upstream address) of every pool member, for the per-upstream
+    /// metrics' labels.
+    pub fn upstream_route_labels(
+        &self,
+    ) -> std::collections::HashSet<super::metrics::UpstreamRouteLabels> {
+        self.all()
+            .flat_map(|site| {
+                std::iter::once(("", &site.default))
+                    .chain(site.routes.iter().map(|(path, pool)| (path.as_str(), pool)))
+                    .flat_map(move |(route, pool)| {
+                        pool.members()
+                            .iter()
+                            .map(move |m| super::metrics::UpstreamRouteLabels {
+                                site: site.name.clone(),
+                                route: route.to_owned(),
+                                upstream: m.upstream.addr.clone(),
+                            })
+                    })
             })
             .collect()
     }

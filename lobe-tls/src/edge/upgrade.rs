@@ -2,6 +2,8 @@
 //! or with RFC 8441 extended CONNECT over h2, passed on to the upstream as an HTTP/1.1
 //! upgrade; once both sides have switched, their bytes are copied both ways.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine;
@@ -10,7 +12,9 @@ use http::{Method, Request};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::access_log::Pending;
 use super::headers::strip_hop_by_hop;
 
 /// What kind of upgrade a request asks for.
@@ -94,16 +98,93 @@ pub(super) fn answer_client(upgrade: &Upgrade, parts: &mut http::response::Parts
 }
 
 /// Copies the bytes of an upgraded connection both ways once both sides have switched,
-/// until it closes or stays idle for `idle`; `held` is dropped then.
-pub(super) async fn splice<H>(client: OnUpgrade, upstream: OnUpgrade, idle: Duration, held: H) {
+/// until it closes or stays idle for `idle`; `held` is dropped then, and the access log
+/// record (if any) written with the bytes each way.
+pub(super) async fn splice<H>(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    idle: Duration,
+    held: H,
+    log: Option<Pending>,
+) {
     let (client, upstream) = match tokio::join!(client, upstream) {
         (Ok(client), Ok(upstream)) => (client, upstream),
         (Err(e), _) | (_, Err(e)) => {
             tracing::debug!(error = %e, "upgrade failed");
+            if let Some(pending) = log {
+                pending.finish();
+            }
             return;
         }
     };
-    let moved = super::tcp::forward(TokioIo::new(client), TokioIo::new(upstream), idle).await;
+    // Counted on the client's side, so that a connection that ends in an error (a
+    // reset, the idle timeout) still says what it carried.
+    let client = Counted {
+        inner: TokioIo::new(client),
+        read: 0,
+        written: 0,
+    };
+    let mut client = std::pin::pin!(client);
+    let moved = super::tcp::forward(client.as_mut(), TokioIo::new(upstream), idle).await;
     tracing::debug!(?moved, "upgraded connection closed");
     drop(held);
+    if let Some(mut pending) = log {
+        pending.record.bytes_in = client.read;
+        pending.record.bytes_out = client.written;
+        pending.finish();
+    }
+}
+
+/// The client's side of an upgraded connection, counting the bytes each way.
+struct Counted<S> {
+    inner: S,
+    read: u64,
+    written: u64,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written += n as u64;
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The access log's `upgrade` value of a request: `websocket`, `h2-websocket`, or
+/// `None` (another protocol; an event stream is known from its response).
+pub(super) fn log_name(upgrade: &Upgrade) -> Option<&'static str> {
+    match upgrade {
+        Upgrade::Http1(protocol) if protocol.as_bytes().eq_ignore_ascii_case(b"websocket") => {
+            Some("websocket")
+        }
+        Upgrade::H2WebSocket => Some("h2-websocket"),
+        Upgrade::Http1(_) | Upgrade::None => None,
+    }
 }

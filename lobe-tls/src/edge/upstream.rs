@@ -243,6 +243,9 @@ pub(crate) struct Choice {
     pub index: usize,
     /// A new affinity cookie to send back (cookie policy).
     pub set_cookie: Option<String>,
+    /// Cookie policy: `hit` (the cookie's upstream), `new` (no valid cookie) or
+    /// `repinned` (the cookie's upstream cannot take it); `None` for other policies.
+    pub affinity: Option<&'static str>,
 }
 
 /// Upstreams that serve a site (or one of its routes), their policy, their client and
@@ -371,12 +374,14 @@ impl Pool {
         let usable = |i: usize| self.members[i].upstream.is_up() && !tried.contains(&i);
         if self.lb == LbPolicy::Cookie {
             let tokens = self.tokens.load();
-            if let Some(index) = cookie.and_then(|value| tokens.iter().position(|t| t == value))
+            let pinned = cookie.and_then(|value| tokens.iter().position(|t| t == value));
+            if let Some(index) = pinned
                 && usable(index)
             {
                 return Some(Choice {
                     index,
                     set_cookie: None,
+                    affinity: Some("hit"),
                 });
             }
             let index = self.policy.pick(&self.members, &usable, cx)?;
@@ -388,12 +393,14 @@ impl Pool {
             return Some(Choice {
                 index,
                 set_cookie: Some(set_cookie),
+                affinity: Some(if pinned.is_some() { "repinned" } else { "new" }),
             });
         }
         let index = self.policy.pick(&self.members, &usable, cx)?;
         Some(Choice {
             index,
             set_cookie: None,
+            affinity: None,
         })
     }
 

@@ -315,6 +315,28 @@ pub struct Args {
         help_heading = "Logging and admin"
     )]
     pub admin_token_file: Option<PathBuf>,
+    /// Access log: one line per request (and per WebSocket or event stream, when it
+    /// ends) to stdout, stderr or a file (appended to, reopened on SIGUSR1 for
+    /// logrotate); off by default. A [[site]] may set access_log = false.
+    #[arg(
+        long,
+        env = "LOBE_TLS_ACCESS_LOG",
+        value_name = "stdout|stderr|PATH|off",
+        default_value = "off",
+        help_heading = "Logging and admin"
+    )]
+    pub access_log: String,
+
+    /// Access log lines as JSON objects (every field; see the README) or in the NCSA
+    /// common log format.
+    #[arg(
+        long,
+        env = "LOBE_TLS_ACCESS_LOG_FORMAT",
+        value_name = "json|common",
+        default_value = "json",
+        help_heading = "Logging and admin"
+    )]
+    pub access_log_format: lobe_tls::edge::AccessLogFormat,
 
     /// Close connections, streams and WebSockets of the --upstream site that move no byte
     /// for this many seconds (sites of the --config file set their own idle_timeout).
