@@ -95,7 +95,7 @@ lb = "cookie"
 TOML
 "$lobe_tls" serve --config "$work/edge.toml" --listen 127.0.0.1:8443 \
     --http-listen "127.0.0.1:${PEBBLE_HTTP_PORT:-5002}" --ready-file "$work/ready.json" \
-    --log info 2>"$work/serve.log" &
+    --access-log "$work/access.log" 2>"$work/serve.log" &
 serve_pid=$!
 pids+=("$serve_pid")
 curl -s --cacert "$PEBBLE_STATE/ca.pem" \
@@ -112,6 +112,8 @@ for _ in $(seq 1 300); do # the certificates are issued at start: up to 30 s
     sleep 0.1
 done
 echo "serve listens on $(cat "$work/ready.json")"
+echo "== readiness, from the admin listener (127.0.0.1:9180 by default)"
+echo "  GET /readyz: $(curl -sS --max-time 5 -w ' (%{http_code})' http://127.0.0.1:9180/readyz)"
 
 echo "== round-robin: which backend answered each of 6 requests"
 for _ in 1 2 3 4 5 6; do echo "  $(get rr.example.com /whoami)"; done
@@ -128,6 +130,9 @@ for _ in $(seq 1 9); do
     if answer="$(get rr.example.com /whoami)"; then echo "  $answer"; else failed=$((failed + 1)); fi
 done
 echo "  failed requests: $failed"
+
+echo "== the access log: the last 3 of $(wc -l <"$work/access.log") lines (one JSON object per request)"
+tail -n 3 "$work/access.log" | sed 's/^/  /'
 
 echo "== serve's log"
 sed 's/^/  /' "$work/serve.log" | head -n 20

@@ -53,6 +53,7 @@ impl Serve {
         let ready = dir.path().join("ready.json");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lobe-tls"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--no-http"])
+            .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
             .args(["--metrics-listen", "127.0.0.1:0", "--log", "trace"])
             .arg("--cert-dir")
             .arg(dir.path().join("certs"))
@@ -438,6 +439,7 @@ async fn sighup_rereads_the_files_and_a_malformed_one_keeps_the_old_set() {
     // `serve --check-config` finds the same line.
     let out = Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
         .args(["serve", "--check-config", "--upstream", &backend.addr])
+        .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
         .args(["--api-keys-file", keys_arg])
         .env_remove("LOBE_TLS_STORE")
         .output()

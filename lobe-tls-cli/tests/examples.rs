@@ -435,6 +435,7 @@ async fn every_metric_the_dashboard_and_the_alerts_query_is_exported() {
     let mut serve = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
             .arg("serve")
+            .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
             .arg("--config")
             .arg(&sites)
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])

@@ -24,6 +24,7 @@ async fn failed_first_issuance(pebble: &Pebble, http_listen: &str) -> String {
     let mut serve = KillOnDrop(
         Command::new(env!("CARGO_BIN_EXE_lobe-tls"))
             .args(["serve", "-d", "first.example.com", "--upstream", &upstream])
+            .env("LOBE_TLS_ADMIN_LISTEN", "127.0.0.1:0")
             .args(["--listen", "127.0.0.1:0", "--http-listen", http_listen])
             .arg("--ready-file")
             .arg(&ready)

@@ -340,6 +340,9 @@ pub fn lobe_with(
         "--default-name",
         "localhost",
         "--no-http",
+        // Several `serve` peers run at once: none takes the admin port.
+        "--admin-listen",
+        "off",
     ];
     if let Some(mode) = mode {
         args.extend(["--mode", mode]);

@@ -25,7 +25,11 @@ async fn slowloris(serve: &Serve, attack: &str, seconds: u32) -> Measured {
 fn assert_all_cut(m: &Measured, within: Duration) {
     assert_eq!(m.result["held"], 0, "connections still open: {}", m.result);
     let cut = m.result["cut"].as_u64().unwrap_or(0);
-    assert!(cut >= 40, "only {cut} of 50 connections opened: {}", m.result);
+    assert!(
+        cut >= 40,
+        "only {cut} of 50 connections opened: {}",
+        m.result
+    );
     let last = m.result["last_cut"].as_f64().unwrap_or(f64::MAX);
     assert!(
         last <= within.as_secs_f64(),

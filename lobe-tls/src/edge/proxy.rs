@@ -14,8 +14,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body, Incoming};
 
-use super::auth;
 use super::access_log::{Counted, Pending, Record, TlsFacts, ms};
+use super::auth;
 use super::body::{BoxBody, boxed};
 use super::budget::ConnBudget;
 use super::config::secs;

@@ -93,10 +93,6 @@ pub struct Args {
     )]
     pub hsts: Option<u64>,
 
-    /// Largest request body in bytes for the --upstream site (413 beyond).
-    #[arg(long, env = "LOBE_TLS_MAX_BODY_SIZE", help_heading = "Limits")]
-    pub max_body_size: Option<u64>,
-
     /// tcp mode: start each upstream connection with a PROXY v2 header.
     #[arg(long, env = "LOBE_TLS_SEND_PROXY_V2", help_heading = "Client identity")]
     pub send_proxy_v2: bool,
@@ -120,6 +116,10 @@ pub struct Args {
         help_heading = "Client identity"
     )]
     pub trusted_proxies: Vec<IpNet>,
+
+    /// Largest request body in bytes for the --upstream site (413 beyond).
+    #[arg(long, env = "LOBE_TLS_MAX_BODY_SIZE", help_heading = "Limits")]
+    pub max_body_size: Option<u64>,
 
     /// Client network (CIDR, or a bare address) admitted to the --upstream site; with
     /// any, everyone else gets 403. Judged on the address after --trusted-proxy and
@@ -249,6 +249,60 @@ pub struct Args {
     )]
     pub header_read_timeout: u64,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(
+        long,
+        env = "LOBE_TLS_METRICS_LISTEN",
+        help_heading = "Logging and admin"
+    )]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// The admin listener (plain HTTP): /healthz, /readyz, /metrics, /status and
+    /// /status.json; `off` disables it. On an address that is not loopback, /status and
+    /// /status.json need a Bearer token: give --admin-token-file.
+    #[arg(
+        long,
+        env = "LOBE_TLS_ADMIN_LISTEN",
+        value_name = "ADDR|off",
+        default_value = "127.0.0.1:9180",
+        value_parser = admin_listen,
+        help_heading = "Logging and admin"
+    )]
+    pub admin_listen: AdminListen,
+
+    /// A file holding the Bearer token that /status and /status.json require when
+    /// --admin-listen is not a loopback address.
+    #[arg(
+        long,
+        env = "LOBE_TLS_ADMIN_TOKEN_FILE",
+        value_name = "PATH",
+        help_heading = "Logging and admin"
+    )]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Access log: one line per request (and per WebSocket or event stream, when it
+    /// ends) to stdout, stderr or a file (appended to, reopened on SIGUSR1 for
+    /// logrotate); off by default. A `[[site]]` may set `access_log = false`.
+    #[arg(
+        long,
+        env = "LOBE_TLS_ACCESS_LOG",
+        value_name = "stdout|stderr|PATH|off",
+        default_value = "off",
+        help_heading = "Logging and admin"
+    )]
+    pub access_log: String,
+
+    /// Access log lines as JSON objects (every field; see the README) or in the NCSA
+    /// common log format.
+    #[arg(
+        long,
+        env = "LOBE_TLS_ACCESS_LOG_FORMAT",
+        value_name = "json|common",
+        default_value = "json",
+        help_heading = "Logging and admin"
+    )]
+    pub access_log_format: lobe_tls::edge::AccessLogFormat,
+
     /// Serve the certificates another process writes here (certbot's live/, a Kubernetes
     /// secret mount, fullchain.pem/privkey.pem or tls.crt/tls.key pairs); repeatable.
     #[arg(
@@ -284,59 +338,6 @@ pub struct Args {
     /// Do not listen for plain HTTP (challenges and the redirect to https) on --http-listen.
     #[arg(long, env = "LOBE_TLS_NO_HTTP", help_heading = "Listeners")]
     pub no_http: bool,
-
-    /// Serve Prometheus metrics at http://ADDR/metrics.
-    #[arg(
-        long,
-        env = "LOBE_TLS_METRICS_LISTEN",
-        help_heading = "Logging and admin"
-    )]
-    pub metrics_listen: Option<SocketAddr>,
-
-    /// The admin listener (plain HTTP): /healthz, /readyz, /metrics, /status and
-    /// /status.json; `off` disables it. On an address that is not loopback, /status and
-    /// /status.json need a Bearer token: give --admin-token-file.
-    #[arg(
-        long,
-        env = "LOBE_TLS_ADMIN_LISTEN",
-        value_name = "ADDR|off",
-        default_value = "127.0.0.1:9180",
-        value_parser = admin_listen,
-        help_heading = "Logging and admin"
-    )]
-    pub admin_listen: AdminListen,
-
-    /// A file holding the Bearer token that /status and /status.json require when
-    /// --admin-listen is not a loopback address.
-    #[arg(
-        long,
-        env = "LOBE_TLS_ADMIN_TOKEN_FILE",
-        value_name = "PATH",
-        help_heading = "Logging and admin"
-    )]
-    pub admin_token_file: Option<PathBuf>,
-    /// Access log: one line per request (and per WebSocket or event stream, when it
-    /// ends) to stdout, stderr or a file (appended to, reopened on SIGUSR1 for
-    /// logrotate); off by default. A [[site]] may set access_log = false.
-    #[arg(
-        long,
-        env = "LOBE_TLS_ACCESS_LOG",
-        value_name = "stdout|stderr|PATH|off",
-        default_value = "off",
-        help_heading = "Logging and admin"
-    )]
-    pub access_log: String,
-
-    /// Access log lines as JSON objects (every field; see the README) or in the NCSA
-    /// common log format.
-    #[arg(
-        long,
-        env = "LOBE_TLS_ACCESS_LOG_FORMAT",
-        value_name = "json|common",
-        default_value = "json",
-        help_heading = "Logging and admin"
-    )]
-    pub access_log_format: lobe_tls::edge::AccessLogFormat,
 
     /// Close connections, streams and WebSockets of the --upstream site that move no byte
     /// for this many seconds (sites of the --config file set their own idle_timeout).
