@@ -236,6 +236,33 @@ async fn nothing_to_serve_is_a_clear_error() {
     );
 }
 
+#[tokio::test]
+async fn a_missing_cert_dir_is_named_by_its_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    let missing = dir.path().join("nope");
+    for (path, why) in [
+        (missing.as_path(), "no such directory"),
+        (file.as_path(), "not a directory"),
+    ] {
+        let output = lobe_tls(&["serve", "--upstream", "127.0.0.1:1", "--no-http"])
+            .arg("--cert-dir")
+            .arg(path)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        let errors: Vec<&str> = stderr
+            .lines()
+            .filter(|line| !line.contains(" INFO "))
+            .collect();
+        assert_eq!(errors.len(), 1, "{stderr}");
+        let expected = format!("--cert-dir {}: {why}", path.display());
+        assert!(errors[0].contains(&expected), "{stderr}");
+    }
+}
+
 /// Runs `serve` for one managed name against Pebble with `challenge`, and checks that the
 /// issued certificate is served, verified by Pebble's root, and reported in the metrics.
 async fn managed_name_is_issued_and_served(challenge: &str) {

@@ -264,10 +264,17 @@ impl CertDirWatcher {
         options: WatchOptions,
     ) -> Result<Self> {
         let root = root.into();
-        let meta = std::fs::metadata(&root).map_err(|e| Error::io(&root, e))?;
+        // Said as the flag that names it: "--cert-dir /x: no such directory", not the OS
+        // error alone.
+        let meta = std::fs::metadata(&root).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                Error::config(format!("--cert-dir {}: no such directory", root.display()))
+            }
+            _ => Error::config(format!("--cert-dir {}: {e}", root.display())),
+        })?;
         if !meta.is_dir() {
             return Err(Error::config(format!(
-                "{} is not a directory: --cert-dir needs the directory holding the certificates",
+                "--cert-dir {}: not a directory; give the directory holding the certificates",
                 root.display()
             )));
         }

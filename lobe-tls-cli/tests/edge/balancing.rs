@@ -377,13 +377,13 @@ async fn metrics_count_requests_by_site_and_class_and_upstream_state() {
     let (status, scraped) = plain_get(&metrics, "/metrics").await;
     assert_eq!(status, 200);
     for expected in [
-        "lobe_tls_edge_requests_total{site=\"default\",class=\"2xx\"} 1",
-        "lobe_tls_edge_requests_total{site=\"default\",class=\"5xx\"} 1",
+        "lobe_tls_edge_requests_total{site=\"default\",route=\"\",class=\"2xx\"} 1",
+        "lobe_tls_edge_requests_total{site=\"default\",route=\"\",class=\"5xx\"} 1",
         &format!(
             "lobe_tls_edge_upstream_up{{site=\"default\",upstream=\"{}\"}} 1",
             backend.addr
         ),
-        "lobe_tls_edge_request_duration_seconds_count{site=\"default\"} 2",
+        "lobe_tls_edge_request_duration_seconds_count{site=\"default\",route=\"\"} 2",
         "lobe_tls_certificate_expiry_timestamp_seconds{name=\"site\",source=\"dir\"}",
     ] {
         assert!(
