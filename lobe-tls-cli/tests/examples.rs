@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use lobe_tls_tests::cli::{KillOnDrop, stderr, stdout};
 use lobe_tls_tests::{Pebble, PebbleOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
@@ -365,40 +364,6 @@ fn dashboard() -> serde_json::Value {
     dashboard
 }
 
-/// The sample names `/metrics` at `addr` can show: each `# TYPE` family with the suffixes
-/// of its type (`_total` for counters; `_bucket`, `_sum`, `_count` for histograms), so
-/// that a family shows even before its first sample.
-async fn exported(addr: &str) -> BTreeSet<String> {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    tcp.read_to_string(&mut text).await.unwrap();
-    let mut names = BTreeSet::new();
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
-            (words.next(), words.next(), words.next(), words.next())
-        {
-            match kind {
-                "counter" => {
-                    names.insert(format!("{name}_total"));
-                }
-                "histogram" => {
-                    for suffix in ["_bucket", "_sum", "_count"] {
-                        names.insert(format!("{name}{suffix}"));
-                    }
-                }
-                _ => {
-                    names.insert(name.to_owned());
-                }
-            }
-        }
-    }
-    names
-}
-
 #[tokio::test]
 async fn every_metric_the_dashboard_and_the_alerts_query_is_exported() {
     let mut queries = Vec::new();
@@ -456,7 +421,7 @@ async fn every_metric_the_dashboard_and_the_alerts_query_is_exported() {
     // The manager's families join once it has started (after the first order).
     let deadline = Instant::now() + Duration::from_secs(60);
     let (missing, exported) = loop {
-        let exported = exported(&metrics).await;
+        let exported = lobe_tls_tests::cli::exported_metric_names(&metrics).await;
         let missing: Vec<_> = wanted.difference(&exported).cloned().collect();
         if missing.is_empty() || Instant::now() > deadline {
             break (missing, exported);

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use lobe_tls_tests::cli::KillOnDrop;
 use lobe_tls_tests::{Pebble, PebbleOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The metric names in the first column of the README's metrics table.
 fn documented() -> BTreeSet<String> {
@@ -26,30 +25,6 @@ fn documented() -> BTreeSet<String> {
         let first = line.split('|').nth(1).unwrap_or_default();
         for name in first.split('`').filter(|n| metric(n)) {
             names.insert(name.to_owned());
-        }
-    }
-    names
-}
-
-/// The sample names `/metrics` at `addr` shows (every `# TYPE` family, with `_total` for
-/// counters as OpenMetrics writes their samples).
-async fn exported(addr: &str) -> BTreeSet<String> {
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    tcp.read_to_string(&mut text).await.unwrap();
-    let mut names = BTreeSet::new();
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
-            (words.next(), words.next(), words.next(), words.next())
-        {
-            names.insert(match kind {
-                "counter" => format!("{name}_total"),
-                _ => name.to_owned(),
-            });
         }
     }
     names
@@ -94,7 +69,7 @@ async fn every_metric_the_readme_documents_is_exported_under_its_name() {
     // The manager's families join once it has started (after the first order).
     let deadline = Instant::now() + Duration::from_secs(60);
     let missing = loop {
-        let exported = exported(&metrics).await;
+        let exported = lobe_tls_tests::cli::exported_metric_names(&metrics).await;
         let missing: Vec<_> = documented.difference(&exported).cloned().collect();
         if missing.is_empty() || Instant::now() > deadline {
             break (missing, exported);

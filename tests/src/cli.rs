@@ -245,3 +245,32 @@ fn parse_ready(text: &str) -> Result<ReadyAddrs, String> {
         admin_listen: addr("admin_listen")?,
     })
 }
+
+/// The sample names `/metrics` at `addr` can show: each `# TYPE` family under its own
+/// name and with the suffixes of its type (`_total` for counters; `_bucket`, `_sum`,
+/// `_count` for histograms), so that a family shows even before its first sample.
+pub async fn exported_metric_names(addr: &str) -> std::collections::BTreeSet<String> {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).await.unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (words.next(), words.next(), words.next(), words.next())
+        {
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["", "_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            for suffix in suffixes {
+                names.insert(format!("{name}{suffix}"));
+            }
+        }
+    }
+    names
+}
