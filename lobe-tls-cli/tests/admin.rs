@@ -118,23 +118,11 @@ fn artifacts() -> PathBuf {
     dir
 }
 
-fn chromium() -> &'static str {
-    for candidate in ["chromium", "chromium-browser", "google-chrome"] {
-        let found = std::env::var_os("PATH")
-            .map(|paths| std::env::split_paths(&paths).any(|p| p.join(candidate).is_file()))
-            .unwrap_or(false);
-        if found {
-            return candidate;
-        }
-    }
-    panic!("chromium not found on PATH: install Debian's chromium package (.ci/run does)");
-}
-
 /// Headless Chromium on `url` with `mode` (`--dump-dom` or `--screenshot=PATH`), within
 /// 60 s; its standard output.
 fn chromium_run(url: &str, mode: &str) -> String {
     let profile = tempfile::tempdir().unwrap();
-    let mut child = Command::new(chromium())
+    let mut child = Command::new(lobe_tls_tests::cli::chromium())
         .args([
             "--headless",
             "--no-sandbox",

@@ -274,3 +274,16 @@ pub async fn exported_metric_names(addr: &str) -> std::collections::BTreeSet<Str
     }
     names
 }
+
+/// The headless browser the browser tests drive: the first Chromium found on PATH.
+pub fn chromium() -> &'static str {
+    for candidate in ["chromium", "chromium-browser", "google-chrome"] {
+        let found = std::env::var_os("PATH")
+            .map(|paths| std::env::split_paths(&paths).any(|p| p.join(candidate).is_file()))
+            .unwrap_or(false);
+        if found {
+            return candidate;
+        }
+    }
+    panic!("chromium not found on PATH: install Debian's chromium package (.ci/run does)");
+}

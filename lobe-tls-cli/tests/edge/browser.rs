@@ -30,22 +30,10 @@ impl Drop for Browser {
     }
 }
 
-fn chromium() -> &'static str {
-    for candidate in ["chromium", "chromium-browser", "google-chrome"] {
-        let found = std::env::var_os("PATH")
-            .map(|paths| std::env::split_paths(&paths).any(|p| p.join(candidate).is_file()))
-            .unwrap_or(false);
-        if found {
-            return candidate;
-        }
-    }
-    panic!("chromium not found on PATH: install Debian's chromium package (.ci/run does)");
-}
-
 impl Browser {
     fn open(url: &str, port_host: &str, spki: &str) -> Browser {
         let profile = tempfile::tempdir().unwrap();
-        let child = Command::new(chromium())
+        let child = Command::new(lobe_tls_tests::cli::chromium())
             .args([
                 "--headless=new",
                 "--no-sandbox",
