@@ -20,10 +20,12 @@ pub mod faulty_path;
 pub mod http_server;
 pub mod ports;
 pub mod redis;
+pub mod redis_cluster;
 pub mod tls;
 
 pub use ports::{Reserved, reserve_dns_port, reserve_port};
 pub use redis::RedisServer;
+pub use redis_cluster::RedisCluster;
 
 /// Pebble's example EAB key id and its HMAC key (base64url).
 pub const EAB_KID: &str = "kid-1";
