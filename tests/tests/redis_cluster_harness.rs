@@ -94,6 +94,12 @@ async fn a_killed_master_is_replaced_by_its_replica() {
         get_on_node(&cluster, new, "cert:example.org").expect("GET"),
         Some("v2".to_owned())
     );
+
+    // Back from the dead, the old master finds its slots taken and follows the new one.
+    cluster.restart_node(old);
+    cluster.wait_healthy(Duration::from_secs(20));
+    assert_eq!(cluster.role(old).as_deref(), Some("slave"));
+    assert_eq!(cluster.replicas_of(new), vec![old]);
 }
 
 #[tokio::test]
