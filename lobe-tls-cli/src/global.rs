@@ -212,8 +212,12 @@ impl std::fmt::Debug for Global {
 /// No dependency's target is filtered out: at `trace`, none of them (rustls, hyper-util,
 /// hickory, redis-rs) logs a credential. `tests/secrets.rs` plants secrets and checks
 /// the trace logs, so one that starts to would be caught there.
+///
+/// Without `--log`, redis-rs says only errors: its cluster client warns once per node it
+/// cannot reach, while lobe-tls reports the same outage once, in its own words.
 pub fn init_logging(global: &Global, default: &str) -> Result<()> {
-    let log = global.log.as_deref().unwrap_or(default);
+    let default = format!("{default},redis=error");
+    let log = global.log.as_deref().unwrap_or(&default);
     let filter = tracing_subscriber::EnvFilter::try_new(log).map_err(|e| {
         Error::config_key(
             "--log",

@@ -661,6 +661,14 @@ impl RedisCluster {
         (status.is_some_and(|s| s.success()), out)
     }
 
+    /// Whether `key` exists on the master of `slot` now (asked there directly, so a
+    /// test can watch a store's keys without going through a cluster client).
+    pub fn exists_on_master(&self, slot: u16, key: &str) -> bool {
+        let master = self.master_of_slot(slot);
+        self.query::<i64>(master, &cmd(&["EXISTS", key]))
+            .is_some_and(|n| n > 0)
+    }
+
     /// A node's reply to `args` as text (a status, bulk string or the first element of an
     /// array), or `None` when it does not answer.
     fn text(&self, port: u16, args: &[&str]) -> Option<String> {

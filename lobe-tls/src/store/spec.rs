@@ -2,7 +2,8 @@
 //! certificate from it is served under.
 //!
 //! A value is a directory, or a URL whose scheme names Redis: `redis://`, `rediss://`
-//! (TLS), `redis+sentinel://` or `rediss+sentinel://` (through Sentinel). Any other
+//! (TLS), `redis+sentinel://` or `rediss+sentinel://` (through Sentinel),
+//! `redis+cluster://` or `rediss+cluster://` (a Redis Cluster). Any other
 //! `scheme://` is refused rather than taken for a directory, so a mistyped URL does not
 //! quietly become a new empty store (nor a directory named after a password).
 //!
@@ -19,9 +20,16 @@ use super::{DynStore, FileStore, Store};
 use crate::domain::DomainName;
 use crate::error::{Error, Result};
 
-/// The URL schemes that name a Redis store. The Sentinel ones go to
+/// The URL schemes that name a Redis store. The Sentinel and cluster ones go to
 /// [`RedisStore::connect`] like the others.
-pub const REDIS_SCHEMES: [&str; 4] = ["redis", "rediss", "redis+sentinel", "rediss+sentinel"];
+pub const REDIS_SCHEMES: [&str; 6] = [
+    "redis",
+    "rediss",
+    "redis+sentinel",
+    "rediss+sentinel",
+    "redis+cluster",
+    "rediss+cluster",
+];
 
 /// A store named by a `--store`-style value.
 #[derive(Clone, PartialEq, Eq)]
@@ -40,6 +48,7 @@ impl StoreSpec {
     /// ```
     /// use lobe_tls::store::StoreSpec;
     /// assert!(StoreSpec::parse("redis+sentinel://h1:26379,h2:26379/mymaster").unwrap().is_redis());
+    /// assert!(StoreSpec::parse("redis+cluster://h1:7000,h2:7000/").unwrap().is_redis());
     /// assert!(!StoreSpec::parse("/var/lib/lobe-tls").unwrap().is_redis());
     /// assert!(StoreSpec::parse("mysql://db/certs").is_err());
     /// ```
@@ -51,7 +60,7 @@ impl StoreSpec {
             }
             // Only the scheme is echoed: the rest may hold a password.
             Some(scheme) => Err(Error::config(format!(
-                "unsupported store URL scheme {scheme}://; give a directory, or a redis://, rediss://, redis+sentinel:// or rediss+sentinel:// URL"
+                "unsupported store URL scheme {scheme}://; give a directory, or a redis://, rediss://, redis+sentinel://, rediss+sentinel://, redis+cluster:// or rediss+cluster:// URL"
             ))),
         }
     }

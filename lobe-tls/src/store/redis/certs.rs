@@ -4,11 +4,13 @@ use std::collections::HashMap;
 
 use ::redis::{AsyncCommands, RedisError};
 use async_trait::async_trait;
+use futures_util::StreamExt;
 
 use super::RedisStore;
 use super::codec::{
     ChainOnly, SERIAL_HEAD, decode_cert, encode_cert, parse_state, serial_from_head,
 };
+use super::conn::Conn;
 use crate::error::{Error, Result};
 use crate::store::fs::check_name;
 use crate::store::{
@@ -19,11 +21,15 @@ use crate::store::{
 /// Names per round trip when a re-sync reads serials and states.
 const VERSION_CHUNK: usize = 1000;
 
+/// Names read at once on a cluster, where each name is its own slot and so its own
+/// request (the client sends them over one connection per node, pipelined).
+const CLUSTER_FANOUT: usize = 128;
+
 #[async_trait]
 impl Store for RedisStore {
     async fn check_writable(&self) -> Result<()> {
         // A key that expires by itself should the DEL never come (a cut connection).
-        let key = self.key("write-probe", &std::process::id().to_string());
+        let key = self.keys.write_probe(&std::process::id().to_string());
         let mut conn = self.conn.clone();
         let written: std::result::Result<(), RedisError> = ::redis::pipe()
             .cmd("SET")
@@ -44,7 +50,7 @@ impl Store for RedisStore {
         check_name(name)?;
         let mut conn = self.conn.clone();
         let raw: Option<String> = conn
-            .get(self.key("cert", name))
+            .get(self.keys.cert(name))
             .await
             .map_err(|e| self.error(&format!("load certificate {name}"), &e))?;
         let Some(raw) = raw else { return Ok(None) };
@@ -66,17 +72,17 @@ impl Store for RedisStore {
         if names.is_empty() {
             return Vec::new();
         }
-        let keys =
-            |kind: &str| -> Vec<String> { names.iter().map(|n| self.key(kind, n)).collect() };
-        let mut conn = self.conn.clone();
-        let fetched: std::result::Result<(Vec<Option<String>>, Vec<Option<String>>), RedisError> =
-            ::redis::pipe()
-                .cmd("MGET")
-                .arg(keys("cert"))
-                .cmd("MGET")
-                .arg(keys("state"))
-                .query_async(&mut conn)
-                .await;
+        let cert_keys: Vec<String> = names.iter().map(|n| self.keys.cert(n)).collect();
+        let state_keys: Vec<String> = names.iter().map(|n| self.keys.state(n)).collect();
+        // Two commands, not one pipeline: on a cluster each MGET is split by slot.
+        let (mut certs_conn, mut states_conn) = (self.conn.clone(), self.conn.clone());
+        let (mut mget_certs, mut mget_states) = (::redis::cmd("MGET"), ::redis::cmd("MGET"));
+        mget_certs.arg(&cert_keys);
+        mget_states.arg(&state_keys);
+        let fetched: std::result::Result<(Vec<Option<String>>, Vec<Option<String>>), RedisError> = tokio::try_join!(
+            mget_certs.query_async(&mut certs_conn),
+            mget_states.query_async(&mut states_conn),
+        );
         let (certs, states) = match fetched {
             Ok(fetched) => fetched,
             Err(e) => {
@@ -124,24 +130,7 @@ impl Store for RedisStore {
         let mut out = Vec::with_capacity(names.len());
         let mut conn = self.conn.clone();
         for chunk in names.chunks(VERSION_CHUNK) {
-            let mut heads = ::redis::pipe();
-            for name in chunk {
-                heads
-                    .cmd("GETRANGE")
-                    .arg(self.key("cert", name))
-                    .arg(0)
-                    .arg(SERIAL_HEAD);
-            }
-            let heads: Vec<String> = heads
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.error("read certificate serials", &e))?;
-            let state_keys: Vec<String> = chunk.iter().map(|n| self.key("state", n)).collect();
-            let states: Vec<Option<String>> = ::redis::cmd("MGET")
-                .arg(state_keys)
-                .query_async(&mut conn)
-                .await
-                .map_err(|e| self.error("read renewal states", &e))?;
+            let (heads, states) = self.heads_and_states(chunk).await?;
             let mut serials: Vec<Option<String>> = heads
                 .iter()
                 .map(|h| serial_from_head(h).map(str::to_owned))
@@ -151,7 +140,7 @@ impl Store for RedisStore {
                 .collect();
             if !older.is_empty() {
                 let older_keys: Vec<String> =
-                    older.iter().map(|&i| self.key("cert", &chunk[i])).collect();
+                    older.iter().map(|&i| self.keys.cert(&chunk[i])).collect();
                 let raws: Vec<Option<String>> = ::redis::cmd("MGET")
                     .arg(older_keys)
                     .query_async(&mut conn)
@@ -196,24 +185,26 @@ impl Store for RedisStore {
     async fn save_cert(&self, cert: &StoredCert) -> Result<()> {
         let name = cert.meta.name.as_str();
         let value = encode_cert(cert)?;
-        let mut conn = self.conn.clone();
-        ::redis::pipe()
-            .atomic()
-            .set(self.key("cert", name), value)
-            .ignore()
-            .sadd(self.index("certs"), name)
-            .ignore()
-            .publish(self.channel(), format!("cert {name}"))
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| self.error(&format!("save certificate {name}"), &e))
+        let mut writes = ::redis::pipe();
+        writes.atomic().set(self.keys.cert(name), value).ignore();
+        if let Some(index) = self.keys.certs_index() {
+            writes.sadd(index, name).ignore();
+        }
+        self.write_and_announce(
+            writes,
+            format!("cert {name}"),
+            &format!("save certificate {name}"),
+        )
+        .await
     }
 
     async fn list_certs(&self) -> Result<Vec<String>> {
+        let Some(index) = self.keys.certs_index() else {
+            return self.scan_names("cert").await;
+        };
         let mut conn = self.conn.clone();
         let mut names: Vec<String> = conn
-            .smembers(self.index("certs"))
+            .smembers(index)
             .await
             .map_err(|e| self.error("list certificates", &e))?;
         names.sort();
@@ -223,7 +214,7 @@ impl Store for RedisStore {
     async fn load_account(&self, key: &str) -> Result<Option<Vec<u8>>> {
         check_name(key)?;
         let mut conn = self.conn.clone();
-        conn.get(self.key("account", key))
+        conn.get(self.keys.account(key))
             .await
             .map_err(|e| self.error(&format!("load account {key}"), &e))
     }
@@ -233,9 +224,9 @@ impl Store for RedisStore {
         let mut conn = self.conn.clone();
         ::redis::pipe()
             .atomic()
-            .set(self.key("account", key), data)
+            .set(self.keys.account(key), data)
             .ignore()
-            .sadd(self.index("accounts"), key)
+            .sadd(self.keys.accounts_index(), key)
             .ignore()
             .query_async::<()>(&mut conn)
             .await
@@ -245,7 +236,7 @@ impl Store for RedisStore {
     async fn list_accounts(&self) -> Result<Vec<String>> {
         let mut conn = self.conn.clone();
         let mut keys: Vec<String> = conn
-            .smembers(self.index("accounts"))
+            .smembers(self.keys.accounts_index())
             .await
             .map_err(|e| self.error("list accounts", &e))?;
         keys.sort();
@@ -256,7 +247,7 @@ impl Store for RedisStore {
         check_name(name)?;
         let mut conn = self.conn.clone();
         let raw: Option<String> = conn
-            .get(self.key("state", name))
+            .get(self.keys.state(name))
             .await
             .map_err(|e| self.error(&format!("load renewal state of {name}"), &e))?;
         parse_state(&self.target, name, raw.as_deref())
@@ -272,18 +263,16 @@ impl Store for RedisStore {
             )
             .with_source(e)
         })?;
-        let mut conn = self.conn.clone();
         // Announced like a certificate: followers re-read the name and, finding the same
         // serial, take over the state (a revoke, a failure count, an ARI answer).
-        ::redis::pipe()
-            .atomic()
-            .set(self.key("state", name), value)
-            .ignore()
-            .publish(self.channel(), format!("cert {name}"))
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(|e| self.error(&format!("save renewal state of {name}"), &e))
+        let mut writes = ::redis::pipe();
+        writes.atomic().set(self.keys.state(name), value).ignore();
+        self.write_and_announce(
+            writes,
+            format!("cert {name}"),
+            &format!("save renewal state of {name}"),
+        )
+        .await
     }
 
     fn as_challenge_store(&self) -> Option<&dyn ChallengeStore> {
@@ -300,5 +289,109 @@ impl Store for RedisStore {
 
     fn as_feed_store(&self) -> Option<&dyn FeedStore> {
         Some(self)
+    }
+}
+
+impl RedisStore {
+    /// The head of each certificate value (where its serial is) and each renewal state,
+    /// for `names`: one pipeline on one Redis; on a cluster, one request per name (its
+    /// value and state share a slot), many at once.
+    async fn heads_and_states(
+        &self,
+        names: &[String],
+    ) -> Result<(Vec<String>, Vec<Option<String>>)> {
+        let mut conn = self.conn.clone();
+        if !matches!(self.conn, Conn::Cluster(_)) {
+            let mut heads = ::redis::pipe();
+            for name in names {
+                heads
+                    .cmd("GETRANGE")
+                    .arg(self.keys.cert(name))
+                    .arg(0)
+                    .arg(SERIAL_HEAD);
+            }
+            let heads: Vec<String> = heads
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.error("read certificate serials", &e))?;
+            let state_keys: Vec<String> = names.iter().map(|n| self.keys.state(n)).collect();
+            let states: Vec<Option<String>> = ::redis::cmd("MGET")
+                .arg(state_keys)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.error("read renewal states", &e))?;
+            return Ok((heads, states));
+        }
+        let reads: Vec<_> = names
+            .iter()
+            .map(|name| {
+                let mut conn = self.conn.clone();
+                let mut both = ::redis::pipe();
+                both.cmd("GETRANGE")
+                    .arg(self.keys.cert(name))
+                    .arg(0)
+                    .arg(SERIAL_HEAD)
+                    .cmd("GET")
+                    .arg(self.keys.state(name));
+                async move {
+                    both.query_async::<(String, Option<String>)>(&mut conn)
+                        .await
+                }
+            })
+            .collect();
+        let read: Vec<std::result::Result<(String, Option<String>), RedisError>> =
+            futures_util::stream::iter(reads)
+                .buffered(CLUSTER_FANOUT)
+                .collect()
+                .await;
+        let mut heads = Vec::with_capacity(names.len());
+        let mut states = Vec::with_capacity(names.len());
+        for pair in read {
+            let (head, state) =
+                pair.map_err(|e| self.error("read certificate serials and states", &e))?;
+            heads.push(head);
+            states.push(state);
+        }
+        Ok((heads, states))
+    }
+
+    /// The names of every per-name key of `kind`, from a scan of every master.
+    pub(super) async fn scan_names(&self, kind: &str) -> Result<Vec<String>> {
+        self.scan_names_from(kind, "").await
+    }
+
+    /// Like [`RedisStore::scan_names`], for names that start with `name_prefix`.
+    pub(super) async fn scan_names_from(
+        &self,
+        kind: &str,
+        name_prefix: &str,
+    ) -> Result<Vec<String>> {
+        let (pattern, head) = self.keys.scan_pattern(kind, name_prefix);
+        let keys = match &self.conn {
+            Conn::Cluster(cluster) => cluster.scan_masters(&pattern).await,
+            _ => {
+                let mut conn = self.conn.clone();
+                let mut found = Vec::new();
+                match conn.scan_match::<_, String>(&pattern).await {
+                    Ok(mut iter) => loop {
+                        match iter.next_item().await {
+                            Some(Ok(key)) => found.push(key),
+                            Some(Err(e)) => break Err(e),
+                            None => break Ok(found),
+                        }
+                    },
+                    Err(e) => Err(e),
+                }
+            }
+        }
+        .map_err(|e| self.error(&format!("list the stored {kind} keys"), &e))?;
+        let mut names: Vec<String> = keys
+            .iter()
+            .filter_map(|key| self.keys.name_in(key, &head))
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 }

@@ -1,5 +1,5 @@
-//! The connection the store's commands go through: one Redis, or the master that the
-//! sentinels name.
+//! The connection the store's commands go through: one Redis, the master that the
+//! sentinels name, or a cluster.
 
 use std::sync::Arc;
 
@@ -7,6 +7,7 @@ use ::redis::aio::{ConnectionLike, ConnectionManager, PubSub};
 use ::redis::{Client, Cmd, Pipeline, RedisError, RedisFuture, Value};
 
 use super::CONNECT_TIMEOUT;
+use super::cluster::ClusterConn;
 use super::sentinel::SentinelConn;
 
 /// The connection commands go through: straight to one Redis, or to the master the
@@ -19,6 +20,7 @@ pub(super) enum Conn {
         manager: ConnectionManager,
     },
     Sentinel(SentinelConn),
+    Cluster(ClusterConn),
 }
 
 impl Conn {
@@ -34,13 +36,18 @@ impl Conn {
                     })?
             }
             Conn::Sentinel(sentinel) => sentinel.pubsub(CONNECT_TIMEOUT).await,
+            // A cluster's feed has its own client (see `cluster::ClusterConn::feed`).
+            Conn::Cluster(_) => Err(RedisError::from((
+                ::redis::ErrorKind::Client,
+                "a cluster has no single pub/sub connection",
+            ))),
         }
     }
 
     /// Failover announcements, behind Sentinel.
     pub(super) fn switches(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         match self {
-            Conn::Direct { .. } => None,
+            Conn::Direct { .. } | Conn::Cluster(_) => None,
             Conn::Sentinel(sentinel) => Some(sentinel.switches()),
         }
     }
@@ -51,6 +58,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Direct { manager, .. } => manager.req_packed_command(cmd),
             Conn::Sentinel(sentinel) => Box::pin(sentinel.send(cmd)),
+            Conn::Cluster(cluster) => Box::pin(cluster.send(cmd)),
         }
     }
 
@@ -63,6 +71,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Direct { manager, .. } => manager.req_packed_commands(pipeline, offset, count),
             Conn::Sentinel(sentinel) => Box::pin(sentinel.send_pipeline(pipeline, offset, count)),
+            Conn::Cluster(cluster) => Box::pin(cluster.send_pipeline(pipeline, offset, count)),
         }
     }
 
@@ -70,6 +79,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Direct { manager, .. } => manager.get_db(),
             Conn::Sentinel(sentinel) => sentinel.db(),
+            Conn::Cluster(_) => 0,
         }
     }
 }

@@ -19,6 +19,10 @@ const FEED_BACKOFF_MAX: Duration = Duration::from_secs(5);
 impl FeedStore for RedisStore {
     fn subscribe(&self) -> Result<StoreSubscription> {
         let (tx, rx) = mpsc::channel(256);
+        if let Conn::Cluster(cluster) = &self.conn {
+            let task = cluster.feed(self.channel(), self.target.clone(), tx);
+            return Ok(StoreSubscription::new(rx, task));
+        }
         let task = tokio::spawn(feed(
             self.conn.clone(),
             self.channel(),

@@ -41,6 +41,22 @@ redis.call('PUBLISH', ARGV[4], 'cert ' .. ARGV[3])
 return 1
 "#;
 
+/// The fenced save on a cluster: the value only (no index, and the announcement follows
+/// apart, in the channel's own slot). KEYS: lock, cert (one hash tag). ARGV: token, value.
+const FENCED_SAVE_CLUSTER_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[2], ARGV[2])
+return 1
+"#;
+
+/// On a cluster, how long a lock or a fenced save waits for one replica to have it, so
+/// that a master failing right after does not take it along (Redis replicates after
+/// answering). Not waiting longer, nor failing: a master without a live replica keeps
+/// working, only without that guard.
+const REPLICA_WAIT: Duration = Duration::from_millis(200);
+
 /// Extends the lease only if the lock still holds our token.
 const RENEW_SCRIPT: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -170,8 +186,8 @@ impl Drop for RedisLock {
     }
 }
 
-/// Leases under `<prefix>:lock:<name>`, renewed while held; a write under a lock is
-/// fenced by its token.
+/// Leases under `<prefix>:lock:<name>` (tagged like the certificate on a cluster),
+/// renewed while held; a write under a lock is fenced by its token.
 #[async_trait]
 impl LockStore for RedisStore {
     async fn lock(
@@ -182,17 +198,23 @@ impl LockStore for RedisStore {
     ) -> Result<Option<Box<dyn StoreLock>>> {
         check_name(name)?;
         let lease = lease.max(MIN_LEASE);
-        let key = self.key("lock", name);
+        let key = self.keys.lock(name);
+        let cluster = self.is_cluster();
         let token = format!("{:032x}", rand::random::<u128>());
         let deadline = Instant::now() + wait;
         let mut conn = self.conn.clone();
         loop {
-            let taken: Option<String> = ::redis::cmd("SET")
+            let mut take = ::redis::pipe();
+            take.cmd("SET")
                 .arg(&key)
                 .arg(&token)
                 .arg("NX")
                 .arg("PX")
-                .arg(millis(lease))
+                .arg(millis(lease));
+            if cluster {
+                take.cmd("WAIT").arg(1).arg(millis(REPLICA_WAIT)).ignore();
+            }
+            let (taken,): (Option<String>,) = take
                 .query_async(&mut conn)
                 .await
                 .map_err(|e| self.error(&format!("take the lock on {name}"), &e))?;
@@ -216,17 +238,44 @@ impl LockStore for RedisStore {
         let name = cert.meta.name.as_str();
         let value = encode_cert(cert)?;
         let mut conn = self.conn.clone();
-        let saved = Script::new(FENCED_SAVE_SCRIPT)
-            .key(self.key("lock", name))
-            .key(self.key("cert", name))
-            .key(self.index("certs"))
-            .arg(token)
-            .arg(value)
-            .arg(name)
-            .arg(self.channel())
-            .invoke_async::<i64>(&mut conn)
-            .await
-            .map_err(|e| self.error(&format!("save certificate {name}"), &e))?;
+        let saved = match &self.conn {
+            Conn::Cluster(cluster) => {
+                let mut save = ::redis::pipe();
+                save.cmd("EVAL")
+                    .arg(FENCED_SAVE_CLUSTER_SCRIPT)
+                    .arg(2)
+                    .arg(self.keys.lock(name))
+                    .arg(self.keys.cert(name))
+                    .arg(token)
+                    .arg(value)
+                    .cmd("WAIT")
+                    .arg(1)
+                    .arg(millis(REPLICA_WAIT))
+                    .ignore();
+                let (saved,): (i64,) = save
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| self.error(&format!("save certificate {name}"), &e))?;
+                if saved == 1 {
+                    self.announce(cluster, &format!("cert {name}")).await;
+                }
+                saved
+            }
+            _ => {
+                let index = self.keys.certs_index().unwrap_or_default();
+                Script::new(FENCED_SAVE_SCRIPT)
+                    .key(self.keys.lock(name))
+                    .key(self.keys.cert(name))
+                    .key(index)
+                    .arg(token)
+                    .arg(value)
+                    .arg(name)
+                    .arg(self.channel())
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+                    .map_err(|e| self.error(&format!("save certificate {name}"), &e))?
+            }
+        };
         if saved == 1 {
             Ok(())
         } else {

@@ -25,6 +25,8 @@ use ::redis::{
     ServerErrorKind, TlsMode, Value,
 };
 use tokio::sync::watch;
+
+use super::address::{BadUrl, credentials, parse_host_port, percent_decode};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -72,30 +74,13 @@ pub(crate) struct SentinelUrl {
     pub(crate) password: Option<String>,
 }
 
-/// Why a Sentinel URL was refused, in words that never repeat its password.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct BadSentinelUrl(String);
-
-impl From<&str> for BadSentinelUrl {
-    fn from(why: &str) -> Self {
-        BadSentinelUrl(why.to_owned())
-    }
-}
-
-impl From<String> for BadSentinelUrl {
-    fn from(why: String) -> Self {
-        BadSentinelUrl(why)
-    }
-}
-
 /// The URL form, for error messages.
 pub(crate) const USAGE: &str =
     "use redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB][?prefix=NAME]";
 
 impl SentinelUrl {
     /// Parses `url` (with `prefix=` already taken out). Errors never repeat the password.
-    pub(crate) fn parse(url: &str) -> std::result::Result<SentinelUrl, BadSentinelUrl> {
+    pub(crate) fn parse(url: &str) -> std::result::Result<SentinelUrl, BadUrl> {
         let (tls, rest) = if let Some(rest) = url.strip_prefix(SCHEMES[0]) {
             (false, rest)
         } else if let Some(rest) = url.strip_prefix(SCHEMES[1]) {
@@ -117,21 +102,10 @@ impl SentinelUrl {
             .into());
         }
         let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (username, password) = match userinfo {
-            None => (None, None),
-            Some(userinfo) => {
-                let (user, pass) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-                let user = percent_decode(user).ok_or("the user name is badly %-encoded")?;
-                let pass = percent_decode(pass).ok_or("the password is badly %-encoded")?;
-                (
-                    (!user.is_empty()).then_some(user),
-                    (!pass.is_empty()).then_some(pass),
-                )
-            }
-        };
+        let (username, password) = credentials(userinfo)?;
         let sentinels = hosts
             .split(',')
-            .map(parse_host_port)
+            .map(|spec| parse_host_port(spec, DEFAULT_SENTINEL_PORT, "sentinel"))
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let mut parts = path.split('/');
         let service = parts.next().unwrap_or_default();
@@ -159,60 +133,6 @@ impl SentinelUrl {
             password,
         })
     }
-}
-
-/// `HOST:PORT`, `HOST` (port 26379), `[V6]:PORT` or `[V6]`.
-fn parse_host_port(spec: &str) -> std::result::Result<(String, u16), BadSentinelUrl> {
-    let (host, port) = if let Some(rest) = spec.strip_prefix('[') {
-        let (host, after) = rest
-            .split_once(']')
-            .ok_or_else(|| format!("sentinel address {spec:?} lacks its closing ]"))?;
-        match after {
-            "" => (host, None),
-            _ => match after.strip_prefix(':') {
-                Some(port) => (host, Some(port)),
-                None => return Err(format!("sentinel address {spec:?} is malformed").into()),
-            },
-        }
-    } else {
-        match spec.split_once(':') {
-            Some((host, port)) => (host, Some(port)),
-            None => (spec, None),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!(
-            "sentinel address {spec:?} has no host; list sentinels as HOST:PORT,HOST:PORT"
-        )
-        .into());
-    }
-    let port = match port {
-        None => DEFAULT_SENTINEL_PORT,
-        Some(port) => port
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("sentinel address {spec:?} has a bad port"))?,
-    };
-    Ok((host.to_owned(), port))
-}
-
-/// Decodes `%XX` escapes; `None` if one is malformed or the result is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// A connection to whichever node is master now, remade through the sentinels whenever
