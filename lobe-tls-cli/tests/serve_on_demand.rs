@@ -385,3 +385,46 @@ fn challenge_http01_without_a_way_to_answer_it_is_refused_at_start() {
     assert!(stderr.contains("--http-listen"), "{stderr}");
     assert!(!dir.path().join("store").exists());
 }
+
+#[tokio::test]
+async fn http01_for_an_on_demand_name_is_answered_by_any_instance_sharing_the_store() {
+    let pebble = Pebble::start(PebbleOptions::default());
+    let redis = lobe_tls_tests::RedisServer::start();
+    let store = redis.url();
+    let upstream = greeting_upstream(GREETING).await;
+    // A takes the handshake; its HTTP listener is on a port Pebble never reaches. B's is
+    // the one Pebble's HTTP-01 validation reaches.
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (listen_a, http_a) = (
+        lobe_tls_tests::reserve_port(),
+        lobe_tls_tests::reserve_port(),
+    );
+    let listen_b = lobe_tls_tests::reserve_port();
+    let start = |dir: &Path, listen: &str, http_listen: &str| {
+        start_serve_with(
+            dir,
+            &pebble,
+            listen,
+            &upstream,
+            &[
+                "--store",
+                &store,
+                "--on-demand-allow",
+                ALLOWED,
+                "--http-listen",
+                http_listen,
+            ],
+        )
+    };
+    let a = start(dir_a.path(), &listen_a.listen(), &http_a.listen());
+    let b = start(dir_b.path(), &listen_b.listen(), &pebble.http_listen());
+    wait_listening(&a, &listen_a.listen()).await;
+    wait_listening(&b, &listen_b.listen()).await;
+    let root = pebble.issuing_root_pem().await;
+    let connector = TlsConnector::from(lobe_tls_tests::tls::client_config(&root));
+
+    let took = first_request(&connector, &listen_a.listen(), ALLOWED).await;
+    let took = took.unwrap_or_else(|e| panic!("{e}\nA:\n{}\nB:\n{}", a.log(), b.log()));
+    assert!(took < ON_DEMAND_TIMEOUT, "took {took:?}");
+    assert_eq!(pebble.orders_created(), 1, "{}", a.log());
+}

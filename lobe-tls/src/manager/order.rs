@@ -121,6 +121,21 @@ impl Manager {
         self.renew_reported_locked(name).await
     }
 
+    /// Issues `name`, which the caller saw without a certificate, unless one was
+    /// installed while it waited for the name's lock (an order of another task that
+    /// got there first, on-demand issuance racing the start): that one is kept rather
+    /// than ordered again.
+    pub(crate) async fn obtain_missing(&self, name: &str) -> Result<RenewOutcome> {
+        let _local = self.name_lock(name).lock().await;
+        let current = (self.inner.slots())
+            .get(name)
+            .and_then(|slot| slot.current.as_ref().map(|c| c.info.clone()));
+        match current {
+            Some(info) => Ok(RenewOutcome::RenewedElsewhere { info }),
+            None => self.renew_reported_locked(name).await,
+        }
+    }
+
     /// [`Manager::renew_reported`] for a caller that holds the name's local lock.
     pub(super) async fn renew_reported_locked(&self, name: &str) -> Result<RenewOutcome> {
         let result = self.renew_locked(name).await;

@@ -441,7 +441,12 @@ impl OnDemand {
         };
         inner.manager.add(cert).map_err(fail)?;
         tracing::info!(domain = %name, "on-demand: issuing");
-        inner.manager.renew_now(&store_name).await.map_err(fail)?;
+        // Not a renewal: the manager's start may have ordered it meanwhile.
+        inner
+            .manager
+            .obtain_missing(&store_name)
+            .await
+            .map_err(fail)?;
         Ok(())
     }
 }
