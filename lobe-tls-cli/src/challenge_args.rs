@@ -29,14 +29,16 @@ pub enum DnsProviderName {
 /// How to validate the names.
 #[derive(Args, Debug, Clone)]
 pub struct ChallengeArgs {
-    /// Challenge type: http-01, dns-01 (needed for wildcards) or tls-alpn-01.
+    /// Challenge type: http-01, dns-01 (needed for wildcards) or tls-alpn-01 [default:
+    /// http-01]. For serve's on-demand names, given, it pins that one; left out, they try
+    /// http-01 on --http-listen (or --http-webroot) first and tls-alpn-01 on --listen after.
     #[arg(
         long,
         env = "LOBE_TLS_CHALLENGE",
-        default_value = "http-01",
+        value_name = "CHALLENGE",
         help_heading = "ACME"
     )]
-    pub challenge: ChallengeKind,
+    pub challenge: Option<ChallengeKind>,
 
     /// Address of the standalone HTTP-01 listener.
     #[arg(
@@ -137,15 +139,15 @@ pub struct ChallengeArgs {
 impl ChallengeArgs {
     /// The library configuration these options describe, with their combinations checked.
     pub fn to_config(&self) -> Result<ChallengeConfig> {
+        let kind = self.challenge.unwrap_or_default();
         let mut config = ChallengeConfig::default();
-        config.kind = self.challenge;
-        if self.http_webroot.is_some() && self.challenge != ChallengeKind::Http01 {
+        config.kind = kind;
+        if self.http_webroot.is_some() && kind != ChallengeKind::Http01 {
             return Err(Error::config(format!(
-                "--http-webroot answers http-01, not {}: drop one of them",
-                self.challenge
+                "--http-webroot answers http-01, not {kind}: drop one of them"
             )));
         }
-        match self.challenge {
+        match kind {
             ChallengeKind::Http01 => match &self.http_webroot {
                 Some(dir) => config.http_webroot = Some(absolute_webroot(dir)?),
                 None => config.http_listen = Some(self.http_listen.to_string()),
@@ -157,6 +159,15 @@ impl ChallengeArgs {
             _ => {}
         }
         Ok(config)
+    }
+
+    /// The configuration `--challenge` pins, when it is given: on-demand names then use
+    /// that kind alone instead of choosing.
+    pub fn pinned(&self) -> Result<Option<ChallengeConfig>> {
+        match self.challenge {
+            Some(_) => self.to_config().map(Some),
+            None => Ok(None),
+        }
     }
 
     fn dns_config(&self) -> Result<DnsConfig> {

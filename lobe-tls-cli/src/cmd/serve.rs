@@ -73,7 +73,10 @@ fn server_config(global: &Global, args: &Args, nofile: Option<u64>) -> Result<Se
     }
     let sites = sites(args)?;
     let managed = managed_cert(args, args.challenge.config_file.as_deref())?;
-    let on_demand = args.on_demand.to_config()?;
+    let mut on_demand = args.on_demand.to_config()?;
+    if let Some(config) = &mut on_demand {
+        config.challenge = args.challenge.pinned()?;
+    }
     let mut edge = edge_config(args, sites, nofile);
     edge.access_log = lobe_tls::edge::AccessLogTarget::parse(&args.access_log)
         .map_err(|e| Error::config(format!("--access-log: {e}")))?;

@@ -98,6 +98,12 @@ pub struct ChallengeConfig {
     /// For DNS-01: the provider and propagation check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsConfig>,
+    /// Kinds to try after `kind`, in order, each with the settings above: when the CA
+    /// offers no `kind` challenge, or validation through it fails (the port it needs
+    /// does not reach this server), the next order uses the next kind. Empty: `kind`
+    /// alone, pinned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallbacks: Vec<ChallengeKind>,
 }
 
 impl ChallengeConfig {
@@ -138,6 +144,34 @@ impl ChallengeConfig {
             dns: Some(dns),
             ..ChallengeConfig::default()
         }
+    }
+
+    /// This configuration, with `kinds` tried after its own kind (see
+    /// [`ChallengeConfig::fallbacks`]).
+    pub fn with_fallbacks(mut self, kinds: impl IntoIterator<Item = ChallengeKind>) -> Self {
+        self.fallbacks = kinds.into_iter().collect();
+        self
+    }
+
+    /// Every kind to try, in order: `kind`, then the fallbacks (repeats left out).
+    pub fn kinds(&self) -> Vec<ChallengeKind> {
+        let mut kinds = vec![self.kind];
+        for kind in &self.fallbacks {
+            if !kinds.contains(kind) {
+                kinds.push(*kind);
+            }
+        }
+        kinds
+    }
+
+    /// This configuration with `kind` first and the other kinds after it in their
+    /// order: what one attempt orders with, and what it records, so that a renewal
+    /// starts with the kind that worked last.
+    pub fn first(&self, kind: ChallengeKind) -> Self {
+        let mut config = self.clone();
+        config.fallbacks = self.kinds().into_iter().filter(|k| *k != kind).collect();
+        config.kind = kind;
+        config
     }
 }
 
@@ -186,3 +220,38 @@ pub trait Solver: Send + Sync {
 
 /// A shared solver.
 pub type DynSolver = Arc<dyn Solver>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attempt_puts_its_kind_first_and_keeps_the_others_in_order() {
+        let config = ChallengeConfig::http01(None)
+            .with_fallbacks([ChallengeKind::TlsAlpn01, ChallengeKind::Http01]);
+        assert_eq!(
+            config.kinds(),
+            [ChallengeKind::Http01, ChallengeKind::TlsAlpn01]
+        );
+        let second = config.first(ChallengeKind::TlsAlpn01);
+        assert_eq!(second.kind, ChallengeKind::TlsAlpn01);
+        assert_eq!(second.fallbacks, [ChallengeKind::Http01]);
+        assert!(
+            ChallengeConfig::tls_alpn01(None)
+                .first(ChallengeKind::TlsAlpn01)
+                .fallbacks
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn metadata_without_fallbacks_reads_and_writes_as_before() {
+        let old = r#"{"kind":"http-01","http_listen":"0.0.0.0:80"}"#;
+        let config: ChallengeConfig = serde_json::from_str(old).unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.fallbacks.is_empty());
+        assert_eq!(serde_json::to_string(&config).ok().as_deref(), Some(old));
+        let both = ChallengeConfig::http01(None).with_fallbacks([ChallengeKind::TlsAlpn01]);
+        let text = serde_json::to_string(&both).unwrap_or_default();
+        assert!(text.contains(r#""fallbacks":["tls-alpn-01"]"#), "{text}");
+    }
+}

@@ -108,8 +108,8 @@ pub enum RenewOutcome {
         /// The serial of the certificate it replaced, if there was one.
         replaced_serial: Option<String>,
     },
-    /// Another process renewed it while this one waited for the lock; that certificate
-    /// was loaded instead of ordering again.
+    /// Another process (or another task of this one) renewed or issued it while this one
+    /// waited for the lock; that certificate was loaded instead of ordering again.
     RenewedElsewhere {
         /// The certificate found in the store.
         info: CertInfo,

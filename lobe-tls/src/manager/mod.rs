@@ -326,7 +326,7 @@ impl Manager {
         for name in missing {
             let this = self.clone();
             orders.spawn(async move {
-                let result = this.renew_reported(&name).await;
+                let result = this.obtain_missing(&name).await;
                 (name, result)
             });
         }

@@ -121,6 +121,21 @@ impl Manager {
         self.renew_reported_locked(name).await
     }
 
+    /// Issues `name`, which the caller saw without a certificate, unless one was
+    /// installed while it waited for the name's lock (an order of another task that
+    /// got there first, on-demand issuance racing the start): that one is kept rather
+    /// than ordered again.
+    pub(crate) async fn obtain_missing(&self, name: &str) -> Result<RenewOutcome> {
+        let _local = self.name_lock(name).lock().await;
+        let current = (self.inner.slots())
+            .get(name)
+            .and_then(|slot| slot.current.as_ref().map(|c| c.info.clone()));
+        match current {
+            Some(info) => Ok(RenewOutcome::RenewedElsewhere { info }),
+            None => self.renew_reported_locked(name).await,
+        }
+    }
+
     /// [`Manager::renew_reported`] for a caller that holds the name's local lock.
     pub(super) async fn renew_reported_locked(&self, name: &str) -> Result<RenewOutcome> {
         let result = self.renew_locked(name).await;
@@ -314,24 +329,26 @@ impl Manager {
             }
         }
 
-        let SolverHandle { solver, keep } = self.solver_for(&managed.challenge).await?;
-        let request = IssueRequest {
-            name: name.to_owned(),
-            domains: managed.domains.clone(),
-            key_type: managed.key_type,
-            challenge: managed.challenge.clone(),
-            replaces,
-            profile: managed.profile.clone(),
-        };
-        // Orders, validates (key matches, covers the names, not expired) and stores
-        // atomically; nothing is written or served unless every step succeeded.
-        let issuance = Issuance::with_solver(request, solver)?;
-        let stored = self
-            .inner
-            .chain
-            .issue_from(start, &issuance, self.inner.store.as_ref(), lock, None)
-            .await?;
-        drop(keep);
+        // One order per challenge kind, in the configured order, until one validates.
+        let kinds = managed.challenge.kinds();
+        let mut stored = None;
+        for (index, kind) in kinds.iter().enumerate() {
+            let challenge = managed.challenge.first(*kind);
+            let result = self
+                .order_with(start, lock, managed, challenge, replaces.clone())
+                .await;
+            match result {
+                Ok(done) => {
+                    stored = Some(done);
+                    break;
+                }
+                Err(e) if index + 1 < kinds.len() && tries_next_challenge(&e) => {
+                    tracing::warn!(cert = %name, challenge = %kind, next = %kinds[index + 1], error = %e, "the challenge failed; ordering with the next one");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let stored = stored.ok_or_else(|| Error::config("no challenge kind configured"))?;
         let (key, info) = stored.bundle.validated_key_for(&managed.domains)?;
         let meta = stored.meta;
         let state = RenewalState::default();
@@ -351,6 +368,36 @@ impl Manager {
             info,
             replaced_serial: seen,
         })
+    }
+
+    /// One order validated through `challenge`'s own kind, stored when it succeeds.
+    async fn order_with(
+        &self,
+        start: usize,
+        lock: Option<&dyn StoreLock>,
+        managed: &ManagedCert,
+        challenge: ChallengeConfig,
+        replaces: Option<String>,
+    ) -> Result<crate::store::StoredCert> {
+        let SolverHandle { solver, keep } = self.solver_for(&challenge).await?;
+        let request = IssueRequest {
+            name: managed.name.clone(),
+            domains: managed.domains.clone(),
+            key_type: managed.key_type,
+            challenge,
+            replaces,
+            profile: managed.profile.clone(),
+        };
+        // Orders, validates (key matches, covers the names, not expired) and stores
+        // atomically; nothing is written or served unless every step succeeded.
+        let issuance = Issuance::with_solver(request, solver)?;
+        let stored = self
+            .inner
+            .chain
+            .issue_from(start, &issuance, self.inner.store.as_ref(), lock, None)
+            .await;
+        drop(keep);
+        stored
     }
 
     async fn solver_for(&self, challenge: &ChallengeConfig) -> Result<SolverHandle> {
@@ -413,6 +460,13 @@ pub(super) fn request_bound(configured: Duration, not_after: Option<OffsetDateTi
     };
     let left = Duration::try_from(not_after - OffsetDateTime::now_utc()).unwrap_or_default();
     (left / 8).clamp(MIN_REQUEST_BOUND, configured.max(MIN_REQUEST_BOUND))
+}
+
+/// Whether an order that failed with `error` is worth repeating with the next challenge
+/// kind: the CA did not offer this one, could not validate it (its port does not reach
+/// this server), or it could not be set up here. CA and store failures are not.
+fn tries_next_challenge(error: &Error) -> bool {
+    matches!(error, Error::Challenge { .. } | Error::Dns { .. })
 }
 
 /// A solver plus whatever must live while it is used (standalone listeners).

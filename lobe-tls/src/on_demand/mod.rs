@@ -34,10 +34,15 @@
 //!
 //! Build the manager with [`ManagerBuilder::manage_stored`] so that certificates issued
 //! on demand are renewed after a restart too, and with
-//! [`ManagerBuilder::tls_alpn01_on_resolver`] for the default challenge.
+//! [`ManagerBuilder::tls_alpn01_on_resolver`] for the default challenge. Where port 443
+//! does not reach the server (a CDN or a TLS-terminating balancer in front), set
+//! [`OnDemandConfig::challenge`] to HTTP-01 through the manager's
+//! [`ManagerBuilder::http01`] registry, with TLS-ALPN-01 among its
+//! [`fallbacks`](crate::challenge::ChallengeConfig::fallbacks) if port 443 may reach it too.
 //!
 //! [`ManagerBuilder::manage_stored`]: crate::manager::ManagerBuilder::manage_stored
 //! [`ManagerBuilder::tls_alpn01_on_resolver`]: crate::manager::ManagerBuilder::tls_alpn01_on_resolver
+//! [`ManagerBuilder::http01`]: crate::manager::ManagerBuilder::http01
 
 mod ask;
 mod guard;
@@ -86,9 +91,11 @@ pub struct OnDemandConfig {
     pub per_name_per_hour: NonZeroU32,
     /// How many names may be in flight at once (default 64); more are refused.
     pub max_pending: usize,
-    /// How new certificates are validated (default TLS-ALPN-01 on the resolver, that is
-    /// on the port the handshakes arrive at).
-    pub challenge: ChallengeConfig,
+    /// How new certificates are validated. `None` (the default): TLS-ALPN-01 on the
+    /// resolver, that is on the port the handshakes arrive at; `serve` chooses for
+    /// itself (HTTP-01 on its HTTP listener first, TLS-ALPN-01 after it). A
+    /// configuration with [`ChallengeConfig::fallbacks`] tries its kinds in order.
+    pub challenge: Option<ChallengeConfig>,
     /// The key type of new certificates.
     pub key_type: KeyType,
 }
@@ -122,7 +129,7 @@ impl Default for OnDemandConfig {
             global_per_minute: NonZeroU32::new(20).unwrap_or(NonZeroU32::MIN),
             per_name_per_hour: NonZeroU32::new(3).unwrap_or(NonZeroU32::MIN),
             max_pending: 64,
-            challenge: ChallengeConfig::tls_alpn01(None),
+            challenge: None,
             key_type: KeyType::default(),
         }
     }
@@ -420,9 +427,11 @@ impl OnDemand {
             }
         }
         let store_name = crate::domain::store_name(std::slice::from_ref(&domain));
+        let challenge =
+            (inner.config.challenge.clone()).unwrap_or_else(|| ChallengeConfig::tls_alpn01(None));
         let cert = ManagedCert::new(store_name.clone(), vec![domain])
             .with_key_type(inner.config.key_type)
-            .with_challenge(inner.config.challenge.clone());
+            .with_challenge(challenge);
         let fail = |e: Error| {
             inner.refusals.insert(&name, e.to_string());
             OnDemandError::Failed {
@@ -432,7 +441,12 @@ impl OnDemand {
         };
         inner.manager.add(cert).map_err(fail)?;
         tracing::info!(domain = %name, "on-demand: issuing");
-        inner.manager.renew_now(&store_name).await.map_err(fail)?;
+        // Not a renewal: the manager's start may have ordered it meanwhile.
+        inner
+            .manager
+            .obtain_missing(&store_name)
+            .await
+            .map_err(fail)?;
         Ok(())
     }
 }

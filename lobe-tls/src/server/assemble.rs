@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::reload::{ServerHandle, SiteCerts};
 use super::{Server, ServerAddrs, ServerConfig};
+use crate::challenge::ChallengeConfig;
 use crate::challenge::http01::{Http01Listener, Http01ListenerConfig, Http01Registry};
 use crate::cluster::Cluster;
 use crate::edge::Edge;
@@ -58,6 +59,14 @@ pub(super) async fn start(config: ServerConfig) -> Result<Server> {
             site_certs.check_kind(cert.challenge.kind, cert.challenge.http_webroot.is_some())?;
         }
     }
+    // Checked before the store is opened, like the managed names' challenge.
+    let on_demand = match on_demand {
+        Some(mut config) => {
+            config.challenge = Some(on_demand_challenge(config.challenge, &site_certs)?);
+            Some(config)
+        }
+        None => None,
+    };
     // The store is served (and everything in it renewed) with managed names, and when
     // nothing else is given.
     let store = match &store_spec {
@@ -263,6 +272,30 @@ pub(super) async fn start(config: ServerConfig) -> Result<Server> {
         admin,
         status,
     })
+}
+
+/// How names issued on demand are validated. A pinned configuration is used alone
+/// (HTTP-01 only with the HTTP listener or a webroot; TLS-ALPN-01 on the TLS listener).
+/// Otherwise HTTP-01 comes first when the HTTP listener is on or a webroot is given
+/// (what reaches a server behind a CDN or a TLS-terminating balancer), and TLS-ALPN-01
+/// on the TLS listener after it: whichever the CA offers, and the other when one fails.
+fn on_demand_challenge(
+    pinned: Option<ChallengeConfig>,
+    site_certs: &SiteCerts,
+) -> Result<ChallengeConfig> {
+    if let Some(mut pinned) = pinned {
+        site_certs.check_kind(pinned.kind, pinned.http_webroot.is_some())?;
+        pinned.tls_listen = None;
+        pinned.fallbacks.clear();
+        return Ok(pinned);
+    }
+    let tls_alpn = ChallengeConfig::tls_alpn01(None);
+    Ok(match &site_certs.challenge.http_webroot {
+        Some(dir) => ChallengeConfig::http01_webroot(dir.clone()),
+        None if site_certs.http_listener => ChallengeConfig::http01(None),
+        None => return Ok(tls_alpn),
+    }
+    .with_fallbacks([tls_alpn.kind]))
 }
 
 /// The store when the server is given neither managed names nor certificate

@@ -377,7 +377,9 @@ pub struct Args {
 #[derive(clap::Args)]
 pub struct OnDemandArgs {
     /// Issue a certificate during the first handshake for a name nothing serves, if
-    /// GET URL?domain=NAME answers 2xx (validated through TLS-ALPN-01 on --listen).
+    /// GET URL?domain=NAME answers 2xx. Validated through HTTP-01 on --http-listen (or
+    /// --http-webroot) when that is on, else or when it fails through TLS-ALPN-01 on
+    /// --listen; --challenge pins one.
     // The URL may carry a token: its value stays out of --help.
     #[arg(
         long,
@@ -390,7 +392,7 @@ pub struct OnDemandArgs {
 
     /// Issue on demand only names matching PATTERN (example.com, or *.example.com for one
     /// label under it); repeatable. Alone it turns on-demand issuance on; with
-    /// --on-demand-ask a name must pass both.
+    /// --on-demand-ask a name must pass both. Validated as for --on-demand-ask.
     #[arg(
         long,
         env = "LOBE_TLS_ON_DEMAND_ALLOW",
