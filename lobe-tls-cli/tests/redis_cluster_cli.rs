@@ -97,13 +97,7 @@ async fn every_command_works_against_a_cluster() {
     let out = lobe_tls_on(
         &url,
         &pebble,
-        &[
-            "renew",
-            "--force",
-            "--name",
-            "b.example.com",
-            "--json",
-        ],
+        &["renew", "--force", "--name", "b.example.com", "--json"],
     );
     assert_ok(&out);
     assert!(stdout(&out).contains("renewed"), "{}", stdout(&out));

@@ -22,7 +22,7 @@ use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
 use ::redis::{
     Cmd, ConnectionAddr, ErrorKind, Pipeline, ProtocolVersion, PushInfo, PushKind, RedisError,
-    RedisResult, TlsMode, Value,
+    RedisResult, ServerErrorKind, TlsMode, Value,
 };
 use tokio::sync::{OnceCell, mpsc};
 
@@ -44,6 +44,10 @@ const DEFAULT_PORT: u16 = 6379;
 /// included: long enough for a replica to take over a failed master's slots with a short
 /// `cluster-node-timeout`, short enough that a caller never hangs.
 const OVERALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pauses before a pipeline that met a moving slot is sent again.
+const REDIRECT_PAUSE_MIN: Duration = Duration::from_millis(25);
+const REDIRECT_PAUSE_MAX: Duration = Duration::from_millis(500);
 
 /// Keys per `SCAN` step.
 const SCAN_COUNT: usize = 1000;
@@ -221,6 +225,12 @@ impl ClusterConn {
     }
 
     /// A pipeline whose keys all share one slot (a MULTI, or commands on one certificate).
+    ///
+    /// The client follows a redirection of a single command, but a transaction queued on
+    /// a master that has just handed its slot over comes back aborted (`EXECABORT` over
+    /// `MOVED`), and a plain pipeline with the redirection inside its replies. Nothing of
+    /// either was applied, so it is sent again, once the client has refreshed its slot
+    /// map, until it goes through or the overall bound is spent.
     pub(crate) async fn send_pipeline(
         &self,
         pipeline: &Pipeline,
@@ -228,8 +238,24 @@ impl ClusterConn {
         count: usize,
     ) -> RedisResult<Vec<Value>> {
         use ::redis::aio::ConnectionLike;
-        let mut conn = self.connection().await?;
-        conn.req_packed_commands(pipeline, offset, count).await
+        let deadline = tokio::time::Instant::now() + OVERALL_TIMEOUT;
+        let mut pause = REDIRECT_PAUSE_MIN;
+        loop {
+            let mut conn = self.connection().await?;
+            let result = conn.req_packed_commands(pipeline, offset, count).await;
+            let redirected = match &result {
+                Ok(values) => values.iter().any(
+                    |v| matches!(v, Value::ServerError(e) if e.kind().is_some_and(is_redirection)),
+                ),
+                Err(e) => is_redirected(e),
+            };
+            if !redirected || tokio::time::Instant::now() + pause >= deadline {
+                return result;
+            }
+            tracing::debug!("a pipeline met a slot on the move; sending it again");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(REDIRECT_PAUSE_MAX);
+        }
     }
 
     /// Every key matching `pattern` on every master (a `SCAN` of each), without
@@ -344,6 +370,34 @@ async fn connect(client: &ClusterClient, timeouts: Timeouts) -> RedisResult<Clus
     tokio::time::timeout(bound, client.get_async_connection())
         .await
         .map_err(|_| RedisError::from((ErrorKind::Io, "connection to the cluster timed out")))?
+}
+
+/// Whether a server error says the slot is elsewhere, or about to be.
+fn is_redirection(kind: ServerErrorKind) -> bool {
+    matches!(
+        kind,
+        ServerErrorKind::Moved
+            | ServerErrorKind::Ask
+            | ServerErrorKind::TryAgain
+            | ServerErrorKind::ClusterDown
+            | ServerErrorKind::ReadOnly
+    )
+}
+
+/// Whether `e` (a failed command, or a transaction aborted over one) means the slot was
+/// moving: nothing was applied, and the same commands can go again.
+fn is_redirected(e: &RedisError) -> bool {
+    match e.kind() {
+        ErrorKind::Server(ServerErrorKind::ExecAbort) => {
+            e.clone().into_server_errors().is_some_and(|errors| {
+                errors
+                    .iter()
+                    .any(|(_, error)| error.kind().is_some_and(is_redirection))
+            })
+        }
+        ErrorKind::Server(kind) => is_redirection(kind),
+        _ => false,
+    }
 }
 
 fn scan(cursor: u64, pattern: &str) -> Cmd {

@@ -65,6 +65,15 @@ end
 return 0
 "#;
 
+/// A one-key script, sent whole (`EVAL`, not `EVALSHA`): a replica promoted a moment ago
+/// has an empty script cache, and `EVALSHA` would fail there with `NOSCRIPT`. The scripts
+/// are a few lines, and Redis caches what `EVAL` compiles.
+fn eval(script: &str, key: &str) -> ::redis::Cmd {
+    let mut cmd = ::redis::cmd("EVAL");
+    cmd.arg(script).arg(1).arg(key);
+    cmd
+}
+
 /// A held Redis lock. A background task renews the lease every third of it until the
 /// lock is released or dropped, so a long order keeps the lock, and a crashed holder
 /// blocks others for one lease at most.
@@ -110,14 +119,12 @@ pub(super) async fn renew_lease(
     token: String,
     lease: Duration,
 ) {
-    let script = Script::new(RENEW_SCRIPT);
     loop {
         tokio::time::sleep(lease / 3).await;
-        let renewed: std::result::Result<i64, RedisError> = script
-            .key(&key)
+        let renewed: std::result::Result<i64, RedisError> = eval(RENEW_SCRIPT, &key)
             .arg(&token)
             .arg(millis(lease))
-            .invoke_async(&mut conn)
+            .query_async(&mut conn)
             .await;
         match renewed {
             Ok(1) => {}
@@ -144,10 +151,9 @@ impl StoreLock for RedisLock {
         self.renewer.abort();
         self.released = true;
         let mut conn = self.conn.clone();
-        Script::new(RELEASE_SCRIPT)
-            .key(&self.key)
+        eval(RELEASE_SCRIPT, &self.key)
             .arg(&self.token)
-            .invoke_async::<i64>(&mut conn)
+            .query_async::<i64>(&mut conn)
             .await
             .map(|_| ())
             .map_err(|e| {
@@ -176,10 +182,9 @@ impl Drop for RedisLock {
             let key = std::mem::take(&mut self.key);
             let token = std::mem::take(&mut self.token);
             handle.spawn(async move {
-                let _ = Script::new(RELEASE_SCRIPT)
-                    .key(&key)
+                let _ = eval(RELEASE_SCRIPT, &key)
                     .arg(&token)
-                    .invoke_async::<i64>(&mut conn)
+                    .query_async::<i64>(&mut conn)
                     .await;
             });
         }
