@@ -253,6 +253,13 @@ impl ClusterConn {
                 return result;
             }
             tracing::debug!("a pipeline met a slot on the move; sending it again");
+            // The client learns a move from a single command's redirection, not from
+            // one inside a pipeline's replies: send one for the same key first.
+            if let Some(key) = first_key(pipeline) {
+                let _ = conn
+                    .req_packed_command(::redis::cmd("EXISTS").arg(key))
+                    .await;
+            }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(REDIRECT_PAUSE_MAX);
         }
@@ -398,6 +405,27 @@ fn is_redirected(e: &RedisError) -> bool {
         ErrorKind::Server(kind) => is_redirection(kind),
         _ => false,
     }
+}
+
+/// The first key a pipeline names. The store's pipelines name their key first, or, for a
+/// script, after its text and key count.
+fn first_key(pipeline: &Pipeline) -> Option<Vec<u8>> {
+    pipeline.cmd_iter().find_map(|cmd| {
+        let args: Vec<&[u8]> = cmd
+            .args_iter()
+            .filter_map(|arg| match arg {
+                ::redis::Arg::Simple(data) => Some(data),
+                _ => None,
+            })
+            .collect();
+        let name = args.first()?.to_ascii_uppercase();
+        let key = match name.as_slice() {
+            b"EVAL" | b"EVALSHA" => args.get(3),
+            b"WAIT" | b"PUBLISH" | b"SPUBLISH" | b"PING" | b"MULTI" | b"EXEC" => None,
+            _ => args.get(1),
+        };
+        key.map(|key| key.to_vec())
+    })
 }
 
 fn scan(cursor: u64, pattern: &str) -> Cmd {
