@@ -127,10 +127,10 @@ fn order_in_flight(cluster: &RedisCluster, name: &str) -> bool {
 }
 
 /// One drill at a time: each runs six Redis nodes, Pebble and three instances.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn run(drill: Drill) {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_AT_A_TIME.lock().await;
     let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(Some(PASSWORD)))
         .await
         .unwrap();
