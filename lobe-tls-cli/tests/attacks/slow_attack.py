@@ -42,6 +42,9 @@ def client_hello(sni):
 
 
 async def open_conn(args, tls=True):
+    """Opens a connection (with TLS: through the handshake). The attacker waits 30 s: on
+    a loaded machine, 50 handshakes at once from one process can take more than 10 s,
+    and the server's timers start only once a connection is open."""
     host, port = args.addr.rsplit(":", 1)
     return await asyncio.wait_for(
         asyncio.open_connection(
@@ -51,7 +54,7 @@ async def open_conn(args, tls=True):
             server_hostname=args.sni if tls else None,
             local_addr=(args.source, 0),
         ),
-        10,
+        30,
     )
 
 
