@@ -119,6 +119,23 @@ fn name_beside_the_feed(cluster: &RedisCluster) -> String {
         .expect("a name on the feed's master")
 }
 
+/// A name whose slot is among the first 64 of its master's: `redis-cli --cluster reshard`
+/// moves a master's lowest slots, so moving a few of them moves the certificate's.
+fn name_near_the_start_of_its_master(cluster: &RedisCluster) -> String {
+    let firsts: Vec<u16> = cluster
+        .master_ports()
+        .into_iter()
+        .filter_map(|master| cluster.slots_of(master).first().copied())
+        .collect();
+    (0..20_000)
+        .map(|i| format!("r{i}.example.com"))
+        .find(|name| {
+            let slot = cluster.slot_of(name);
+            firsts.iter().any(|first| (*first..*first + 64).contains(&slot))
+        })
+        .expect("a name near the start of a master's slots")
+}
+
 /// Whether an instance holds the renewal lock of `name` now: an order is in flight.
 fn order_in_flight(cluster: &RedisCluster, name: &str) -> bool {
     let lock = format!("lobe-tls:lock:{{{name}}}");
@@ -135,7 +152,10 @@ async fn run(drill: Drill) {
         .await
         .unwrap();
     let (cluster, name) = tokio::task::spawn_blocking(move || {
-        let name = name_beside_the_feed(&cluster);
+        let name = match drill {
+            Drill::Reshard => name_near_the_start_of_its_master(&cluster),
+            Drill::KillMaster | Drill::ManualFailover => name_beside_the_feed(&cluster),
+        };
         (cluster, name)
     })
     .await
@@ -298,7 +318,13 @@ async fn run(drill: Drill) {
                             .into_iter()
                             .find(|port| *port != master)
                             .unwrap();
-                        cluster.reshard_slot(slot, to);
+                        // As an operator does it: redis-cli moves the master's lowest
+                        // slots, up to and including the certificate's.
+                        let slots = cluster.slots_of(master);
+                        let count = slots.iter().position(|s| *s == slot).unwrap() + 1;
+                        let moved = cluster.reshard(master, to, u16::try_from(count).unwrap());
+                        assert!(moved.contains(&slot), "slot {slot} not in {moved:?}");
+                        assert_eq!(cluster.master_of_slot(slot), to);
                     }
                 }
             }
