@@ -131,7 +131,9 @@ fn name_near_the_start_of_its_master(cluster: &RedisCluster) -> String {
         .map(|i| format!("r{i}.example.com"))
         .find(|name| {
             let slot = cluster.slot_of(name);
-            firsts.iter().any(|first| (*first..*first + 64).contains(&slot))
+            firsts
+                .iter()
+                .any(|first| (*first..*first + 64).contains(&slot))
         })
         .expect("a name near the start of a master's slots")
 }
