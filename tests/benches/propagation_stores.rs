@@ -40,9 +40,6 @@ fn main() -> BenchResult<()> {
     let renewals = env_number("BENCH_RENEWALS", 100).clamp(1, 10_000);
     let minutes = env_number("BENCH_MINUTES", 4).clamp(1, 600);
     let wanted = std::env::var("BENCH_STORES").unwrap_or_else(|_| TOPOLOGIES.join(","));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     println!(
         "renewal -> new serial served by all three instances (change feed only), Pebble defaults"
     );
@@ -51,7 +48,14 @@ fn main() -> BenchResult<()> {
             continue;
         }
         let budget = Duration::from_secs(minutes as u64 * 60);
-        let samples = runtime.block_on(run(topology, renewals, budget))?;
+        // A runtime per topology, shut down (every instance's tasks with it) before the
+        // deployment and Pebble stop, so no follower sees them go or outlives them.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let (samples, deployment, pebble) = runtime.block_on(run(topology, renewals, budget))?;
+        drop(runtime);
+        drop((deployment, pebble));
         report(topology, samples);
     }
     Ok(())
@@ -117,7 +121,11 @@ async fn instance(url: &str, pebble: &Pebble) -> BenchResult<(Instance, Http01Re
     ))
 }
 
-async fn run(topology: &str, renewals: usize, budget: Duration) -> BenchResult<Vec<Duration>> {
+async fn run(
+    topology: &str,
+    renewals: usize,
+    budget: Duration,
+) -> BenchResult<(Vec<Duration>, Deployment, Pebble)> {
     let deployment = Deployment::start(topology);
     let url = deployment.url();
     let pebble = Pebble::start(PebbleOptions::default());
@@ -148,8 +156,7 @@ async fn run(topology: &str, renewals: usize, budget: Duration) -> BenchResult<V
         samples.push(renewed.elapsed());
     }
     drop(instances);
-    drop(deployment);
-    Ok(samples)
+    Ok((samples, deployment, pebble))
 }
 
 /// Polls verified handshakes until all instances serve one serial other than `not`.

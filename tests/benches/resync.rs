@@ -118,7 +118,11 @@ async fn run(rounds: usize, variants: Variants, standalone: bool, cluster: bool)
     }
     for t in &mut targets {
         if variants.full {
-            report_variant(t.label, "full (list + reload every certificate)", &mut t.full);
+            report_variant(
+                t.label,
+                "full (list + reload every certificate)",
+                &mut t.full,
+            );
         }
         if variants.compare {
             report_variant(
@@ -309,5 +313,8 @@ async fn fill(label: &str, store: &DynStore, certs: &Arc<Vec<Generated>>) {
     while let Some(done) = saves.join_next().await {
         done.unwrap();
     }
-    eprintln!("{label}: wrote {CERTS} certificates in {:?}", started.elapsed());
+    eprintln!(
+        "{label}: wrote {CERTS} certificates in {:?}",
+        started.elapsed()
+    );
 }
