@@ -82,7 +82,7 @@ async fn run(rounds: usize, variants: Variants, standalone: bool, cluster: bool)
     if standalone {
         let redis = RedisServer::start();
         let url = redis.url();
-        targets.push(target("standalone", &url, &[url.clone()], &certs).await);
+        targets.push(target("standalone", &url, std::slice::from_ref(&url), &certs).await);
         _server = Some(redis);
     }
     if cluster {
