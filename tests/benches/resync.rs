@@ -1,18 +1,22 @@
 //! The CPU cost of one cluster re-sync at 10,000 certificates, against a local
-//! redis-server.
+//! redis-server and against a local 6-node Redis Cluster (three masters, one replica
+//! each).
 //!
 //! 10,000 certificates (distinct ECDSA P-256 keys, two names each, one CA) are written
-//! into Redis; a manager loads them all, as a cluster instance does at start-up. Then, in
-//! interleaved rounds with nothing changed in the store:
+//! into each store; a manager per store loads them all, as a cluster instance does at
+//! start-up. Then, in interleaved rounds (stores alternating which goes first) with
+//! nothing changed in the stores:
 //!
 //! - **full**: what the follower's re-sync did before it compared versions: list the
 //!   stored certificates and `Manager::reload` every one (every key parsed);
 //! - **compare-first**: `cluster::resync_certs`, which reads each certificate's serial
 //!   and renewal state and reloads only what differs (nothing here).
 //!
-//! Reported per variant, medians over `BENCH_ROUNDS` rounds (default 7): wall time, CPU
-//! time of this process (all threads, `CLOCK_PROCESS_CPUTIME_ID`) and CPU time of
-//! redis-server (`INFO cpu`). Set `BENCH_ONLY=full` to run the first variant alone.
+//! Reported per store and variant, medians over `BENCH_ROUNDS` rounds (default 7): wall
+//! time, CPU time of this process (all threads, `CLOCK_PROCESS_CPUTIME_ID`) and CPU time
+//! of Redis (`INFO cpu`; on the cluster, the sum over the three masters). Set
+//! `BENCH_ONLY=full` or `BENCH_ONLY=compare` to run one variant alone, and
+//! `BENCH_STORE=standalone` or `BENCH_STORE=cluster` to run one store alone.
 //!
 //! Run: `cargo bench -p lobe-tls-tests --bench resync`
 // A failed unwrap is a failed bench.
@@ -24,7 +28,7 @@ use std::time::{Duration, Instant};
 use lobe_tls::manager::Manager;
 use lobe_tls::store::DynStore;
 use lobe_tls::{AcmeConfig, CertBundle, CertMeta, KeyType, RedisStore, StoredCert, domain};
-use lobe_tls_tests::RedisServer;
+use lobe_tls_tests::{RedisCluster, RedisServer};
 use rustix::time::{ClockId, clock_gettime};
 
 const CERTS: usize = 10_000;
@@ -38,37 +42,126 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(7)
         .max(1);
-    let only_full = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "full");
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let variants = Variants {
+        full: only != "compare",
+        compare: only != "full",
+    };
+    let store = std::env::var("BENCH_STORE").unwrap_or_default();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(run(rounds, only_full));
+    runtime.block_on(run(
+        rounds,
+        variants,
+        store != "cluster",
+        store != "standalone",
+    ));
 }
 
-async fn run(rounds: usize, only_full: bool) {
-    let redis = RedisServer::start();
-    let store: DynStore = Arc::new(RedisStore::connect(&redis.url()).await.unwrap());
-    fill(&store).await;
+#[derive(Clone, Copy)]
+struct Variants {
+    full: bool,
+    compare: bool,
+}
+
+/// One store under test: its manager, and connections to the Redis nodes whose CPU
+/// counts (the server; the cluster's masters).
+struct Target {
+    label: &'static str,
+    manager: Manager,
+    cpu_probes: Vec<redis::aio::MultiplexedConnection>,
+    full: Vec<Sample>,
+    compare: Vec<Sample>,
+}
+
+async fn run(rounds: usize, variants: Variants, standalone: bool, cluster: bool) {
+    let certs = Arc::new(generate());
+    let mut targets = Vec::new();
+    // Kept alive until the end.
+    let mut _server = None;
+    let mut _cluster = None;
+    if standalone {
+        let redis = RedisServer::start();
+        let url = redis.url();
+        targets.push(target("standalone", &url, std::slice::from_ref(&url), &certs).await);
+        _server = Some(redis);
+    }
+    if cluster {
+        let redis = RedisCluster::start(None);
+        let masters: Vec<String> = redis
+            .master_ports()
+            .into_iter()
+            .map(|p| redis.node_url(p))
+            .collect();
+        assert_eq!(masters.len(), 3);
+        targets.push(target("cluster", &redis.url(), &masters, &certs).await);
+        _cluster = Some(redis);
+    }
+
+    for round in 0..rounds {
+        // Alternate which store goes first, so drift within a round favours neither.
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..targets.len()).collect()
+        } else {
+            (0..targets.len()).rev().collect()
+        };
+        for i in order {
+            let t = &mut targets[i];
+            if variants.full {
+                let s = measure(&mut t.cpu_probes, || full_resync(&t.manager)).await;
+                t.full.push(s);
+            }
+            if variants.compare {
+                let s = measure(&mut t.cpu_probes, || compare_first(&t.manager)).await;
+                t.compare.push(s);
+            }
+        }
+    }
+    for t in &mut targets {
+        if variants.full {
+            report_variant(
+                t.label,
+                "full (list + reload every certificate)",
+                &mut t.full,
+            );
+        }
+        if variants.compare {
+            report_variant(
+                t.label,
+                "compare-first (cluster::resync_certs)",
+                &mut t.compare,
+            );
+        }
+    }
+}
+
+async fn target(
+    label: &'static str,
+    url: &str,
+    cpu_urls: &[String],
+    certs: &Arc<Vec<Generated>>,
+) -> Target {
+    let store: DynStore = Arc::new(RedisStore::connect(url).await.unwrap());
+    fill(label, &store, certs).await;
     let manager = Manager::builder(AcmeConfig::new("https://acme.invalid/directory"), store)
         .build()
         .unwrap();
     let report = manager.start().await.unwrap();
     assert_eq!(report.loaded, CERTS, "{:?}", report.unusable);
-    let mut info = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-
-    let mut full = Vec::new();
-    let mut compare = Vec::new();
-    for _ in 0..rounds {
-        full.push(measure(&mut info, || full_resync(&manager)).await);
-        if !only_full {
-            compare.push(measure(&mut info, || compare_first(&manager)).await);
-        }
+    let mut cpu_probes = Vec::new();
+    for url in cpu_urls {
+        let conn = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        cpu_probes.push(conn);
     }
-    report_variant("full (list + reload every certificate)", &mut full);
-    if !only_full {
-        report_variant("compare-first (cluster::resync_certs)", &mut compare);
+    Target {
+        label,
+        manager,
+        cpu_probes,
+        full: Vec::new(),
+        compare: Vec::new(),
     }
 }
 
@@ -92,18 +185,18 @@ struct Sample {
     redis_cpu: Duration,
 }
 
-async fn measure<F, Fut>(info: &mut redis::aio::MultiplexedConnection, f: F) -> Sample
+async fn measure<F, Fut>(probes: &mut [redis::aio::MultiplexedConnection], f: F) -> Sample
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let redis_before = redis_cpu(info).await;
+    let redis_before = redis_cpu(probes).await;
     let cpu_before = process_cpu();
     let started = Instant::now();
     f().await;
     let wall = started.elapsed();
     let cpu = process_cpu() - cpu_before;
-    let redis_cpu = redis_cpu(info).await.saturating_sub(redis_before);
+    let redis_cpu = redis_cpu(probes).await.saturating_sub(redis_before);
     Sample {
         wall,
         cpu,
@@ -116,25 +209,29 @@ fn process_cpu() -> Duration {
     Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
-/// redis-server's own CPU time so far (user + system), from `INFO cpu`.
-async fn redis_cpu(conn: &mut redis::aio::MultiplexedConnection) -> Duration {
-    let text: String = redis::cmd("INFO")
-        .arg("cpu")
-        .query_async(conn)
-        .await
-        .unwrap();
-    let seconds: f64 = text
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("used_cpu_user:")
-                .or_else(|| l.strip_prefix("used_cpu_sys:"))
-        })
-        .map(|v| v.trim().parse::<f64>().unwrap())
-        .sum();
+/// The CPU time so far (user + system, from `INFO cpu`) of every probed redis-server,
+/// summed.
+async fn redis_cpu(probes: &mut [redis::aio::MultiplexedConnection]) -> Duration {
+    let mut seconds = 0.0;
+    for conn in probes {
+        let text: String = redis::cmd("INFO")
+            .arg("cpu")
+            .query_async(conn)
+            .await
+            .unwrap();
+        seconds += text
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("used_cpu_user:")
+                    .or_else(|| l.strip_prefix("used_cpu_sys:"))
+            })
+            .map(|v| v.trim().parse::<f64>().unwrap())
+            .sum::<f64>();
+    }
     Duration::from_secs_f64(seconds)
 }
 
-fn report_variant(label: &str, samples: &mut [Sample]) {
+fn report_variant(store: &str, label: &str, samples: &mut [Sample]) {
     let median = |mut v: Vec<Duration>| {
         v.sort_unstable();
         v[v.len() / 2]
@@ -148,7 +245,7 @@ fn report_variant(label: &str, samples: &mut [Sample]) {
         .map(|s| format!("{:.1}", ms(s.cpu)))
         .collect();
     println!(
-        "{label}: {CERTS} certificates, {} rounds: median wall {:.1} ms, median CPU {:.1} ms (this process; rounds: {}), median redis-server CPU {:.1} ms",
+        "{store}: {label}: {CERTS} certificates, {} rounds: median wall {:.1} ms, median CPU {:.1} ms (this process; rounds: {}), median redis-server CPU {:.1} ms",
         samples.len(),
         ms(wall),
         ms(cpu),
@@ -157,20 +254,23 @@ fn report_variant(label: &str, samples: &mut [Sample]) {
     );
 }
 
-/// Writes `CERTS` certificates, 32 saves at a time.
-async fn fill(store: &DynStore) {
+/// A certificate and key in PEM, and its two names.
+struct Generated {
+    cert: String,
+    key: String,
+    name: String,
+    www: String,
+}
+
+/// `CERTS` certificates under one CA, made once for every store.
+fn generate() -> Vec<Generated> {
     let started = Instant::now();
     let ca_key = KeyType::EcdsaP256.generate().unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let issuer = Arc::new(rcgen::Issuer::new(params, ca_key));
-    let mut saves = tokio::task::JoinSet::new();
-    for i in 0..CERTS {
-        if saves.len() >= 32 {
-            saves.join_next().await.unwrap().unwrap();
-        }
-        let (store, issuer) = (store.clone(), issuer.clone());
-        saves.spawn(async move {
+    let issuer = rcgen::Issuer::new(params, ca_key);
+    let certs = (0..CERTS)
+        .map(|i| {
             let name = format!("site-{i}.example.com");
             let www = format!("www.{name}");
             let key = KeyType::EcdsaP256.generate().unwrap();
@@ -178,9 +278,32 @@ async fn fill(store: &DynStore) {
                 .unwrap()
                 .signed_by(&key, &issuer)
                 .unwrap();
-            let bundle = CertBundle::from_pem(cert.pem(), key.serialize_pem()).unwrap();
-            let domains = domain::parse_all(&[name.as_str(), www.as_str()]).unwrap();
-            let meta = CertMeta::new(name.clone(), domains, "https://acme.invalid/directory");
+            Generated {
+                cert: cert.pem(),
+                key: key.serialize_pem(),
+                name,
+                www,
+            }
+        })
+        .collect();
+    eprintln!("generated {CERTS} certificates in {:?}", started.elapsed());
+    certs
+}
+
+/// Writes the certificates into `store`, 32 saves at a time.
+async fn fill(label: &str, store: &DynStore, certs: &Arc<Vec<Generated>>) {
+    let started = Instant::now();
+    let mut saves = tokio::task::JoinSet::new();
+    for i in 0..certs.len() {
+        if saves.len() >= 32 {
+            saves.join_next().await.unwrap().unwrap();
+        }
+        let (store, certs) = (store.clone(), certs.clone());
+        saves.spawn(async move {
+            let g = &certs[i];
+            let bundle = CertBundle::from_pem(g.cert.clone(), g.key.clone()).unwrap();
+            let domains = domain::parse_all(&[g.name.as_str(), g.www.as_str()]).unwrap();
+            let meta = CertMeta::new(g.name.clone(), domains, "https://acme.invalid/directory");
             store
                 .save_cert(&StoredCert::new(bundle, meta))
                 .await
@@ -190,5 +313,8 @@ async fn fill(store: &DynStore) {
     while let Some(done) = saves.join_next().await {
         done.unwrap();
     }
-    eprintln!("wrote {CERTS} certificates in {:?}", started.elapsed());
+    eprintln!(
+        "{label}: wrote {CERTS} certificates in {:?}",
+        started.elapsed()
+    );
 }
