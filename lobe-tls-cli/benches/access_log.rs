@@ -50,16 +50,16 @@ fn main() -> BenchResult<()> {
         peers::nginx_with(
             &conf,
             &NginxTuning {
-                reuseport: true,
                 access_log: None,
+                ..NginxTuning::default()
             },
             "nginx 1.22, access_log off",
         )?,
         peers::nginx_with(
             &conf,
             &NginxTuning {
-                reuseport: true,
                 access_log: Some(nginx_log.clone()),
+                ..NginxTuning::default()
             },
             "nginx 1.22, default access log",
         )?,
@@ -70,7 +70,7 @@ fn main() -> BenchResult<()> {
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); peers.len()];
     for round in 0..rounds {
         for (i, peer) in peers.iter().enumerate() {
-            let rate = wrk(&peer.url, seconds, false)?;
+            let rate = wrk(&peer.url, seconds, false)?.rate;
             eprintln!(
                 "round {}: {:<42} keep-alive {rate:>9.0} req/s",
                 round + 1,

@@ -9,7 +9,7 @@
 //! | `lobe_tls_renewal_failures_total` | counter | `name` |
 //! | `lobe_tls_certificate_conflicts_total` | counter | `name` |
 //! | `lobe_tls_unusable_certificates_total` | counter | `name` |
-//! | `lobe_tls_handshakes_total` | counter | `result` = `ok` / `failed` |
+//! | `lobe_tls_handshakes_total` | counter | `result` = `ok` / `failed`, `resumed` = `true` / `false` |
 //! | `lobe_tls_active_connections` | gauge | |
 //! | `lobe_tls_connections_total` | counter | |
 //! | `lobe_tls_upstream_errors_total` | counter | |
@@ -92,7 +92,7 @@ pub struct CertExpiry {
 
 type CertSource = Box<dyn Fn() -> Vec<CertExpiry> + Send + Sync>;
 type NameLabel = [(&'static str, LabelText); 1];
-type ResultLabel = [(&'static str, &'static str); 1];
+type ResultLabel = [(&'static str, &'static str); 2];
 
 /// The counters. Shared through an `Arc`; every method is cheap and lock-free except
 /// [`Metrics::register`] and the certificate sources, which are not on the handshake path.
@@ -101,8 +101,9 @@ pub struct Metrics {
     /// Families under their own standard names, without the `lobe_tls_` prefix
     /// (`process_*`).
     unprefixed: RwLock<Registry>,
-    // The family's two members, held so that a handshake costs one atomic add.
-    handshakes_ok: Counter,
+    // The family's three members, held so that a handshake costs one atomic add.
+    handshakes_full: Counter,
+    handshakes_resumed: Counter,
     handshakes_failed: Counter,
     active_connections: Gauge,
     connections_total: Counter,
@@ -238,12 +239,14 @@ impl Default for Metrics {
             "Connections whose upstream could not be reached",
             upstream_errors.clone(),
         );
-        let handshakes_ok = handshakes.get_or_create(&OK).clone();
+        let handshakes_full = handshakes.get_or_create(&FULL).clone();
+        let handshakes_resumed = handshakes.get_or_create(&RESUMED).clone();
         let handshakes_failed = handshakes.get_or_create(&FAILED).clone();
         Metrics {
             registry: RwLock::new(registry),
             unprefixed: RwLock::new(Registry::default()),
-            handshakes_ok,
+            handshakes_full,
+            handshakes_resumed,
             handshakes_failed,
             active_connections,
             connections_total,
@@ -256,8 +259,10 @@ impl Default for Metrics {
     }
 }
 
-const OK: ResultLabel = [("result", "ok")];
-const FAILED: ResultLabel = [("result", "failed")];
+const FULL: ResultLabel = [("result", "ok"), ("resumed", "false")];
+const RESUMED: ResultLabel = [("result", "ok"), ("resumed", "true")];
+// A failed handshake resumed nothing.
+const FAILED: ResultLabel = [("result", "failed"), ("resumed", "false")];
 
 fn name_label(name: &str) -> NameLabel {
     [("name", LabelText::from(name))]
@@ -287,9 +292,14 @@ impl Metrics {
         }
     }
 
-    /// Counts a completed TLS handshake.
-    pub fn handshake_ok(&self) {
-        self.handshakes_ok.inc();
+    /// Counts a completed TLS handshake; `resumed` when it resumed an earlier session (a
+    /// ticket or the session cache), so no key exchange with a signature was made.
+    pub fn handshake_ok(&self, resumed: bool) {
+        if resumed {
+            self.handshakes_resumed.inc();
+        } else {
+            self.handshakes_full.inc();
+        }
     }
 
     /// Counts a failed or refused TLS handshake.
@@ -321,9 +331,17 @@ impl Metrics {
         self.active_connections.get()
     }
 
-    /// Completed and failed handshakes so far.
+    /// Completed (full and resumed) and failed handshakes so far.
     pub fn handshakes(&self) -> (u64, u64) {
-        (self.handshakes_ok.get(), self.handshakes_failed.get())
+        (
+            self.handshakes_full.get() + self.handshakes_resumed.get(),
+            self.handshakes_failed.get(),
+        )
+    }
+
+    /// Completed handshakes that resumed an earlier session, so far.
+    pub fn resumed_handshakes(&self) -> u64 {
+        self.handshakes_resumed.get()
     }
 
     /// Makes `name` appear in the renewal failure, conflict and unusable counters, at
@@ -469,7 +487,9 @@ mod tests {
         });
         metrics.track_renewals("managed.example");
         metrics.renewal_failed("managed.example");
-        metrics.handshake_ok();
+        metrics.handshake_ok(false);
+        metrics.handshake_ok(true);
+        metrics.handshake_ok(true);
         metrics.handshake_failed();
         metrics.handshake_failed();
         let guard = metrics.connection_opened();
@@ -480,8 +500,9 @@ mod tests {
             "lobe_tls_renewal_failures_total{name=\"managed.example\"} 1",
             "lobe_tls_certificate_ari_window_start_timestamp_seconds{name=\"m\",source=\"managed\"} 1700000000",
             "lobe_tls_certificate_ari_window_end_timestamp_seconds{name=\"m\",source=\"managed\"} 1700086400",
-            "lobe_tls_handshakes_total{result=\"ok\"} 1",
-            "lobe_tls_handshakes_total{result=\"failed\"} 2",
+            "lobe_tls_handshakes_total{result=\"ok\",resumed=\"false\"} 1",
+            "lobe_tls_handshakes_total{result=\"ok\",resumed=\"true\"} 2",
+            "lobe_tls_handshakes_total{result=\"failed\",resumed=\"false\"} 2",
             "lobe_tls_active_connections 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line} in\n{text}");
@@ -507,6 +528,6 @@ mod tests {
                 .any(|l| l == "lobe_tls_edge_requests_total{site=\"chat\"} 1"),
             "{text}"
         );
-        assert!(text.contains("lobe_tls_handshakes_total{result=\"ok\"} 0"));
+        assert!(text.contains("lobe_tls_handshakes_total{result=\"ok\",resumed=\"true\"} 0"));
     }
 }

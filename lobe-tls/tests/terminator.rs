@@ -366,6 +366,37 @@ async fn unknown_name_without_default_is_refused_and_counted() {
 }
 
 #[tokio::test]
+async fn resumed_handshakes_are_counted_apart_from_full_ones() {
+    let pki = pki();
+    let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = upstream.accept().await {
+            let _ = stream.write_all(b"hi\n").await;
+        }
+    });
+    let running = terminator(&pki, upstream_addr, |_| {}).await;
+    // The same client config twice: the second connection presents the ticket the first
+    // one read along with its line.
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let tls = connect(&pki, running.addr, NAME).await.unwrap();
+        kinds.push(tls.get_ref().1.handshake_kind());
+        let mut client = BufReader::new(tls);
+        assert_eq!(line(&mut client).await, "hi\n");
+    }
+    assert_eq!(
+        kinds,
+        [
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Resumed)
+        ]
+    );
+    assert_eq!(running.metrics.handshakes(), (2, 0));
+    assert_eq!(running.metrics.resumed_handshakes(), 1);
+}
+
+#[tokio::test]
 async fn metrics_endpoint_serves_prometheus_text() {
     let pki = pki();
     let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -413,8 +444,8 @@ async fn metrics_endpoint_serves_prometheus_text() {
     );
     for line in [
         "lobe_tls_certificate_expiry_timestamp_seconds{name=\"app.example.com\",source=\"dir\"} 1900000000",
-        "lobe_tls_handshakes_total{result=\"ok\"} 1",
-        "lobe_tls_handshakes_total{result=\"failed\"} 1",
+        "lobe_tls_handshakes_total{result=\"ok\",resumed=\"false\"} 1",
+        "lobe_tls_handshakes_total{result=\"failed\",resumed=\"false\"} 1",
         "lobe_tls_active_connections 1",
         "# TYPE lobe_tls_handshakes counter",
         "# EOF",

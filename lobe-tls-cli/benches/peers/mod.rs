@@ -7,10 +7,17 @@
 //! `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and RFC 7239 `Forwarded`,
 //! as an edge in front of an app must. A peer that skipped that would be measured doing
 //! less work.
+//!
+//! Each peer is set up as its own experts run it on a machine of [`threads`] cores, with
+//! as many threads or processes as `serve` gets (`--threads`): nginx with `reuseport`
+//! (one listening socket per worker), keep-alive limits raised so that no client
+//! connection is closed mid-run, tickets and the session cache on; HAProxy with
+//! `nbthread`, `http-reuse always`; Caddy with `GOMAXPROCS`. None writes an access log.
 
 // Each bench uses its own part of this module.
 #![allow(dead_code)]
 
+pub mod load;
 pub mod page;
 
 use std::net::TcpStream;
@@ -18,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub type BenchResult<T> = Result<T, Box<dyn std::error::Error>>;
+pub type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 /// A count from the environment, `default` when unset, clamped to `min..=max`.
 pub fn env_count(var: &str, default: u64, min: u64, max: u64) -> u64 {
@@ -37,6 +44,43 @@ pub fn median(values: &[f64]) -> f64 {
         n if n % 2 == 1 => sorted[n / 2],
         n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     }
+}
+
+/// The threads (nginx's worker processes, HAProxy's `nbthread`, Go's `GOMAXPROCS`,
+/// `serve --threads`) each peer gets: the machine's CPUs, or `BENCH_THREADS`.
+pub fn threads() -> u64 {
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get() as u64);
+    env_count("BENCH_THREADS", cpus, 1, 256)
+}
+
+/// The CPU time (user + system) that `pid` and its descendants have used so far, in
+/// seconds, from `/proc/PID/stat`.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let ticks: u64 = std::iter::once(pid)
+        .chain(descendants(pid))
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // The command name (2nd field) may hold spaces: count from after its ')'.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    ticks as f64 / clock_ticks() as f64
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`, 100 on Linux).
+fn clock_ticks() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100)
+    })
 }
 
 /// A server process the bench started: a peer under test or a backend.
@@ -327,6 +371,7 @@ pub fn lobe_with(
     let store = conf.dir.join(format!("store-{port}"));
     let cert_dir = conf.certs.cert_dir.display().to_string();
     let store = store.display().to_string();
+    let threads = threads().to_string();
     let mut args = vec![
         "--store",
         &store,
@@ -343,6 +388,8 @@ pub fn lobe_with(
         // Several `serve` peers run at once: none takes the admin port.
         "--admin-listen",
         "off",
+        "--threads",
+        &threads,
     ];
     if let Some(mode) = mode {
         args.extend(["--mode", mode]);
@@ -401,13 +448,25 @@ fn nginx(conf: &Conf<'_>) -> BenchResult<Peer> {
 }
 
 /// What an nginx peer does beyond the common configuration.
-#[derive(Default)]
 pub struct NginxTuning {
     /// `listen ... reuseport`: one listening socket per worker, as nginx's experts run it
-    /// on a multi-core machine.
+    /// on a multi-core machine (on unless a bench shows what it is worth).
     pub reuseport: bool,
     /// nginx's default access log (`combined`, unbuffered) to this file; `None`: `access_log off`.
     pub access_log: Option<PathBuf>,
+    /// A log of `$ssl_session_reused` (`r` or `.`) per request to this file, buffered,
+    /// to check which handshakes were resumed (instead of `access_log`).
+    pub resumption_log: Option<PathBuf>,
+}
+
+impl Default for NginxTuning {
+    fn default() -> Self {
+        NginxTuning {
+            reuseport: true,
+            access_log: None,
+            resumption_log: None,
+        }
+    }
 }
 
 /// nginx with `tuning`, under `label`.
@@ -416,31 +475,40 @@ pub fn nginx_with(conf: &Conf<'_>, tuning: &NginxTuning, label: &str) -> BenchRe
     let port_reserved = lobe_tls_tests::reserve_port();
     let port = port_reserved.port();
     let path = conf.dir.join(format!("nginx-{port}.conf"));
-    let access_log = match &tuning.access_log {
-        Some(file) => format!("access_log {} combined;", file.display()),
-        None => "access_log off;".to_owned(),
+    let access_log = match (&tuning.access_log, &tuning.resumption_log) {
+        (Some(file), _) => format!("access_log {} combined;", file.display()),
+        (None, Some(file)) => format!(
+            "log_format resumed '$ssl_session_reused';\n\
+             access_log {} resumed buffer=64k flush=1s;",
+            file.display()
+        ),
+        (None, None) => "access_log off;".to_owned(),
     };
     let reuseport = if tuning.reuseport { " reuseport" } else { "" };
-    let (rlimit, upgrade_map, connection) = if conf.scale.websocket {
+    let (rlimit, upgrade_map, connection, buffering) = if conf.scale.websocket {
         (
             // Two descriptors per proxied connection, plus a margin.
             format!("worker_rlimit_nofile {};\n", conf.scale.max_conns * 2 + 256),
             "map $http_upgrade $connection_upgrade { default upgrade; '' ''; }\n",
             "proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $connection_upgrade;",
+            // Streams (SSE) pass frame by frame, as through `serve`.
+            "proxy_buffering off;",
         )
     } else {
-        (String::new(), "", "proxy_set_header Connection \"\";")
+        // Pages: nginx's default buffering, as its experts leave it for small answers.
+        (String::new(), "", "proxy_set_header Connection \"\";", "")
     };
     std::fs::write(
         &path,
         format!(
-            "daemon off; worker_processes auto; pid {pid}; error_log stderr error;\n{rlimit}\
+            "daemon off; worker_processes {threads}; pid {pid}; error_log stderr error;\n{rlimit}\
              events {{ worker_connections {worker_connections}; }}\n\
              http {{ {access_log}\n{upgrade_map}\
-               upstream app {{ server 127.0.0.1:{backend}; keepalive 64; }}\n\
+               keepalive_requests 1000000;\n\
+               upstream app {{ server 127.0.0.1:{backend}; keepalive 64; keepalive_requests 1000000; }}\n\
                server {{ listen 127.0.0.1:{port} ssl http2{reuseport};\n\
                  ssl_certificate {cert}; ssl_certificate_key {key};\n\
-                 ssl_session_cache shared:SSL:10m;\n\
+                 ssl_session_cache shared:SSL:10m; ssl_session_tickets on;\n\
                  ssl_protocols TLSv1.2 TLSv1.3;\n\
                  location / {{ proxy_pass http://app; proxy_http_version 1.1;\n\
                    {connection} proxy_set_header Host $host;\n\
@@ -448,7 +516,8 @@ pub fn nginx_with(conf: &Conf<'_>, tuning: &NginxTuning, label: &str) -> BenchRe
                    proxy_set_header X-Forwarded-Proto $scheme;\n\
                    proxy_set_header X-Forwarded-Host $host;\n\
                    proxy_set_header Forwarded \"for=$remote_addr;proto=$scheme;host=$host\";\n\
-                   proxy_buffering off; proxy_read_timeout 3600s; }} }} }}\n",
+                   {buffering} proxy_read_timeout 3600s; }} }} }}\n",
+            threads = threads(),
             pid = conf.dir.join(format!("nginx-{port}.pid")).display(),
             worker_connections = if conf.scale.websocket {
                 conf.scale.max_conns * 2
@@ -471,31 +540,53 @@ pub fn nginx_with(conf: &Conf<'_>, tuning: &NginxTuning, label: &str) -> BenchRe
 }
 
 fn haproxy(conf: &Conf<'_>) -> BenchResult<Peer> {
+    haproxy_with(conf, None)
+}
+
+/// HAProxy; with `resumption_log`, it logs `ssl_fc_is_resumed` (`1` or `0`) per request
+/// to that file, to check which handshakes were resumed.
+pub fn haproxy_with(conf: &Conf<'_>, resumption_log: Option<&Path>) -> BenchResult<Peer> {
     // Held until the peer listens on it: nobody else can take it meanwhile.
     let port_reserved = lobe_tls_tests::reserve_port();
     let port = port_reserved.port();
-    let path = conf.dir.join("haproxy.cfg");
+    let path = conf.dir.join(format!("haproxy-{port}.cfg"));
+    let (global_log, log) = match resumption_log {
+        Some(_) => (
+            "  log stdout format raw local0\n",
+            "  log global\n  log-format \"%[ssl_fc_is_resumed]\"\n",
+        ),
+        None => ("", ""),
+    };
     std::fs::write(
         &path,
         format!(
-            "global\n  nbthread 2\n  maxconn {max_conns}\n\
-             defaults\n  mode http\n  timeout connect 5s\n  timeout client 3600s\n  timeout server 3600s\n\
+            "global\n  nbthread {threads}\n  maxconn {max_conns}\n{global_log}\
+             defaults\n  mode http\n{log}  timeout connect 5s\n  timeout client 3600s\n  timeout server 3600s\n\
              frontend edge\n  bind 127.0.0.1:{port} ssl crt {bundle} alpn h2,http/1.1\n  default_backend app\n\
              backend app\n  http-reuse always\n  option forwardfor\n  \
              http-request set-header X-Forwarded-Proto https\n  \
              http-request set-header X-Forwarded-Host %[req.hdr(host)]\n  \
              http-request set-header Forwarded \"for=%[src];proto=https;host=%[req.hdr(host)]\"\n  \
              server s1 127.0.0.1:{backend}\n",
+            threads = threads(),
             max_conns = conf.scale.max_conns,
             bundle = conf.certs.bundle.display(),
             backend = conf.backend,
         ),
     )?;
     let path = path.display().to_string();
-    spawn(
+    let mut command = Command::new("haproxy");
+    command
+        .args(["-f", &path, "-db"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit());
+    match resumption_log {
+        Some(file) => command.stdout(std::fs::File::create(file)?),
+        None => command.stdout(Stdio::null()),
+    };
+    spawn_command(
         &label(Kind::Haproxy),
-        "haproxy",
-        &["-f", &path, "-db"],
+        command,
         port,
         format!("https://localhost:{port}/"),
     )
@@ -512,7 +603,7 @@ fn caddy(conf: &Conf<'_>, program: &str) -> BenchResult<Peer> {
         &path,
         format!(
             "{{\n  admin off\n  auto_https off\n  storage file_system {storage}\n  default_sni localhost\n}}\n\
-             https://localhost:{port} {{\n  bind 127.0.0.1\n  tls {cert} {key}\n  reverse_proxy 127.0.0.1:{backend} {{\n    header_up Forwarded \"for={{remote_host}};proto=https;host={{host}}\"\n  }}\n  log {{\n    output discard\n  }}\n}}\n",
+             https://localhost:{port} {{\n  bind 127.0.0.1\n  tls {cert} {key}\n  reverse_proxy 127.0.0.1:{backend} {{\n    header_up Forwarded \"for={{remote_host}};proto=https;host={{host}}\"\n  }}\n}}\n",
             storage = conf.dir.join("caddy-data").display(),
             cert = conf.certs.cert.display(),
             key = conf.certs.key.display(),
@@ -529,6 +620,7 @@ fn caddy(conf: &Conf<'_>, program: &str) -> BenchResult<Peer> {
         .env("HOME", &home)
         .env("XDG_DATA_HOME", &home)
         .env("XDG_CONFIG_HOME", &home)
+        .env("GOMAXPROCS", threads().to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         // Caddy logs every start-up line at INFO: keep them for when it fails.
@@ -544,4 +636,114 @@ fn caddy(conf: &Conf<'_>, program: &str) -> BenchResult<Peer> {
         let last: Vec<&str> = log.lines().rev().take(3).collect();
         format!("{e}: {}", last.join(" / ")).into()
     })
+}
+
+/// The peer's version and the TLS library it runs on, as the programs themselves say.
+pub fn software(kind: Kind) -> String {
+    let output = |program: &str, args: &[&str]| -> String {
+        Command::new(program)
+            .args(args)
+            .output()
+            .map(|o| {
+                let mut text = String::from_utf8_lossy(&o.stdout).into_owned();
+                text.push_str(&String::from_utf8_lossy(&o.stderr));
+                text
+            })
+            .unwrap_or_default()
+    };
+    match kind {
+        Kind::Lobe(_) => {
+            let version = output(env!("CARGO_BIN_EXE_lobe-tls"), &["--version"]);
+            // The versions this build locked.
+            let lock = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock"));
+            let locked = |name: &str| {
+                let entry = format!("name = \"{name}\"\nversion = \"");
+                lock.find(&entry)
+                    .and_then(|at| lock[at + entry.len()..].split('"').next())
+                    .unwrap_or("?")
+                    .to_owned()
+            };
+            format!(
+                "{} (rustls {}, aws-lc-rs {})",
+                version.trim(),
+                locked("rustls"),
+                locked("aws-lc-rs")
+            )
+        }
+        Kind::Nginx => {
+            let text = output("nginx", &["-V"]);
+            let version = text
+                .lines()
+                .find_map(|l| l.strip_prefix("nginx version: "))
+                .unwrap_or("nginx ?");
+            // "built with OpenSSL 3.0.x ... (running with OpenSSL 3.0.y ...)"
+            let running = text
+                .split("running with ")
+                .nth(1)
+                .and_then(|r| r.split(')').next())
+                .or_else(|| text.lines().find_map(|l| l.strip_prefix("built with ")))
+                .unwrap_or("?");
+            format!("{version} ({running})")
+        }
+        Kind::Haproxy => {
+            let text = output("haproxy", &["-vv"]);
+            let version = text
+                .lines()
+                .find_map(|l| l.strip_prefix("HAProxy version "))
+                .and_then(|v| v.split_whitespace().next())
+                .unwrap_or("?");
+            let running = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Running on OpenSSL version : "))
+                .unwrap_or("?");
+            format!("HAProxy {version} ({running})")
+        }
+        Kind::Caddy => {
+            let program = caddy_binary();
+            let version = output(&program, &["version"]);
+            let go = output(&program, &["build-info"]);
+            let go = go
+                .lines()
+                .find_map(|l| l.strip_prefix("go\t").or_else(|| l.strip_prefix("go ")))
+                .unwrap_or("Go ?");
+            format!(
+                "Caddy {} (Go crypto/tls, {})",
+                version.split_whitespace().next().unwrap_or("?"),
+                go.trim()
+            )
+        }
+    }
+}
+
+/// A Pingora-based proxy (`bench-peers/pingora-edge`), with the same certificate,
+/// backend, threads and forwarding headers.
+pub fn pingora(conf: &Conf<'_>, binary: &str) -> BenchResult<Peer> {
+    if !found(binary) {
+        return Err(format!("{binary} not found (build bench-peers/pingora-edge)").into());
+    }
+    let port_reserved = lobe_tls_tests::reserve_port();
+    let port = port_reserved.port();
+    let listen = format!("127.0.0.1:{port}");
+    let upstream = format!("127.0.0.1:{}", conf.backend);
+    let cert = conf.certs.cert.display().to_string();
+    let key = conf.certs.key.display().to_string();
+    let threads = threads().to_string();
+    spawn(
+        "Pingora (pingora-edge)",
+        binary,
+        &[
+            "--listen",
+            &listen,
+            "--upstream",
+            &upstream,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--threads",
+            &threads,
+        ],
+        port,
+        format!("https://localhost:{port}/"),
+    )
 }

@@ -49,7 +49,8 @@ pub(crate) async fn connection(
             return;
         }
     };
-    shared.cert_metrics.handshake_ok();
+    let resumed = accepted.tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    shared.cert_metrics.handshake_ok(resumed);
     let mut accepted = accepted;
     if accepted.tls.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
         // A TLS-ALPN-01 validation: the handshake was the whole point (RFC 8737).
