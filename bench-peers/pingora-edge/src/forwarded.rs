@@ -93,7 +93,10 @@ mod tests {
             Some("192.0.2.1, 192.0.2.7")
         );
         assert_eq!(header(&req, "x-forwarded-proto").as_deref(), Some("https"));
-        assert_eq!(header(&req, "x-forwarded-host").as_deref(), Some("a.example"));
+        assert_eq!(
+            header(&req, "x-forwarded-host").as_deref(),
+            Some("a.example")
+        );
         assert_eq!(
             header(&req, "forwarded").as_deref(),
             Some("for=192.0.2.7;proto=https;host=a.example")

@@ -21,7 +21,10 @@ use pingora::server::configuration::ServerConf;
 use pingora::tls::{load_certs_and_key_files, ServerConfig};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "A Pingora TLS edge (rustls) for lobe-tls's edge bench")]
+#[command(
+    version,
+    about = "A Pingora TLS edge (rustls) for lobe-tls's edge bench"
+)]
 struct Args {
     /// Address to accept TLS on, e.g. 127.0.0.1:8443.
     #[arg(long)]
@@ -154,7 +157,8 @@ fn start(args: &Args) -> Result<Server, StartError> {
             upstream: args.upstream,
         },
     );
-    let mut tls = TlsSettings::intermediate(cert, key).map_err(|e| StartError::Pem(cert.into(), e))?;
+    let mut tls =
+        TlsSettings::intermediate(cert, key).map_err(|e| StartError::Pem(cert.into(), e))?;
     tls.enable_h2();
     service.add_tls_with_settings(&args.listen.to_string(), None, tls);
     server.add_service(service);
