@@ -113,10 +113,26 @@ impl ProxyHttp for Edge {
     // `logging` keeps its empty default: no access log.
 }
 
+/// Installs rustls's process-wide crypto provider and names it. Pingora installs ring
+/// only when none is installed yet, so one installed here wins.
+fn install_provider() -> &'static str {
+    #[cfg(feature = "aws-lc-rs")]
+    {
+        let _ = pingora::tls::CryptoProvider::install_default(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        );
+        "aws-lc-rs"
+    }
+    #[cfg(not(feature = "aws-lc-rs"))]
+    {
+        pingora::tls::install_default_crypto_provider();
+        "ring"
+    }
+}
+
 /// Loads the pair through rustls before Pingora does: its listener set-up panics on a
 /// bad file, while this reports which one and why.
 fn check_pem(cert: &str, key: &str) -> Result<(), StartError> {
-    pingora::tls::install_default_crypto_provider();
     let what = || format!("{cert} / {key}");
     let (certs, key) = load_certs_and_key_files(cert, key)
         .map_err(|e| StartError::Pem(what(), e))?
@@ -136,7 +152,12 @@ fn utf8(path: &std::path::Path) -> Result<&str, StartError> {
 fn start(args: &Args) -> Result<Server, StartError> {
     let cert = utf8(&args.cert)?;
     let key = utf8(&args.key)?;
+    let provider = install_provider();
     check_pem(cert, key)?;
+    eprintln!(
+        "pingora-edge: TLS on {} with rustls ({provider}), {} thread(s), upstream {}",
+        args.listen, args.threads, args.upstream
+    );
 
     let conf = ServerConf {
         threads: usize::from(args.threads),
