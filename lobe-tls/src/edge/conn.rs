@@ -63,7 +63,7 @@ pub(crate) async fn connection(
         metrics::GaugeGuard::new(shared.metrics.connections.clone()),
     );
     match shared.config.mode {
-        Mode::Tcp => tcp::serve(accepted, shared).await,
+        Mode::Tcp => tcp::serve(accepted, shared, hold).await,
         Mode::Http => {
             hold.count_active(shared.cert_metrics.connection_opened());
             http::serve(accepted, shared, hold).await

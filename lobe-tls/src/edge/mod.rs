@@ -42,6 +42,7 @@ mod clock;
 mod config;
 mod config_file;
 mod conn;
+mod copy;
 mod forwarded;
 mod headers;
 mod health;

@@ -20,11 +20,13 @@ use tokio::net::TcpStream;
 use super::accept::{Accepted, proxy_v2_header};
 use super::clock::ActivityClock;
 use super::config::secs;
+use super::hold::ConnHold;
 use super::shared::Shared;
 use super::upstream::PickContext;
 
-/// Forwards one accepted connection to an upstream of the site its SNI names.
-pub(crate) async fn serve(accepted: Accepted, shared: Arc<Shared>) {
+/// Forwards one accepted connection to an upstream of the site its SNI names; `hold`
+/// (its place in the limits) is kept until the connection closes.
+pub(crate) async fn serve(accepted: Accepted, shared: Arc<Shared>, hold: ConnHold) {
     let Accepted {
         mut tls,
         client,
@@ -99,12 +101,22 @@ pub(crate) async fn serve(accepted: Accepted, shared: Arc<Shared>) {
             return;
         }
     }
-    let _open = member.upstream.open();
-    let _active = shared.cert_metrics.connection_opened();
-    match forward(tls, upstream, site.config.idle()).await {
-        Ok((up, down)) => tracing::debug!(%client, up, down, "connection closed"),
-        Err(e) => tracing::debug!(%client, error = %e, "connection ended"),
-    }
+    let held = (
+        hold,
+        member.upstream.open(),
+        shared.cert_metrics.connection_opened(),
+    );
+    // The copy runs in a task of its own, as an upgraded connection's does: this task
+    // is sized for the handshake and the upstream pick, and would keep that size for as
+    // long as the connection stays open. The stream is boxed so that it is stored once.
+    let copy = forward(Box::new(tls), upstream, site.config.idle());
+    shared.spawn_detached(async move {
+        match copy.await {
+            Ok((up, down)) => tracing::debug!(%client, up, down, "connection closed"),
+            Err(e) => tracing::debug!(%client, error = %e, "connection ended"),
+        }
+        drop(held);
+    });
 }
 
 /// Tells a client that the upstream is down, where it is known to speak HTTP/1.1 (it
@@ -138,9 +150,9 @@ where
     let clock = Arc::new(ActivityClock::new());
     let mut client = Tracked::new(client, clock.clone());
     let mut upstream = Tracked::new(upstream, clock.clone());
-    // tokio's copy writes each chunk as soon as it is read and shuts the other side's
-    // write half down at EOF, which is the half-close we want.
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    // Each chunk is written as soon as it is read, and at EOF the other side's write half
+    // is shut down (half-close); no buffer is held while nothing moves.
+    let copy = super::copy::bidirectional(&mut client, &mut upstream);
     tokio::pin!(copy);
     loop {
         let deadline = clock.last() + idle_timeout;
