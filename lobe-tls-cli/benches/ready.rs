@@ -5,8 +5,9 @@
 //!   random stored name (one client retrying at once);
 //! - p50/p99 of full handshakes for random stored names from that moment to 10 s after
 //!   spawn, from `CLIENTS` clients in a loop (failed handshakes counted apart);
-//! - loaded: from spawn to `/readyz` answering 200 (every certificate loaded);
-//! - in a second spawn with no handshake at all: resident memory per certificate once
+//! - loaded: from spawn to `/readyz` answering 200 (every certificate loaded), under
+//!   the clients' load, and again in a second spawn with no handshake;
+//! - in that second spawn: resident memory per certificate once
 //!   loaded (RSS minus the RSS of `serve` over a one-certificate store, over the count),
 //!   then again after `KEYS_USED` distinct names were handshaked (their keys loaded).
 //!
@@ -64,11 +65,7 @@ fn main() {
 
     for kind in stores.split(',') {
         let (spec, small_spec, _redis) = match kind {
-            "fs" => (
-                dir.display().to_string(),
-                small.display().to_string(),
-                None,
-            ),
+            "fs" => (dir.display().to_string(), small.display().to_string(), None),
             "redis" => {
                 let redis = lobe_tls_tests::RedisServer::start();
                 let small_redis = lobe_tls_tests::RedisServer::start();
@@ -87,6 +84,7 @@ fn main() {
         let mut p99 = Vec::new();
         let mut kib = Vec::new();
         let mut kib_used = Vec::new();
+        let mut quiet = Vec::new();
         for run in 0..runs {
             let r = runtime.block_on(ready_run(&spec, &connector, certs));
             println!(
@@ -97,10 +95,11 @@ fn main() {
             loaded.push(r.loaded);
             p50.push(r.p50);
             p99.push(r.p99);
-            let (idle, used) = runtime.block_on(idle_rss(&spec, &connector, certs));
+            let (idle, used, quiet_load) = runtime.block_on(idle_rss(&spec, &connector, certs));
+            quiet.push(quiet_load);
             let per = |rss: f64| (rss - baseline.0) / certs as f64 / 1024.0;
             println!(
-                "{kind} run {run}: RSS {:.1} MiB loaded ({:.2} KiB/cert), {:.1} MiB after {KEYS_USED} keys used ({:.2} KiB/cert); one-certificate serve {:.1} MiB",
+                "{kind} run {run}: all loaded at {quiet_load:.3} s with no handshake; RSS {:.1} MiB loaded ({:.2} KiB/cert), {:.1} MiB after {KEYS_USED} keys used ({:.2} KiB/cert); one-certificate serve {:.1} MiB",
                 idle / 1048576.0,
                 per(idle),
                 used / 1048576.0,
@@ -111,12 +110,13 @@ fn main() {
             kib_used.push(per(used));
         }
         println!(
-            "ready {kind}: {certs} certificates, median of {runs}: ready {:.3} s, p50 {:.2} ms, p99 {:.2} ms over the first {} s, all loaded at {:.3} s, {:.2} KiB/cert loaded, {:.2} KiB/cert after {KEYS_USED} keys used",
+            "ready {kind}: {certs} certificates, median of {runs}: ready {:.3} s, p50 {:.2} ms, p99 {:.2} ms over the first {} s, all loaded at {:.3} s ({:.3} s with no handshake), {:.2} KiB/cert loaded, {:.2} KiB/cert after {KEYS_USED} keys used",
             median(&mut ready),
             median(&mut p50),
             median(&mut p99),
             WINDOW.as_secs(),
             median(&mut loaded),
+            median(&mut quiet),
             median(&mut kib),
             median(&mut kib_used),
         );
@@ -251,13 +251,10 @@ fn spawn_serve(store: &str) -> Serve {
 async fn handshake(connector: &TlsConnector, addr: &str, name: &str) -> std::io::Result<()> {
     let tcp = TcpStream::connect(addr).await?;
     let server_name = ServerName::try_from(name.to_owned()).unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        connector.connect(server_name, tcp),
-    )
-    .await
-    .map_err(|_| std::io::Error::other("handshake timed out"))?
-    .map(drop)
+    tokio::time::timeout(Duration::from_secs(5), connector.connect(server_name, tcp))
+        .await
+        .map_err(|_| std::io::Error::other("handshake timed out"))?
+        .map(drop)
 }
 
 fn random_name(certs: usize) -> String {
@@ -312,7 +309,10 @@ async fn ready_run(store: &str, connector: &TlsConnector, certs: usize) -> Ready
     let loaded = wait_loaded(&serve.admin, spawned).await;
     let on_demand = status_on_demand(&serve.admin).await;
     if failed > 0 {
-        eprintln!("{failed} handshakes failed; /readyz: {:?}", admin_get(&serve.admin, "/readyz").await.map(|r| r.1));
+        eprintln!(
+            "{failed} handshakes failed; /readyz: {:?}",
+            admin_get(&serve.admin, "/readyz").await.map(|r| r.1)
+        );
     }
     times.sort_by(f64::total_cmp);
     let at = |q: f64| times[((times.len() as f64 * q) as usize).min(times.len() - 1)];
@@ -380,18 +380,22 @@ fn rss_of(pid: u32) -> f64 {
 
 /// RSS of `serve` once its store is loaded with no handshake, then after `KEYS_USED`
 /// distinct names (capped at `certs`) were handshaked.
-async fn idle_rss(store: &str, connector: &TlsConnector, certs: usize) -> (f64, f64) {
+async fn idle_rss(store: &str, connector: &TlsConnector, certs: usize) -> (f64, f64, f64) {
     let spawned = Instant::now();
     let serve = spawn_serve(store);
-    wait_loaded(&serve.admin, spawned).await;
+    let loaded = wait_loaded(&serve.admin, spawned).await;
     // Let the allocator settle after the load's transient buffers.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = rss_of(serve.child.id());
     for i in 0..KEYS_USED.min(certs) {
-        handshake(connector, &serve.listen, &name_of(i * (certs / KEYS_USED).max(1)))
-            .await
-            .unwrap();
+        handshake(
+            connector,
+            &serve.listen,
+            &name_of(i * (certs / KEYS_USED).max(1)),
+        )
+        .await
+        .unwrap();
     }
     let used = rss_of(serve.child.id());
-    (idle, used)
+    (idle, used, loaded)
 }

@@ -122,7 +122,10 @@ async fn a_stored_name_is_served_during_the_initial_load_and_every_name_after_it
         if let Some(answer) = readyz(&admin_addr).await {
             break answer;
         }
-        assert!(spawned.elapsed() < STEP, "the admin listener never answered");
+        assert!(
+            spawned.elapsed() < STEP,
+            "the admin listener never answered"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     assert_eq!(first.0, 503, "not ready while loading: {}", first.1);

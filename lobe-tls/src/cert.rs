@@ -268,7 +268,13 @@ fn build_certified_key(
     let chain: Vec<CertificateDer<'static>> = chain
         .into_iter()
         .enumerate()
-        .map(|(at, der)| if at == 0 { der } else { shared_der::intern(der) })
+        .map(|(at, der)| {
+            if at == 0 {
+                der
+            } else {
+                shared_der::intern(der)
+            }
+        })
         .collect();
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| {
         Error::certificate(

@@ -341,8 +341,11 @@ mod tests {
     #[test]
     fn garbage_in_a_pkcs8_container_is_refused_at_construction() {
         let (leaf, _) = pair(KeyType::EcdsaP256);
-        let err = LazyKey::new(PrivateKeyDer::Pkcs8(vec![0x30, 0x03, 1, 2, 3].into()), &leaf)
-            .unwrap_err();
+        let err = LazyKey::new(
+            PrivateKeyDer::Pkcs8(vec![0x30, 0x03, 1, 2, 3].into()),
+            &leaf,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("PKCS#8"), "{err}");
     }
 

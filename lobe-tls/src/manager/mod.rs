@@ -50,7 +50,9 @@ mod tests;
 pub use builder::{ManagedCert, ManagerBuilder};
 pub use events::{CertState, Event, RenewOutcome, StartReport};
 pub use maintenance::MaintenanceHandle;
-pub use startup::{InitialLoadStatus, LOAD_TIMEOUT as ON_DEMAND_LOAD_TIMEOUT, MAX_LOADS as MAX_ON_DEMAND_LOADS};
+pub use startup::{
+    InitialLoadStatus, LOAD_TIMEOUT as ON_DEMAND_LOAD_TIMEOUT, MAX_LOADS as MAX_ON_DEMAND_LOADS,
+};
 
 use ari::ari_poll_due;
 use builder::same_names;
@@ -430,8 +432,10 @@ impl Manager {
                 stale.extend(placed.stale);
                 events.extend(placed.conflict);
             }
+            // Served before the slots are let go: a handshake's `reload` that finds the
+            // same certificate in its slot must find it served too.
+            self.inner.resolver.set_many(&serve);
         }
-        self.inner.resolver.set_many(&serve);
         report.loaded += serve.len();
         for event in events {
             self.emit(event);
