@@ -87,7 +87,9 @@ pub struct InitialLoadStatus {
 }
 
 impl Manager {
-    /// Whether the initial load of the store ([`Manager::start`]) is still running.
+    /// Whether the initial load of the store is still to finish: true from when the
+    /// manager is built until [`Manager::start`] has read and served every stored
+    /// certificate (or failed to list them).
     pub fn is_loading(&self) -> bool {
         self.inner.initial_load.running.load(Ordering::Acquire)
     }
