@@ -14,6 +14,11 @@ use zeroize::Zeroizing;
 use crate::domain::DomainName;
 use crate::error::{CertificateErrorKind, Error, Result};
 
+mod lazy_key;
+mod shared_der;
+
+pub use lazy_key::LazyKey;
+
 /// The kind of private key to generate for a certificate.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
@@ -112,9 +117,10 @@ impl std::str::FromStr for KeyType {
 pub struct CertBundle {
     fullchain_pem: String,
     key_pem: Zeroizing<String>,
-    /// Built and checked once in [`CertBundle::from_pem`]; loading thousands of
-    /// certificates at start-up must not parse each key twice.
+    /// Built once in [`CertBundle::from_pem`], its key loaded on first use (see
+    /// [`LazyKey`]): loading thousands of certificates at start-up parses no key.
     certified: Arc<CertifiedKey>,
+    key: Arc<LazyKey>,
 }
 
 impl fmt::Debug for CertBundle {
@@ -130,17 +136,26 @@ impl fmt::Debug for CertBundle {
 }
 
 impl CertBundle {
-    /// Takes a full chain (leaf first) and a private key, both PEM, and checks that
-    /// they parse and belong together.
+    /// Takes a full chain (leaf first) and a private key, both PEM, and checks cheaply
+    /// that they parse and that the key is of the leaf's algorithm (and curve). The key
+    /// itself is loaded, and matched against the leaf, on first use or by
+    /// [`CertBundle::check_key`].
     pub fn from_pem(fullchain_pem: impl Into<String>, key_pem: impl Into<String>) -> Result<Self> {
         let fullchain_pem = fullchain_pem.into();
         let key_pem = Zeroizing::new(key_pem.into());
-        let certified = build_certified_key(&fullchain_pem, &key_pem)?;
+        let (certified, key) = build_certified_key(&fullchain_pem, &key_pem)?;
         Ok(CertBundle {
             fullchain_pem,
             key_pem,
             certified,
+            key,
         })
+    }
+
+    /// Loads the private key now and checks that it is the leaf's: what a certificate
+    /// must pass before it is stored (issue, renew, import).
+    pub fn check_key(&self) -> Result<()> {
+        self.key.load().map(|_| ())
     }
 
     /// The leaf certificate followed by its intermediates, as PEM.
@@ -170,8 +185,8 @@ impl CertBundle {
         Ok(der_to_pem(&chain[1..]))
     }
 
-    /// The rustls `CertifiedKey`, built once when the bundle was made, with the key
-    /// checked against the leaf.
+    /// The rustls `CertifiedKey`, built once when the bundle was made; its key loads on
+    /// first use.
     pub fn certified_key(&self) -> Result<Arc<CertifiedKey>> {
         Ok(self.certified.clone())
     }
@@ -181,14 +196,17 @@ impl CertBundle {
         CertInfo::from_der(&self.certified.cert[0])
     }
 
-    /// Checks what must hold before a certificate is stored or served: the key matches,
+    /// Checks what must hold before a certificate is stored: the key loads and matches,
     /// it covers every name in `domains`, and it has not expired.
     pub fn validate_for(&self, domains: &[DomainName]) -> Result<CertInfo> {
+        self.check_key()?;
         self.validated_key_for(domains).map(|(_, info)| info)
     }
 
-    /// [`CertBundle::validate_for`], also returning the `CertifiedKey` to serve, so that a
-    /// caller that swaps the certificate in parses it only once.
+    /// What must hold before a stored certificate is served: it covers every name in
+    /// `domains` and has not expired, and its key passed the cheap checks of
+    /// [`CertBundle::from_pem`] (it is loaded and matched on first use). Returns the
+    /// `CertifiedKey` to serve, so that a caller that swaps it in parses it only once.
     pub fn validated_key_for(
         &self,
         domains: &[DomainName],
@@ -225,9 +243,13 @@ fn ip_from_san(bytes: &[u8]) -> Option<std::net::IpAddr> {
     }
 }
 
-/// Parses a PEM chain and key and builds the `CertifiedKey`, refusing a key that does
-/// not match the leaf.
-fn build_certified_key(fullchain_pem: &str, key_pem: &str) -> Result<Arc<CertifiedKey>> {
+/// Parses a PEM chain and key and builds the `CertifiedKey` around a [`LazyKey`],
+/// refusing a key of another algorithm than the leaf's. Intermediates are shared
+/// between the certificates that carry the same one.
+fn build_certified_key(
+    fullchain_pem: &str,
+    key_pem: &str,
+) -> Result<(Arc<CertifiedKey>, Arc<LazyKey>)> {
     let chain = CertificateDer::pem_slice_iter(fullchain_pem.as_bytes())
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| {
@@ -243,31 +265,26 @@ fn build_certified_key(fullchain_pem: &str, key_pem: &str) -> Result<Arc<Certifi
             "no certificate found in the PEM data (expected -----BEGIN CERTIFICATE-----)",
         ));
     }
+    let chain: Vec<CertificateDer<'static>> = chain
+        .into_iter()
+        .enumerate()
+        .map(|(at, der)| {
+            if at == 0 {
+                der
+            } else {
+                shared_der::intern(der)
+            }
+        })
+        .collect();
     let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|_| {
         Error::certificate(
             CertificateErrorKind::Malformed,
             "bad private key PEM: no PKCS#8, PKCS#1 or SEC1 key found",
         )
     })?;
-    let signing_key = crypto_provider()
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| {
-            Error::certificate(
-                CertificateErrorKind::Unsupported,
-                format!("unusable private key: {e}"),
-            )
-            .with_source(e)
-        })?;
-    let certified = CertifiedKey::new(chain, signing_key);
-    certified.keys_match().map_err(|e| {
-        Error::certificate(
-            CertificateErrorKind::KeyMismatch,
-            format!("the private key does not match the certificate ({e})"),
-        )
-        .with_source(e)
-    })?;
-    Ok(Arc::new(certified))
+    let lazy = Arc::new(LazyKey::new(key, chain[0].as_ref())?);
+    let certified = CertifiedKey::new(chain, lazy.clone());
+    Ok((Arc::new(certified), lazy))
 }
 
 /// The facts of a leaf certificate that lobe-tls reports and decides on.
@@ -411,7 +428,9 @@ mod tests {
     fn mismatched_key_is_refused() {
         let a = self_signed(&["a.example.com"], KeyType::EcdsaP256);
         let b = self_signed(&["b.example.com"], KeyType::EcdsaP256);
-        let err = CertBundle::from_pem(a.fullchain_pem(), b.key_pem()).unwrap_err();
+        // Same algorithm and curve: caught when the key is loaded, which storing requires.
+        let bundle = CertBundle::from_pem(a.fullchain_pem(), b.key_pem()).unwrap();
+        let err = bundle.validate_for(&[]).unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");
         assert!(
             matches!(

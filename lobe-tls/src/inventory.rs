@@ -55,7 +55,9 @@ impl CertReport {
         warn: Option<Duration>,
         now: OffsetDateTime,
     ) -> Self {
-        let info = match cert.bundle.info() {
+        // Serving loads keys on first use; `list` and `check` load each one now, so a
+        // key that does not match is reported here, not at a client's handshake.
+        let info = match cert.bundle.check_key().and_then(|()| cert.bundle.info()) {
             Ok(info) => info,
             Err(e) => return CertReport::invalid(&cert.meta.name, e.to_string()),
         };

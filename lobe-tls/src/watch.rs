@@ -663,6 +663,9 @@ fn check_pair(
     key_pem: String,
 ) -> Result<(Arc<rustls::sign::CertifiedKey>, CertInfo)> {
     let bundle = CertBundle::from_pem(cert_pem, key_pem)?;
+    // Loaded now, not at first use: another tool may write the certificate and the key
+    // one after the other, and a half-written pair must be refused, not served.
+    bundle.check_key()?;
     let key = bundle.certified_key()?;
     let info = bundle.info()?;
     if info.domains.is_empty() {

@@ -1,5 +1,6 @@
 //! The TLS accept step, in one place: an optional PROXY protocol header from an outer
-//! load balancer, the ClientHello, on-demand issuance for a name nothing serves yet, an
+//! load balancer, the ClientHello, a stored certificate read ahead of the initial load,
+//! on-demand issuance for a name nothing serves yet, an
 //! optional asynchronous hook before the handshake (it sees the SNI and the local address
 //! and may supply another configuration), the IP address certificate for a client without
 //! SNI, then the handshake with the configuration [`crate::tls_config::server_config`]
@@ -69,6 +70,9 @@ pub(crate) struct TlsAccept {
     pub hook: Option<Arc<dyn BeforeHandshake>>,
     /// Issues certificates for new names during their first handshake.
     pub on_demand: Option<OnDemand>,
+    /// The manager whose initial load a handshake may overtake (see
+    /// [`crate::manager::Manager::load_before_handshake`]).
+    pub stored: Option<crate::manager::Manager>,
     /// Per-local-address configurations for IP address certificates (clients without SNI).
     pub ip_configs: Option<Arc<LocalAddrConfigs>>,
 }
@@ -114,6 +118,14 @@ impl TlsAccept {
         .await
         .map_err(|_| AcceptError::Timeout)?
         .map_err(AcceptError::Handshake)?;
+        // During the initial load of the store, the name's certificate may not be read
+        // yet: read it now (bounded; a no-op once the load is done).
+        if let Some(manager) = &self.stored
+            && manager.is_loading()
+            && let Some(name) = start.client_hello().server_name().map(str::to_owned)
+        {
+            manager.load_before_handshake(&name).await;
+        }
         let (server_name, on_demand) = {
             let hello = start.client_hello();
             let on_demand = self
@@ -460,6 +472,7 @@ mod tests {
             proxy_trusted: vec!["10.0.0.0/8".parse().unwrap()],
             hook: None,
             on_demand: None,
+            stored: None,
             ip_configs: None,
         };
         let header = proxy_v2_header(addr("203.0.113.77:1"), addr("127.0.0.1:443"));

@@ -266,6 +266,7 @@ impl Edge {
             proxy_trusted: config.trusted_proxies.clone(),
             hook: None,
             on_demand: None,
+            stored: None,
             ip_configs: None,
         };
         let limits = Limits::new(
@@ -330,6 +331,17 @@ impl Edge {
     pub fn with_on_demand(mut self, on_demand: crate::on_demand::OnDemand) -> Self {
         if let Some(accept) = Arc::get_mut(&mut self.accept) {
             accept.on_demand = Some(on_demand);
+        }
+        self
+    }
+
+    /// While `manager` runs its initial load of the store, a handshake for a stored name
+    /// not read yet reads that certificate first (see
+    /// [`crate::manager::Manager::load_before_handshake`]), so the edge serves before the
+    /// load ends.
+    pub fn with_stored_certs(mut self, manager: crate::manager::Manager) -> Self {
+        if let Some(accept) = Arc::get_mut(&mut self.accept) {
+            accept.stored = Some(manager);
         }
         self
     }

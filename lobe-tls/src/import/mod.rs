@@ -421,6 +421,7 @@ pub(crate) fn make_cert(
     directory: String,
 ) -> Result<StoredCert> {
     let bundle = CertBundle::from_pem(fullchain_pem, key_pem)?;
+    bundle.check_key()?;
     let info = bundle.info()?;
     let mut names: Vec<String> = Vec::new();
     for name in required {

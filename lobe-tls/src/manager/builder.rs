@@ -221,6 +221,7 @@ impl ManagerBuilder {
                 orders: Semaphore::new(self.max_orders),
                 ari_polls: Semaphore::new(ARI_CONCURRENCY),
                 standalone: Standalone::default(),
+                initial_load: Default::default(),
             }),
         })
     }

@@ -43,12 +43,16 @@ mod events;
 mod maintenance;
 mod order;
 mod slots;
+mod startup;
 #[cfg(test)]
 mod tests;
 
 pub use builder::{ManagedCert, ManagerBuilder};
 pub use events::{CertState, Event, RenewOutcome, StartReport};
 pub use maintenance::MaintenanceHandle;
+pub use startup::{
+    InitialLoadStatus, LOAD_TIMEOUT as ON_DEMAND_LOAD_TIMEOUT, MAX_LOADS as MAX_ON_DEMAND_LOADS,
+};
 
 use ari::ari_poll_due;
 use builder::same_names;
@@ -78,6 +82,10 @@ use crate::store::{BatchEntry, CertMeta, DynStore, RenewalState};
 /// trips to the store that 10,000 certificates do not cost 20,000 thread hand-offs.
 const LOAD_BATCH: usize = 64;
 const LOAD_CONCURRENCY: usize = 32;
+/// During the initial load, what is read is served at least this often, and at the
+/// latest once this many certificates wait.
+const SERVE_EVERY: Duration = Duration::from_millis(50);
+const SERVE_BATCH: usize = 8192;
 /// The default bound on orders running at once.
 const DEFAULT_MAX_ORDERS: usize = 4;
 /// The default interval of the maintenance loop.
@@ -132,6 +140,8 @@ struct Inner {
     orders: Semaphore,
     ari_polls: Semaphore,
     standalone: Standalone,
+    /// The initial load, which handshakes may overtake (see `startup`).
+    initial_load: startup::InitialLoad,
 }
 
 impl Inner {
@@ -189,6 +199,20 @@ impl Manager {
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// The names the manager knows with no certificate served, sorted: what readiness
+    /// asks, without copying every certificate's state as [`Manager::certificates`] does.
+    pub fn without_certificate(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .inner
+            .slots()
+            .iter()
+            .filter(|(_, slot)| slot.current.is_none())
+            .map(|(name, _)| name.clone())
+            .collect();
+        names.sort();
+        names
     }
 
     /// The names this manager is ordering now (it holds their lock, in the store too
@@ -260,60 +284,17 @@ impl Manager {
     /// certificates that are missing (or whose stored order no longer matches the
     /// configuration: those are served meanwhile and re-issued by the maintenance loop).
     ///
+    /// Certificates are served batch by batch as they are read; until the last one is,
+    /// [`Manager::is_loading`] is true and [`Manager::load_before_handshake`] loads a
+    /// name a handshake asks for ahead of its batch.
+    ///
     /// Errors only when the store cannot be listed; individual failures are in the report,
     /// in events and in the log.
     pub async fn start(&self) -> Result<StartReport> {
-        let mut report = StartReport::default();
-        let names = self.inner.store.list_certs().await?;
-        let loads = self.load_many(names).await;
-        let mut serve = Vec::with_capacity(loads.len());
-        let mut events = Vec::with_capacity(loads.len());
-        let mut stale: Vec<String> = Vec::new();
-        {
-            let mut slots = self.inner.slots();
-            for (name, result) in loads {
-                let loaded = match result {
-                    Ok(loaded) => loaded,
-                    Err(Unusable { error, meta }) => {
-                        tracing::error!(cert = %name, %error, "stored certificate is unusable; not serving it");
-                        report.unusable.push((name.clone(), error.to_string()));
-                        events.push(Event::Unusable {
-                            name: name.clone(),
-                            error: error.to_string(),
-                        });
-                        // Managing what is stored includes what has expired (a server
-                        // that was down for months): order it again, as it was ordered.
-                        if let (true, Some(meta)) = (self.inner.manage_stored, meta) {
-                            slots
-                                .entry(name)
-                                .or_insert_with(|| Slot::managed(ManagedCert::from_meta(&meta)));
-                        }
-                        continue;
-                    }
-                };
-                events.push(Event::Loaded {
-                    name: name.clone(),
-                    serial: loaded.info.serial.clone(),
-                    not_after: loaded.info.not_after,
-                });
-                let placed = self.place(&mut slots, &name, loaded);
-                serve.push((placed.names, placed.key));
-                stale.extend(placed.stale);
-                events.extend(placed.conflict);
-            }
-        }
-        self.inner.resolver.set_many(&serve);
-        // Names an earlier certificate of the same slot covered and the loaded one does
-        // not, unless another loaded certificate serves them now.
-        stale.retain(|n| !serve.iter().any(|(names, _)| names.contains(n)));
-        if !stale.is_empty() {
-            self.inner.resolver.remove(&stale);
-        }
-        report.loaded = serve.len();
+        let loaded = self.load_stored().await;
+        self.inner.initial_load.finished();
+        let mut report = loaded?;
         tracing::info!(count = report.loaded, "loaded certificates from the store");
-        for event in events {
-            self.emit(event);
-        }
 
         let missing: Vec<String> = self
             .inner
@@ -342,11 +323,12 @@ impl Manager {
         Ok(report)
     }
 
-    /// Reads and checks many stored certificates at once.
-    async fn load_many(
-        &self,
-        names: Vec<String>,
-    ) -> Vec<(String, std::result::Result<Loaded, Unusable>)> {
+    /// The initial load: reads every stored certificate, batches at once, and serves
+    /// each batch as soon as it is checked.
+    async fn load_stored(&self) -> Result<StartReport> {
+        let mut report = StartReport::default();
+        let names = self.inner.store.list_certs().await?;
+        self.inner.initial_load.listed(&names);
         let limit = Arc::new(Semaphore::new(LOAD_CONCURRENCY));
         let mut tasks = JoinSet::new();
         for batch in names.chunks(LOAD_BATCH) {
@@ -356,7 +338,7 @@ impl Manager {
             tasks.spawn(async move {
                 let _permit = limit.acquire().await;
                 let entries = store.load_cert_batch(&batch).await;
-                // Parsing and checking 64 keys is CPU work: off the runtime's threads.
+                // Parsing and checking 64 certificates is CPU work: off the runtime's threads.
                 tokio::task::spawn_blocking(move || {
                     entries
                         .into_iter()
@@ -370,14 +352,94 @@ impl Manager {
                 .await
             });
         }
-        let mut out = Vec::with_capacity(names.len());
+        drop(names);
+        let mut stale: Vec<String> = Vec::new();
+        // Batches are served together every SERVE_EVERY or SERVE_BATCH certificates:
+        // each swap copies the resolver's shards, so a swap per batch of 64 would copy
+        // the whole map 1,500 times over 100,000 certificates.
+        let mut pending = Vec::new();
+        let mut last_swap = tokio::time::Instant::now();
         while let Some(joined) = tasks.join_next().await {
             match joined {
-                Ok(Ok(batch)) => out.extend(batch),
+                Ok(Ok(batch)) => pending.extend(batch),
                 Ok(Err(e)) | Err(e) => tracing::error!(error = %e, "a load task failed"),
             }
+            if pending.len() >= SERVE_BATCH || last_swap.elapsed() >= SERVE_EVERY {
+                self.serve_batch(std::mem::take(&mut pending), &mut report, &mut stale);
+                last_swap = tokio::time::Instant::now();
+            }
         }
-        out
+        self.serve_batch(pending, &mut report, &mut stale);
+        // Names an earlier certificate of the same slot covered and the loaded one does
+        // not, unless another loaded certificate serves them now.
+        if !stale.is_empty() {
+            let slots = self.inner.slots();
+            stale.retain(|n| {
+                !slots
+                    .values()
+                    .any(|s| s.current.as_ref().is_some_and(|c| c.names.contains(n)))
+            });
+            drop(slots);
+            self.inner.resolver.remove(&stale);
+        }
+        Ok(report)
+    }
+
+    /// Places one batch of the initial load into the slots and serves it in one swap.
+    fn serve_batch(
+        &self,
+        batch: Vec<(String, std::result::Result<Loaded, Unusable>)>,
+        report: &mut StartReport,
+        stale: &mut Vec<String>,
+    ) {
+        let mut serve = Vec::with_capacity(batch.len());
+        let mut events = Vec::with_capacity(batch.len());
+        {
+            let mut slots = self.inner.slots();
+            for (name, result) in batch {
+                let loaded = match result {
+                    Ok(loaded) => loaded,
+                    Err(Unusable { error, meta }) => {
+                        tracing::error!(cert = %name, %error, "stored certificate is unusable; not serving it");
+                        report.unusable.push((name.clone(), error.to_string()));
+                        events.push(Event::Unusable {
+                            name: name.clone(),
+                            error: error.to_string(),
+                        });
+                        // Managing what is stored includes what has expired (a server
+                        // that was down for months): order it again, as it was ordered.
+                        if let (true, Some(meta)) = (self.inner.manage_stored, meta) {
+                            slots
+                                .entry(name)
+                                .or_insert_with(|| Slot::managed(ManagedCert::from_meta(&meta)));
+                        }
+                        continue;
+                    }
+                };
+                // A handshake loaded it on demand meanwhile, from the same store: that
+                // read is at least as recent as this one.
+                if slots.get(&name).is_some_and(|s| s.current.is_some()) {
+                    report.loaded += 1;
+                    continue;
+                }
+                events.push(Event::Loaded {
+                    name: name.clone(),
+                    serial: loaded.info.serial.clone(),
+                    not_after: loaded.info.not_after,
+                });
+                let placed = self.place(&mut slots, &name, loaded);
+                serve.push((placed.names, placed.key));
+                stale.extend(placed.stale);
+                events.extend(placed.conflict);
+            }
+            // Served before the slots are let go: a handshake's `reload` that finds the
+            // same certificate in its slot must find it served too.
+            self.inner.resolver.set_many(&serve);
+        }
+        report.loaded += serve.len();
+        for event in events {
+            self.emit(event);
+        }
     }
 
     /// Re-reads `name` from the store, checks it, and swaps it in. Call this when another

@@ -168,6 +168,9 @@ pub(super) async fn start(config: ServerConfig) -> Result<Server> {
     if let Some(on_demand) = on_demand {
         edge = edge.with_on_demand(on_demand);
     }
+    if let Some(manager) = &manager {
+        edge = edge.with_stored_certs(manager.clone());
+    }
     // Affinity cookies pin on any instance sharing the store: the key lives there too.
     if let Some(manager) = &manager
         && let Err(e) = edge.share_affinity_key(manager.store()).await

@@ -196,6 +196,12 @@ pub struct Readiness {
     pub listeners: bool,
     /// The drain has started (SIGTERM): never ready again.
     pub draining: bool,
+    /// The initial load of the store is still running: stored names are served as
+    /// handshakes ask for them, but not every certificate is loaded (nor scheduled
+    /// for renewal) yet.
+    pub loading: bool,
+    /// The initial load and the certificates handshakes loaded ahead of it.
+    pub initial_load: Option<crate::manager::InitialLoadStatus>,
     /// Configured names with no certificate loaded.
     pub missing_certificates: Vec<String>,
     /// Sites with no upstream in rotation.
@@ -216,9 +222,9 @@ impl Sources {
             .cloned()
             .collect();
         if let Some(manager) = &self.manager {
-            for cert in manager.certificates() {
-                if cert.info.is_none() && !missing.contains(&cert.name) {
-                    missing.push(cert.name);
+            for name in manager.without_certificate() {
+                if !missing.contains(&name) {
+                    missing.push(name);
                 }
             }
         }
@@ -229,10 +235,13 @@ impl Sources {
             .collect();
         let listeners = phase != STARTING;
         let draining = phase == DRAINING;
+        let loading = self.manager.as_ref().is_some_and(Manager::is_loading);
         Readiness {
-            ready: listeners && !draining && missing.is_empty() && down.is_empty(),
+            ready: listeners && !draining && !loading && missing.is_empty() && down.is_empty(),
             listeners,
             draining,
+            loading,
+            initial_load: self.manager.as_ref().map(Manager::initial_load),
             missing_certificates: missing,
             sites_without_upstream: down,
         }
@@ -383,7 +392,7 @@ impl Collector for ReadyGauge {
         let gauge = ConstGauge::new(i64::from(ready));
         let metric = encoder.encode_descriptor(
             "ready",
-            "1 while /readyz answers 200 (listeners bound, certificates loaded, an upstream up for every site), 0 otherwise and during the drain",
+            "1 while /readyz answers 200 (listeners bound, the store's certificates all loaded, an upstream up for every site), 0 otherwise and during the drain",
             None,
             gauge.metric_type(),
         )?;
@@ -421,7 +430,13 @@ fn write_html(h: &mut String, s: &ServerStatus) -> std::fmt::Result {
     writeln!(
         h,
         "<p>Readiness: {verdict}{}. Generated {}.</p>",
-        if r.draining { " (draining)" } else { "" },
+        if r.draining {
+            " (draining)"
+        } else if r.loading {
+            " (loading the store)"
+        } else {
+            ""
+        },
         esc(&s.generated_at)
     )?;
     if !r.missing_certificates.is_empty() {
@@ -547,6 +562,8 @@ mod tests {
                 ready: false,
                 listeners: true,
                 draining: false,
+                loading: false,
+                initial_load: None,
                 missing_certificates: vec!["<x>".into()],
                 sites_without_upstream: Vec::new(),
             },
