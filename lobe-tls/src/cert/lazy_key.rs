@@ -131,12 +131,24 @@ impl LazyKey {
         })
     }
 
-    /// Loads the key now, if not yet, and checks it against the certificate.
+    /// Loads the key now, if not yet, and checks it against the certificate. A failure
+    /// is the caller's to report (a check before storing or serving says it in its own
+    /// words).
     pub fn load(&self) -> Result<Arc<dyn SigningKey>> {
+        self.load_logged(false)
+    }
+
+    /// As [`LazyKey::load`], for a handshake: nobody else reports a failure there, so it
+    /// is logged (once, as the outcome is kept).
+    fn load_for_handshake(&self) -> Result<Arc<dyn SigningKey>> {
+        self.load_logged(true)
+    }
+
+    fn load_logged(&self, log: bool) -> Result<Arc<dyn SigningKey>> {
         if let Some(loaded) = self.loaded.get() {
-            return loaded.clone().ok_or_else(|| {
-                unsupported("the private key failed to load earlier (see the log)")
-            });
+            return loaded
+                .clone()
+                .ok_or_else(|| unsupported("the private key failed to load earlier"));
         }
         let result = self.load_checked();
         let kept = self
@@ -144,7 +156,9 @@ impl LazyKey {
             .get_or_init(|| match &result {
                 Ok(key) => Some(key.clone()),
                 Err(error) => {
-                    tracing::error!(%error, "a stored private key failed to load at its first handshake; handshakes for its names fail (run lobe-tls check)");
+                    if log {
+                        tracing::error!(%error, "a stored private key failed to load at its first handshake; handshakes for its names fail (run lobe-tls check)");
+                    }
                     None
                 }
             })
@@ -194,7 +208,7 @@ impl LazyKey {
 
 impl SigningKey for LazyKey {
     fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
-        self.load().ok()?.choose_scheme(offered)
+        self.load_for_handshake().ok()?.choose_scheme(offered)
     }
 
     fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
